@@ -1,0 +1,75 @@
+"""The tutorial's balancer: `python server.py -p 8080 -refreshRate 60`.
+
+Reads config.txt (or config.json) from the working directory, balances
+round-robin over the healthy services, checks them every `refreshRate`
+seconds (one failed check drops a service, one good check takes it back)
+and prints every forwarded request to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from balancer.cli import run_server, setup_logging
+from balancer.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Round-robin load balancer (tutorial entry point)")
+    parser.add_argument("-p", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument(
+        "-refreshRate",
+        type=float,
+        default=10.0,
+        help="seconds between health checks of the services (default 10)",
+    )
+    parser.add_argument(
+        "-config", default=None, help="config file (default config.txt, else config.json)"
+    )
+    parser.add_argument("-admin", default=None, help="admin endpoint HOST:PORT or off")
+    args = parser.parse_args(argv)
+    setup_logging()
+    log = logging.getLogger("balancer")
+    path = args.config
+    if path is None:
+        path = (
+            "config.txt"
+            if os.path.exists("config.txt") or not os.path.exists("config.json")
+            else "config.json"
+        )
+    if args.refreshRate <= 0:
+        log.error("invalid -refreshRate %r: expected a positive number", args.refreshRate)
+        return 2
+    try:
+        config = load_config(path, default_listen=f"localhost:{args.p}")
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    services = tuple(
+        dataclasses.replace(
+            s,
+            health=dataclasses.replace(s.health, interval=args.refreshRate, rise=1, fall=1),
+        )
+        for s in config.services
+    )
+    admin = config.admin
+    if args.admin is not None:
+        from balancer.config import parse_address
+
+        if args.admin.lower() == "off":
+            admin = dataclasses.replace(admin, enabled=False)
+        else:
+            host, port = parse_address(args.admin, where="-admin", source="command line")
+            admin = dataclasses.replace(admin, host=host, port=port)
+    config = dataclasses.replace(config, services=services, admin=admin, access_log=True)
+    return run_server(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

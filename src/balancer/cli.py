@@ -1,0 +1,229 @@
+"""Command line: builds a Config (or hands off to the service/client tools), nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from balancer.config import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    load_config,
+    parse_address,
+)
+
+log = logging.getLogger("balancer")
+
+DEFAULT_CONFIG_FILES = ("balancer.toml", "config.toml", "config.txt", "config.json")
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="config file")
+    parser.add_argument(
+        "--config",
+        dest="config_opt",
+        metavar="FILE",
+        help="config file: .toml, .json, or the tutorial's config.txt "
+        f"(default: the first of {', '.join(DEFAULT_CONFIG_FILES)} found here)",
+    )
+    parser.add_argument(
+        "-p", "--port", type=int, help="listen port of the service (a single-service config)"
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help="listen address (single service)")
+    parser.add_argument("--admin", metavar="HOST:PORT|off", help="admin endpoint address, or 'off'")
+    parser.add_argument(
+        "--access-log", action="store_true", help="log every request to stdout (buffered)"
+    )
+    parser.add_argument(
+        "--refresh-rate",
+        type=float,
+        metavar="SECONDS",
+        help="health check interval for every service",
+    )
+    parser.add_argument("--rise", type=int, help="good checks before a backend rejoins")
+    parser.add_argument("--fall", type=int, help="failed checks before a backend is dropped")
+    parser.add_argument("--drain-timeout", type=float, metavar="SECONDS")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def _positive(value: float | int | None, name: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError("command line", name, f"expected a positive number, got {value!r}")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The Config a `serve` command line asks for."""
+    path = args.config_opt or args.config_file
+    if path is None:
+        for candidate in DEFAULT_CONFIG_FILES:
+            if os.path.exists(candidate):
+                path = candidate
+                break
+        else:
+            raise ConfigError(
+                "command line",
+                "",
+                f"no config file given and none of {', '.join(DEFAULT_CONFIG_FILES)} "
+                "found in the working directory",
+            )
+    default_listen = "localhost:8080"
+    if args.port is not None:
+        default_listen = f"localhost:{args.port}"
+    config = load_config(path, default_listen=default_listen)
+    _positive(args.refresh_rate, "--refresh-rate")
+    _positive(args.rise, "--rise")
+    _positive(args.fall, "--fall")
+    services = list(config.services)
+    if args.port is not None or args.listen is not None:
+        if len(services) != 1:
+            raise ConfigError(
+                "command line",
+                "--port/--listen",
+                f"the config has {len(services)} services; set each one's listen in the file",
+            )
+        svc = services[0]
+        host, port = svc.listen_host, svc.listen_port
+        if args.listen is not None:
+            host, port = parse_address(args.listen, where="--listen", source="command line")
+        if args.port is not None:
+            if not 0 <= args.port <= 65535:
+                raise ConfigError(
+                    "command line", "--port", f"expected a port 0..65535, got {args.port}"
+                )
+            port = args.port
+        services[0] = dataclasses.replace(svc, listen_host=host, listen_port=port)
+    health_changes: dict[str, object] = {}
+    if args.refresh_rate is not None:
+        health_changes["interval"] = args.refresh_rate
+    if args.rise is not None:
+        health_changes["rise"] = args.rise
+    if args.fall is not None:
+        health_changes["fall"] = args.fall
+    if health_changes:
+        services = [
+            dataclasses.replace(s, health=dataclasses.replace(s.health, **health_changes))  # type: ignore[arg-type]
+            for s in services
+        ]
+    admin = config.admin
+    if args.admin is not None:
+        if args.admin.lower() == "off":
+            admin = dataclasses.replace(admin, enabled=False)
+        else:
+            host, port = parse_address(args.admin, where="--admin", source="command line")
+            admin = AdminConfig(host=host, port=port, enabled=True, token=admin.token)
+    changes: dict[str, object] = {"services": tuple(services), "admin": admin}
+    if args.access_log:
+        changes["access_log"] = True
+    if args.drain_timeout is not None:
+        _positive(args.drain_timeout, "--drain-timeout")
+        changes["drain_timeout"] = args.drain_timeout
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def run_server(config: Config) -> int:
+    from balancer.loops import loop_factory, loop_name
+    from balancer.server import Server
+
+    async def main() -> int:
+        log.info(
+            "balancer starting: %d service(s) from %s, event loop %s",
+            len(config.services),
+            config.source,
+            loop_name(),
+        )
+        return await Server(config).run()
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    return run_server(config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for svc in config.services:
+        print(
+            f"service {svc.name}: listen {svc.listen}, mode {svc.mode}, algorithm "
+            f"{svc.algorithm}, {len(svc.backends)} backend(s): "
+            + ", ".join(b.address for b in svc.backends)
+        )
+    print(f"{args.file}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancer", description="A fast, fault-tolerant TCP load balancer."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the balancer")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    import importlib
+
+    client = importlib.import_module("balancer.client")
+    service = importlib.import_module("balancer.service")
+    try:
+        demo = importlib.import_module("balancer.demo")
+    except ImportError:
+        return parser
+
+    svc = sub.add_parser("service", help="run the sample backend service")
+    service.add_arguments(svc)
+    svc.set_defaults(func=service.run)
+
+    cli = sub.add_parser("client", help="run the load-generating client")
+    client.add_arguments(cli)
+    cli.set_defaults(func=client.run)
+
+    dem = sub.add_parser(
+        "demo", help="the tutorial's scenario: 4 services, the balancer, the client, a report"
+    )
+    demo.add_arguments(dem)
+    dem.set_defaults(func=demo.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Line framing, sans-IO.
+
+How it works: `LineFramer.feed(data)` appends bytes and returns every complete
+line (terminator `\n` removed, and a `\r` before it). Only the newly fed bytes
+are searched for a newline, so the cost is O(n) however the stream is split.
+A line longer than `max_line` bytes (terminator excluded) raises `LineTooLong`
+as soon as it is known to be too long, even before its newline arrives, so a
+peer cannot make the buffer grow without bound.
+"""
+
+from __future__ import annotations
+
+
+class FramingError(Exception):
+    """The peer broke the wire protocol."""
+
+
+class LineTooLong(FramingError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"line longer than {limit} bytes")
+
+
+class LineFramer:
+    __slots__ = ("_buf", "max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete line held."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add `data`; return the lines it completes, in order."""
+        if self._buf:
+            buf = self._buf
+            buf += data
+            if data.find(b"\n") < 0:
+                if len(buf) > self.max_line + 1 or (
+                    len(buf) > self.max_line and not buf.endswith(b"\r")
+                ):
+                    raise LineTooLong(self.max_line)
+                return []
+            data = bytes(buf)
+            self._buf = bytearray()
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        limit = self.max_line
+        for i, line in enumerate(lines):
+            if line.endswith(b"\r"):
+                line = line[:-1]
+                lines[i] = line
+            if len(line) > limit:
+                raise LineTooLong(limit)
+        if rest:
+            if len(rest) > limit + 1 or (len(rest) > limit and not rest.endswith(b"\r")):
+                raise LineTooLong(limit)
+            self._buf = bytearray(rest)
+        return lines
+
+    def __repr__(self) -> str:
+        return f"<LineFramer max_line={self.max_line} buffered={len(self._buf)}>"

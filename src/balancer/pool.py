@@ -1,0 +1,203 @@
+"""Backends of one service and which of them may take work.
+
+How it works: a `Backend` carries its health state ("up"/"down"), an admin
+state ("ready", "drain", "maint"), its weight and its counters. The
+`BackendPool` keeps the backends in config order and, whenever anything that
+decides eligibility changes, hands the policy the eligible set: up, ready,
+effective weight above zero. All of it is plain synchronous bookkeeping; the
+proxy and the health checker call `mark_up` / `mark_down` and read `pick`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterator
+
+from balancer.config import BackendConfig, ServiceConfig
+from balancer.policies import Policy, make_policy
+
+log = logging.getLogger("balancer")
+
+UP = "up"
+DOWN = "down"
+READY = "ready"
+DRAIN = "drain"
+MAINT = "maint"
+
+
+class Backend:
+    """One backend server of a service: state, weight and counters."""
+
+    __slots__ = (
+        "_weight",
+        "active_connections",
+        "admin_state",
+        "bytes_in",
+        "bytes_out",
+        "config",
+        "connect_failures",
+        "failures",
+        "host",
+        "in_flight",
+        "index",
+        "last_change",
+        "last_check",
+        "last_check_ok",
+        "last_reason",
+        "port",
+        "requests",
+        "slow_start",
+        "state",
+        "total_connections",
+        "up_since",
+    )
+
+    def __init__(self, config: BackendConfig, index: int = 0, slow_start: float = 0.0) -> None:
+        self.config = config
+        self.index = index
+        self.host = config.host
+        self.port = config.port
+        self._weight = config.weight
+        self.slow_start = slow_start
+        self.state = UP
+        self.admin_state = READY
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.last_check: float | None = None
+        self.last_check_ok: bool | None = None
+        self.last_reason = ""
+        self.last_change = time.monotonic()
+        self.up_since: float | None = None
+        # tcp mode
+        self.active_connections = 0
+        self.total_connections = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connect_failures = 0
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: int) -> None:
+        self._weight = value
+
+    @property
+    def effective_weight(self) -> float:
+        """Weight after slow start: ramps linearly for `slow_start` seconds after coming up."""
+        w = float(self._weight)
+        if self.slow_start > 0 and self.up_since is not None and w > 0:
+            elapsed = time.monotonic() - self.up_since
+            if elapsed < self.slow_start:
+                return max(w * elapsed / self.slow_start, w * 0.01)
+        return w
+
+    @property
+    def is_up(self) -> bool:
+        return self.state == UP
+
+    @property
+    def eligible(self) -> bool:
+        return self.state == UP and self.admin_state == READY and self._weight > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Backend {self.address} {self.state}/{self.admin_state} w={self._weight} "
+            f"in_flight={self.in_flight} requests={self.requests} failures={self.failures}>"
+        )
+
+
+TransitionHook = Callable[["Backend", str, str], None]
+
+
+class BackendPool:
+    """The backends of one service, in config order, and the policy over the eligible ones."""
+
+    def __init__(self, service: ServiceConfig, policy: Policy | None = None) -> None:
+        self.service = service
+        self.policy = policy if policy is not None else make_policy(service)
+        self.backends: list[Backend] = [
+            Backend(b, i, service.slow_start) for i, b in enumerate(service.backends)
+        ]
+        self.on_transition: list[TransitionHook] = []
+        self.refresh()
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self.backends)
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def get(self, address: str) -> Backend | None:
+        for b in self.backends:
+            if b.address == address:
+                return b
+        return None
+
+    def refresh(self) -> None:
+        """Recompute the eligible set and hand it to the policy."""
+        self.policy.update([b for b in self.backends if b.eligible])
+
+    def pick(self, key: bytes | None = None, exclude: Collection[Backend] = ()) -> Backend | None:
+        target = self.policy.pick(key, exclude)
+        return target  # type: ignore[return-value]
+
+    @property
+    def any_eligible(self) -> bool:
+        return bool(self.policy.targets)
+
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        if backend.state == DOWN:
+            backend.last_reason = reason
+            return
+        backend.state = DOWN
+        backend.up_since = None
+        backend.last_reason = reason
+        backend.last_change = time.monotonic()
+        log.warning(
+            "backend %s of service %s is DOWN: %s", backend.address, self.service.name, reason
+        )
+        self.refresh()
+        for hook in self.on_transition:
+            hook(backend, DOWN, reason)
+
+    def mark_up(self, backend: Backend, reason: str) -> None:
+        if backend.state == UP:
+            backend.last_reason = reason
+            return
+        backend.state = UP
+        backend.up_since = time.monotonic()
+        backend.last_reason = reason
+        backend.last_change = time.monotonic()
+        log.warning(
+            "backend %s of service %s is UP: %s", backend.address, self.service.name, reason
+        )
+        self.refresh()
+        for hook in self.on_transition:
+            hook(backend, UP, reason)
+
+    def add(self, config: BackendConfig) -> Backend:
+        backend = Backend(config, len(self.backends), self.service.slow_start)
+        self.backends.append(backend)
+        self.refresh()
+        return backend
+
+    def remove(self, backend: Backend) -> None:
+        self.backends.remove(backend)
+        self.refresh()
+
+    def __repr__(self) -> str:
+        up = sum(1 for b in self.backends if b.state == UP)
+        down = len(self.backends) - up
+        in_flight = sum(b.in_flight for b in self.backends)
+        return (
+            f"<BackendPool {self.service.name}: {len(self.backends)} backends: "
+            f"{up} up, {down} down | {in_flight} in flight>"
+        )

@@ -1,0 +1,667 @@
+"""Message mode: every request line is balanced on its own.
+
+How it works:
+- A `ClientSession` (one per client connection) frames what the client sends
+  into requests and keeps them in arrival order. Each request is handed to
+  a backend chosen by the service's policy; replies may come back from
+  different backends in any order, and the session writes them to the client
+  strictly in request order (a reply waits until every earlier one is there).
+- Each backend has a `BackendChannel`: a few persistent connections
+  (`BackendConnection`) over which requests are pipelined. Replies on one
+  connection come back in the order its requests were sent, so each
+  connection holds a FIFO of the requests it carries. With raw backend
+  framing a connection carries one request at a time.
+- When a backend connection fails while it holds requests, those requests
+  are re-sent to another backend (at most `retries` times each, never to a
+  backend that already failed them) and the backend is marked down. Only
+  when no backend is left does the client get `Server not available`.
+- Client framing is detected per connection: a first chunk with a newline
+  means lines; a first chunk without one, followed by a short quiet period,
+  means raw (each read is one message, each reply is written unterminated),
+  as the tutorial's original programs send.
+- Writes are coalesced: a burst of requests read in one `data_received`
+  goes out as one write per backend connection, and a burst of replies as
+  one write per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from balancer.framing import LineFramer, LineTooLong
+from balancer.pool import Backend, BackendPool
+
+if TYPE_CHECKING:
+    from balancer.accesslog import AccessLog
+    from balancer.config import ServiceConfig
+    from balancer.metrics import LatencyHistogram
+
+log = logging.getLogger("balancer")
+
+NOT_AVAILABLE = b"Server not available"
+LINE_TOO_LONG = b"Error: line too long"
+RAW_QUIET_PERIOD = 0.05
+MAX_PENDING_PER_CLIENT = 4096
+"""A client with this many unanswered requests is paused until replies drain."""
+BACKEND_MAX_REPLY = 16 * 1024 * 1024
+
+_UNDETECTED = 0
+_LINE = 1
+_RAW = 2
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Request:
+    """One request line on its way through the balancer."""
+
+    __slots__ = ("attempts", "backend", "payload", "reply", "session", "started", "tried")
+
+    def __init__(self, session: ClientSession, payload: bytes) -> None:
+        self.session = session
+        self.payload = payload
+        self.reply: bytes | None = None
+        self.backend: Backend | None = None
+        self.tried: list[Backend] | None = None
+        self.attempts = 0
+        self.started = 0.0
+
+
+class BackendConnection(asyncio.Protocol):
+    """One persistent connection to a backend, carrying a FIFO of requests."""
+
+    def __init__(self, channel: BackendChannel) -> None:
+        self.channel = channel
+        self.pending: deque[Request] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.connected = False
+        self.closed = False
+        self.served = 0
+        self._out: list[bytes] = []
+        self._framer = LineFramer(BACKEND_MAX_REPLY)
+        self._raw = channel.raw
+        self._error: str | None = None
+        self._eof = False
+        self.scheduled = False
+
+    # -- sending ------------------------------------------------------------
+    def enqueue(self, req: Request) -> None:
+        self.pending.append(req)
+        if self._raw:
+            self._out.append(req.payload)
+        else:
+            self._out.append(req.payload + b"\n")
+
+    def flush(self) -> None:
+        if self._out and self.connected and self.transport is not None:
+            out = self._out
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    # -- asyncio callbacks ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.connected = True
+        _nodelay(transport)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        channel = self.channel
+        now = channel.service.loop.time()
+        if self._raw:
+            if not self.pending:
+                self._fail("unsolicited data from backend")
+                return
+            replies = [data.rstrip(b"\r\n")]
+        else:
+            try:
+                replies = self._framer.feed(data)
+            except LineTooLong:
+                self._fail("reply line too long")
+                return
+            if len(replies) > len(self.pending):
+                self._fail("more replies than requests")
+                return
+        pending = self.pending
+        backend = channel.backend
+        on_finish = channel.service.policy_finish
+        for reply in replies:
+            req = pending.popleft()
+            backend.in_flight -= 1
+            backend.requests += 1
+            self.served += 1
+            latency = now - req.started
+            if on_finish is not None:
+                on_finish(backend, latency, True)
+            req.backend = backend
+            req.session.complete(req, reply)
+        channel.service.flush_sessions()
+        if self._raw and not pending:
+            channel.connection_idle(self)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connected = False
+        self.closed = True
+        if self._error is None:
+            if exc is not None:
+                self._error = f"connection lost: {exc}"
+            elif self.pending:
+                self._error = "connection closed by backend"
+        self.channel.connection_closed(self, self._error, stale=self._eof and self.served > 0)
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BackendConnection {self.channel.backend.address} pending={len(self.pending)} "
+            f"served={self.served} connected={self.connected}>"
+        )
+
+
+class BackendChannel:
+    """The persistent connections to one backend."""
+
+    def __init__(self, service: MessageService, backend: Backend) -> None:
+        self.service = service
+        self.backend = backend
+        self.raw = service.config.backend_framing == "raw"
+        self.max_connections = max(1, service.config.backend_connections)
+        self.connections: list[BackendConnection] = []
+        # raw framing: requests waiting for a free connection
+        self.waiting: deque[Request] = deque()
+        self.retired = False
+
+    def send(self, req: Request) -> BackendConnection | None:
+        """Queue `req` on a connection; return it so the caller can flush, or None if waiting."""
+        conns = self.connections
+        best: BackendConnection | None = None
+        best_n = 1 << 30
+        for conn in conns:
+            n = len(conn.pending)
+            if n < best_n:
+                best, best_n = conn, n
+                if n == 0:
+                    break
+        if best is None or (best_n > 0 and len(conns) < self.max_connections):
+            best = self._open()
+        elif best_n > 0 and self.raw:
+            self.waiting.append(req)
+            return None
+        best.enqueue(req)
+        return best
+
+    def _open(self) -> BackendConnection:
+        conn = BackendConnection(self)
+        self.connections.append(conn)
+        loop = self.service.loop
+        task = loop.create_task(self._connect(conn))
+        self.service.tasks.add(task)
+        task.add_done_callback(self.service.tasks.discard)
+        return conn
+
+    async def _connect(self, conn: BackendConnection) -> None:
+        backend = self.backend
+        try:
+            async with asyncio.timeout(self.service.config.connect_timeout):
+                await self.service.loop.create_connection(lambda: conn, backend.host, backend.port)
+        except TimeoutError:
+            reason = f"connect timeout after {self.service.config.connect_timeout:g}s"
+        except OSError as exc:
+            reason = f"connect failed: {exc.strerror or exc}"
+        else:
+            return
+        conn.closed = True
+        backend.connect_failures += 1
+        self.connection_closed(conn, reason, stale=False)
+
+    def connection_idle(self, conn: BackendConnection) -> None:
+        """Raw framing: a connection finished its request; give it the next waiting one."""
+        if self.waiting and not conn.closed:
+            conn.enqueue(self.waiting.popleft())
+            conn.flush()
+
+    def connection_closed(self, conn: BackendConnection, error: str | None, stale: bool) -> None:
+        with contextlib.suppress(ValueError):
+            self.connections.remove(conn)
+        failed = list(conn.pending)
+        conn.pending.clear()
+        if self.raw and not failed and self.waiting and not self.retired:
+            # the connection was closed while idle; keep serving the queue
+            nxt = self.waiting.popleft()
+            c = self.send(nxt)
+            if c is not None:
+                c.flush()
+        if error is None and not failed:
+            return
+        service = self.service
+        backend = self.backend
+        if failed:
+            backend.in_flight -= len(failed)
+            backend.failures += len(failed)
+        if not stale:
+            # a fresh connection failing, or a reset: the backend is in trouble
+            service.pool.mark_down(backend, error or "connection failed")
+            failed.extend(self.waiting)
+            self.waiting.clear()
+        elif failed:
+            log.info(
+                "backend %s closed a kept-alive connection with %d request(s) on it; re-sending",
+                backend.address,
+                len(failed),
+            )
+        service.retry(failed, backend)
+
+    def close(self) -> None:
+        self.retired = True
+        for conn in list(self.connections):
+            conn.close()
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Fail connections whose oldest request waited longer than `timeout`."""
+        for conn in list(self.connections):
+            if conn.pending and now - conn.pending[0].started > timeout:
+                conn.abort(f"no reply within {timeout:g}s")
+
+    def __repr__(self) -> str:
+        return (
+            f"<BackendChannel {self.backend.address} connections={len(self.connections)} "
+            f"waiting={len(self.waiting)}>"
+        )
+
+
+class ClientSession(asyncio.Protocol):
+    """One client connection: frames requests and writes replies in order."""
+
+    def __init__(self, service: MessageService) -> None:
+        self.service = service
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.peer_key = b""
+        self.pending: deque[Request] = deque()
+        self.framer = LineFramer(service.config.max_line)
+        self.framing = _UNDETECTED
+        self._raw_buf = bytearray()
+        self._raw_timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []
+        self._dirty = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._closing = False
+        self._close_after_flush = False
+
+    # -- asyncio callbacks ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        _nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_key = str(peer[0]).encode()
+        self.service.sessions.add(self)
+        if self.service.draining:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        framing = self.framing
+        if framing == _LINE:
+            self._lines(data)
+        elif framing == _RAW:
+            self._raw_message(data)
+        else:
+            self._detect(data)
+
+    def _detect(self, data: bytes) -> None:
+        buf = self._raw_buf
+        buf += data
+        if b"\n" in data:
+            self.framing = _LINE
+            self._cancel_raw_timer()
+            self._raw_buf = bytearray()
+            self._lines(bytes(buf))
+            return
+        if len(buf) > self.service.config.max_line:
+            self._too_long()
+            return
+        if self._raw_timer is None:
+            self._raw_timer = self.service.loop.call_later(RAW_QUIET_PERIOD, self._raw_detected)
+
+    def _cancel_raw_timer(self) -> None:
+        if self._raw_timer is not None:
+            self._raw_timer.cancel()
+            self._raw_timer = None
+
+    def _raw_detected(self) -> None:
+        self._raw_timer = None
+        if self._closing or self.framing != _UNDETECTED:
+            return
+        self.framing = _RAW
+        data = bytes(self._raw_buf)
+        self._raw_buf = bytearray()
+        self._raw_message(data)
+
+    def _raw_message(self, data: bytes) -> None:
+        if len(data) > self.service.config.max_line:
+            self._too_long()
+            return
+        message = data.rstrip(b"\r\n")
+        self.service.dispatch_batch(self, [message])
+
+    def _lines(self, data: bytes) -> None:
+        try:
+            lines = self.framer.feed(data)
+        except LineTooLong:
+            self._too_long()
+            return
+        if lines:
+            self.service.dispatch_batch(self, lines)
+            if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
+                self._paused_reading = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+
+    def _too_long(self) -> None:
+        """Answer the requests before it, then the error, then close."""
+        self._closing = True
+        self._cancel_raw_timer()
+        req = Request(self, b"")
+        self.pending.append(req)
+        req.reply = LINE_TOO_LONG
+        self._close_after_flush = True
+        self.service.too_long += 1
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.try_flush()
+
+    def eof_received(self) -> bool | None:
+        # The client will send no more; answer what it sent, then close.
+        if self.framing == _UNDETECTED and self._raw_buf:
+            self._cancel_raw_timer()
+            self._raw_detected()
+        self._closing = True
+        self._close_after_flush = True
+        self.try_flush()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._cancel_raw_timer()
+        self.service.sessions.discard(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        if self.transport is not None and not self._paused_reading:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.transport is not None and not self._paused_reading and not self._closing:
+            self.transport.resume_reading()
+
+    # -- replies --------------------------------------------------------------
+    def complete(self, req: Request, reply: bytes) -> None:
+        req.reply = reply
+        if not self._dirty and self.pending and self.pending[0] is req:
+            self._dirty = True
+            self.service.dirty_sessions.append(self)
+
+    def try_flush(self) -> None:
+        """Write every reply at the head of the queue that is ready."""
+        self._dirty = False
+        pending = self.pending
+        transport = self.transport
+        if not pending or pending[0].reply is None:
+            if not pending and self._close_after_flush and transport is not None:
+                transport.close()
+            return
+        raw = self.framing == _RAW
+        out = self._out
+        access = self.service.access_log
+        hist = self.service.histogram
+        now = self.service.loop.time()
+        while pending and pending[0].reply is not None:
+            req = pending.popleft()
+            reply = req.reply
+            assert reply is not None
+            out.append(reply if raw else reply + b"\n")
+            if req.started:
+                hist.observe(now - req.started)
+            if access is not None:
+                access.record(self, req, now)
+        if transport is not None:
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+        out.clear()
+        if self._paused_reading and len(pending) < MAX_PENDING_PER_CLIENT // 2:
+            self._paused_reading = False
+            if transport is not None and not self._paused_writing and not self._closing:
+                transport.resume_reading()
+        if not pending and self._close_after_flush and transport is not None:
+            transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.peer} pending={len(self.pending)}>"
+
+
+class MessageService:
+    """A message-mode listener and the backend channels behind it."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        pool: BackendPool,
+        *,
+        histogram: LatencyHistogram,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.histogram = histogram
+        self.access_log = access_log
+        self.loop = asyncio.get_running_loop()
+        self.sessions: set[ClientSession] = set()
+        self.dirty_sessions: list[ClientSession] = []
+        self.channels: dict[Backend, BackendChannel] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.servers: list[asyncio.Server] = []
+        self.draining = False
+        self.too_long = 0
+        self.not_available = 0
+        self.retries = 0
+        self.refused = 0
+        self.hash_by_message = config.hash_key == "message"
+        self.policy_start: Callable[[Backend], None] | None = None
+        self.policy_finish: Callable[[Backend, float, bool], None] | None = None
+        policy = pool.policy
+        from balancer.policies.base import Policy
+
+        if type(policy).on_start is not Policy.on_start:
+            self.policy_start = policy.on_start
+        if type(policy).on_finish is not Policy.on_finish:
+            self.policy_finish = policy.on_finish
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def client_connections(self) -> int:
+        return len(self.sessions)
+
+    async def start(self) -> tuple[str, int]:
+        cfg = self.config
+        server = await self.loop.create_server(
+            lambda: ClientSession(self), cfg.listen_host, cfg.listen_port, backlog=1024
+        )
+        self.servers.append(server)
+        self._schedule_sweep()
+        sock = server.sockets[0]
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    def _schedule_sweep(self) -> None:
+        period = max(0.05, min(1.0, self.config.response_timeout / 4))
+        self._sweeper = self.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        timeout = self.config.response_timeout
+        for channel in list(self.channels.values()):
+            channel.expire(now, timeout)
+        self._schedule_sweep()
+
+    def channel(self, backend: Backend) -> BackendChannel:
+        ch = self.channels.get(backend)
+        if ch is None:
+            ch = self.channels[backend] = BackendChannel(self, backend)
+        return ch
+
+    # -- request path ---------------------------------------------------------
+    def dispatch_batch(self, session: ClientSession, payloads: list[bytes]) -> None:
+        pool = self.pool
+        pick = pool.policy.pick
+        start_hook = self.policy_start
+        hash_message = self.hash_by_message
+        now = self.loop.time()
+        touched: list[BackendConnection] = []
+        pending = session.pending
+        channels = self.channels
+        key = session.peer_key
+        for payload in payloads:
+            req = Request(session, payload)
+            req.started = now
+            pending.append(req)
+            backend = pick(payload if hash_message else key)
+            if backend is None:
+                self.not_available += 1
+                session.complete(req, NOT_AVAILABLE)
+                continue
+            assert isinstance(backend, Backend)
+            backend.in_flight += 1
+            if start_hook is not None:
+                start_hook(backend)
+            ch = channels.get(backend)
+            if ch is None:
+                ch = self.channel(backend)
+            conn = ch.send(req)
+            if conn is not None and not conn.scheduled:
+                conn.scheduled = True
+                touched.append(conn)
+        for conn in touched:
+            conn.scheduled = False
+            conn.flush()
+        self.flush_sessions()
+
+    def flush_sessions(self) -> None:
+        dirty = self.dirty_sessions
+        if dirty:
+            self.dirty_sessions = []
+            for session in dirty:
+                session.try_flush()
+
+    def retry(self, failed: list[Request], failed_backend: Backend) -> None:
+        """Re-send requests a backend failed to answer, each to a backend it has not tried."""
+        if not failed:
+            return
+        touched: list[BackendConnection] = []
+        finish = self.policy_finish
+        now = self.loop.time()
+        for req in failed:
+            if finish is not None:
+                finish(failed_backend, now - req.started, False)
+            session = req.session
+            if session.transport is None:
+                continue  # the client is gone; nobody waits for this reply
+            if req.tried is None:
+                req.tried = [failed_backend]
+            else:
+                req.tried.append(failed_backend)
+            req.attempts += 1
+            backend = None
+            if req.attempts <= self.config.retries:
+                backend = self.pool.pick(
+                    req.payload if self.hash_by_message else session.peer_key, req.tried
+                )
+            if backend is None:
+                self.not_available += 1
+                session.complete(req, NOT_AVAILABLE)
+                continue
+            self.retries += 1
+            backend.in_flight += 1
+            if self.policy_start is not None:
+                self.policy_start(backend)
+            conn = self.channel(backend).send(req)
+            if conn is not None and conn not in touched:
+                touched.append(conn)
+        for conn in touched:
+            conn.flush()
+        self.flush_sessions()
+
+    # -- lifecycle ------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.draining = True
+        for server in self.servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for in-flight requests to be answered, then close every connection."""
+        deadline = self.loop.time() + timeout
+        idle_closed: set[ClientSession] = set()
+        while True:
+            for session in list(self.sessions):
+                if session.idle and session not in idle_closed:
+                    idle_closed.add(session)
+                    session.close()
+            if not self.sessions or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            session.close()
+        self.close_backends()
+
+    def close_backends(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for channel in self.channels.values():
+            channel.close()
+
+    def remove_backend(self, backend: Backend) -> None:
+        ch = self.channels.pop(backend, None)
+        if ch is not None:
+            ch.close()
+
+    def __repr__(self) -> str:
+        return f"<MessageService {self.config.name} {len(self.sessions)} clients | {self.pool!r}>"

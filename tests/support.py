@@ -1,0 +1,283 @@
+"""Real processes on loopback for end-to-end tests: start, wait for readiness, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal as _signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+READY_TIMEOUT = 20.0
+
+_LISTEN_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
+_ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
+_INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
+
+
+class Proc:
+    """A child process whose output lines are collected by a thread, for waiting on."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path | str | None = None,
+        stdout_to: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = list(args)
+        full_env = dict(os.environ)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        self._stdout_file = open(stdout_to, "wb") if stdout_to is not None else None
+        self.popen = subprocess.Popen(
+            self.args,
+            cwd=cwd,
+            stdout=self._stdout_file if self._stdout_file is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._readers: list[threading.Thread] = []
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is None:
+                continue
+            t = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+            t.start()
+            self._readers.append(t)
+
+    def _pump(self, stream: Any) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float = READY_TIMEOUT
+    ) -> re.Match[str]:
+        """Wait until an output line matches; return the match (checks lines seen so far first)."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines[seen:]:
+                m = regex.search(line)
+                if m:
+                    return m
+            seen = len(self.lines)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"{self.args[:4]}: no line matching {regex.pattern!r} within {timeout}s; "
+                    f"output so far:\n" + "\n".join(self.lines[-40:])
+                )
+            try:
+                item = self._queue.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if item is None and self.popen.poll() is not None:
+                # process ended; final scan then fail
+                for line in self.lines[seen:]:
+                    m = regex.search(line)
+                    if m:
+                        return m
+                raise AssertionError(
+                    f"{self.args[:4]} exited with {self.popen.returncode} before printing "
+                    f"{regex.pattern!r}:\n" + "\n".join(self.lines[-40:])
+                )
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, sig: int = _signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        for t in self._readers:
+            t.join(timeout=5)
+        if self._stdout_file is not None:
+            self._stdout_file.close()
+        return self.popen.returncode
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.popen.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout=5)
+        return code
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServiceProc(Proc):
+    port: int
+
+
+def start_service(*extra: str, port: int = 0, cwd: Path | str | None = None) -> ServiceProc:
+    proc = ServiceProc([PYTHON, "-m", "balancer.service", "-p", str(port), *extra], cwd=cwd)
+    m = proc.wait_for(_INSTANCE_RE)
+    proc.port = int(m.group(2))
+    return proc
+
+
+class BalancerProc(Proc):
+    ports: dict[str, int]
+    admin_port: int | None
+
+    def status(self) -> dict[str, Any]:
+        assert self.admin_port is not None
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.admin_port}/status", timeout=5
+        ) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+            return doc
+
+    def metrics(self) -> str:
+        assert self.admin_port is not None
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5
+        ) as resp:
+            text: str = resp.read().decode()
+            return text
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+
+def start_balancer(
+    config: Path | str,
+    *extra: str,
+    admin: bool = True,
+    cwd: Path | str | None = None,
+    stdout_to: Path | None = None,
+) -> BalancerProc:
+    args = [PYTHON, "-m", "balancer", "serve", str(config), *extra]
+    if admin:
+        args += ["--admin", "127.0.0.1:0"]
+    else:
+        args += ["--admin", "off"]
+    proc = BalancerProc(args, cwd=cwd, stdout_to=stdout_to)
+    proc.wait_for("balancer ready")
+    proc.ports = {m.group(1): int(m.group(3)) for m in map(_LISTEN_RE.search, proc.lines) if m}
+    proc.admin_port = None
+    for line in proc.lines:
+        am = _ADMIN_RE.search(line)
+        if am:
+            proc.admin_port = int(am.group(2))
+    return proc
+
+
+def write_toml(path: Path, backends: Sequence[int], **service: Any) -> Path:
+    """A one-service config `numbers` on 127.0.0.1:0 with the given backend ports."""
+    health = service.pop("health", {"interval": 0.2, "timeout": 1, "rise": 1, "fall": 1})
+    lines = ["[services.numbers]", 'listen = "127.0.0.1:0"']
+    for key, value in service.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    lines.append("backends = [" + ", ".join(f'"127.0.0.1:{p}"' for p in backends) + "]")
+    lines.append("[services.numbers.health]")
+    for key, value in health.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class LineClient:
+    """A blocking line-protocol client for tests."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall(b"".join(line.encode() + b"\n" for line in lines))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_line(self) -> str:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by peer")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def request(self, line: str) -> str:
+        self.send(line)
+        return self.read_line()
+
+    def read_until_closed(self) -> bytes:
+        data = self.buf
+        self.buf = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Poll a condition (state reached through real I/O), failing after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def reply_for(n: int | str) -> str:
+    return f"It\u2019s instance number {n}"

@@ -1,0 +1,989 @@
+"""Config loading: every format, every validation error, and the text format as a property."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from balancer.config import (
+    AdminConfig,
+    BackendConfig,
+    Config,
+    ConfigError,
+    HealthConfig,
+    ServiceConfig,
+    config_from_backends,
+    load_config,
+    parse_address,
+    parse_admin,
+)
+
+FULL_TOML = """\
+drain_timeout = 10          # optional, seconds
+[admin]
+listen = "127.0.0.1:9100"
+token = "s3cret"
+[services.numbers]
+listen = "127.0.0.1:8080"
+mode = "message"
+algorithm = "round_robin"
+backend_framing = "line"
+max_line = 65536
+retries = 2
+connect_timeout = 2.0
+response_timeout = 30.0
+backend_connections = 4
+hash_key = "source"
+hash_balance_factor = 0
+slow_start = 0
+backends = ["localhost:8090", "localhost:8091", { address = "localhost:8092", weight = 2 }]
+[services.numbers.health]
+interval = 2
+timeout = 1
+rise = 2
+fall = 3
+jitter = 0.1
+send = "!HEALTH_CHECK"
+expect = "!HEALTH_CHECK"
+enabled = true
+
+[services.raw]
+listen = "127.0.0.1:8081"
+mode = "tcp"
+backend_framing = "raw"
+max_line = 1024
+retries = 0
+connect_timeout = 0.5
+response_timeout = 5
+backend_connections = 1
+hash_balance_factor = 1.25
+slow_start = 30
+backends = ["[::1]:9000", { address = "127.0.0.1:9001", weight = 0 }]
+[services.raw.health]
+interval = 0.5
+jitter = 0
+"""
+
+TUTORIAL_TXT = "localhost 8090\nlocalhost 8091\nlocalhost 8092\nlocalhost 8093\n"
+
+TUTORIAL_BACKENDS = tuple(BackendConfig("localhost", p) for p in (8090, 8091, 8092, 8093))
+
+MINIMAL = '[services.numbers]\nlisten = "127.0.0.1:8080"\nbackends = ["localhost:8090"]\n'
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path, **kwargs: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, **kwargs)
+    return info.value
+
+
+def assert_error(err: ConfigError, path: Path, where: str, *fragments: str) -> None:
+    """The message names the file, the location, and each expected fragment."""
+    text = str(err)
+    prefix = f"{path}: {where}: " if where else f"{path}: "
+    assert text.startswith(prefix), text
+    assert err.source == str(path)
+    assert err.where == where
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in {text!r}"
+
+
+# ---------------------------------------------------------------- valid files
+
+
+def test_full_toml_loads_every_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.toml", FULL_TOML)
+    expected = Config(
+        services=(
+            ServiceConfig(
+                name="numbers",
+                listen_host="127.0.0.1",
+                listen_port=8080,
+                backends=(
+                    BackendConfig("localhost", 8090),
+                    BackendConfig("localhost", 8091),
+                    BackendConfig("localhost", 8092, weight=2),
+                ),
+            ),
+            ServiceConfig(
+                name="raw",
+                listen_host="127.0.0.1",
+                listen_port=8081,
+                backends=(BackendConfig("::1", 9000), BackendConfig("127.0.0.1", 9001, 0)),
+                mode="tcp",
+                backend_framing="raw",
+                max_line=1024,
+                retries=0,
+                connect_timeout=0.5,
+                response_timeout=5.0,
+                backend_connections=1,
+                hash_balance_factor=1.25,
+                slow_start=30.0,
+                health=HealthConfig(interval=0.5, jitter=0.0, send=None, expect=None),
+            ),
+        ),
+        admin=AdminConfig(host="127.0.0.1", port=9100, token="s3cret"),
+        drain_timeout=10.0,
+        source=str(path),
+    )
+    assert load_config(path) == expected
+
+
+def test_toml_defaults_come_from_the_dataclasses(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "config.toml", MINIMAL))
+    assert config == Config(
+        services=(
+            ServiceConfig("numbers", "127.0.0.1", 8080, (BackendConfig("localhost", 8090),)),
+        ),
+        source=str(tmp_path / "config.toml"),
+    )
+    assert config.services[0].health == HealthConfig()
+    assert config.admin == AdminConfig()
+
+
+def test_ipv6_addresses_print_with_brackets(tmp_path: Path) -> None:
+    text = '[services.v6]\nlisten = "[::1]:0"\nbackends = ["[::1]:8090"]\n'
+    svc = load_config(write(tmp_path, "config.toml", text)).service("v6")
+    assert svc.listen == "[::1]:0"
+    assert svc.backends[0].address == "[::1]:8090"
+
+
+def test_tcp_health_table_without_probe_is_a_connect_check(tmp_path: Path) -> None:
+    text = (
+        '[services.db]\nlisten = "127.0.0.1:6380"\nmode = "tcp"\nbackends = ["127.0.0.1:6379"]\n'
+        "[services.db.health]\nrise = 1\n"
+    )
+    health = load_config(write(tmp_path, "config.toml", text)).service("db").health
+    assert (health.send, health.expect, health.rise) == (None, None, 1)
+
+
+def test_tcp_service_may_still_set_a_probe(tmp_path: Path) -> None:
+    text = (
+        '[services.db]\nlisten = "127.0.0.1:6380"\nmode = "tcp"\nbackends = ["127.0.0.1:6379"]\n'
+        '[services.db.health]\nsend = "PING"\nexpect = "+PONG"\n'
+    )
+    health = load_config(write(tmp_path, "config.toml", text)).service("db").health
+    assert (health.send, health.expect) == ("PING", "+PONG")
+
+
+def test_send_false_disables_the_probe_and_reply_check(tmp_path: Path) -> None:
+    text = MINIMAL + "[services.numbers.health]\nsend = false\n"
+    health = load_config(write(tmp_path, "config.toml", text)).service("numbers").health
+    assert (health.send, health.expect) == (None, None)
+
+
+def test_expect_false_accepts_any_reply(tmp_path: Path) -> None:
+    text = MINIMAL + "[services.numbers.health]\nexpect = false\n"
+    health = load_config(write(tmp_path, "config.toml", text)).service("numbers").health
+    assert (health.send, health.expect) == ("!HEALTH_CHECK", None)
+
+
+def test_service_without_listen_uses_default_listen(tmp_path: Path) -> None:
+    text = '[services.numbers]\nbackends = ["localhost:8090"]\n'
+    config = load_config(write(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000")
+    assert config.service("numbers").listen == "127.0.0.1:7000"
+
+
+def test_listen_port_only_takes_the_default_host(tmp_path: Path) -> None:
+    text = '[services.numbers]\nlisten = "9000"\nbackends = ["localhost:8090"]\n'
+    config = load_config(write(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000")
+    assert config.service("numbers").listen == "127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("admin", "expected"),
+    [
+        ('listen = "off"', AdminConfig(enabled=False)),
+        ('listen = "127.0.0.1:0"', AdminConfig(port=0)),
+        ('listen = "9200"', AdminConfig(port=9200)),
+        ("enabled = false", AdminConfig(enabled=False)),
+        ('token = "t"', AdminConfig(token="t")),
+    ],
+)
+def test_admin_table(tmp_path: Path, admin: str, expected: AdminConfig) -> None:
+    path = write(tmp_path, "config.toml", f"[admin]\n{admin}\n" + MINIMAL)
+    assert load_config(path).admin == expected
+
+
+def test_tutorial_config_txt(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.txt", TUTORIAL_TXT)
+    assert load_config(path) == Config(
+        services=(ServiceConfig("default", "localhost", 8080, TUTORIAL_BACKENDS),),
+        source=str(path),
+    )
+
+
+def test_text_format_comments_colons_crlf_and_ipv6(tmp_path: Path) -> None:
+    text = (
+        "# backends\r\n\r\nlocalhost 8090   # first\r\n\tlocalhost:8091\r\n"
+        "::1 8092\r\n[::1]:8093\r\n   # indented comment\r\n"
+    )
+    config = load_config(write(tmp_path, "backends.conf", text), default_listen="127.0.0.1:0")
+    svc = config.service("default")
+    assert svc.listen == "127.0.0.1:0"
+    assert [b.address for b in svc.backends] == [
+        "localhost:8090",
+        "localhost:8091",
+        "[::1]:8092",
+        "[::1]:8093",
+    ]
+
+
+def test_json_servers_form_equals_the_text_form(tmp_path: Path) -> None:
+    servers = [{"host": "localhost", "port": p} for p in (8090, 8091, 8092, 8093)]
+    path = write(tmp_path, "config.json", json.dumps({"servers": servers}))
+    expected = load_config(write(tmp_path, "config.txt", TUTORIAL_TXT))
+    assert load_config(path) == Config(services=expected.services, source=str(path))
+
+
+def test_json_servers_form_with_weight(tmp_path: Path) -> None:
+    doc = {"servers": [{"host": "localhost", "port": 8090, "weight": 3}, "localhost:8091"]}
+    svc = load_config(write(tmp_path, "config.json", json.dumps(doc))).service("default")
+    assert svc.backends == (BackendConfig("localhost", 8090, 3), BackendConfig("localhost", 8091))
+
+
+def test_json_services_form_equals_toml(tmp_path: Path) -> None:
+    doc = {
+        "drain_timeout": 10,
+        "admin": {"listen": "127.0.0.1:9100", "token": "s3cret"},
+        "services": {
+            "numbers": {
+                "listen": "127.0.0.1:8080",
+                "mode": "message",
+                "algorithm": "round_robin",
+                "backend_framing": "line",
+                "max_line": 65536,
+                "retries": 2,
+                "connect_timeout": 2.0,
+                "response_timeout": 30.0,
+                "backend_connections": 4,
+                "hash_key": "source",
+                "hash_balance_factor": 0,
+                "slow_start": 0,
+                "backends": [
+                    "localhost:8090",
+                    "localhost:8091",
+                    {"address": "localhost:8092", "weight": 2},
+                ],
+                "health": {
+                    "interval": 2,
+                    "timeout": 1,
+                    "rise": 2,
+                    "fall": 3,
+                    "jitter": 0.1,
+                    "send": "!HEALTH_CHECK",
+                    "expect": "!HEALTH_CHECK",
+                    "enabled": True,
+                },
+            },
+            "raw": {
+                "listen": "127.0.0.1:8081",
+                "mode": "tcp",
+                "backend_framing": "raw",
+                "max_line": 1024,
+                "retries": 0,
+                "connect_timeout": 0.5,
+                "response_timeout": 5,
+                "backend_connections": 1,
+                "hash_balance_factor": 1.25,
+                "slow_start": 30,
+                "backends": ["[::1]:9000", {"address": "127.0.0.1:9001", "weight": 0}],
+                "health": {"interval": 0.5, "jitter": 0},
+            },
+        },
+    }
+    from_json = load_config(write(tmp_path, "config.json", json.dumps(doc)))
+    from_toml = load_config(write(tmp_path, "config.toml", FULL_TOML))
+    assert from_json.services == from_toml.services
+    assert from_json.admin == from_toml.admin
+    assert from_json.drain_timeout == from_toml.drain_timeout
+
+
+def test_utf8_bom_is_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "config.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + TUTORIAL_TXT.encode())
+    assert load_config(path).services[0].backends == TUTORIAL_BACKENDS
+
+
+def test_extension_is_case_insensitive(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "CONFIG.TOML", MINIMAL))
+    assert config.service("numbers").listen == "127.0.0.1:8080"
+
+
+def test_config_from_backends() -> None:
+    config = config_from_backends(TUTORIAL_BACKENDS, listen="127.0.0.1:8080")
+    assert config.services == (ServiceConfig("default", "127.0.0.1", 8080, TUTORIAL_BACKENDS),)
+
+
+# ---------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("localhost:8080", ("localhost", 8080)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+        ("  my-host.example_1:80 ", ("my-host.example_1", 80)),
+    ],
+)
+def test_parse_address_valid(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text, where="x", source="s") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("localhost", 'expected "host:port" with a port 1..65535'),
+        ("localhost:", "port 1..65535"),
+        ("localhost:0", "port 1..65535"),
+        ("localhost:65536", "port 1..65535"),
+        ("localhost:-1", "port 1..65535"),
+        ("localhost:80a", "port 1..65535"),
+        (":8080", 'expected "host:port"'),
+        ("::1:8080", "needs brackets, as in [::1]:8080"),
+        ("[::1]8080", 'expected "host:port"'),
+        ("[nothost]:80", "must be an IPv6 address"),
+        ("bad host:80", "the host may hold"),
+        ("", 'expected "host:port"'),
+    ],
+)
+def test_parse_address_invalid(text: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address(text, where="services.a.backends[0]", source="c.toml")
+    message = str(info.value)
+    assert message.startswith("c.toml: services.a.backends[0]: ")
+    assert hint in message
+    assert f"got {text!r}" in message
+
+
+def test_parse_address_default_host_and_port_zero() -> None:
+    assert parse_address(":0", where="x", source="s", default_host="h", allow_port_zero=True) == (
+        "h",
+        0,
+    )
+    assert parse_address("80", where="x", source="s", default_host="h") == ("h", 80)
+    with pytest.raises(ConfigError, match=r"port 1\.\.65535 \(or just a port\), got '0'"):
+        parse_address("0", where="x", source="s", default_host="h")
+    with pytest.raises(ConfigError, match="got 'abc'"):
+        parse_address("abc", where="x", source="s", default_host="h")
+
+
+def test_parse_admin() -> None:
+    assert parse_admin("off", where="--admin", source="<command line>") == AdminConfig(
+        enabled=False
+    )
+    assert parse_admin("127.0.0.1:9999", where="--admin", source="<command line>").port == 9999
+    with pytest.raises(ConfigError, match=r"^<command line>: --admin: expected .* got 'nope'$"):
+        parse_admin("nope", where="--admin", source="<command line>")
+
+
+# ---------------------------------------------------------------- TOML errors
+
+SVC = '[services.numbers]\nlisten = "127.0.0.1:8080"\n'
+BACKENDS = 'backends = ["localhost:8090"]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "fragments"),
+    [
+        # unknown keys, with a suggestion when one is close
+        (
+            SVC + BACKENDS + "retrys = 3\n",
+            "services.numbers.retrys",
+            ["unknown key 'retrys'", "did you mean 'retries'?"],
+        ),
+        (
+            "drain_timout = 3\n" + SVC + BACKENDS,
+            "drain_timout",
+            ["unknown key 'drain_timout'", "did you mean 'drain_timeout'?"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.helth]\nrise = 1\n",
+            "services.numbers.helth",
+            ["did you mean 'health'?"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nrize = 1\n",
+            "services.numbers.health.rize",
+            ["did you mean 'rise'?"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nzzz = 1\n",
+            "services.numbers.health.zzz",
+            ["unknown key 'zzz'", "expected one of: interval, timeout, rise"],
+        ),
+        (
+            "[admin]\nlisen = 'off'\n" + SVC + BACKENDS,
+            "admin.lisen",
+            ["did you mean 'listen'?"],
+        ),
+        (
+            SVC + 'backends = [{ adress = "localhost:8090" }]\n',
+            "services.numbers.backends[0].adress",
+            ["did you mean 'address'?"],
+        ),
+        # health values
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nrise = -1\n",
+            "services.numbers.health.rise",
+            ["expected a positive integer, got -1"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nfall = 1.5\n",
+            "services.numbers.health.fall",
+            ["expected a positive integer, got 1.5"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nfall = true\n",
+            "services.numbers.health.fall",
+            ["expected a positive integer, got True"],
+        ),
+        (
+            SVC + BACKENDS + '[services.numbers.health]\ninterval = "2"\n',
+            "services.numbers.health.interval",
+            ["expected a number > 0, got '2'"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\ntimeout = 0\n",
+            "services.numbers.health.timeout",
+            ["expected a number > 0, got 0"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\ninterval = inf\n",
+            "services.numbers.health.interval",
+            ["expected a number > 0, got inf"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\njitter = 0.7\n",
+            "services.numbers.health.jitter",
+            ["expected a number from 0 to 0.5, got 0.7"],
+        ),
+        (
+            SVC + BACKENDS + "[services.numbers.health]\nsend = true\n",
+            "services.numbers.health.send",
+            ["expected a non-empty one-line string, or false to disable, got True"],
+        ),
+        (
+            SVC + BACKENDS + '[services.numbers.health]\nsend = ""\n',
+            "services.numbers.health.send",
+            ["expected a non-empty one-line string", "got ''"],
+        ),
+        (
+            SVC + BACKENDS + '[services.numbers.health]\nexpect = "a\\nb"\n',
+            "services.numbers.health.expect",
+            ["one-line string", "got 'a\\nb'"],
+        ),
+        (
+            SVC + BACKENDS + '[services.numbers.health]\nsend = false\nexpect = "pong"\n',
+            "services.numbers.health.expect",
+            ["when send = false", "got 'pong'"],
+        ),
+        (
+            SVC + BACKENDS + '[services.numbers.health]\nenabled = "yes"\n',
+            "services.numbers.health.enabled",
+            ["expected true or false, got 'yes'"],
+        ),
+        (
+            SVC + BACKENDS + "health = 3\n",
+            "services.numbers.health",
+            ["expected a table of health check settings, got 3"],
+        ),
+        # service values
+        (
+            SVC + BACKENDS + 'mode = "udp"\n',
+            "services.numbers.mode",
+            ["expected one of 'message', 'tcp', got 'udp'"],
+        ),
+        (
+            SVC + BACKENDS + 'algorithm = "round-robin"\n',
+            "services.numbers.algorithm",
+            [
+                "expected one of",
+                "'round_robin'",
+                "got 'round-robin'",
+                "did you mean 'round_robin'?",
+            ],
+        ),
+        (
+            SVC + BACKENDS + "algorithm = 1\n",
+            "services.numbers.algorithm",
+            ["expected one of", "got 1"],
+        ),
+        (
+            SVC + BACKENDS + 'backend_framing = "lines"\n',
+            "services.numbers.backend_framing",
+            ["expected one of 'line', 'raw', got 'lines'", "did you mean 'line'?"],
+        ),
+        (
+            SVC + BACKENDS + 'hash_key = "client"\n',
+            "services.numbers.hash_key",
+            ["expected one of 'message', 'source', got 'client'"],
+        ),
+        (
+            SVC + BACKENDS + 'mode = "tcp"\nhash_key = "message"\n',
+            "services.numbers.hash_key",
+            ["expected 'source' in tcp mode", "got 'message'"],
+        ),
+        (
+            SVC + BACKENDS + "hash_balance_factor = 1.0\n",
+            "services.numbers.hash_balance_factor",
+            ["expected 0 (off) or a number > 1", "got 1.0"],
+        ),
+        (
+            SVC + BACKENDS + "hash_balance_factor = -2\n",
+            "services.numbers.hash_balance_factor",
+            ["expected 0 (off) or a number > 1", "got -2"],
+        ),
+        (
+            SVC + BACKENDS + "max_line = 0\n",
+            "services.numbers.max_line",
+            ["expected a positive integer, got 0"],
+        ),
+        (
+            SVC + BACKENDS + "retries = -1\n",
+            "services.numbers.retries",
+            ["expected an integer >= 0, got -1"],
+        ),
+        (
+            SVC + BACKENDS + "connect_timeout = 0\n",
+            "services.numbers.connect_timeout",
+            ["expected a number > 0, got 0"],
+        ),
+        (
+            SVC + BACKENDS + "response_timeout = nan\n",
+            "services.numbers.response_timeout",
+            ["expected a number > 0, got nan"],
+        ),
+        (
+            SVC + BACKENDS + "backend_connections = 0\n",
+            "services.numbers.backend_connections",
+            ["expected a positive integer, got 0"],
+        ),
+        (
+            SVC + BACKENDS + "slow_start = -1\n",
+            "services.numbers.slow_start",
+            ["expected a number >= 0, got -1"],
+        ),
+        (
+            SVC + BACKENDS + 'policy_options = { spread = "x" }\n',
+            "services.numbers.policy_options.spread",
+            ["expected a number, got 'x'"],
+        ),
+        (
+            "[services.numbers]\nlisten = 8080\n" + BACKENDS,
+            "services.numbers.listen",
+            ['expected "host:port", got 8080'],
+        ),
+        (
+            '[services.numbers]\nlisten = "127.0.0.1:70000"\n' + BACKENDS,
+            "services.numbers.listen",
+            ["port 0..65535", "got '127.0.0.1:70000'"],
+        ),
+        # top level and admin
+        (
+            "drain_timeout = -1\n" + SVC + BACKENDS,
+            "drain_timeout",
+            ["expected a number >= 0, got -1"],
+        ),
+        (
+            "access_log = 1\n" + SVC + BACKENDS,
+            "access_log",
+            ["expected true or false, got 1"],
+        ),
+        (
+            "[admin]\nlisten = 9100\n" + SVC + BACKENDS,
+            "admin.listen",
+            ['expected "host:port" or "off", got 9100'],
+        ),
+        (
+            '[admin]\nlisten = "nowhere"\n' + SVC + BACKENDS,
+            "admin.listen",
+            ['expected "host:port"', "got 'nowhere'"],
+        ),
+        (
+            '[admin]\ntoken = ""\n' + SVC + BACKENDS,
+            "admin.token",
+            ["expected a non-empty string, got ''"],
+        ),
+        (
+            'admin = "off"\n' + SVC + BACKENDS,
+            "admin",
+            ["expected a table of admin settings, got 'off'"],
+        ),
+        # backends
+        (
+            SVC
+            + 'backends = ["localhost:8090", "localhost:8091",'
+            + ' { address = "h:1", weight = true }]\n',
+            "services.numbers.backends[2].weight",
+            ["expected an integer >= 0, got True"],
+        ),
+        (
+            SVC + 'backends = [{ address = "h:1", weight = -1 }]\n',
+            "services.numbers.backends[0].weight",
+            ["expected an integer >= 0, got -1"],
+        ),
+        (
+            SVC + 'backends = ["localhost:8090", "localhost"]\n',
+            "services.numbers.backends[1]",
+            ['expected "host:port" with a port 1..65535', "got 'localhost'"],
+        ),
+        (
+            SVC + 'backends = ["localhost:0"]\n',
+            "services.numbers.backends[0]",
+            ["port 1..65535", "got 'localhost:0'"],
+        ),
+        (
+            SVC + 'backends = ["::1:8080"]\n',
+            "services.numbers.backends[0]",
+            ["needs brackets", "got '::1:8080'"],
+        ),
+        (
+            SVC + 'backends = [{ address = "[::1]:99999" }]\n',
+            "services.numbers.backends[0].address",
+            ["port 1..65535", "got '[::1]:99999'"],
+        ),
+        (
+            SVC + "backends = [{ address = 8090 }]\n",
+            "services.numbers.backends[0].address",
+            ['expected "host:port", got 8090'],
+        ),
+        (
+            SVC + "backends = [{ weight = 2 }]\n",
+            "services.numbers.backends[0].address",
+            ['missing: expected "host:port"'],
+        ),
+        (
+            SVC + "backends = [8090]\n",
+            "services.numbers.backends[0]",
+            ['expected "host:port" or a table', "got 8090"],
+        ),
+        (
+            SVC + 'backends = "localhost:8090"\n',
+            "services.numbers.backends",
+            ["expected a list of \"host:port\", got 'localhost:8090'"],
+        ),
+        (
+            SVC + "backends = []\n",
+            "services.numbers.backends",
+            ["expected at least one backend, got []"],
+        ),
+        (
+            SVC,
+            "services.numbers.backends",
+            ['missing: expected a list of "host:port"'],
+        ),
+        (
+            SVC + 'backends = ["localhost:8090", "127.0.0.1:8091", "LOCALHOST:8090"]\n',
+            "services.numbers.backends[2]",
+            [
+                "expected each backend once",
+                "got 'LOCALHOST:8090' again",
+                "services.numbers.backends[0]",
+            ],
+        ),
+        # services
+        (
+            '[services."bad name"]\nlisten = "127.0.0.1:8080"\n' + BACKENDS,
+            'services."bad name"',
+            ["expected a service name of letters, digits", "got 'bad name'"],
+        ),
+        (
+            "[services]\nnumbers = 5\n",
+            "services.numbers",
+            ["expected a table of service settings, got 5"],
+        ),
+        ("[services]\n", "services", ["expected at least one [services.NAME] table"]),
+        ('services = "x"\n', "services", ["expected a table of services, got 'x'"]),
+        ("drain_timeout = 1\n", "services", ["missing: expected at least one [services.NAME]"]),
+        ("", "services", ["missing: expected at least one [services.NAME]"]),
+        # listeners in conflict
+        (
+            SVC + BACKENDS + '[services.other]\nlisten = "127.0.0.1:8080"\n' + BACKENDS,
+            "services.other.listen",
+            ["no other service listens on", "got '127.0.0.1:8080'", "service 'numbers'"],
+        ),
+        (
+            SVC + BACKENDS + '[services.other]\nlisten = "0.0.0.0:8080"\n' + BACKENDS,
+            "services.other.listen",
+            ["got '0.0.0.0:8080'", "service 'numbers'"],
+        ),
+        (
+            '[admin]\nlisten = "127.0.0.1:8080"\n' + SVC + BACKENDS,
+            "admin.listen",
+            ["no service listens on", "got '127.0.0.1:8080'", "service 'numbers'"],
+        ),
+    ],
+)
+def test_toml_errors(tmp_path: Path, text: str, where: str, fragments: list[str]) -> None:
+    path = write(tmp_path, "config.toml", text)
+    assert_error(error_of(path), path, where, *fragments)
+
+
+def test_listen_port_zero_never_conflicts(tmp_path: Path) -> None:
+    text = (
+        '[services.a]\nlisten = "127.0.0.1:0"\n'
+        + BACKENDS
+        + '[services.b]\nlisten = "127.0.0.1:0"\n'
+        + BACKENDS
+    )
+    config = load_config(write(tmp_path, "config.toml", text))
+    assert [s.listen for s in config.services] == ["127.0.0.1:0", "127.0.0.1:0"]
+
+
+def test_two_services_without_listen_conflict_on_default_listen(tmp_path: Path) -> None:
+    text = "[services.a]\n" + BACKENDS + "[services.b]\n" + BACKENDS
+    path = write(tmp_path, "config.toml", text)
+    assert_error(error_of(path), path, "services.b.listen", "got 'localhost:8080'")
+
+
+def test_same_backend_in_two_services_is_fine(tmp_path: Path) -> None:
+    text = SVC + BACKENDS + '[services.b]\nlisten = "127.0.0.1:8081"\n' + BACKENDS
+    config = load_config(write(tmp_path, "config.toml", text))
+    assert config.service("b").backends == config.service("numbers").backends
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.toml", SVC + 'backends = ["localhost:8090"\nretries = \n')
+    err = error_of(path)
+    assert_error(err, path, err.where, "invalid TOML: ")
+    assert err.where.startswith("line "), err.where
+    assert ", column " in err.where
+
+
+def test_toml_duplicate_key_is_a_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.toml", SVC + BACKENDS + 'listen = "127.0.0.1:1"\n')
+    err = error_of(path)
+    assert err.where.startswith("line 4, column "), err.where
+    assert_error(err, path, err.where, "invalid TOML: Cannot overwrite a value")
+
+
+# ---------------------------------------------------------------- text errors
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "fragments"),
+    [
+        ("localhost 8090\nlocalhost 0\n", "line 2", ["expected a port 1..65535, got '0'"]),
+        ("localhost 8090\n\nlocalhost eighty\n", "line 3", ["got 'eighty'"]),
+        ("localhost 70000 # too big\n", "line 1", ["expected a port 1..65535, got '70000'"]),
+        ("local/host 80\n", "line 1", ["expected a host", "got 'local/host'"]),
+        ("localhost\n", "line 1", ['expected "host:port"', "got 'localhost'"]),
+        ("localhost 8090 2\n", "line 1", ['expected "host port" or "host:port"']),
+        ("# c\nlocalhost:99999\n", "line 2", ["port 1..65535", "got 'localhost:99999'"]),
+        (
+            "localhost 8090\nlocalhost 8091\nlocalhost:8090\n",
+            "line 3",
+            ["expected each backend once", "got 'localhost:8090' again (first at line 1)"],
+        ),
+        ("", "", ['no backends: expected at least one "host port" line']),
+        ("# only\n\n   # comments\n", "", ["no backends"]),
+    ],
+)
+def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]) -> None:
+    path = write(tmp_path, "config.txt", text)
+    assert_error(error_of(path), path, where, *fragments)
+
+
+# ---------------------------------------------------------------- JSON errors
+
+
+@pytest.mark.parametrize(
+    ("doc", "where", "fragments"),
+    [
+        ({"servers": []}, "servers", ["expected at least one server, got []"]),
+        ({"servers": {"host": "h"}}, "servers", ["expected a list", "got {'host': 'h'}"]),
+        (
+            {"servers": [{"host": "localhost"}]},
+            "servers[0].port",
+            ["missing: expected the server's port"],
+        ),
+        (
+            {
+                "servers": [
+                    {"host": "localhost", "port": 8090},
+                    {"host": "localhost", "port": "8091"},
+                ]
+            },
+            "servers[1].port",
+            ["expected an integer port 1..65535, got '8091'"],
+        ),
+        (
+            {"servers": [{"host": "localhost", "port": True}]},
+            "servers[0].port",
+            ["expected an integer port 1..65535, got True"],
+        ),
+        (
+            {"servers": [{"host": 127, "port": 80}]},
+            "servers[0].host",
+            ["expected a host", "got 127"],
+        ),
+        (
+            {"servers": [{"hots": "localhost", "port": 80}]},
+            "servers[0].hots",
+            ["unknown key 'hots'", "did you mean 'host'?"],
+        ),
+        (
+            {"servers": [{"host": "localhost", "port": 80, "weight": 1.5}]},
+            "servers[0].weight",
+            ["expected an integer >= 0, got 1.5"],
+        ),
+        (
+            {"servers": [{"host": "a", "port": 80}, {"host": "a", "port": 80}]},
+            "servers[1]",
+            ["expected each backend once", "got 'a:80' again (first at servers[0])"],
+        ),
+        (
+            {"servers": [None]},
+            "servers[0]",
+            ['expected an object {"host": ..., "port": ...}, got None'],
+        ),
+        (
+            {"servers": [{"host": "a", "port": 80}], "refresh": 3},
+            "refresh",
+            ["unknown key 'refresh'", "expected one of: servers"],
+        ),
+        ([], "", ['expected a JSON object with "services" or "servers", got []']),
+        ({}, "services", ["missing: expected at least one [services.NAME] table"]),
+        (
+            {"services": {"numbers": {"backends": ["localhost:8090"], "retries": None}}},
+            "services.numbers.retries",
+            ["expected an integer >= 0, got None"],
+        ),
+        (
+            {"services": {"numbers": {"backends": ["localhost:8090"], "health": None}}},
+            "services.numbers.health",
+            ["expected a table of health check settings, got None"],
+        ),
+        (
+            {"services": {"numbers": {"backends": ["h:1"], "health": {"rise": 2.0}}}},
+            "services.numbers.health.rise",
+            ["expected a positive integer, got 2.0"],
+        ),
+    ],
+)
+def test_json_errors(tmp_path: Path, doc: object, where: str, fragments: list[str]) -> None:
+    path = write(tmp_path, "config.json", json.dumps(doc))
+    assert_error(error_of(path), path, where, *fragments)
+
+
+def test_json_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.json", '{"servers": [\n  {"host": "a", "port": 80}\n  {"host"')
+    assert_error(error_of(path), path, "line 3, column 3", "invalid JSON: Expecting ',' delimiter")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.txt"
+    err = error_of(path)
+    assert str(err) == f"{path}: cannot read: No such file or directory"
+
+
+def test_missing_file_relative_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("config.txt")
+    assert str(info.value) == "config.txt: cannot read: No such file or directory"
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    err = error_of(tmp_path)
+    assert str(err) == f"{tmp_path}: cannot read: Is a directory"
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.txt"
+    path.write_bytes(b"localhost 8090\nlocalhost \xff8091\n")
+    assert_error(error_of(path), path, "line 2", "expected UTF-8 text, got byte 0xff")
+
+
+def test_bad_default_listen(tmp_path: Path) -> None:
+    path = write(tmp_path, "config.txt", TUTORIAL_TXT)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, default_listen="localhost:http")
+    assert str(info.value).startswith('<command line>: listen: expected "host:port"')
+    assert "got 'localhost:http'" in str(info.value)
+
+
+# ---------------------------------------------------------------- property
+
+HOSTS = st.one_of(
+    st.just("localhost"),
+    st.text(alphabet=string.ascii_lowercase + string.digits + "-.", min_size=1, max_size=12).map(
+        lambda s: "h" + s
+    ),
+    st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))),
+    st.sampled_from(["::1", "fe80::1", "2001:db8::42"]),
+)
+BLANKS = st.text(alphabet=" \t", max_size=3)
+COMMENT = st.text(alphabet=string.ascii_letters + string.digits + " #:", max_size=10).map(
+    lambda s: "#" + s
+)
+
+
+@st.composite
+def backend_line(draw: st.DrawFn, host: str, port: int) -> str:
+    ipv6 = ":" in host
+    style = draw(st.sampled_from(["space", "colon"]))
+    if style == "colon":
+        body = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+    else:
+        gap = draw(st.sampled_from([" ", "  ", "\t", " \t "]))
+        body = f"{host}{gap}{port}"
+    tail = draw(st.one_of(st.just(""), COMMENT.map(lambda c: " " + c)))
+    return f"{draw(BLANKS)}{body}{draw(BLANKS)}{tail}"
+
+
+@st.composite
+def config_txt(draw: st.DrawFn) -> tuple[str, list[tuple[str, int]]]:
+    pairs = draw(
+        st.lists(
+            st.tuples(HOSTS, st.integers(1, 65535)),
+            min_size=1,
+            max_size=8,
+            unique_by=lambda hp: (hp[0].lower(), hp[1]),
+        )
+    )
+    lines: list[str] = []
+    for host, port in pairs:
+        lines.extend(draw(st.lists(st.one_of(BLANKS, COMMENT.map(lambda c: " " + c)), max_size=2)))
+        lines.append(draw(backend_line(host, port)))
+    lines.extend(draw(st.lists(st.one_of(BLANKS, COMMENT), max_size=2)))
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    return newline.join(lines) + draw(st.sampled_from(["", newline])), pairs
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=config_txt())
+def test_any_valid_config_txt_loads_to_its_backends(
+    tmp_path: Path, case: tuple[str, list[tuple[str, int]]]
+) -> None:
+    text, pairs = case
+    path = tmp_path / "config.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    config = load_config(path)
+    (svc,) = config.services
+    assert (svc.name, svc.listen, svc.mode, svc.algorithm) == (
+        "default",
+        "localhost:8080",
+        "message",
+        "round_robin",
+    )
+    assert [(b.host, b.port, b.weight) for b in svc.backends] == [(h, p, 1) for h, p in pairs]

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balancer.framing import LineFramer, LineTooLong
+
+
+def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes] | str:
+    out: list[bytes] = []
+    try:
+        for chunk in chunks:
+            out.extend(framer.feed(chunk))
+    except LineTooLong:
+        return "too long"
+    return out
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = []
+    prev = 0
+    for p in [*points, len(data)]:
+        chunks.append(data[prev:p])
+        prev = p
+    return chunks
+
+
+def reference(data: bytes, limit: int) -> list[bytes] | str:
+    """What a framer must produce for the whole stream at once."""
+    parts = data.split(b"\n")
+    rest = parts.pop()
+    lines = [p[:-1] if p.endswith(b"\r") else p for p in parts]
+    if any(len(line) > limit for line in lines):
+        return "too long"
+    if len(rest) > limit + 1 or (len(rest) > limit and not rest.endswith(b"\r")):
+        return "too long"
+    return lines
+
+
+def test_lines_split_and_terminators() -> None:
+    f = LineFramer(100)
+    assert f.feed(b"1\n2\r\n3") == [b"1", b"2"]
+    assert f.buffered == 1
+    assert f.feed(b"4\n") == [b"34"]
+    assert f.feed(b"\n") == [b""]
+
+
+def test_too_long_raises_before_newline_arrives() -> None:
+    f = LineFramer(8)
+    f.feed(b"12345")
+    with pytest.raises(LineTooLong):
+        f.feed(b"6789")
+
+
+def test_exact_limit_is_allowed_with_crlf() -> None:
+    f = LineFramer(4)
+    assert f.feed(b"abcd\r") == []
+    assert f.feed(b"\n") == [b"abcd"]
+
+
+@given(
+    data=st.binary(max_size=300)
+    | st.lists(
+        st.sampled_from([b"1", b"22", b"\n", b"\r\n", b"\r", b"x" * 9, b"!HEALTH_CHECK"]),
+        max_size=60,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=20),
+    limit=st.integers(min_value=1, max_value=20),
+)
+def test_any_split_gives_the_same_lines_or_the_same_error(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    whole = feed_all(LineFramer(limit), [data])
+    split = feed_all(LineFramer(limit), split_at(data, cuts))
+    expected = reference(data, limit)
+    if expected == "too long":
+        assert whole == "too long"
+        assert split == "too long"
+    else:
+        assert whole == expected
+        # a split stream may only fail early on a line that is too long in the end
+        assert split == expected
+
+
+@given(st.lists(st.binary(max_size=5), max_size=200))
+def test_one_byte_chunks_never_exceed_the_limit(chunks: list[bytes]) -> None:
+    f = LineFramer(16)
+    try:
+        for c in chunks:
+            f.feed(c)
+            assert f.buffered <= 17
+    except LineTooLong:
+        pass
