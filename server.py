@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     admin = config.admin
     if args.admin is not None:
-        from balancer.config import parse_address
+        from balancer.config import parse_admin
 
-        if args.admin.lower() == "off":
-            admin = dataclasses.replace(admin, enabled=False)
-        else:
-            host, port = parse_address(args.admin, where="-admin", source="command line")
-            admin = dataclasses.replace(admin, host=host, port=port)
+        try:
+            admin = parse_admin(args.admin, where="-admin", source="command line")
+        except ConfigError as exc:
+            log.error("invalid -admin: %s", exc)
+            return 2
     config = dataclasses.replace(config, services=services, admin=admin, access_log=True)
     return run_server(config)
 

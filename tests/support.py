@@ -125,16 +125,21 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=5)
+        self._close_streams()
+        return self.popen.returncode
+
+    def _close_streams(self) -> None:
         for t in self._readers:
             t.join(timeout=5)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
         if self._stdout_file is not None:
             self._stdout_file.close()
-        return self.popen.returncode
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.popen.wait(timeout=timeout)
-        for t in self._readers:
-            t.join(timeout=5)
+        self._close_streams()
         return code
 
 
@@ -218,12 +223,16 @@ def write_toml(path: Path, backends: Sequence[int], **service: Any) -> Path:
     return path
 
 
+OPEN_CLIENTS: list[LineClient] = []
+
+
 class LineClient:
-    """A blocking line-protocol client for tests."""
+    """A blocking line-protocol client for tests (closed at teardown by conftest)."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
+        OPEN_CLIENTS.append(self)
 
     def send(self, *lines: str) -> None:
         self.sock.sendall(b"".join(line.encode() + b"\n" for line in lines))

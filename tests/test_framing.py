@@ -7,13 +7,15 @@ from hypothesis import strategies as st
 from balancer.framing import LineFramer, LineTooLong
 
 
-def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes] | str:
+def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes]:
+    """Lines produced, with b"<too long>" appended where the error was raised."""
     out: list[bytes] = []
     try:
         for chunk in chunks:
             out.extend(framer.feed(chunk))
-    except LineTooLong:
-        return "too long"
+    except LineTooLong as exc:
+        out.extend(exc.lines)
+        out.append(b"<too long>")
     return out
 
 
@@ -27,16 +29,19 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     return chunks
 
 
-def reference(data: bytes, limit: int) -> list[bytes] | str:
-    """What a framer must produce for the whole stream at once."""
+def reference(data: bytes, limit: int) -> list[bytes]:
+    """What a framer must produce for the stream: lines up to the first one too long."""
     parts = data.split(b"\n")
     rest = parts.pop()
-    lines = [p[:-1] if p.endswith(b"\r") else p for p in parts]
-    if any(len(line) > limit for line in lines):
-        return "too long"
+    out: list[bytes] = []
+    for p in parts:
+        line = p[:-1] if p.endswith(b"\r") else p
+        if len(line) > limit:
+            return [*out, b"<too long>"]
+        out.append(line)
     if len(rest) > limit + 1 or (len(rest) > limit and not rest.endswith(b"\r")):
-        return "too long"
-    return lines
+        return [*out, b"<too long>"]
+    return out
 
 
 def test_lines_split_and_terminators() -> None:
@@ -52,6 +57,13 @@ def test_too_long_raises_before_newline_arrives() -> None:
     f.feed(b"12345")
     with pytest.raises(LineTooLong):
         f.feed(b"6789")
+
+
+def test_too_long_carries_the_lines_before_it() -> None:
+    f = LineFramer(4)
+    with pytest.raises(LineTooLong) as info:
+        f.feed(b"1\n22\n333333\n4\n")
+    assert info.value.lines == [b"1", b"22"]
 
 
 def test_exact_limit_is_allowed_with_crlf() -> None:
@@ -72,16 +84,9 @@ def test_exact_limit_is_allowed_with_crlf() -> None:
 def test_any_split_gives_the_same_lines_or_the_same_error(
     data: bytes, cuts: list[int], limit: int
 ) -> None:
-    whole = feed_all(LineFramer(limit), [data])
-    split = feed_all(LineFramer(limit), split_at(data, cuts))
     expected = reference(data, limit)
-    if expected == "too long":
-        assert whole == "too long"
-        assert split == "too long"
-    else:
-        assert whole == expected
-        # a split stream may only fail early on a line that is too long in the end
-        assert split == expected
+    assert feed_all(LineFramer(limit), [data]) == expected
+    assert feed_all(LineFramer(limit), split_at(data, cuts)) == expected
 
 
 @given(st.lists(st.binary(max_size=5), max_size=200))

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from balancer.config import (
-    AdminConfig,
     Config,
     ConfigError,
     load_config,
     parse_address,
+    parse_admin,
 )
 
 log = logging.getLogger("balancer")
@@ -100,7 +100,9 @@ def build_config(args: argparse.Namespace) -> Config:
         svc = services[0]
         host, port = svc.listen_host, svc.listen_port
         if args.listen is not None:
-            host, port = parse_address(args.listen, where="--listen", source="command line")
+            host, port = parse_address(
+                args.listen, where="--listen", source="command line", allow_port_zero=True
+            )
         if args.port is not None:
             if not 0 <= args.port <= 65535:
                 raise ConfigError(
@@ -122,11 +124,8 @@ def build_config(args: argparse.Namespace) -> Config:
         ]
     admin = config.admin
     if args.admin is not None:
-        if args.admin.lower() == "off":
-            admin = dataclasses.replace(admin, enabled=False)
-        else:
-            host, port = parse_address(args.admin, where="--admin", source="command line")
-            admin = AdminConfig(host=host, port=port, enabled=True, token=admin.token)
+        parsed = parse_admin(args.admin, where="--admin", source="command line")
+        admin = dataclasses.replace(parsed, token=admin.token)
     changes: dict[str, object] = {"services": tuple(services), "admin": admin}
     if args.access_log:
         changes["access_log"] = True
@@ -197,10 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = importlib.import_module("balancer.client")
     service = importlib.import_module("balancer.service")
-    try:
-        demo = importlib.import_module("balancer.demo")
-    except ImportError:
-        return parser
 
     svc = sub.add_parser("service", help="run the sample backend service")
     service.add_arguments(svc)
@@ -210,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_arguments(cli)
     cli.set_defaults(func=client.run)
 
+    try:
+        demo = importlib.import_module("balancer.demo")
+    except ImportError:
+        return parser
     dem = sub.add_parser(
         "demo", help="the tutorial's scenario: 4 services, the balancer, the client, a report"
     )

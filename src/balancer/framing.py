@@ -5,7 +5,8 @@ line (terminator `\n` removed, and a `\r` before it). Only the newly fed bytes
 are searched for a newline, so the cost is O(n) however the stream is split.
 A line longer than `max_line` bytes (terminator excluded) raises `LineTooLong`
 as soon as it is known to be too long, even before its newline arrives, so a
-peer cannot make the buffer grow without bound.
+peer cannot make the buffer grow without bound; the error carries the
+complete lines that preceded the long one, so they can still be answered.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ class FramingError(Exception):
 
 
 class LineTooLong(FramingError):
-    def __init__(self, limit: int) -> None:
+    """A line over the limit; `lines` holds the complete lines that came before it."""
+
+    def __init__(self, limit: int, lines: list[bytes] | None = None) -> None:
         self.limit = limit
+        self.lines = lines if lines is not None else []
         super().__init__(f"line longer than {limit} bytes")
 
 
@@ -54,10 +58,10 @@ class LineFramer:
                 line = line[:-1]
                 lines[i] = line
             if len(line) > limit:
-                raise LineTooLong(limit)
+                raise LineTooLong(limit, lines[:i])
         if rest:
             if len(rest) > limit + 1 or (len(rest) > limit and not rest.endswith(b"\r")):
-                raise LineTooLong(limit)
+                raise LineTooLong(limit, lines)
             self._buf = bytearray(rest)
         return lines
 

@@ -94,6 +94,7 @@ class BackendConnection(asyncio.Protocol):
         self._error: str | None = None
         self._eof = False
         self.scheduled = False
+        self.usable = True
 
     # -- sending ------------------------------------------------------------
     def enqueue(self, req: Request) -> None:
@@ -152,6 +153,7 @@ class BackendConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
+        self.usable = False
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -165,6 +167,7 @@ class BackendConnection(asyncio.Protocol):
         self.channel.connection_closed(self, self._error, stale=self._eof and self.served > 0)
 
     def _fail(self, reason: str) -> None:
+        self.usable = False
         if self._error is None:
             self._error = reason
         if self.transport is not None:
@@ -203,18 +206,23 @@ class BackendChannel:
         best: BackendConnection | None = None
         best_n = 1 << 30
         for conn in conns:
+            if not conn.usable:
+                continue
             n = len(conn.pending)
             if n < best_n:
                 best, best_n = conn, n
                 if n == 0:
                     break
-        if best is None or (best_n > 0 and len(conns) < self.max_connections):
+        if best is None or (best_n > 0 and self._usable_count() < self.max_connections):
             best = self._open()
         elif best_n > 0 and self.raw:
             self.waiting.append(req)
             return None
         best.enqueue(req)
         return best
+
+    def _usable_count(self) -> int:
+        return sum(1 for c in self.connections if c.usable)
 
     def _open(self) -> BackendConnection:
         conn = BackendConnection(self)
@@ -261,21 +269,24 @@ class BackendChannel:
             return
         service = self.service
         backend = self.backend
-        if failed:
-            backend.in_flight -= len(failed)
-            backend.failures += len(failed)
         if not stale:
             # a fresh connection failing, or a reset: the backend is in trouble
-            service.pool.mark_down(backend, error or "connection failed")
             failed.extend(self.waiting)
             self.waiting.clear()
+            backend.in_flight -= len(failed)
+            backend.failures += len(failed)
+            service.pool.mark_down(backend, error or "connection failed")
+            service.retry(failed, backend)
         elif failed:
+            # A kept-alive connection closed by the backend after serving: the
+            # requests it held may go to the same backend again, on a new connection.
             log.info(
                 "backend %s closed a kept-alive connection with %d request(s) on it; re-sending",
                 backend.address,
                 len(failed),
             )
-        service.retry(failed, backend)
+            backend.in_flight -= len(failed)
+            service.retry(failed, backend, exclude=False)
 
     def close(self) -> None:
         self.retired = True
@@ -377,7 +388,9 @@ class ClientSession(asyncio.Protocol):
     def _lines(self, data: bytes) -> None:
         try:
             lines = self.framer.feed(data)
-        except LineTooLong:
+        except LineTooLong as exc:
+            if exc.lines:
+                self.service.dispatch_batch(self, exc.lines)
             self._too_long()
             return
         if lines:
@@ -592,7 +605,7 @@ class MessageService:
             for session in dirty:
                 session.try_flush()
 
-    def retry(self, failed: list[Request], failed_backend: Backend) -> None:
+    def retry(self, failed: list[Request], failed_backend: Backend, exclude: bool = True) -> None:
         """Re-send requests a backend failed to answer, each to a backend it has not tried."""
         if not failed:
             return
@@ -600,12 +613,14 @@ class MessageService:
         finish = self.policy_finish
         now = self.loop.time()
         for req in failed:
-            if finish is not None:
+            if finish is not None and exclude:
                 finish(failed_backend, now - req.started, False)
             session = req.session
             if session.transport is None:
                 continue  # the client is gone; nobody waits for this reply
-            if req.tried is None:
+            if not exclude:
+                pass
+            elif req.tried is None:
                 req.tried = [failed_backend]
             else:
                 req.tried.append(failed_backend)
@@ -613,7 +628,7 @@ class MessageService:
             backend = None
             if req.attempts <= self.config.retries:
                 backend = self.pool.pick(
-                    req.payload if self.hash_by_message else session.peer_key, req.tried
+                    req.payload if self.hash_by_message else session.peer_key, req.tried or ()
                 )
             if backend is None:
                 self.not_available += 1
