@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from balancer.accesslog import AccessLog
-from balancer.config import Config, ServiceConfig
+from balancer.config import BackendConfig, Config, ServiceConfig
 from balancer.health import HealthChecker
 from balancer.metrics import LatencyHistogram
-from balancer.pool import BackendPool
+from balancer.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
 
 if TYPE_CHECKING:
     from balancer.admin import AdminServer
@@ -66,6 +66,18 @@ def build_proxy(
     from balancer.proxy.message import MessageService
 
     return MessageService(config, pool, histogram=histogram, access_log=access_log)
+
+
+class RuntimeChangeError(Exception):
+    """A runtime change that cannot be made; `status` is the HTTP status that fits."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+ADMIN_STATES = {"up": READY, "ready": READY, "drain": DRAIN, "maint": MAINT}
 
 
 class Server:
@@ -122,6 +134,96 @@ class Server:
                 host, port = self.admin_address
                 log.info("admin listening on http://%s:%d", host, port)
         log.info("balancer ready")
+
+    # -- runtime changes (admin API, reload) ------------------------------------
+    def runtime(self, service: str) -> ServiceRuntime:
+        runtime = self.services.get(service)
+        if runtime is None:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise RuntimeChangeError(404, f"no service {service!r} (services: {known})")
+        return runtime
+
+    def backend(self, service: str, address: str) -> tuple[ServiceRuntime, Backend]:
+        runtime = self.runtime(service)
+        backend = runtime.pool.get(address)
+        if backend is None:
+            known = ", ".join(b.address for b in runtime.pool) or "none"
+            raise RuntimeChangeError(
+                404, f"service {service!r} has no backend {address!r} (backends: {known})"
+            )
+        return runtime, backend
+
+    def set_backend(
+        self, service: str, address: str, *, state: str | None = None, weight: int | None = None
+    ) -> Backend:
+        """Change a backend's admin state ("up", "drain", "maint") and/or weight, at once."""
+        runtime, backend = self.backend(service, address)
+        if state is not None and state not in ADMIN_STATES:
+            raise RuntimeChangeError(
+                400, f"invalid state {state!r}: expected one of up, drain, maint"
+            )
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, int) or weight < 0
+        ):
+            raise RuntimeChangeError(400, f"invalid weight {weight!r}: expected an integer >= 0")
+        if state is not None:
+            new = ADMIN_STATES[state]
+            if new != backend.admin_state:
+                log.warning(
+                    "backend %s of service %s: admin state %s -> %s",
+                    address,
+                    service,
+                    backend.admin_state,
+                    new,
+                )
+                backend.admin_state = new
+        if weight is not None and weight != backend.weight:
+            log.warning(
+                "backend %s of service %s: weight %d -> %d",
+                address,
+                service,
+                backend.weight,
+                weight,
+            )
+            backend.weight = weight
+        runtime.pool.refresh()
+        return backend
+
+    def add_backend(self, service: str, config: BackendConfig) -> Backend:
+        """Add a backend; it takes traffic once health checks pass (at once if they are off)."""
+        runtime = self.runtime(service)
+        if runtime.pool.get(config.address) is not None:
+            raise RuntimeChangeError(
+                409, f"service {service!r} already has backend {config.address!r}"
+            )
+        backend = runtime.pool.add(config)
+        if runtime.config.health.enabled:
+            backend.state = DOWN
+            backend.last_reason = "added; waiting for health checks"
+            runtime.pool.refresh()
+            runtime.checker.watch(backend)
+        log.warning("backend %s added to service %s", config.address, service)
+        return backend
+
+    async def remove_backend(
+        self, service: str, address: str, timeout: float | None = None
+    ) -> None:
+        """Stop sending new work to a backend, let it finish what it holds, then remove it."""
+        runtime, backend = self.backend(service, address)
+        backend.admin_state = DRAIN
+        runtime.pool.refresh()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.drain_timeout if timeout is None else timeout)
+        # in_flight is a plain counter bumped on the hot path; poll it rather than signal
+        while backend.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        runtime.checker.unwatch(backend)
+        if backend in runtime.pool.backends:
+            runtime.pool.remove(backend)
+        remove = getattr(runtime.proxy, "remove_backend", None)
+        if remove is not None:
+            remove(backend)
+        log.warning("backend %s removed from service %s", address, service)
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
