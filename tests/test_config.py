@@ -987,3 +987,16 @@ def test_any_valid_config_txt_loads_to_its_backends(
         "round_robin",
     )
     assert [(b.host, b.port, b.weight) for b in svc.backends] == [(h, p, 1) for h, p in pairs]
+
+
+def test_policy_options_are_checked_against_the_algorithm(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[services.a]\nlisten = "127.0.0.1:0"\nalgorithm = "consistent_hash"\n'
+        'backends = ["127.0.0.1:1"]\n[services.a.policy_options]\ntable_size = 100\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "p.toml: services.a.policy_options" in message
+    assert "table_size" in message

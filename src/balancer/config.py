@@ -525,6 +525,18 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
             )
         hash_balance_factor = factor
 
+    policy_options: dict[str, float] = {}
+    if t.has("policy_options"):
+        policy_options = _policy_options(
+            t.data["policy_options"], t.where("policy_options"), source
+        )
+    from balancer.policies import check_policy_options
+
+    try:
+        check_policy_options(algorithm, policy_options)
+    except ValueError as exc:
+        raise ConfigError(source, t.where("policy_options"), str(exc)) from None
+
     if not t.has("backends"):
         raise ConfigError(source, t.where("backends"), 'missing: expected a list of "host:port"')
     backends = _backends(t.data["backends"], t.where("backends"), source)
@@ -547,11 +559,7 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
         hash_key=hash_key,
         hash_balance_factor=hash_balance_factor,
         slow_start=t.number("slow_start", defaults.slow_start, minimum=0),
-        policy_options=(
-            _policy_options(t.data["policy_options"], t.where("policy_options"), source)
-            if t.has("policy_options")
-            else {}
-        ),
+        policy_options=policy_options,
         health=_health(t.data.get("health", {}), t.where("health"), source, mode),
     )
 

@@ -19,9 +19,11 @@ How it works:
   means lines; a first chunk without one, followed by a short quiet period,
   means raw (each read is one message, each reply is written unterminated),
   as the tutorial's original programs send.
-- Writes are coalesced: a burst of requests read in one `data_received`
-  goes out as one write per backend connection, and a burst of replies as
-  one write per client.
+- Writes are coalesced: everything queued for a connection during one turn
+  of the event loop (requests from all clients for a backend connection,
+  replies from all backends for a client) goes out as one write at the end
+  of that turn. A backend connection is added only when the open ones each
+  carry several requests, so requests share connections and writes.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ RAW_QUIET_PERIOD = 0.05
 MAX_PENDING_PER_CLIENT = 4096
 """A client with this many unanswered requests is paused until replies drain."""
 BACKEND_MAX_REPLY = 16 * 1024 * 1024
+PIPELINE_OPEN_THRESHOLD = 8
 
 _UNDETECTED = 0
 _LINE = 1
@@ -195,6 +198,9 @@ class BackendChannel:
         self.backend = backend
         self.raw = service.config.backend_framing == "raw"
         self.max_connections = max(1, service.config.backend_connections)
+        # Line framing pipelines: a new connection is opened only when every open one
+        # already carries this many requests (fewer connections, bigger writes).
+        self.open_threshold = 1 if self.raw else PIPELINE_OPEN_THRESHOLD
         self.connections: list[BackendConnection] = []
         # raw framing: requests waiting for a free connection
         self.waiting: deque[Request] = deque()
@@ -213,7 +219,9 @@ class BackendChannel:
                 best, best_n = conn, n
                 if n == 0:
                     break
-        if best is None or (best_n > 0 and self._usable_count() < self.max_connections):
+        if best is None or (
+            best_n >= self.open_threshold and self._usable_count() < self.max_connections
+        ):
             best = self._open()
         elif best_n > 0 and self.raw:
             self.waiting.append(req)
@@ -510,6 +518,8 @@ class MessageService:
         self.loop = asyncio.get_running_loop()
         self.sessions: set[ClientSession] = set()
         self.dirty_sessions: list[ClientSession] = []
+        self.dirty_conns: list[BackendConnection] = []
+        self._flush_scheduled = False
         self.channels: dict[Backend, BackendChannel] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.Server] = []
@@ -569,7 +579,7 @@ class MessageService:
         start_hook = self.policy_start
         hash_message = self.hash_by_message
         now = self.loop.time()
-        touched: list[BackendConnection] = []
+        dirty = self.dirty_conns
         pending = session.pending
         channels = self.channels
         key = session.peer_key
@@ -592,24 +602,36 @@ class MessageService:
             conn = ch.send(req)
             if conn is not None and not conn.scheduled:
                 conn.scheduled = True
-                touched.append(conn)
-        for conn in touched:
-            conn.scheduled = False
-            conn.flush()
-        self.flush_sessions()
+                dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_all)
 
     def flush_sessions(self) -> None:
-        dirty = self.dirty_sessions
-        if dirty:
+        """Ask for the replies made ready to be written at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        """Write everything queued in this loop iteration: one write per connection."""
+        self._flush_scheduled = False
+        conns = self.dirty_conns
+        if conns:
+            self.dirty_conns = []
+            for conn in conns:
+                conn.scheduled = False
+                conn.flush()
+        sessions = self.dirty_sessions
+        if sessions:
             self.dirty_sessions = []
-            for session in dirty:
+            for session in sessions:
                 session.try_flush()
 
     def retry(self, failed: list[Request], failed_backend: Backend, exclude: bool = True) -> None:
         """Re-send requests a backend failed to answer, each to a backend it has not tried."""
         if not failed:
             return
-        touched: list[BackendConnection] = []
         finish = self.policy_finish
         now = self.loop.time()
         for req in failed:
@@ -639,10 +661,9 @@ class MessageService:
             if self.policy_start is not None:
                 self.policy_start(backend)
             conn = self.channel(backend).send(req)
-            if conn is not None and conn not in touched:
-                touched.append(conn)
-        for conn in touched:
-            conn.flush()
+            if conn is not None and not conn.scheduled:
+                conn.scheduled = True
+                self.dirty_conns.append(conn)
         self.flush_sessions()
 
     # -- lifecycle ------------------------------------------------------------
