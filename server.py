@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 from balancer.cli import run_server, setup_logging
-from balancer.config import ConfigError, load_config
+from balancer.config import AdminConfig, Config, ConfigError, load_config, parse_admin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,29 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.refreshRate <= 0:
         log.error("invalid -refreshRate %r: expected a positive number", args.refreshRate)
         return 2
-    try:
-        config = load_config(path, default_listen=f"localhost:{args.p}")
-    except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        return 2
-    services = tuple(
-        dataclasses.replace(
-            s,
-            health=dataclasses.replace(s.health, interval=args.refreshRate, rise=1, fall=1),
-        )
-        for s in config.services
-    )
-    admin = config.admin
+    admin: AdminConfig | None = None
     if args.admin is not None:
-        from balancer.config import parse_admin
-
         try:
             admin = parse_admin(args.admin, where="-admin", source="command line")
         except ConfigError as exc:
             log.error("invalid -admin: %s", exc)
             return 2
-    config = dataclasses.replace(config, services=services, admin=admin, access_log=True)
-    return run_server(config)
+
+    def read() -> Config:
+        """The config file, with the tutorial's health settings and the access log on."""
+        config = load_config(path, default_listen=f"localhost:{args.p}")
+        services = tuple(
+            dataclasses.replace(
+                s,
+                health=dataclasses.replace(s.health, interval=args.refreshRate, rise=1, fall=1),
+            )
+            for s in config.services
+        )
+        return dataclasses.replace(
+            config,
+            services=services,
+            admin=admin if admin is not None else config.admin,
+            access_log=True,
+        )
+
+    try:
+        config = read()
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    return run_server(config, read)
 
 
 if __name__ == "__main__":

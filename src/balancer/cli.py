@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from balancer.config import (
     Config,
@@ -59,6 +59,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, metavar="SECONDS")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines (and the access log) as text or as JSON objects (default: text)",
     )
 
 
@@ -135,7 +141,7 @@ def build_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
-def run_server(config: Config) -> int:
+def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
     from balancer.loops import loop_factory, loop_name
     from balancer.server import Server
 
@@ -146,20 +152,24 @@ def run_server(config: Config) -> int:
             config.source,
             loop_name(),
         )
-        return await Server(config).run()
+        return await Server(config, reader).run()
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    from balancer.admin import check_admin_security
+    from balancer.logs import setup_logging as setup_log_output
+
+    setup_log_output(args.log_level, args.log_format)
     try:
         config = build_config(args)
+        check_admin_security(config.admin)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    return run_server(config)
+    return run_server(config, lambda: build_config(args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -204,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli = sub.add_parser("client", help="run the load-generating client")
     client.add_arguments(cli)
     cli.set_defaults(func=client.run)
+
+    status = importlib.import_module("balancer.status")
+    st = sub.add_parser("status", help="show a running balancer's services and backends")
+    status.add_arguments(st)
+    st.set_defaults(func=status.run)
 
     try:
         demo = importlib.import_module("balancer.demo")

@@ -57,6 +57,20 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class OutlierConfig:
+    """Passive health: failures seen on live traffic eject a backend for a while (as Envoy)."""
+
+    consecutive_failures: int = 1
+    """Failed connections or requests in a row that eject a backend."""
+    base_ejection_time: float = 2.0
+    """Ejection time for a first offence; it doubles with every repeat, up to the maximum."""
+    max_ejection_time: float = 60.0
+    max_ejection_percent: float = 50.0
+    """Never eject more than this share of a service's backends through outlier detection."""
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     host: str
     port: int
@@ -89,6 +103,27 @@ class ServiceConfig:
     hash_balance_factor: float = 0.0
     slow_start: float = 0.0
     policy_options: dict[str, float] = field(default_factory=dict)
+    client_timeout: float = 300.0
+    """Message mode: a client connection idle this long (no request pending) is closed; 0 = off."""
+    idle_timeout: float = 0.0
+    """Tcp mode: a relayed connection with no bytes either way this long is closed; 0 = off."""
+    max_connections: int = 0
+    """Client connections accepted at once; beyond it new ones are refused. 0 = unlimited."""
+    max_backend_connections: int = 0
+    """Tcp mode: relayed connections per backend at once; 0 = unlimited."""
+    connect_buffer: int = 256 * 1024
+    """Tcp mode: client bytes held while the backend connection is being made."""
+    max_backend_requests: int = 0
+    """Message mode: requests in flight per backend; beyond it requests queue. 0 = unlimited."""
+    queue_size: int = 1024
+    """Message mode: requests waiting for a backend below its limit; beyond it: an error reply."""
+    queue_timeout: float = 5.0
+    """Message mode: a queued request waiting longer gets an error reply."""
+    retry_budget_percent: float = 20.0
+    """Retries over the last 10 s may be at most this share of the requests in that time ..."""
+    retry_budget_min: int = 10
+    """... or this many per second, whichever is larger (a retry budget as Finagle's)."""
+    outlier: OutlierConfig = field(default_factory=lambda: OutlierConfig())
     health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
@@ -113,6 +148,8 @@ class Config:
     services: tuple[ServiceConfig, ...]
     admin: AdminConfig = field(default_factory=AdminConfig)
     drain_timeout: float = 10.0
+    drain_close_window: float = 1.0
+    """Idle client connections are closed spread over this many seconds on a stop."""
     access_log: bool = False
     source: str = "<built-in>"
     """Path of the file this config was read from (used by reload)."""
@@ -149,7 +186,7 @@ HASH_KEYS = ("source", "message")
 DEFAULT_SERVICE_NAME = "default"
 DEFAULT_LISTEN = "localhost:8080"
 
-_TOP_KEYS = ("drain_timeout", "access_log", "admin", "services")
+_TOP_KEYS = ("drain_timeout", "drain_close_window", "access_log", "admin", "services")
 _ADMIN_KEYS = ("listen", "token", "enabled")
 _SERVICE_KEYS = (
     "listen",
@@ -165,8 +202,26 @@ _SERVICE_KEYS = (
     "hash_balance_factor",
     "slow_start",
     "policy_options",
+    "client_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_backend_connections",
+    "connect_buffer",
+    "max_backend_requests",
+    "queue_size",
+    "queue_timeout",
+    "retry_budget_percent",
+    "retry_budget_min",
     "backends",
     "health",
+    "outlier",
+)
+_OUTLIER_KEYS = (
+    "consecutive_failures",
+    "base_ejection_time",
+    "max_ejection_time",
+    "max_ejection_percent",
+    "enabled",
 )
 _HEALTH_KEYS = ("interval", "timeout", "rise", "fall", "jitter", "send", "expect", "enabled")
 _BACKEND_KEYS = ("address", "weight")
@@ -475,6 +530,27 @@ def _policy_options(value: object, where: str, source: str) -> dict[str, float]:
     return options
 
 
+def _outlier(data: object, path: str, source: str) -> OutlierConfig:
+    t = _Table(data, path, source, _OUTLIER_KEYS, what="a table of outlier detection settings")
+    d = OutlierConfig()
+    base = t.number("base_ejection_time", d.base_ejection_time, above=0)
+    longest = t.number("max_ejection_time", max(d.max_ejection_time, base), above=0)
+    if longest < base:
+        raise t.error(
+            "max_ejection_time",
+            f"expected a number >= base_ejection_time ({base:g}), got {longest:g}",
+        )
+    return OutlierConfig(
+        consecutive_failures=t.integer("consecutive_failures", d.consecutive_failures, minimum=1),
+        base_ejection_time=base,
+        max_ejection_time=longest,
+        max_ejection_percent=t.number(
+            "max_ejection_percent", d.max_ejection_percent, minimum=0, maximum=100
+        ),
+        enabled=t.boolean("enabled", d.enabled),
+    )
+
+
 def _service(name: str, data: object, source: str, default_listen: str) -> ServiceConfig:
     from balancer.policies import POLICIES
 
@@ -560,6 +636,23 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
         hash_balance_factor=hash_balance_factor,
         slow_start=t.number("slow_start", defaults.slow_start, minimum=0),
         policy_options=policy_options,
+        client_timeout=t.number("client_timeout", defaults.client_timeout, minimum=0),
+        idle_timeout=t.number("idle_timeout", defaults.idle_timeout, minimum=0),
+        max_connections=t.integer("max_connections", defaults.max_connections, minimum=0),
+        max_backend_connections=t.integer(
+            "max_backend_connections", defaults.max_backend_connections, minimum=0
+        ),
+        connect_buffer=t.integer("connect_buffer", defaults.connect_buffer, minimum=1),
+        max_backend_requests=t.integer(
+            "max_backend_requests", defaults.max_backend_requests, minimum=0
+        ),
+        queue_size=t.integer("queue_size", defaults.queue_size, minimum=0),
+        queue_timeout=t.number("queue_timeout", defaults.queue_timeout, above=0),
+        retry_budget_percent=t.number(
+            "retry_budget_percent", defaults.retry_budget_percent, minimum=0, maximum=100
+        ),
+        retry_budget_min=t.integer("retry_budget_min", defaults.retry_budget_min, minimum=0),
+        outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), source),
         health=_health(t.data.get("health", {}), t.where("health"), source, mode),
     )
 
@@ -641,6 +734,7 @@ def _build(data: dict[str, Any], source: str, default_listen: str) -> Config:
         services=tuple(services),
         admin=admin,
         drain_timeout=top.number("drain_timeout", 10.0, minimum=0),
+        drain_close_window=top.number("drain_close_window", 1.0, minimum=0),
         access_log=top.boolean("access_log", False),
         source=source,
     )

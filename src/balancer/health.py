@@ -125,6 +125,8 @@ class HealthChecker:
     def _on_transition(self, backend: Backend, new: str, reason: str) -> None:
         # A passive mark-down (or a manual change) restarts the count from there.
         self._state(backend).reset()
+        if new == DOWN and not self.config.enabled and self.pool.ejection_left(backend) > 0:
+            self._readmit_later(backend)
 
     async def check(self, backend: Backend) -> ProbeResult:
         result = await probe(backend.host, backend.port, self.config, raw=self.raw)
@@ -148,6 +150,17 @@ class HealthChecker:
         for backend in self.pool:
             self.watch(backend)
 
+    def _readmit_later(self, backend: Backend) -> None:
+        """Without active checks, an ejected backend comes back when its time is up."""
+        delay = self.pool.ejection_left(backend)
+
+        def readmit() -> None:
+            if backend in self.pool.backends and backend.state == DOWN:
+                backend.consecutive_failures = 0
+                self.pool.mark_up(backend, "ejection time over (no active checks)")
+
+        asyncio.get_running_loop().call_later(delay, readmit)
+
     def watch(self, backend: Backend) -> None:
         if self.config.enabled and backend not in self._tasks:
             self._tasks[backend] = asyncio.create_task(
@@ -170,10 +183,24 @@ class HealthChecker:
                 continue
             result = await self.check(backend)
             transition = state.record(result.ok, backend.is_up)
+            if transition == UP and self.pool.ejection_left(backend) > 0:
+                continue  # ejected by outlier detection: checks count, readmission waits
             if transition == UP:
+                backend.consecutive_failures = 0
                 self.pool.mark_up(backend, f"{state.successes} good check(s): {result.reason}")
             elif transition == DOWN:
                 self.pool.mark_down(backend, f"{state.failures} failed check(s): {result.reason}")
+
+    def reconfigure(self) -> None:
+        """Pick up changed health settings: restart every probe loop with them."""
+        self.config = self.pool.service.health
+        self.raw = self.pool.service.backend_framing == "raw"
+        for backend in list(self._tasks):
+            self.unwatch(backend)
+        for backend in self.pool:
+            self._state(backend).rise = self.config.rise
+            self._state(backend).fall = self.config.fall
+        self.start()
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

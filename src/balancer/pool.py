@@ -37,6 +37,9 @@ class Backend:
         "bytes_out",
         "config",
         "connect_failures",
+        "consecutive_failures",
+        "ejected_until",
+        "ejections",
         "failures",
         "host",
         "in_flight",
@@ -76,6 +79,10 @@ class Backend:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connect_failures = 0
+        # outlier detection
+        self.consecutive_failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
 
     @property
     def address(self) -> str:
@@ -182,6 +189,55 @@ class BackendPool:
         self.refresh()
         for hook in self.on_transition:
             hook(backend, UP, reason)
+
+    # -- outlier detection (passive health) -------------------------------------
+    def report_failure(self, backend: Backend, reason: str) -> bool:
+        """A failure seen on live traffic; returns True when it ejected the backend.
+
+        After `consecutive_failures` in a row the backend is ejected (marked down)
+        for `base_ejection_time`, doubled for every recent repeat up to
+        `max_ejection_time`, unless that would eject more than
+        `max_ejection_percent` of the backends. The active checker readmits it
+        once the ejection time has passed and its checks pass.
+        """
+        backend.consecutive_failures += 1
+        outlier = self.service.outlier
+        if backend.state == DOWN:
+            return False
+        if not outlier.enabled:
+            self.mark_down(backend, reason)
+            return True
+        if backend.consecutive_failures < outlier.consecutive_failures:
+            return False
+        now = time.monotonic()
+        n = len(self.backends)
+        ejected = sum(1 for b in self.backends if b.state == DOWN and b.ejected_until > now)
+        limit = max(1.0, n * outlier.max_ejection_percent / 100.0)
+        if ejected + 1 > limit:
+            log.warning(
+                "backend %s of service %s not ejected (%s): %d of %d backends already "
+                "ejected, max_ejection_percent %g",
+                backend.address,
+                self.service.name,
+                reason,
+                ejected,
+                n,
+                outlier.max_ejection_percent,
+            )
+            return False
+        if backend.ejected_until and now - backend.ejected_until > 10 * outlier.max_ejection_time:
+            backend.ejections = 0  # a long good spell forgives earlier offences
+        backend.ejections += 1
+        duration = min(
+            outlier.base_ejection_time * (2 ** (backend.ejections - 1)), outlier.max_ejection_time
+        )
+        backend.ejected_until = now + duration
+        self.mark_down(backend, f"{reason} (ejected for {duration:g}s)")
+        return True
+
+    def ejection_left(self, backend: Backend) -> float:
+        """Seconds until an ejected backend may be readmitted (0 when not ejected)."""
+        return max(0.0, backend.ejected_until - time.monotonic())
 
     def add(self, config: BackendConfig) -> Backend:
         backend = Backend(config, len(self.backends), self.service.slow_start)

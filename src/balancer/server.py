@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -68,6 +70,12 @@ def build_proxy(
     return MessageService(config, pool, histogram=histogram, access_log=access_log)
 
 
+def configure_proxy(proxy: Proxy, config: Config) -> None:
+    """Settings of the whole process a proxy needs."""
+    if hasattr(proxy, "drain_close_window"):
+        proxy.drain_close_window = config.drain_close_window
+
+
 class RuntimeChangeError(Exception):
     """A runtime change that cannot be made; `status` is the HTTP status that fits."""
 
@@ -83,9 +91,12 @@ ADMIN_STATES = {"up": READY, "ready": READY, "drain": DRAIN, "maint": MAINT}
 class Server:
     """Runs every service of a `Config` in one event loop, plus the admin endpoint."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reader = reader
+        """Re-reads the config for a reload (the CLI's overrides applied again)."""
         self.services: dict[str, ServiceRuntime] = {}
+        self.retired: set[asyncio.Task[None]] = set()
         self.admin: AdminServer | None = None
         self.admin_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
@@ -96,6 +107,7 @@ class Server:
         histogram = LatencyHistogram()
         access_log = AccessLog(svc.name) if self.config.access_log else None
         proxy = build_proxy(svc, pool, histogram, access_log)
+        configure_proxy(proxy, self.config)
         checker = HealthChecker(pool)
         runtime = ServiceRuntime(svc, pool, proxy, checker, histogram, access_log)
         await checker.initial_round()
@@ -225,6 +237,137 @@ class Server:
             remove(backend)
         log.warning("backend %s removed from service %s", address, service)
 
+    # -- reload -------------------------------------------------------------------
+    def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config.source)
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self.retired.add(task)
+        task.add_done_callback(self.retired.discard)
+
+    async def _reload_logged(self) -> None:
+        with contextlib.suppress(RuntimeChangeError):
+            await self.reload()
+
+    def read_config(self) -> Config:
+        if self.reader is not None:
+            return self.reader()
+        from balancer.config import load_config
+
+        return load_config(self.config.source)
+
+    async def reload(self) -> None:
+        """Re-read the config and apply it without dropping connections.
+
+        Services are added, removed (after draining) or changed in place;
+        within a service, backends are added (health-checked first), removed
+        (after finishing what they hold) or re-weighted. A service whose
+        listen address or mode changed gets a new listener while the old one
+        drains. An invalid config is rejected with its error, and the running
+        one is kept.
+        """
+        from balancer.config import ConfigError
+
+        if self.stopping:
+            raise RuntimeChangeError(409, "the balancer is stopping")
+        try:
+            new = self.read_config()
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running config: %s", exc)
+            raise RuntimeChangeError(400, str(exc)) from None
+        old = self.config
+        if new.admin != old.admin:
+            log.warning("reload: admin settings changed; they take effect on restart")
+            new = dataclasses.replace(new, admin=old.admin)
+        new_names = {s.name for s in new.services}
+        for name in [n for n in self.services if n not in new_names]:
+            self._retire_service(self.services.pop(name), "removed from the config")
+        for svc in new.services:
+            runtime = self.services.get(svc.name)
+            if runtime is None:
+                self.services[svc.name] = await self._start_logged(svc)
+            elif (svc.listen_host, svc.listen_port, svc.mode) != (
+                runtime.config.listen_host,
+                runtime.config.listen_port,
+                runtime.config.mode,
+            ):
+                runtime.proxy.stop_accepting()
+                self._retire_service(runtime, "listen address or mode changed")
+                self.services[svc.name] = await self._start_logged(svc)
+            else:
+                self._update_service(runtime, svc)
+        self.config = dataclasses.replace(new, access_log=old.access_log)
+        log.info("reload done: %d service(s)", len(self.services))
+
+    async def _start_logged(self, svc: ServiceConfig) -> ServiceRuntime:
+        runtime = await self._start_service(svc)
+        log.info(
+            "service %s listening on %s (mode %s, algorithm %s)",
+            svc.name,
+            runtime.listen,
+            svc.mode,
+            svc.algorithm,
+        )
+        return runtime
+
+    def _retire_service(self, runtime: ServiceRuntime, why: str) -> None:
+        log.warning("service %s retired (%s); draining", runtime.config.name, why)
+        runtime.proxy.stop_accepting()
+
+        async def finish() -> None:
+            await runtime.proxy.drain(self.config.drain_timeout)
+            await runtime.checker.stop()
+            if runtime.access_log is not None:
+                runtime.access_log.flush()
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self.retired.add(task)
+        task.add_done_callback(self.retired.discard)
+
+    def _update_service(self, runtime: ServiceRuntime, svc: ServiceConfig) -> None:
+        from balancer.policies import make_policy
+
+        old = runtime.config
+        pool = runtime.pool
+        wanted = {b.address: b for b in svc.backends}
+        for backend in list(pool.backends):
+            if backend.address not in wanted:
+                task = asyncio.get_running_loop().create_task(
+                    self.remove_backend(svc.name, backend.address)
+                )
+                self.retired.add(task)
+                task.add_done_callback(self.retired.discard)
+        runtime.config = svc
+        pool.service = svc
+        for b in pool.backends:
+            b.slow_start = svc.slow_start
+        policy_changed = (old.algorithm, old.policy_options, old.hash_balance_factor) != (
+            svc.algorithm,
+            svc.policy_options,
+            svc.hash_balance_factor,
+        )
+        if policy_changed:
+            pool.policy = make_policy(svc)
+        reconfigure = getattr(runtime.proxy, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(svc)
+        if svc.health != old.health or svc.backend_framing != old.backend_framing:
+            runtime.checker.reconfigure()
+        for bc in svc.backends:
+            existing = pool.get(bc.address)
+            if existing is None:
+                self.add_backend(svc.name, bc)
+            elif existing.config.weight != bc.weight:
+                existing.config = bc
+                existing.weight = bc.weight
+        # config order for the status page and the policies
+        order = {b.address: i for i, b in enumerate(svc.backends)}
+        pool.backends.sort(key=lambda b: order.get(b.address, len(order)))
+        for i, b in enumerate(pool.backends):
+            b.index = i
+        pool.refresh()
+        if svc != old:
+            log.info("service %s updated", svc.name)
+
     def request_stop(self) -> None:
         if not self._stop.is_set():
             log.info("stop requested; draining")
@@ -239,6 +382,8 @@ class Server:
             runtime.proxy.stop_accepting()
         timeout = self.config.drain_timeout
         await asyncio.gather(*(r.proxy.drain(timeout) for r in self.services.values()))
+        if self.retired:
+            await asyncio.gather(*self.retired, return_exceptions=True)
         for runtime in self.services.values():
             await runtime.checker.stop()
             if runtime.access_log is not None:
@@ -267,12 +412,14 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             await self.start()
             await self.wait_stopped()
         finally:
             await self.shutdown()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
         log.info("balancer stopped")

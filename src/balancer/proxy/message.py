@@ -33,10 +33,11 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, cast
 
 from balancer.framing import LineFramer, LineTooLong
+from balancer.policies.base import Policy
 from balancer.pool import Backend, BackendPool
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ log = logging.getLogger("balancer")
 
 NOT_AVAILABLE = b"Server not available"
 LINE_TOO_LONG = b"Error: line too long"
+QUEUE_FULL = b"Error: server busy"
+QUEUE_TIMEOUT = b"Error: queue timeout"
+TOO_MANY_CONNECTIONS = b"Error: too many connections"
 RAW_QUIET_PERIOD = 0.05
 MAX_PENDING_PER_CLIENT = 4096
 """A client with this many unanswered requests is paused until replies drain."""
@@ -66,10 +70,49 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+RETRY_WINDOW = 10
+
+
+class RetryBudget:
+    """Requests and retries counted per second over the last RETRY_WINDOW seconds."""
+
+    __slots__ = ("requests", "retries", "second")
+
+    def __init__(self, now: float) -> None:
+        self.second = int(now)
+        self.requests = [0] * RETRY_WINDOW
+        self.retries = [0] * RETRY_WINDOW
+
+    def advance(self, now: float) -> None:
+        second = int(now)
+        steps = min(second - self.second, RETRY_WINDOW)
+        if steps > 0:
+            self.requests = self.requests[steps:] + [0] * steps
+            self.retries = self.retries[steps:] + [0] * steps
+            self.second = second
+
+    def requests_total(self) -> int:
+        return sum(self.requests)
+
+    def retries_total(self) -> int:
+        return sum(self.retries)
+
+
 class Request:
     """One request line on its way through the balancer."""
 
-    __slots__ = ("attempts", "backend", "payload", "reply", "session", "started", "tried")
+    __slots__ = (
+        "attempts",
+        "backend",
+        "is_retry",
+        "payload",
+        "queued_at",
+        "reply",
+        "sent",
+        "session",
+        "started",
+        "tried",
+    )
 
     def __init__(self, session: ClientSession, payload: bytes) -> None:
         self.session = session
@@ -79,6 +122,9 @@ class Request:
         self.tried: list[Backend] | None = None
         self.attempts = 0
         self.started = 0.0
+        self.sent = 0.0
+        self.queued_at = 0.0
+        self.is_retry = False
 
 
 class BackendConnection(asyncio.Protocol):
@@ -139,18 +185,25 @@ class BackendConnection(asyncio.Protocol):
                 return
         pending = self.pending
         backend = channel.backend
-        on_finish = channel.service.policy_finish
+        service = channel.service
+        on_finish = service.policy_finish
+        if replies:
+            backend.consecutive_failures = 0
         for reply in replies:
             req = pending.popleft()
             backend.in_flight -= 1
             backend.requests += 1
             self.served += 1
-            latency = now - req.started
+            if req.is_retry:
+                service.active_retries -= 1
             if on_finish is not None:
-                on_finish(backend, latency, True)
+                on_finish(backend, now - req.started, True)
             req.backend = backend
             req.session.complete(req, reply)
-        channel.service.flush_sessions()
+        service.in_flight -= len(replies)
+        if service.queue:
+            service.drain_queue()
+        service.flush_sessions()
         if self._raw and not pending:
             channel.connection_idle(self)
 
@@ -283,7 +336,7 @@ class BackendChannel:
             self.waiting.clear()
             backend.in_flight -= len(failed)
             backend.failures += len(failed)
-            service.pool.mark_down(backend, error or "connection failed")
+            service.pool.report_failure(backend, error or "connection failed")
             service.retry(failed, backend)
         elif failed:
             # A kept-alive connection closed by the backend after serving: the
@@ -304,7 +357,7 @@ class BackendChannel:
     def expire(self, now: float, timeout: float) -> None:
         """Fail connections whose oldest request waited longer than `timeout`."""
         for conn in list(self.connections):
-            if conn.pending and now - conn.pending[0].started > timeout:
+            if conn.pending and now - conn.pending[0].sent > timeout:
                 conn.abort(f"no reply within {timeout:g}s")
 
     def __repr__(self) -> str:
@@ -333,6 +386,7 @@ class ClientSession(asyncio.Protocol):
         self._paused_writing = False
         self._closing = False
         self._close_after_flush = False
+        self.last_active = service.loop.time()
 
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -342,13 +396,23 @@ class ClientSession(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
             self.peer_key = str(peer[0]).encode()
-        self.service.sessions.add(self)
-        if self.service.draining:
-            self.transport.close()
+        service = self.service
+        limit = service.config.max_connections
+        if service.draining:
+            transport.close()
+            return
+        if limit and len(service.sessions) >= limit:
+            service.refused += 1
+            self._closing = True
+            transport.write(TOO_MANY_CONNECTIONS + b"\n")
+            transport.close()
+            return
+        service.sessions.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self.last_active = self.service.loop.time()
         framing = self.framing
         if framing == _LINE:
             self._lines(data)
@@ -527,18 +591,31 @@ class MessageService:
         self.too_long = 0
         self.not_available = 0
         self.retries = 0
+        self.retries_over_budget = 0
         self.refused = 0
+        self.queue_full = 0
+        self.queue_timeouts = 0
+        self.idle_closed = 0
+        self.in_flight = 0
+        self.active_retries = 0
+        self.queue: deque[Request] = deque()
+        self.budget = RetryBudget(self.loop.time())
+        self.drain_close_window = 1.0
         self.hash_by_message = config.hash_key == "message"
         self.policy_start: Callable[[Backend], None] | None = None
         self.policy_finish: Callable[[Backend, float, bool], None] | None = None
-        policy = pool.policy
-        from balancer.policies.base import Policy
+        self._bind_policy_hooks()
+        self._sweeper: asyncio.TimerHandle | None = None
 
+    def _bind_policy_hooks(self) -> None:
+        """Call the policy's hooks only when it has them (most policies do not)."""
+        policy = self.pool.policy
+        self.policy_start = None
+        self.policy_finish = None
         if type(policy).on_start is not Policy.on_start:
             self.policy_start = policy.on_start
         if type(policy).on_finish is not Policy.on_finish:
             self.policy_finish = policy.on_finish
-        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def client_connections(self) -> int:
@@ -556,14 +633,35 @@ class MessageService:
         return str(addr[0]), int(addr[1])
 
     def _schedule_sweep(self) -> None:
-        period = max(0.05, min(1.0, self.config.response_timeout / 4))
-        self._sweeper = self.loop.call_later(period, self._sweep)
+        cfg = self.config
+        period = min(1.0, cfg.response_timeout / 4, cfg.queue_timeout / 4)
+        if cfg.client_timeout > 0:
+            period = min(period, cfg.client_timeout / 4)
+        self._sweeper = self.loop.call_later(max(0.02, period), self._sweep)
 
     def _sweep(self) -> None:
+        """Timeouts: backend replies, queued requests, idle clients."""
         now = self.loop.time()
-        timeout = self.config.response_timeout
+        cfg = self.config
+        self.budget.advance(now)
         for channel in list(self.channels.values()):
-            channel.expire(now, timeout)
+            channel.expire(now, cfg.response_timeout)
+        queue = self.queue
+        while queue and now - queue[0].queued_at > cfg.queue_timeout:
+            req = queue.popleft()
+            if req.is_retry:
+                req.is_retry = False
+                self.active_retries -= 1
+            self.queue_timeouts += 1
+            req.session.complete(req, QUEUE_TIMEOUT)
+        if cfg.client_timeout > 0:
+            limit = cfg.client_timeout
+            for session in [
+                s for s in self.sessions if not s.pending and now - s.last_active > limit
+            ]:
+                self.idle_closed += 1
+                session.close()
+        self.flush_sessions()
         self._schedule_sweep()
 
     def channel(self, backend: Backend) -> BackendChannel:
@@ -574,26 +672,37 @@ class MessageService:
 
     # -- request path ---------------------------------------------------------
     def dispatch_batch(self, session: ClientSession, payloads: list[bytes]) -> None:
-        pool = self.pool
-        pick = pool.policy.pick
+        pick = self.pool.policy.pick
         start_hook = self.policy_start
         hash_message = self.hash_by_message
+        limit = self.config.max_backend_requests
         now = self.loop.time()
         dirty = self.dirty_conns
         pending = session.pending
         channels = self.channels
         key = session.peer_key
+        self.budget.requests[-1] += len(payloads)
         for payload in payloads:
             req = Request(session, payload)
             req.started = now
+            req.sent = now
             pending.append(req)
+            if self.queue:
+                self._enqueue(req, now)  # keep arrival order behind those already waiting
+                continue
             backend = pick(payload if hash_message else key)
             if backend is None:
                 self.not_available += 1
                 session.complete(req, NOT_AVAILABLE)
                 continue
             assert isinstance(backend, Backend)
+            if limit and backend.in_flight >= limit:
+                backend = self._pick_below_limit(req, ())
+                if backend is None:
+                    self._enqueue(req, now)
+                    continue
             backend.in_flight += 1
+            self.in_flight += 1
             if start_hook is not None:
                 start_hook(backend)
             ch = channels.get(backend)
@@ -606,6 +715,61 @@ class MessageService:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_all)
+
+    def _pick_below_limit(self, req: Request, tried: Collection[Backend]) -> Backend | None:
+        """A backend with room under `max_backend_requests`, or None when all are full."""
+        limit = self.config.max_backend_requests
+        exclude: list[Backend] = list(tried)
+        key = req.payload if self.hash_by_message else req.session.peer_key
+        for _ in range(len(self.pool.backends)):
+            backend = self.pool.pick(key, exclude)
+            if backend is None:
+                return None
+            if not limit or backend.in_flight < limit:
+                return backend
+            exclude.append(backend)
+        return None
+
+    def _assign(self, req: Request, backend: Backend, now: float) -> None:
+        req.sent = now
+        backend.in_flight += 1
+        self.in_flight += 1
+        if self.policy_start is not None:
+            self.policy_start(backend)
+        conn = self.channel(backend).send(req)
+        if conn is not None and not conn.scheduled:
+            conn.scheduled = True
+            self.dirty_conns.append(conn)
+
+    def _enqueue(self, req: Request, now: float) -> None:
+        if len(self.queue) >= self.config.queue_size:
+            self.queue_full += 1
+            req.session.complete(req, QUEUE_FULL)
+            self.flush_sessions()
+            return
+        req.queued_at = now
+        self.queue.append(req)
+
+    def drain_queue(self) -> None:
+        """Hand queued requests to backends that have room again, in arrival order."""
+        queue = self.queue
+        now = self.loop.time()
+        while queue:
+            req = queue[0]
+            if req.session.transport is None or req.reply is not None:
+                queue.popleft()
+                continue
+            if not self.pool.any_eligible:
+                queue.popleft()
+                self.not_available += 1
+                req.session.complete(req, NOT_AVAILABLE)
+                continue
+            backend = self._pick_below_limit(req, req.tried or ())
+            if backend is None:
+                break
+            queue.popleft()
+            self._assign(req, backend, now)
+        self.flush_sessions()
 
     def flush_sessions(self) -> None:
         """Ask for the replies made ready to be written at the end of this loop iteration."""
@@ -628,42 +792,73 @@ class MessageService:
             for session in sessions:
                 session.try_flush()
 
+    def retry_allowed(self) -> bool:
+        """The retry budget: retries within a share of recent requests, plus a small floor.
+
+        Over a sliding window of RETRY_WINDOW seconds, retries may be at most
+        `retry_budget_percent` of the requests received, or `retry_budget_min`
+        per second, whichever allows more. A backend dying under load gets its
+        requests retried in full; a full outage cannot turn every request into
+        several.
+        """
+        budget = self.budget
+        budget.advance(self.loop.time())
+        cfg = self.config
+        allowed = max(
+            cfg.retry_budget_min * RETRY_WINDOW,
+            cfg.retry_budget_percent / 100.0 * budget.requests_total(),
+        )
+        if budget.retries_total() >= allowed:
+            return False
+        budget.retries[-1] += 1
+        return True
+
     def retry(self, failed: list[Request], failed_backend: Backend, exclude: bool = True) -> None:
         """Re-send requests a backend failed to answer, each to a backend it has not tried."""
         if not failed:
             return
         finish = self.policy_finish
         now = self.loop.time()
+        self.in_flight -= len(failed)
         for req in failed:
+            if req.is_retry:
+                req.is_retry = False
+                self.active_retries -= 1
             if finish is not None and exclude:
                 finish(failed_backend, now - req.started, False)
             session = req.session
             if session.transport is None:
                 continue  # the client is gone; nobody waits for this reply
-            if not exclude:
-                pass
-            elif req.tried is None:
-                req.tried = [failed_backend]
-            else:
-                req.tried.append(failed_backend)
+            if exclude:
+                if req.tried is None:
+                    req.tried = [failed_backend]
+                else:
+                    req.tried.append(failed_backend)
             req.attempts += 1
             backend = None
             if req.attempts <= self.config.retries:
-                backend = self.pool.pick(
-                    req.payload if self.hash_by_message else session.peer_key, req.tried or ()
-                )
+                if self.retry_allowed():
+                    backend = self._pick_below_limit(req, req.tried or ())
+                    if (
+                        backend is None
+                        and self.pool.any_eligible
+                        and self.config.max_backend_requests
+                    ):
+                        req.is_retry = True
+                        self.active_retries += 1
+                        self.retries += 1
+                        self._enqueue(req, now)
+                        continue
+                else:
+                    self.retries_over_budget += 1
             if backend is None:
                 self.not_available += 1
                 session.complete(req, NOT_AVAILABLE)
                 continue
             self.retries += 1
-            backend.in_flight += 1
-            if self.policy_start is not None:
-                self.policy_start(backend)
-            conn = self.channel(backend).send(req)
-            if conn is not None and not conn.scheduled:
-                conn.scheduled = True
-                self.dirty_conns.append(conn)
+            req.is_retry = True
+            self.active_retries += 1
+            self._assign(req, backend, now)
         self.flush_sessions()
 
     # -- lifecycle ------------------------------------------------------------
@@ -673,17 +868,34 @@ class MessageService:
             server.close()
 
     async def drain(self, timeout: float) -> None:
-        """Wait for in-flight requests to be answered, then close every connection."""
-        deadline = self.loop.time() + timeout
-        idle_closed: set[ClientSession] = set()
+        """Let in-flight requests be answered, then close every connection.
+
+        Idle client connections are closed spread over `drain_close_window`
+        rather than all at once, so clients do not all reconnect in the same
+        instant; busy ones are closed as soon as their last reply is written.
+        """
+        loop = self.loop
+        deadline = loop.time() + timeout
+        window = min(self.drain_close_window, timeout)
+        start = loop.time()
+        idle = [s for s in self.sessions if s.idle]
+        total = len(idle)
+        closed: set[ClientSession] = set()
         while True:
-            for session in list(self.sessions):
-                if session.idle and session not in idle_closed:
-                    idle_closed.add(session)
+            now = loop.time()
+            if total:
+                due = total if window <= 0 else int(total * min(1.0, (now - start) / window))
+                while len(closed) < due and idle:
+                    session = idle.pop()
+                    closed.add(session)
                     session.close()
-            if not self.sessions or self.loop.time() >= deadline:
+            for session in list(self.sessions):
+                if session not in closed and session.idle and session not in idle:
+                    closed.add(session)
+                    session.close()
+            if not self.sessions or now >= deadline:
                 break
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
         for session in list(self.sessions):
             session.close()
         self.close_backends()
@@ -693,6 +905,14 @@ class MessageService:
             self._sweeper.cancel()
         for channel in self.channels.values():
             channel.close()
+
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """New settings for this service (same listener and mode), from a reload."""
+        self.config = config
+        self.hash_by_message = config.hash_key == "message"
+        self._bind_policy_hooks()
+        for channel in self.channels.values():
+            channel.max_connections = max(1, config.backend_connections)
 
     def remove_backend(self, backend: Backend) -> None:
         ch = self.channels.pop(backend, None)
