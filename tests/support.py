@@ -189,12 +189,15 @@ class BalancerProc(Proc):
 def start_balancer(
     config: Path | str,
     *extra: str,
-    admin: bool = True,
+    admin: bool | str = True,
     cwd: Path | str | None = None,
     stdout_to: Path | None = None,
 ) -> BalancerProc:
+    """Start `balancer serve CONFIG`; admin True: on a free port, False: off, str: that address."""
     args = [PYTHON, "-m", "balancer", "serve", str(config), *extra]
-    if admin:
+    if isinstance(admin, str):
+        args += ["--admin", admin]
+    elif admin:
         args += ["--admin", "127.0.0.1:0"]
     else:
         args += ["--admin", "off"]

@@ -1,0 +1,138 @@
+"""The command line: config errors before anything listens, admin fallback, entry points."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    PYTHON,
+    ROOT,
+    LineClient,
+    Proc,
+    free_port,
+    reply_for,
+    start_balancer,
+    start_service,
+    write_toml,
+)
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "balancer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    cfg = write_toml(tmp_path / "good.toml", [8090, 8091])
+    result = run("check-config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "service numbers" in result.stdout
+    assert "OK" in result.stdout
+
+
+def test_check_config_names_file_key_and_expectation(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:1"]\n'
+        "[services.numbers.health]\nrise = -1\n"
+    )
+    result = run("check-config", str(cfg))
+    assert result.returncode == 2
+    assert "bad.toml: services.numbers.health.rise: expected a positive integer, got -1" in (
+        result.stderr
+    )
+
+
+def test_serve_with_a_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
+    port = free_port()
+    txt = tmp_path / "config.txt"
+    txt.write_text("localhost 8090\nlocalhost eighty\n")
+    result = run("serve", str(txt), "-p", str(port), "--admin", "off")
+    assert result.returncode == 2
+    assert "config.txt: line 2" in result.stderr
+    assert "listening" not in result.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_without_any_config_says_what_it_looked_for(tmp_path: Path) -> None:
+    result = run("serve", "--admin", "off", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.txt" in result.stderr
+
+
+def test_admin_port_taken_logs_a_warning_and_keeps_balancing(tmp_path: Path) -> None:
+    svc = start_service()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    cfg = write_toml(tmp_path / "b.toml", [svc.port])
+    bal = start_balancer(cfg, admin=f"127.0.0.1:{taken}")
+    try:
+        assert "admin endpoint not started" in bal.output()
+        c = LineClient(bal.port)
+        assert c.request("5") == reply_for(5)
+    finally:
+        bal.stop()
+        svc.stop()
+        blocker.close()
+
+
+def test_python_dash_m_balancer_and_the_console_script_agree() -> None:
+    a = subprocess.run(
+        [PYTHON, "-m", "balancer", "--help"], capture_output=True, text=True, check=True
+    )
+    script = Path(PYTHON).parent / "balancer"
+    b = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for command in ("serve", "service", "client", "check-config"):
+        assert command in a.stdout
+    assert a.stdout == b.stdout
+
+
+def test_root_server_py_rejects_a_bad_refresh_rate(tmp_path: Path) -> None:
+    (tmp_path / "config.txt").write_text("localhost 8090\n")
+    result = subprocess.run(
+        [PYTHON, str(ROOT / "server.py"), "-p", "0", "-refreshRate", "0", "-admin", "off"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "-refreshRate" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "txt"])
+def test_root_server_py_reads_the_tutorial_config_forms(tmp_path: Path, fmt: str) -> None:
+    svc = start_service()
+    if fmt == "json":
+        (tmp_path / "config.json").write_text(
+            json.dumps({"servers": [{"host": "127.0.0.1", "port": svc.port}]})
+        )
+    else:
+        (tmp_path / "config.txt").write_text(f"# the services\n\n127.0.0.1 {svc.port}\n")
+    port = free_port()
+    bal = Proc(
+        [PYTHON, str(ROOT / "server.py"), "-p", str(port), "-refreshRate", "1", "-admin", "off"],
+        cwd=tmp_path,
+    )
+    try:
+        bal.wait_for("balancer ready")
+        c = LineClient(port)
+        assert c.request("9") == reply_for(9)
+    finally:
+        bal.stop()
+        svc.stop()
