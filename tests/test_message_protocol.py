@@ -265,3 +265,24 @@ async def test_busy_backend_gets_more_connections_up_to_the_limit() -> None:
     assert len(conns) == 3
     assert sum(len(c.pending) for c, _ in conns) == 40
     assert min(len(c.pending) for c, _ in conns) >= 8
+
+
+async def test_drain_answers_accepted_requests_then_closes_and_takes_no_more() -> None:
+    service, opened = make_service(1)
+    busy, t_busy = client(service)
+    _idle, t_idle = client(service)
+    busy.data_received(b"1\n2\n")
+    await turn()
+    drain = asyncio.ensure_future(service.drain(5.0))
+    await turn()
+    busy.data_received(b"3\n")  # arrives after the stop: not accepted
+    await turn()
+    conn, t_backend = opened[9000][0]
+    assert t_backend.data() == b"1\n2\n"
+    assert t_busy.paused
+    conn.data_received(b"one\ntwo\n")
+    await asyncio.wait_for(drain, 5)
+    assert t_busy.data() == b"one\ntwo\n"
+    assert t_busy.closed
+    assert t_idle.closed
+    assert t_idle.data() == b""

@@ -555,6 +555,15 @@ class ClientSession(asyncio.Protocol):
     def idle(self) -> bool:
         return not self.pending
 
+    def begin_drain(self) -> None:
+        """Accept no more requests; close once the replies to those accepted are written."""
+        self._closing = True
+        self._cancel_raw_timer()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self.pending:
+            self._close_after_flush = True
+
     def close(self) -> None:
         self._closing = True
         if self.transport is not None:
@@ -878,21 +887,19 @@ class MessageService:
         deadline = loop.time() + timeout
         window = min(self.drain_close_window, timeout)
         start = loop.time()
+        for session in list(self.sessions):
+            session.begin_drain()
+        # busy sessions close themselves after their last reply (begin_drain)
         idle = [s for s in self.sessions if s.idle]
         total = len(idle)
-        closed: set[ClientSession] = set()
+        closed = 0
         while True:
             now = loop.time()
             if total:
                 due = total if window <= 0 else int(total * min(1.0, (now - start) / window))
-                while len(closed) < due and idle:
-                    session = idle.pop()
-                    closed.add(session)
-                    session.close()
-            for session in list(self.sessions):
-                if session not in closed and session.idle and session not in idle:
-                    closed.add(session)
-                    session.close()
+                while closed < due and idle:
+                    idle.pop().close()
+                    closed += 1
             if not self.sessions or now >= deadline:
                 break
             await asyncio.sleep(0.01)
