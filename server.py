@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
+from balancer.admin import check_admin_security
 from balancer.cli import run_server, setup_logging
 from balancer.config import AdminConfig, Config, ConfigError, load_config, parse_admin
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = read()
+        check_admin_security(config.admin)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2

@@ -26,8 +26,8 @@ ensure_venv() {
 }
 
 # Real peers for tests and benchmarks, from Debian packages.
-PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light)
-PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx)
+PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium)
+PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium)
 
 ensure_peers() {
     local missing=()

@@ -8,6 +8,7 @@ string format and a list append, not a system call.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from typing import IO, TYPE_CHECKING
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 
 
 class AccessLog:
+    default_format = "text"
+    """"text" or "json" (one object per line); set by `balancer.logs.setup_logging`."""
+
     def __init__(
         self,
         service: str,
@@ -24,8 +28,10 @@ class AccessLog:
         *,
         flush_interval: float = 0.5,
         max_buffer: int = 1 << 16,
+        fmt: str | None = None,
     ) -> None:
         self.service = service
+        self.json = (fmt or self.default_format) == "json"
         self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
@@ -49,10 +55,25 @@ class AccessLog:
         reply = req.reply or b""
         outcome = "ok" if req.backend is not None else reply.decode("utf-8", "replace")
         message = req.payload[:64].decode("utf-8", "backslashreplace")
-        line = (
-            f"{self._timestamp()} {self.service} {session.peer} -> {backend} "
-            f"{message!r} {duration_ms:.3f}ms {outcome}\n"
-        )
+        if self.json:
+            line = json.dumps(
+                {
+                    "ts": self._timestamp(),
+                    "service": self.service,
+                    "client": str(session.peer),
+                    "backend": backend,
+                    "message": message,
+                    "duration_ms": round(duration_ms, 3),
+                    "outcome": outcome,
+                },
+                ensure_ascii=False,
+            )
+            line += "\n"
+        else:
+            line = (
+                f"{self._timestamp()} {self.service} {session.peer} -> {backend} "
+                f"{message!r} {duration_ms:.3f}ms {outcome}\n"
+            )
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self.max_buffer:

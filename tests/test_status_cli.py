@@ -1,0 +1,126 @@
+"""`balancer status` and `serve --log-format json`, against real processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    PYTHON,
+    BalancerProc,
+    LineClient,
+    Proc,
+    ServiceProc,
+    free_port,
+    reply_for,
+    start_balancer,
+    start_service,
+    wait_until,
+    write_toml,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[tuple[BalancerProc, list[ServiceProc]]]:
+    services = [start_service() for _ in range(2)]
+    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])
+    bal = start_balancer(cfg)
+    yield bal, services
+    bal.stop()
+    for s in services:
+        s.stop()
+
+
+def status_cmd(*args: str) -> Proc:
+    proc = Proc([PYTHON, "-m", "balancer", "status", *args], env={"COLUMNS": "200"})
+    proc.wait(timeout=30)
+    return proc
+
+
+def test_status_table_lists_every_backend(
+    balancer: tuple[BalancerProc, list[ServiceProc]],
+) -> None:
+    bal, services = balancer
+    c = LineClient(bal.port)
+    for i in range(6):
+        assert c.request(str(i)) == reply_for(i)
+    c.close()
+    proc = status_cmd("--admin", f"127.0.0.1:{bal.admin_port}")
+    assert proc.popen.returncode == 0, proc.output()
+    out = proc.output()
+    for s in services:
+        row = next(line for line in out.splitlines() if f"127.0.0.1:{s.port}" in line)
+        assert "numbers" in row
+        assert " up " in row
+        assert " ready " in row
+        assert " 3 " in row  # requests
+    for header in ("backend", "state", "admin state", "weight", "in-flight", "last check"):
+        assert header in out
+
+
+def test_status_watch_json_follows_changes(
+    balancer: tuple[BalancerProc, list[ServiceProc]],
+) -> None:
+    bal, services = balancer
+    services[0].stop()
+    dead = f"127.0.0.1:{services[0].port}"
+
+    def state_of_dead() -> str:
+        state: str = next(
+            b["state"]
+            for b in bal.status()["services"]["numbers"]["backends"]
+            if b["address"] == dead
+        )
+        return state
+
+    wait_until(lambda: state_of_dead() == "down", what="dead backend down")
+    proc = status_cmd("--admin", f"127.0.0.1:{bal.admin_port}", "--watch", "--count", "2", "--json")
+    assert proc.popen.returncode == 0, proc.output()
+    docs = [json.loads(line) for line in proc.lines if line.startswith("{")]
+    assert len(docs) == 2
+    for doc in docs:
+        states = {b["address"]: b["state"] for b in doc["services"]["numbers"]["backends"]}
+        assert states[dead] == "down"
+        assert states[f"127.0.0.1:{services[1].port}"] == "up"
+
+
+def test_status_exits_1_when_admin_does_not_answer() -> None:
+    port = free_port()
+    proc = status_cmd("--admin", f"127.0.0.1:{port}")
+    assert proc.popen.returncode == 1
+    assert f"admin endpoint http://127.0.0.1:{port} does not answer" in proc.output()
+
+
+def test_json_logs_and_access_log(tmp_path: Path) -> None:
+    service = start_service()
+    cfg = write_toml(tmp_path / "b.toml", [service.port])
+    access = tmp_path / "access.log"
+    bal = start_balancer(cfg, "--log-format", "json", "--access-log", stdout_to=access)
+    try:
+        c = LineClient(bal.port)
+        assert c.request("7") == reply_for(7)
+        c.close()
+    finally:
+        bal.stop()
+        service.stop()
+    records = [json.loads(line) for line in bal.lines if line.strip()]
+    assert all({"ts", "level", "msg"} <= set(r) for r in records)
+    ready = next(r for r in records if r["msg"] == "balancer ready")
+    assert ready["level"] == "info"
+    assert ready["ts"].endswith("Z")
+    listening = next(r for r in records if r["msg"].startswith("service numbers listening"))
+    assert listening["args"][0] == "numbers"
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["service"] == "numbers"
+    assert entry["backend"] == f"127.0.0.1:{service.port}"
+    assert entry["client"].startswith("127.0.0.1:")
+    assert entry["outcome"] == "ok"
+    assert entry["message"] == "7"
+    assert entry["duration_ms"] >= 0
