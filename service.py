@@ -1,0 +1,13 @@
+"""Sample backend service, as in the tutorial: `python service.py -p 9090`."""
+
+import sys
+from pathlib import Path
+
+try:
+    from balancer.service import main
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    from balancer.service import main
+
+if __name__ == "__main__":
+    sys.exit(main())
