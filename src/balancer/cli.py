@@ -202,10 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
 
-    import importlib
-
-    client = importlib.import_module("balancer.client")
-    service = importlib.import_module("balancer.service")
+    # the tools are imported here so that `serve` does not load them
+    from balancer import client, demo, service, status
 
     svc = sub.add_parser("service", help="run the sample backend service")
     service.add_arguments(svc)
@@ -215,15 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_arguments(cli)
     cli.set_defaults(func=client.run)
 
-    status = importlib.import_module("balancer.status")
     st = sub.add_parser("status", help="show a running balancer's services and backends")
     status.add_arguments(st)
     st.set_defaults(func=status.run)
 
-    try:
-        demo = importlib.import_module("balancer.demo")
-    except ImportError:
-        return parser
     dem = sub.add_parser(
         "demo", help="the tutorial's scenario: 4 services, the balancer, the client, a report"
     )
