@@ -62,6 +62,7 @@ connect_timeout = 0.5
 response_timeout = 5
 backend_connections = 1
 hash_balance_factor = 1.25
+algorithm = "least_connections"
 slow_start = 30
 backends = ["[::1]:9000", { address = "127.0.0.1:9001", weight = 0 }]
 [services.raw.health]
@@ -129,6 +130,7 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                 response_timeout=5.0,
                 backend_connections=1,
                 hash_balance_factor=1.25,
+                algorithm="least_connections",
                 slow_start=30.0,
                 health=HealthConfig(interval=0.5, jitter=0.0, send=None, expect=None),
             ),
@@ -297,6 +299,7 @@ def test_json_services_form_equals_toml(tmp_path: Path) -> None:
                 "response_timeout": 5,
                 "backend_connections": 1,
                 "hash_balance_factor": 1.25,
+                "algorithm": "least_connections",
                 "slow_start": 30,
                 "backends": ["[::1]:9000", {"address": "127.0.0.1:9001", "weight": 0}],
                 "health": {"interval": 0.5, "jitter": 0},
@@ -1000,3 +1003,20 @@ def test_policy_options_are_checked_against_the_algorithm(tmp_path: Path) -> Non
     message = str(info.value)
     assert "p.toml: services.a.policy_options" in message
     assert "table_size" in message
+
+
+def test_slow_start_needs_a_weight_aware_algorithm(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[services.a]\nlisten = "127.0.0.1:0"\nslow_start = 5\nbackends = ["127.0.0.1:1"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "s.toml: services.a.slow_start: expected 0 with algorithm 'round_robin'" in str(
+        info.value
+    )
+    path.write_text(
+        '[services.a]\nlisten = "127.0.0.1:0"\nslow_start = 5\n'
+        'algorithm = "least_connections"\nbackends = ["127.0.0.1:1"]\n'
+    )
+    assert load_config(path).services[0].slow_start == 5

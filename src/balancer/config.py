@@ -601,6 +601,14 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
             )
         hash_balance_factor = factor
 
+    slow_start = t.number("slow_start", defaults.slow_start, minimum=0)
+    if slow_start > 0 and algorithm in ("round_robin", "consistent_hash"):
+        raise t.error(
+            "slow_start",
+            f"expected 0 with algorithm {algorithm!r}, which ignores weights; slow start needs "
+            "weighted_round_robin, least_connections, random, power_of_two or peak_ewma, "
+            f"got {_show(t.data['slow_start'])}",
+        )
     policy_options: dict[str, float] = {}
     if t.has("policy_options"):
         policy_options = _policy_options(
@@ -634,7 +642,7 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
         ),
         hash_key=hash_key,
         hash_balance_factor=hash_balance_factor,
-        slow_start=t.number("slow_start", defaults.slow_start, minimum=0),
+        slow_start=slow_start,
         policy_options=policy_options,
         client_timeout=t.number("client_timeout", defaults.client_timeout, minimum=0),
         idle_timeout=t.number("idle_timeout", defaults.idle_timeout, minimum=0),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections import deque
 from collections.abc import Callable, Collection
@@ -412,7 +413,6 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self.last_active = self.service.loop.time()
         framing = self.framing
         if framing == _LINE:
             self._lines(data)
@@ -532,6 +532,7 @@ class ClientSession(asyncio.Protocol):
         access = self.service.access_log
         hist = self.service.histogram
         now = self.service.loop.time()
+        self.last_active = now
         while pending and pending[0].reply is not None:
             req = pending.popleft()
             reply = req.reply
@@ -690,6 +691,7 @@ class MessageService:
         pending = session.pending
         channels = self.channels
         key = session.peer_key
+        session.last_active = now  # bytes of an unfinished line do not count as activity
         self.budget.requests[-1] += len(payloads)
         for payload in payloads:
             req = Request(session, payload)
@@ -896,7 +898,7 @@ class MessageService:
         while True:
             now = loop.time()
             if total:
-                due = total if window <= 0 else int(total * min(1.0, (now - start) / window))
+                due = total if window <= 0 else math.ceil(total * min(1.0, (now - start) / window))
                 while closed < due and idle:
                     idle.pop().close()
                     closed += 1
