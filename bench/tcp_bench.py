@@ -1,0 +1,295 @@
+"""TCP mode against HAProxy (mode tcp, nbthread 1) and a direct connection.
+
+    .venv/bin/python bench/tcp_bench.py [--rounds 3] [--quick]
+
+Starts two redis-servers and nginx on loopback ports, then our relay
+(`bench/tcp_runner.py`, uvloop) and HAProxy over the same backends, and runs
+in alternating rounds: redis-benchmark -c 50 with small values (-P 1, -P 16)
+and 100 KB values, and wrk against nginx's small page. For each it records
+requests/s, p50/p99 latency and the proxy's CPU seconds per 100k requests
+(psutil), then the RSS each proxy adds per idle proxied connection with
+5,000 connections open. Medians over rounds go to bench/results/tcp.json and
+bench/results/tcp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.peers import (  # noqa: E402
+    HOST,
+    Peer,
+    haproxy,
+    need,
+    nginx,
+    redis_server,
+    wait_connectable,
+)
+
+RESULTS = ROOT / "bench" / "results"
+IDLE_CONNECTIONS = 5000
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextmanager
+def our_relay(backends: list[str]) -> Iterator[Peer]:
+    args = [sys.executable, str(ROOT / "bench" / "tcp_runner.py"), "--listen", f"{HOST}:0"]
+    for b in backends:
+        args += ["--backend", b]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    port = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        m = re.search(r"listening on \S+:(\d+)", line)
+        if m:
+            port = int(m.group(1))
+        if "balancer ready" in line:
+            break
+    if not port:
+        proc.kill()
+        raise RuntimeError("tcp_runner did not become ready")
+    wait_connectable(port, proc, "tcp_runner")
+    try:
+        yield Peer("balancer", proc, port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def run_redis_benchmark(port: int, pipeline: int, size: int, n: int) -> dict[str, float]:
+    cmd = [
+        need("redis-benchmark"), "-h", HOST, "-p", str(port), "-c", "50", "-n", str(n),
+        "-P", str(pipeline), "-d", str(size), "-r", "10000", "-t", "set,get", "--csv",
+        "--dbnum", "1" if size > 1000 else "0",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells[0] in ("SET", "GET"):
+            rows.append([float(c) for c in cells[1:]])
+    if len(rows) != 2:
+        raise RuntimeError(f"redis-benchmark output not understood: {out}")
+    # Both tests have the same request count: total rate is the harmonic combination.
+    total_time = sum(n / r[0] for r in rows)
+    return {
+        "requests": 2.0 * n,
+        "rps": 2 * n / total_time,
+        "p50_ms": statistics.mean(r[3] for r in rows),
+        "p99_ms": max(r[5] for r in rows),
+    }
+
+
+_WRK_LAT = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+
+
+def run_wrk(port: int, seconds: float) -> dict[str, float]:
+    cmd = [
+        need("wrk"), "-t1", "-c50", f"-d{seconds}s", "--latency",
+        f"http://{HOST}:{port}/index.html",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)s", out)
+    if m is None or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk failed: {out}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    lat = {q: float(v) * scale[u] for q, v, u in _WRK_LAT.findall(out)}
+    requests = float(m.group(1))
+    return {
+        "requests": requests,
+        "rps": requests / float(m.group(2)),
+        "p50_ms": lat["50"],
+        "p99_ms": lat["99"],
+    }
+
+
+async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"PING\r\n")
+        if await reader.readline() != b"+PONG\r\n":
+            raise RuntimeError("PING through the proxy failed")
+        writers.append(writer)
+    return writers
+
+
+def idle_rss_per_connection(pid: int, port: int) -> float:
+    async def measure() -> float:
+        proc = psutil.Process(pid)
+        before = int(proc.memory_info().rss)
+        writers = await _hold_idle(port, IDLE_CONNECTIONS)
+        after = int(proc.memory_info().rss)
+        for w in writers:
+            w.close()
+        return (after - before) / IDLE_CONNECTIONS
+
+    return asyncio.run(measure())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one short round, for a smoke run")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else args.rounds
+    scale = 0.2 if args.quick else 1.0
+    raise_nofile()
+
+    workloads: dict[str, dict[str, Any]] = {
+        "redis P1 small": {"kind": "redis", "pipeline": 1, "size": 3, "n": int(100_000 * scale)},
+        "redis P16 small": {"kind": "redis", "pipeline": 16, "size": 3, "n": int(400_000 * scale)},
+        "redis 100KB": {"kind": "redis", "pipeline": 1, "size": 100_000, "n": int(10_000 * scale)},
+        "wrk nginx": {"kind": "wrk", "seconds": 3 if not args.quick else 1},
+    }
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {
+        w: {"ours": [], "haproxy": [], "direct": []} for w in workloads
+    }
+    idle: dict[str, float] = {}
+
+    with ExitStack() as stack:
+        r1 = stack.enter_context(redis_server())
+        r2 = stack.enter_context(redis_server())
+        web = stack.enter_context(nginx())
+        redis_backends = [r1.address, r2.address]
+        ours_redis = stack.enter_context(our_relay(redis_backends))
+        hap_redis = stack.enter_context(haproxy(redis_backends))
+        ours_web = stack.enter_context(our_relay([web.address]))
+        hap_web = stack.enter_context(haproxy([web.address]))
+        targets = {
+            "redis": {
+                "ours": (ours_redis.port, ours_redis.proc.pid),
+                "haproxy": (hap_redis.port, hap_redis.proc.pid),
+                "direct": (r1.port, None),
+            },
+            "wrk": {
+                "ours": (ours_web.port, ours_web.proc.pid),
+                "haproxy": (hap_web.port, hap_web.proc.pid),
+                "direct": (web.port, None),
+            },
+        }
+        for rnd in range(rounds):
+            for name, w in workloads.items():
+                order = ["ours", "haproxy", "direct"]
+                if rnd % 2:
+                    order.reverse()
+                for target in order:
+                    port, pid = targets[w["kind"]][target]
+                    cpu0 = cpu_seconds(pid)
+                    if w["kind"] == "redis":
+                        res = run_redis_benchmark(port, w["pipeline"], w["size"], w["n"])
+                    else:
+                        res = run_wrk(port, w["seconds"])
+                    cpu = cpu_seconds(pid) - cpu0
+                    res["cpu_s_per_100k"] = cpu / res["requests"] * 100_000 if pid else 0.0
+                    samples[name][target].append(res)
+                    print(
+                        f"round {rnd + 1} {name:16} {target:8} {res['rps']:>11.0f} req/s "
+                        f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms "
+                        f"cpu {res['cpu_s_per_100k']:.3f} s/100k",
+                        flush=True,
+                    )
+        for target in ("ours", "haproxy"):
+            port, pid = targets["redis"][target]
+            assert pid is not None
+            idle[target] = idle_rss_per_connection(pid, port)
+            print(f"idle RSS {target}: {idle[target]:.0f} B per connection", flush=True)
+
+    report = summarise(samples, idle, rounds)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tcp.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "tcp.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def summarise(
+    samples: dict[str, dict[str, list[dict[str, float]]]], idle: dict[str, float], rounds: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"rounds": rounds, "cpus": psutil.cpu_count(), "workloads": {}}
+    for name, per_target in samples.items():
+        med = {
+            t: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+            for t, runs in per_target.items()
+        }
+        ours, hap = med["ours"], med["haproxy"]
+        med["ratio_ours_haproxy"] = {
+            "rps": ours["rps"] / hap["rps"],
+            "cpu_per_request": ours["cpu_s_per_100k"] / hap["cpu_s_per_100k"],
+            "p99": ours["p99_ms"] / hap["p99_ms"],
+        }
+        out["workloads"][name] = med
+    out["idle_rss_bytes_per_connection"] = {**idle, "ratio": idle["ours"] / idle["haproxy"]}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# TCP mode vs HAProxy (mode tcp, nbthread 1)",
+        "",
+        f"Medians of {report['rounds']} alternating rounds on {report['cpus']} CPUs. "
+        "redis-benchmark -c 50 (SET+GET), wrk -t1 -c50 against nginx; direct = no proxy "
+        "(redis: one of the two backends). CPU is the proxy process only.",
+        "",
+        "| workload | target | req/s | p50 ms | p99 ms | CPU s / 100k req |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, med in report["workloads"].items():
+        for target in ("ours", "haproxy", "direct"):
+            m = med[target]
+            cpu = f"{m['cpu_s_per_100k']:.3f}" if target != "direct" else "-"
+            lines.append(
+                f"| {name} | {target} | {m['rps']:.0f} | {m['p50_ms']:.3f} | "
+                f"{m['p99_ms']:.3f} | {cpu} |"
+            )
+    lines += ["", "| workload | ours/HAProxy req/s | ours/HAProxy CPU per req | p99 ratio |"]
+    lines += ["|---|---:|---:|---:|"]
+    for name, med in report["workloads"].items():
+        r = med["ratio_ours_haproxy"]
+        lines.append(f"| {name} | {r['rps']:.2f} | {r['cpu_per_request']:.2f} | {r['p99']:.2f} |")
+    idle = report["idle_rss_bytes_per_connection"]
+    lines += [
+        "",
+        f"RSS per idle proxied connection ({IDLE_CONNECTIONS} open): ours {idle['ours']:.0f} B, "
+        f"HAProxy {idle['haproxy']:.0f} B (ratio {idle['ratio']:.2f}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
