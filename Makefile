@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: demo test bench
+.PHONY: demo test bench soak
 
 # The tutorial's scenario on built-in defaults (creates or reuses .venv).
 demo:
@@ -15,3 +15,10 @@ test:
 # Message mode: direct versus through the balancer; writes bench/results/message.{json,md}.
 bench:
 	$(PYTHON) bench/message_bench.py $(BENCH_ARGS)
+
+# Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), and
+# 10,000 idle connections; writes bench/results/{soak,idle}.{json,md}.
+SOAK_MINUTES ?= 10
+soak:
+	$(PYTHON) bench/soak.py --minutes $(SOAK_MINUTES)
+	$(PYTHON) bench/idle_connections.py

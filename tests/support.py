@@ -156,7 +156,11 @@ class ServiceProc(Proc):
 
 def start_service(*extra: str, port: int = 0, cwd: Path | str | None = None) -> ServiceProc:
     proc = ServiceProc([PYTHON, "-m", "balancer.service", "-p", str(port), *extra], cwd=cwd)
-    m = proc.wait_for(_INSTANCE_RE)
+    try:
+        m = proc.wait_for(_INSTANCE_RE)
+    except BaseException:
+        proc.stop()
+        raise
     proc.port = int(m.group(2))
     return proc
 
@@ -202,7 +206,11 @@ def start_balancer(
     else:
         args += ["--admin", "off"]
     proc = BalancerProc(args, cwd=cwd, stdout_to=stdout_to)
-    proc.wait_for("balancer ready")
+    try:
+        proc.wait_for("balancer ready")
+    except BaseException:
+        proc.stop()
+        raise
     proc.ports = {m.group(1): int(m.group(3)) for m in map(_LISTEN_RE.search, proc.lines) if m}
     proc.admin_port = None
     for line in proc.lines:

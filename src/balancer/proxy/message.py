@@ -219,9 +219,13 @@ class BackendConnection(asyncio.Protocol):
         if self._error is None:
             if exc is not None:
                 self._error = f"connection lost: {exc}"
+            elif self._framer.buffered:
+                self._error = "connection closed in the middle of a reply"
             elif self.pending:
                 self._error = "connection closed by backend"
-        self.channel.connection_closed(self, self._error, stale=self._eof and self.served > 0)
+        # a close after served replies is a kept-alive connection let go, unless cut mid-reply
+        stale = self._eof and self.served > 0 and not self._framer.buffered
+        self.channel.connection_closed(self, self._error, stale=stale)
 
     def _fail(self, reason: str) -> None:
         self.usable = False
