@@ -32,6 +32,7 @@ class Backend:
     __slots__ = (
         "_weight",
         "active_connections",
+        "address_bytes",
         "admin_state",
         "bytes_in",
         "bytes_out",
@@ -58,6 +59,7 @@ class Backend:
 
     def __init__(self, config: BackendConfig, index: int = 0, slow_start: float = 0.0) -> None:
         self.config = config
+        self.address_bytes = config.address.encode()
         self.index = index
         self.host = config.host
         self.port = config.port

@@ -35,6 +35,7 @@ import math
 import socket
 from collections import deque
 from collections.abc import Callable, Collection
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from balancer.framing import LineFramer, LineTooLong
@@ -169,7 +170,7 @@ class BackendConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         channel = self.channel
-        now = channel.service.loop.time()
+        now = monotonic()
         if self._raw:
             if not self.pending:
                 self._fail("unsolicited data from backend")
@@ -391,7 +392,7 @@ class ClientSession(asyncio.Protocol):
         self._paused_writing = False
         self._closing = False
         self._close_after_flush = False
-        self.last_active = service.loop.time()
+        self.last_active = monotonic()
 
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -535,8 +536,9 @@ class ClientSession(asyncio.Protocol):
         out = self._out
         access = self.service.access_log
         hist = self.service.histogram
-        now = self.service.loop.time()
+        now = monotonic()
         self.last_active = now
+        done: list[Request] | None = [] if access is not None else None
         while pending and pending[0].reply is not None:
             req = pending.popleft()
             reply = req.reply
@@ -544,8 +546,10 @@ class ClientSession(asyncio.Protocol):
             out.append(reply if raw else reply + b"\n")
             if req.started:
                 hist.observe(now - req.started)
-            if access is not None:
-                access.record(self, req, now)
+            if done is not None:
+                done.append(req)
+        if done and access is not None:
+            access.record_batch(self, done, now)
         if transport is not None:
             transport.write(b"".join(out) if len(out) > 1 else out[0])
         out.clear()
@@ -613,7 +617,7 @@ class MessageService:
         self.in_flight = 0
         self.active_retries = 0
         self.queue: deque[Request] = deque()
-        self.budget = RetryBudget(self.loop.time())
+        self.budget = RetryBudget(monotonic())
         self.drain_close_window = 1.0
         self.hash_by_message = config.hash_key == "message"
         self.policy_start: Callable[[Backend], None] | None = None
@@ -655,7 +659,7 @@ class MessageService:
 
     def _sweep(self) -> None:
         """Timeouts: backend replies, queued requests, idle clients."""
-        now = self.loop.time()
+        now = monotonic()
         cfg = self.config
         self.budget.advance(now)
         for channel in list(self.channels.values()):
@@ -690,7 +694,7 @@ class MessageService:
         start_hook = self.policy_start
         hash_message = self.hash_by_message
         limit = self.config.max_backend_requests
-        now = self.loop.time()
+        now = monotonic()
         dirty = self.dirty_conns
         pending = session.pending
         channels = self.channels
@@ -768,7 +772,7 @@ class MessageService:
     def drain_queue(self) -> None:
         """Hand queued requests to backends that have room again, in arrival order."""
         queue = self.queue
-        now = self.loop.time()
+        now = monotonic()
         while queue:
             req = queue[0]
             if req.session.transport is None or req.reply is not None:
@@ -817,7 +821,7 @@ class MessageService:
         several.
         """
         budget = self.budget
-        budget.advance(self.loop.time())
+        budget.advance(monotonic())
         cfg = self.config
         allowed = max(
             cfg.retry_budget_min * RETRY_WINDOW,
@@ -833,7 +837,7 @@ class MessageService:
         if not failed:
             return
         finish = self.policy_finish
-        now = self.loop.time()
+        now = monotonic()
         self.in_flight -= len(failed)
         for req in failed:
             if req.is_retry:
@@ -889,10 +893,9 @@ class MessageService:
         rather than all at once, so clients do not all reconnect in the same
         instant; busy ones are closed as soon as their last reply is written.
         """
-        loop = self.loop
-        deadline = loop.time() + timeout
+        deadline = monotonic() + timeout
         window = min(self.drain_close_window, timeout)
-        start = loop.time()
+        start = monotonic()
         for session in list(self.sessions):
             session.begin_drain()
         # busy sessions close themselves after their last reply (begin_drain)
@@ -900,7 +903,7 @@ class MessageService:
         total = len(idle)
         closed = 0
         while True:
-            now = loop.time()
+            now = monotonic()
             if total:
                 due = total if window <= 0 else math.ceil(total * min(1.0, (now - start) / window))
                 while closed < due and idle:
