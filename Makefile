@@ -15,6 +15,7 @@ test:
 # Message mode: direct versus through the balancer; writes bench/results/message.{json,md}.
 bench:
 	$(PYTHON) bench/message_bench.py $(BENCH_ARGS)
+	$(PYTHON) bench/report.py
 
 # Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), and
 # 10,000 idle connections; writes bench/results/{soak,idle}.{json,md}.

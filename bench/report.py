@@ -1,0 +1,160 @@
+"""One HTML report of every benchmark result in bench/results/, with the comparison tables.
+
+    python bench/report.py [--results bench/results] [--out bench/results/report.html]
+
+Reads whichever of message.json, tcp.json, policy_e2e.json, policies.json,
+soak.json and idle.json exist (each written by its own harness) and writes a
+self-contained page: ours beside the reference measured in the same run
+(direct connection, HAProxy), with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from balancer.report import ComparisonTable, write_html_report
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"skipping {path}: {exc}", file=sys.stderr)
+        return None
+    return data
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b:
+        return None
+    return round(a / b, 3)
+
+
+def message_tables(data: dict[str, Any]) -> list[ComparisonTable]:
+    by_key = {(s["target"], s["pipeline"]): s for s in data.get("scenarios", [])}
+    tables: list[ComparisonTable] = []
+    for pipeline in sorted({p for _, p in by_key}):
+        direct = by_key.get(("direct", pipeline))
+        ours = by_key.get(("balancer", pipeline))
+        rows = []
+        for name, s in (("direct", direct), ("balancer", ours)):
+            if s is None:
+                continue
+            rows.append(
+                {
+                    "name": name,
+                    "rps": s.get("throughput_rps"),
+                    "p50": s.get("p50_ms"),
+                    "p99": s.get("p99_ms"),
+                    "ratio": _ratio(s.get("throughput_rps"), (direct or {}).get("throughput_rps")),
+                }
+            )
+        title = "lockstep" if pipeline == 1 else f"{pipeline} in flight per connection"
+        tables.append({"title": f"Message mode, {title}: throughput ratio to direct", "rows": rows})
+    return tables
+
+
+def tcp_tables(data: dict[str, Any]) -> list[ComparisonTable]:
+    tables: list[ComparisonTable] = []
+    for workload, entry in (data.get("workloads") or {}).items():
+        haproxy = entry.get("haproxy") or {}
+        rows = []
+        for name in ("ours", "haproxy", "direct"):
+            s = entry.get(name)
+            if not s:
+                continue
+            rows.append(
+                {
+                    "name": "balancer" if name == "ours" else name,
+                    "rps": s.get("rps"),
+                    "p50": s.get("p50_ms"),
+                    "p99": s.get("p99_ms"),
+                    "ratio": _ratio(s.get("rps"), haproxy.get("rps")),
+                }
+            )
+        tables.append({"title": f"TCP mode, {workload}: throughput ratio to HAProxy", "rows": rows})
+    return tables
+
+
+def policy_tables(data: dict[str, Any]) -> list[ComparisonTable]:
+    policies = data.get("policies") or {}
+    base = (policies.get("round_robin") or {}).get("throughput_rps")
+    rows = [
+        {
+            "name": f"{name} (slow backend share {100 * p.get('slow_share', 0):.1f} %)",
+            "rps": p.get("throughput_rps"),
+            "p50": p.get("p50_ms"),
+            "p99": p.get("p99_ms"),
+            "ratio": _ratio(p.get("throughput_rps"), base),
+        }
+        for name, p in policies.items()
+    ]
+    return [{"title": "Algorithms with one slow backend of 4: ratio to round_robin", "rows": rows}]
+
+
+def summary(results: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    soak = _load(results, "soak")
+    if soak:
+        out["soak: requests / failures"] = f"{soak.get('requests', 0):,} / {soak.get('failures')}"
+        rss = soak.get("rss_mb") or {}
+        out["soak: RSS start -> end (MB)"] = f"{rss.get('start')} -> {rss.get('end')}"
+    idle = _load(results, "idle")
+    if idle:
+        rss = idle.get("rss_mb") or {}
+        out["idle connections: RSS (MB)"] = f"{idle.get('connections'):,} open: {rss.get('idle')}"
+    tcp = _load(results, "tcp")
+    if tcp and tcp.get("idle_rss_bytes_per_connection"):
+        idle_tcp = tcp["idle_rss_bytes_per_connection"]
+        out["tcp idle RSS per connection (B), ours / HAProxy"] = (
+            f"{idle_tcp.get('ours', 0):.0f} / {idle_tcp.get('haproxy', 0):.0f}"
+        )
+    policies = _load(results, "policies")
+    if policies:
+        for name, picks in (policies.get("picks") or {}).items():
+            out[f"pick cost {name} (ns, 4 / 64 backends)"] = (
+                f"{picks.get('4', 0):.0f} / {picks.get('64', 0):.0f}"
+            )
+    return out
+
+
+def build(results: Path) -> dict[str, Any]:
+    comparisons: list[ComparisonTable] = []
+    message = _load(results, "message")
+    if message:
+        comparisons += message_tables(message)
+    tcp = _load(results, "tcp")
+    if tcp:
+        comparisons += tcp_tables(tcp)
+    policy = _load(results, "policy_e2e")
+    if policy:
+        comparisons += policy_tables(policy)
+    return {
+        "title": "balancer benchmarks",
+        "summary": summary(results),
+        "comparisons": comparisons,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or args.results / "report.html"
+    write_html_report(out, build(args.results))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
