@@ -14,14 +14,11 @@ Writes bench/results/policies.json and bench/results/policies.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from balancer.policies import (
     ConsistentHash,
@@ -34,8 +31,8 @@ from balancer.policies import (
     WeightedRoundRobin,
 )
 from balancer.policies.consistent_hash import build_table
+from harness import save_results
 
-RESULTS = Path(__file__).parent / "results"
 SIZES = (4, 64)
 KEYS = [f"10.{i // 256}.{i % 256}.9:{30000 + i}".encode() for i in range(1024)]
 
@@ -152,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     args = parser.parse_args(argv)
     result = run(args.quick)
-    table = markdown(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "policies.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "policies.md").write_text(table)
-    sys.stdout.write(table)
+    save_results("policies", result, markdown(result))
     return 0
 
 

@@ -17,9 +17,7 @@ Writes bench/results/idle.json and bench/results/idle.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import re
 import resource
 import selectors
 import socket
@@ -32,13 +30,9 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import Child
 from balancer.loops import loop_name
+from harness import rss_mb, save_results, start_balancer, start_service
 
-RESULTS = Path(__file__).parent / "results"
-INSTANCE_RE = re.compile(r"instance listening on \S+:(\d+)")
-LISTEN_RE = re.compile(r"service \S+ listening on \S+:(\d+) ")
-READY_RE = re.compile(r"balancer ready")
 BATCH = 500
 
 
@@ -47,28 +41,6 @@ def raise_nofile() -> int:
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def start_service() -> tuple[Child, int]:
-    child = Child("service", [sys.executable, "-m", "balancer.service", "-p", "0"])
-    for line in child.wait_for(INSTANCE_RE):
-        m = INSTANCE_RE.search(line)
-        if m:
-            return child, int(m.group(1))
-    raise AssertionError("unreachable")
-
-
-def start_balancer(config: Path) -> tuple[Child, int]:
-    args = [sys.executable, "-m", "balancer", "serve", str(config), "--admin", "off"]
-    child = Child("balancer", args)
-    lines = child.wait_for(READY_RE)
-    ports = [int(m.group(1)) for m in map(LISTEN_RE.search, lines) if m]
-    return child, ports[0]
-
-
-def rss_mb(pid: int) -> float:
-    rss: int = psutil.Process(pid).memory_info().rss
-    return rss / 1e6
 
 
 def open_idle(port: int, count: int) -> list[socket.socket]:
@@ -134,8 +106,8 @@ def run(connections: int, requests: int) -> dict[str, Any]:
             f'[services.idle]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:{backend_port}"]\n',
             encoding="utf-8",
         )
-        bal, port = start_balancer(config)
-        pid = bal.popen.pid
+        bal = start_balancer(config)
+        port, pid = bal.port, bal.pid
         socks: list[socket.socket] = []
         try:
             lockstep(port, 100)  # warm-up
@@ -211,11 +183,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     doc = run(args.connections, args.requests)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "idle.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    text = markdown(doc)
-    (RESULTS / "idle.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_results("idle", doc, markdown(doc))
     return 0 if doc["rss_mb"]["idle"] <= 80 and doc["new_client"]["ok"] == args.requests else 1
 
 

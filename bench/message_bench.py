@@ -17,11 +17,8 @@ Writes bench/results/message.json and bench/results/message.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,32 +27,13 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import Child, ChildError, start_service
+from balancer.demo import Child, start_service
 from balancer.loops import loop_name
+from harness import RESULTS, run_load, save_results, start_balancer
 
-RESULTS = Path(__file__).parent / "results"
 BACKENDS = 4
 PIPELINES = (1, 16)
 TARGETS = ("direct", "balancer")
-
-
-READY_RE = re.compile(r"balancer ready")
-SERVICE_RE = re.compile(r"service \S+ listening on \S+:(\d+) ")
-
-
-def start_balancer(config: Path) -> tuple[Child, int]:
-    args = [sys.executable, "-m", "balancer", "serve", str(config), "--admin", "off"]
-    child = Child("balancer", args)
-    try:
-        lines = child.wait_for(READY_RE)
-    except BaseException:
-        child.stop()
-        raise
-    ports = [int(m.group(1)) for m in map(SERVICE_RE.search, lines) if m]
-    if not ports:
-        child.stop()
-        raise ChildError(f"balancer did not report its port:\n{child.tail()}")
-    return child, ports[0]
 
 
 def write_config(path: Path, backend_ports: list[int]) -> None:
@@ -71,14 +49,8 @@ def write_config(path: Path, backend_ports: list[int]) -> None:
 
 
 def run_client(port: int, connections: int, pipeline: int, duration: float) -> dict[str, Any]:
-    args = [
-        sys.executable,
-        "-m",
-        "balancer.client",
-        "--balancerIp",
-        "127.0.0.1",
-        "--balancerPort",
-        str(port),
+    return run_load(
+        port,
         "--client_count",
         str(connections),
         "--pipeline",
@@ -87,19 +59,8 @@ def run_client(port: int, connections: int, pipeline: int, duration: float) -> d
         str(duration),
         "--timeout",
         "10",
-        "--admin",
-        "off",
-        "--json",
-        "--quiet",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
-    lines = result.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(
-            f"load client printed no report (exit {result.returncode}): {result.stderr}"
-        )
-    report: dict[str, Any] = json.loads(lines[-1])
-    return report
+        timeout=duration + 60,
+    )
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -204,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             ports.append(port)
         config = Path(tmp.name) / "bench.toml"
         write_config(config, ports)
-        balancer, balancer_port = start_balancer(config)
-        children.append(balancer)
+        balancer = start_balancer(config)
+        children.append(balancer.child)
         processes = {
             "direct": (psutil.Process(children[0].popen.pid), ports[0]),
-            "balancer": (psutil.Process(balancer.popen.pid), balancer_port),
+            "balancer": (psutil.Process(balancer.pid), balancer.port),
         }
         rss_idle = processes["balancer"][0].memory_info().rss / 2**20
         # Warm-up: the first connections and code paths, not recorded.
@@ -276,12 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             for i, m in enumerate(ms)
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "message.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "message.md").write_text(md)
     print()
-    print(md, end="")
+    save_results("message", result, markdown(result), args.out)
     errors = sum(s["errors"] for s in scenarios)
     return 0 if errors == 0 else 1
 

@@ -22,93 +22,21 @@ Writes bench/results/policy_e2e.json and bench/results/policy_e2e.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import queue
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from balancer.demo import Child
+from harness import RunningBalancer, run_load, save_results, start_balancer, start_service
+
 POLICIES = ("round_robin", "least_connections", "power_of_two", "peak_ewma")
 CLIENTS = 16
 PIPELINE = 4
-READY_TIMEOUT = 20.0
-
-_INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
-_LISTEN_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
-_ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
-
-
-class Child:
-    """A subprocess whose stdout and stderr lines are collected by threads."""
-
-    def __init__(self, args: Sequence[str]) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.args = list(args)
-        self.popen = subprocess.Popen(
-            self.args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(stream,), daemon=True)
-            for stream in (self.popen.stdout, self.popen.stderr)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream: Any) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-
-    def wait_for(self, regex: re.Pattern[str]) -> re.Match[str]:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.popen.poll() is not None:
-                    break
-                continue
-            m = regex.search(line)
-            if m:
-                return m
-        raise RuntimeError(
-            f"{' '.join(self.args[:4])}: no line matching {regex.pattern!r}:\n"
-            + "\n".join(self.lines[-20:])
-        )
-
-    def finish(self, timeout: float) -> int:
-        code = self.popen.wait(timeout=timeout)
-        for t in self._threads:
-            t.join(timeout=5)
-        return code
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        for t in self._threads:
-            t.join(timeout=5)
 
 
 def write_config(path: Path, ports: Sequence[int]) -> None:
@@ -125,35 +53,19 @@ def write_config(path: Path, ports: Sequence[int]) -> None:
     path.write_text("\n".join(parts))
 
 
-def run_load(port: int, admin_port: int, seconds: float) -> dict[str, Any]:
-    client = Child(
-        [
-            sys.executable,
-            "-m",
-            "balancer",
-            "client",
-            "--balancerIp",
-            "127.0.0.1",
-            "--balancerPort",
-            str(port),
-            "--client_count",
-            str(CLIENTS),
-            "--pipeline",
-            str(PIPELINE),
-            "--duration",
-            str(seconds),
-            "--admin",
-            f"127.0.0.1:{admin_port}",
-            "--json",
-            "--quiet",
-        ]
+def run_policy(port: int, admin_port: int, seconds: float) -> dict[str, Any]:
+    return run_load(
+        port,
+        "--client_count",
+        str(CLIENTS),
+        "--pipeline",
+        str(PIPELINE),
+        "--duration",
+        str(seconds),
+        admin_port=admin_port,
+        timeout=seconds + 60,
+        check=True,
     )
-    code = client.finish(timeout=seconds + 60)
-    docs = [line for line in client.lines if line.startswith("{")]
-    if code != 0 or not docs:
-        raise RuntimeError(f"load client failed ({code}):\n" + "\n".join(client.lines[-20:]))
-    doc: dict[str, Any] = json.loads(docs[-1])
-    return doc
 
 
 def summarise(runs: list[dict[str, Any]], slow: str) -> dict[str, Any]:
@@ -177,30 +89,27 @@ def summarise(runs: list[dict[str, Any]], slow: str) -> dict[str, Any]:
 
 def run(rounds: int, seconds: float, delay: float) -> dict[str, Any]:
     services: list[Child] = []
-    balancer: Child | None = None
+    balancer: RunningBalancer | None = None
     try:
         ports = []
         for i in range(4):
             extra = ["--delay", str(delay)] if i == 1 else []
-            svc = Child([sys.executable, "-m", "balancer.service", "-p", "0", *extra])
+            svc, port = start_service(*extra)
             services.append(svc)
-            ports.append(int(svc.wait_for(_INSTANCE_RE).group(2)))
+            ports.append(port)
         slow = f"127.0.0.1:{ports[1]}"
         with tempfile.TemporaryDirectory() as tmp:
             cfg = Path(tmp) / "bench.toml"
             write_config(cfg, ports)
-            balancer = Child(
-                [sys.executable, "-m", "balancer", "serve", str(cfg), "--admin", "127.0.0.1:0"]
-            )
-            balancer.wait_for(re.compile("balancer ready"))
-        listen = {m.group(1): int(m.group(3)) for m in map(_LISTEN_RE.search, balancer.lines) if m}
-        admin = next(m for m in map(_ADMIN_RE.search, balancer.lines) if m)
-        admin_port = int(admin.group(2))
+            balancer = start_balancer(cfg, admin="127.0.0.1:0")
+        listen = balancer.ports
+        assert balancer.admin_port is not None
+        admin_port = balancer.admin_port
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in POLICIES}
         for r in range(rounds):
             order = POLICIES[r % len(POLICIES) :] + POLICIES[: r % len(POLICIES)]
             for name in order:
-                doc = run_load(listen[name], admin_port, seconds)
+                doc = run_policy(listen[name], admin_port, seconds)
                 runs[name].append(doc)
                 print(
                     f"round {r + 1}/{rounds} {name:18} {doc['throughput_rps']:>9,.0f} req/s "
@@ -273,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.seconds <= 0 or args.delay <= 0:
         parser.error("--rounds must be >= 1, --seconds and --delay > 0")
     result = run(args.rounds, args.seconds, args.delay)
-    table = markdown(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "policy_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "policy_e2e.md").write_text(table)
-    sys.stdout.write(table)
+    save_results("policy_e2e", result, markdown(result))
     return 0
 
 

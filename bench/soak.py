@@ -21,12 +21,9 @@ Writes bench/results/soak.json and bench/results/soak.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,25 +35,13 @@ import psutil
 
 from balancer.demo import Child
 from balancer.loops import loop_name
+from harness import load_result, rss_mb, save_results, start_balancer, start_load, start_service
 
-RESULTS = Path(__file__).parent / "results"
 BACKENDS = 4
 OUTAGE = 2.0
 RSS_PERIOD = 5.0
 WARMUP = 30.0
-INSTANCE_RE = re.compile(r"instance listening on \S+:(\d+)")
-LISTEN_RE = re.compile(r"service \S+ listening on \S+:(\d+) ")
-READY_RE = re.compile(r"balancer ready")
 ERROR_KINDS = ("wrong_reply", "server_not_available", "timeout", "connection_error", "error_reply")
-
-
-def start_service(port: int = 0) -> tuple[Child, int]:
-    child = Child(f"service {port}", [sys.executable, "-m", "balancer.service", "-p", str(port)])
-    for line in child.wait_for(INSTANCE_RE):
-        m = INSTANCE_RE.search(line)
-        if m:
-            return child, int(m.group(1))
-    raise AssertionError("unreachable")
 
 
 def write_config(path: Path, ports: list[int]) -> None:
@@ -72,48 +57,6 @@ def write_config(path: Path, ports: list[int]) -> None:
         "fall = 1\n",
         encoding="utf-8",
     )
-
-
-def start_balancer(config: Path) -> tuple[Child, int]:
-    args = [sys.executable, "-m", "balancer", "serve", str(config), "--admin", "127.0.0.1:0"]
-    child = Child("balancer", args)
-    lines = child.wait_for(READY_RE)
-    ports = [int(m.group(1)) for m in map(LISTEN_RE.search, lines) if m]
-    return child, ports[0]
-
-
-def load_client(port: int, seconds: float, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "balancer",
-            "client",
-            "--balancerIp",
-            "127.0.0.1",
-            "--balancerPort",
-            str(port),
-            "--duration",
-            f"{seconds:g}",
-            "--json",
-            "--quiet",
-            "--admin",
-            "off",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def client_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=timeout)
-    last = [line for line in out.splitlines() if line.startswith("{")]
-    if not last:
-        raise RuntimeError(f"load client exited with {proc.returncode} and no report")
-    doc: dict[str, Any] = json.loads(last[-1])
-    return doc
 
 
 class Churn:
@@ -169,11 +112,6 @@ class Churn:
                     self.errors["wrong_reply"] += 1
 
 
-def rss_mb(pid: int) -> float:
-    rss: int = psutil.Process(pid).memory_info().rss
-    return rss / 1e6
-
-
 def run(minutes: float, rate: float, kill_every: float) -> dict[str, Any]:
     seconds = minutes * 60
     services: list[Child] = []
@@ -185,16 +123,17 @@ def run(minutes: float, rate: float, kill_every: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "soak.toml"
         write_config(config, ports)
-        bal, port = start_balancer(config)
-        pid = bal.popen.pid
+        bal = start_balancer(config, admin="127.0.0.1:0")
+        port, pid = bal.port, bal.pid
         samples: list[tuple[float, float]] = [(0.0, rss_mb(pid))]
         kills = 0
         try:
             started = time.monotonic()
-            open_loop = load_client(
-                port, seconds, "--client_count", "16", "--rate", f"{rate:g}", "--pipeline", "8"
+            duration = ("--duration", f"{seconds:g}")
+            open_loop = start_load(
+                port, *duration, "--client_count", "16", "--rate", f"{rate:g}", "--pipeline", "8"
             )
-            lockstep = load_client(port, seconds, "--client_count", "4", "--pipeline", "1")
+            lockstep = start_load(port, *duration, "--client_count", "4", "--pipeline", "1")
             churn = Churn(port)
             churn.start()
             next_kill = started + kill_every
@@ -215,18 +154,18 @@ def run(minutes: float, rate: float, kill_every: float) -> dict[str, Any]:
                     services[i].stop()
                     kills += 1
                     time.sleep(OUTAGE)
-                    services[i], _ = start_service(ports[i])
+                    services[i], _ = start_service(port=ports[i])
                     next_kill += kill_every
                     continue
                 time.sleep(min(0.2, max(0.0, end - now)))
             churn.stop()
-            results = [client_result(p, timeout=120) for p in (open_loop, lockstep)]
+            results = [load_result(p, timeout=120) for p in (open_loop, lockstep)]
             samples.append((time.monotonic() - started, rss_mb(pid)))
         finally:
             bal.stop()
             for child in services:
                 child.stop()
-        bal_code = bal.popen.returncode
+        bal_code = bal.child.popen.returncode
     errors = dict.fromkeys(ERROR_KINDS, 0)
     requests = churn.requests
     ok = churn.ok
@@ -302,11 +241,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=10.0, metavar="SECONDS")
     args = parser.parse_args()
     doc = run(args.minutes, args.rate, args.kill_every)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    text = markdown(doc)
-    (RESULTS / "soak.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_results("soak", doc, markdown(doc))
     return 0 if doc["failures"] == 0 else 1
 
 

@@ -220,6 +220,95 @@ def start_balancer(
     return proc
 
 
+class Services(list[ServiceProc]):
+    """Sample services started for one test; the `services` fixture stops them."""
+
+    def start(self, *extra: str, port: int = 0) -> ServiceProc:
+        proc = start_service(*extra, port=port)
+        self.append(proc)
+        return proc
+
+    def start_many(self, count: int, *extra: str) -> list[ServiceProc]:
+        return [self.start(*extra) for _ in range(count)]
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self]
+
+    def stop_all(self) -> None:
+        while self:
+            self.pop(0).stop()
+
+
+class Balancers(list[BalancerProc]):
+    """Balancers started for one test; the `balancers` fixture stops them."""
+
+    def start(
+        self,
+        config: Path | str,
+        *extra: str,
+        admin: bool | str = True,
+        cwd: Path | str | None = None,
+        stdout_to: Path | None = None,
+    ) -> BalancerProc:
+        bal = start_balancer(config, *extra, admin=admin, cwd=cwd, stdout_to=stdout_to)
+        self.append(bal)
+        return bal
+
+    def stop_all(self) -> None:
+        while self:
+            self.pop(0).stop()
+
+
+def backend_rows(status: dict[str, Any], service: str = "numbers") -> dict[str, dict[str, Any]]:
+    """A service's backends in a `/status` document, by address."""
+    return {b["address"]: b for b in status["services"][service]["backends"]}
+
+
+def backend_requests(status: dict[str, Any], service: str = "numbers") -> dict[str, int]:
+    """Requests each backend of a service has served, by address, from a `/status` document."""
+    return {a: int(b["requests"]) for a, b in backend_rows(status, service).items()}
+
+
+def start_load(
+    port: int, *args: str, admin_port: int | None = None, cwd: Path | str | None = None
+) -> Proc:
+    """The load client (`balancer client --json --quiet`) against 127.0.0.1:PORT, running.
+
+    With `admin_port` it reads the spread over the backends from that admin endpoint.
+    """
+    admin = f"127.0.0.1:{admin_port}" if admin_port is not None else "off"
+    load = ["-m", "balancer", "client", "--json", "--quiet", "--balancerIp", "127.0.0.1"]
+    return Proc([PYTHON, *load, "--balancerPort", str(port), "--admin", admin, *args], cwd=cwd)
+
+
+def load_summary(proc: Proc, timeout: float, *, exit_code: int | None = 0) -> dict[str, Any]:
+    """Wait for a load client to end; its JSON summary (the last stdout line that is an object).
+
+    `exit_code` is the exit status required (the client exits 1 when any request failed);
+    None accepts any.
+    """
+    code = proc.wait(timeout=timeout)
+    if exit_code is not None:
+        assert code == exit_code, f"load client exited with {code}:\n{proc.output()}"
+    summaries = [line for line in proc.lines if line.startswith("{")]
+    assert summaries, f"load client (exit {code}) printed no JSON summary:\n{proc.output()}"
+    doc: dict[str, Any] = json.loads(summaries[-1])
+    return doc
+
+
+def wait_for_load(
+    bal: BalancerProc, client: Proc, served: int, timeout: float, service: str = "numbers"
+) -> None:
+    """Wait until the service's backends have served `served` requests, the client still running."""
+
+    def under_way() -> bool:
+        assert client.popen.poll() is None, client.output()
+        return sum(backend_requests(bal.status(), service).values()) >= served
+
+    wait_until(under_way, timeout=timeout, what="load to be under way")
+
+
 def write_toml(path: Path, backends: Sequence[int], **service: Any) -> Path:
     """A one-service config `numbers` on 127.0.0.1:0 with the given backend ports."""
     health = service.pop("health", {"interval": 0.2, "timeout": 1, "rise": 1, "fall": 1})

@@ -19,10 +19,10 @@ from tests.support import (
     BalancerProc,
     LineClient,
     Proc,
-    ServiceProc,
+    Services,
+    backend_rows,
     reply_for,
     start_balancer,
-    start_service,
     wait_until,
     write_toml,
 )
@@ -82,7 +82,7 @@ def call(
 
 
 def backends(bal: BalancerProc) -> dict[str, dict[str, Any]]:
-    return {b["address"]: b for b in bal.status()["services"]["numbers"]["backends"]}
+    return backend_rows(bal.status())
 
 
 def metric(bal: BalancerProc, name: str, address: str) -> float:
@@ -93,17 +93,9 @@ def metric(bal: BalancerProc, name: str, address: str) -> float:
 
 
 @pytest.fixture
-def services() -> Iterator[list[ServiceProc]]:
-    procs: list[ServiceProc] = []
-    yield procs
-    for p in procs:
-        p.stop()
-
-
-@pytest.fixture
-def pair(tmp_path: Path, services: list[ServiceProc]) -> Iterator[tuple[BalancerProc, str, str]]:
-    services.extend(start_service() for _ in range(2))
-    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])
+def pair(tmp_path: Path, services: Services) -> Iterator[tuple[BalancerProc, str, str]]:
+    services.start_many(2)
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
     bal = start_balancer(cfg)
     yield bal, f"127.0.0.1:{services[0].port}", f"127.0.0.1:{services[1].port}"
     bal.stop()
@@ -188,10 +180,10 @@ def test_bad_requests_get_json_errors_and_change_nothing(
 
 @e2e
 def test_added_backend_takes_traffic_and_removed_one_leaves(
-    pair: tuple[BalancerProc, str, str], services: list[ServiceProc]
+    pair: tuple[BalancerProc, str, str], services: Services
 ) -> None:
     bal, a, b = pair
-    services.append(start_service())
+    services.start()
     c_addr = f"127.0.0.1:{services[-1].port}"
     status, doc = call(
         bal, "POST", "/api/services/numbers/backends", {"address": c_addr, "weight": 1}
@@ -244,8 +236,8 @@ def test_openapi_describes_every_route(pair: tuple[BalancerProc, str, str]) -> N
 
 
 @e2e
-def test_token_guards_writes(tmp_path: Path, services: list[ServiceProc]) -> None:
-    services.append(start_service())
+def test_token_guards_writes(tmp_path: Path, services: Services) -> None:
+    services.start()
     a = f"127.0.0.1:{services[0].port}"
     cfg = write_toml(tmp_path / "b.toml", [services[0].port])
     cfg.write_text(cfg.read_text() + '[admin]\ntoken = "s3cret"\n')
@@ -273,9 +265,9 @@ def test_token_guards_writes(tmp_path: Path, services: list[ServiceProc]) -> Non
 
 @e2e
 def test_balancer_refuses_a_public_admin_listener_without_token(
-    tmp_path: Path, services: list[ServiceProc]
+    tmp_path: Path, services: Services
 ) -> None:
-    services.append(start_service())
+    services.start()
     cfg = write_toml(tmp_path / "b.toml", [services[0].port])
     proc = Proc(
         [PYTHON, "-m", "balancer", "serve", str(cfg), "--admin", "0.0.0.0:0"],
@@ -289,12 +281,12 @@ def test_balancer_refuses_a_public_admin_listener_without_token(
 @e2e
 @pytest.mark.skipif(not hasattr(Server, "reload"), reason="Server.reload not available")
 def test_reload_applies_a_changed_config(
-    pair: tuple[BalancerProc, str, str], services: list[ServiceProc], tmp_path: Path
+    pair: tuple[BalancerProc, str, str], services: Services, tmp_path: Path
 ) -> None:
     bal, a, b = pair
-    services.append(start_service())
+    services.start()
     c_addr = f"127.0.0.1:{services[-1].port}"
-    write_toml(tmp_path / "b.toml", [s.port for s in services])
+    write_toml(tmp_path / "b.toml", services.ports)
     status, doc = call(bal, "POST", "/api/reload")
     assert status == 200, doc
     assert c_addr in {x["address"] for x in doc["services"]["numbers"]["backends"]}

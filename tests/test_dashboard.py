@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import (
     BalancerProc,
+    Balancers,
     LineClient,
     ServiceProc,
+    Services,
+    backend_rows,
     reply_for,
-    start_balancer,
-    start_service,
     wait_until,
     write_toml,
 )
@@ -39,26 +39,20 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[BalancerProc, list[ServiceProc]]]:
-    services = [start_service() for _ in range(2)]
+def setup(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> tuple[BalancerProc, list[ServiceProc]]:
+    services.start_many(2)
     cfg = write_toml(
         tmp_path / "b.toml",
-        [s.port for s in services],
+        services.ports,
         health={"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1},
     )
-    bal = start_balancer(cfg)
-    yield bal, services
-    bal.stop()
-    for s in services:
-        s.stop()
+    return balancers.start(cfg), services
 
 
 def admin_state(bal: BalancerProc, address: str) -> str:
-    for b in bal.status()["services"]["numbers"]["backends"]:
-        if b["address"] == address:
-            state: str = b["admin_state"]
-            return state
-    raise AssertionError(f"no backend {address}")
+    return str(backend_rows(bal.status())[address]["admin_state"])
 
 
 def test_dashboard_shows_backends_a_dead_one_and_drains_on_click(

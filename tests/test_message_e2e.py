@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
@@ -10,6 +9,7 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +18,15 @@ from tests.support import (
     ROOT,
     LineClient,
     Proc,
+    Services,
+    backend_requests,
+    backend_rows,
     free_port,
+    load_summary,
     reply_for,
     start_balancer,
-    start_service,
+    start_load,
+    wait_for_load,
     wait_until,
     write_toml,
 )
@@ -29,51 +34,13 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def services() -> Iterator[list[Proc]]:
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.stop()
+def up_count(status: dict[str, Any]) -> int:
+    return sum(1 for b in backend_rows(status).values() if b["state"] == "up")
 
 
-def up_count(status: dict[str, object]) -> int:
-    svc = status["services"]["numbers"]  # type: ignore[index]
-    return sum(1 for b in svc["backends"] if b["state"] == "up")
-
-
-def backend_requests(status: dict[str, object]) -> dict[str, int]:
-    svc = status["services"]["numbers"]  # type: ignore[index]
-    return {b["address"]: b["requests"] for b in svc["backends"]}
-
-
-def run_client(port: int, admin: int | None, *args: str) -> dict[str, object]:
-    proc = Proc(
-        [
-            PYTHON,
-            "-m",
-            "balancer",
-            "client",
-            "--balancerIp",
-            "127.0.0.1",
-            "--balancerPort",
-            str(port),
-            "--admin",
-            f"127.0.0.1:{admin}" if admin else "off",
-            "--json",
-            "--quiet",
-            *args,
-        ]
-    )
-    proc.wait(timeout=120)
-    last = [line for line in proc.lines if line.startswith("{")][-1]
-    doc: dict[str, object] = json.loads(last)
-    return doc
-
-
-def test_round_robin_spreads_evenly_and_status_counts(tmp_path: Path, services: list[Proc]) -> None:
-    services.extend(start_service() for _ in range(4))
-    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])  # type: ignore[attr-defined]
+def test_round_robin_spreads_evenly_and_status_counts(tmp_path: Path, services: Services) -> None:
+    services.start_many(4)
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
     bal = start_balancer(cfg)
     try:
         c = LineClient(bal.port)
@@ -98,11 +65,11 @@ def test_round_robin_spreads_evenly_and_status_counts(tmp_path: Path, services: 
 
 
 def test_pipelined_replies_come_back_in_order_from_slow_and_fast_backends(
-    tmp_path: Path, services: list[Proc]
+    tmp_path: Path, services: Services
 ) -> None:
-    services.append(start_service("--delay", "0.05"))
-    services.append(start_service())
-    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])  # type: ignore[attr-defined]
+    services.start("--delay", "0.05")
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
     bal = start_balancer(cfg)
     try:
         c = LineClient(bal.port)
@@ -117,9 +84,9 @@ def test_pipelined_replies_come_back_in_order_from_slow_and_fast_backends(
         bal.stop()
 
 
-def test_invalid_and_health_messages_are_relayed(tmp_path: Path, services: list[Proc]) -> None:
-    services.append(start_service())
-    cfg = write_toml(tmp_path / "b.toml", [services[0].port])  # type: ignore[attr-defined]
+def test_invalid_and_health_messages_are_relayed(tmp_path: Path, services: Services) -> None:
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
     bal = start_balancer(cfg)
     try:
         c = LineClient(bal.port)
@@ -134,78 +101,41 @@ def test_invalid_and_health_messages_are_relayed(tmp_path: Path, services: list[
 
 
 def test_kill_9_of_a_backend_under_load_costs_no_request(
-    tmp_path: Path, services: list[Proc]
+    tmp_path: Path, services: Services
 ) -> None:
-    services.extend(start_service() for _ in range(4))
+    services.start_many(4)
     cfg = write_toml(
         tmp_path / "b.toml",
-        [s.port for s in services],  # type: ignore[attr-defined]
+        services.ports,
         health={"interval": 0.5, "timeout": 1, "rise": 2, "fall": 2},
     )
     bal = start_balancer(cfg)
     try:
-        client = Proc(
-            [
-                PYTHON,
-                "-m",
-                "balancer",
-                "client",
-                "--balancerIp",
-                "127.0.0.1",
-                "--balancerPort",
-                str(bal.port),
-                "--client_count",
-                "8",
-                "--requests_per_client",
-                "4000",
-                "--pipeline",
-                "4",
-                "--admin",
-                "off",
-                "--json",
-                "--quiet",
-            ]
+        client = start_load(
+            bal.port, "--client_count", "8", "--requests_per_client", "4000", "--pipeline", "4"
         )
         victim = services[1]
-
-        def under_way() -> bool:
-            assert client.popen.poll() is None, client.output()
-            return sum(backend_requests(bal.status()).values()) > 3000
-
-        wait_until(
-            under_way,
-            timeout=60,
-            what="load to be under way",
-        )
+        wait_for_load(bal, client, served=3001, timeout=60)
         victim.stop(signal.SIGKILL)
-        assert client.wait(timeout=120) == 0, client.output()
-        doc = json.loads([ln for ln in client.lines if ln.startswith("{")][-1])
+        doc = load_summary(client, timeout=120)
         assert doc["requests"] == 32000
         assert doc["ok"] == 32000
-        status = bal.status()["services"]["numbers"]
-        dead = next(
-            b
-            for b in status["backends"]
-            if b["address"] == f"127.0.0.1:{victim.port}"  # type: ignore[attr-defined]
-        )
-        assert dead["state"] == "down"
+        assert backend_rows(bal.status())[f"127.0.0.1:{victim.port}"]["state"] == "down"
     finally:
         bal.stop()
 
 
-def test_backend_down_at_startup_joins_when_it_comes_up(
-    tmp_path: Path, services: list[Proc]
-) -> None:
-    services.append(start_service())
+def test_backend_down_at_startup_joins_when_it_comes_up(tmp_path: Path, services: Services) -> None:
+    first = services.start()
     late_port = free_port()
-    cfg = write_toml(tmp_path / "b.toml", [services[0].port, late_port])  # type: ignore[attr-defined]
+    cfg = write_toml(tmp_path / "b.toml", [first.port, late_port])
     bal = start_balancer(cfg)
     try:
         assert up_count(bal.status()) == 1
         c = LineClient(bal.port)
         for i in range(10):
             assert c.request(str(i)) == reply_for(i)
-        services.append(start_service(port=late_port))
+        services.start(port=late_port)
         wait_until(lambda: up_count(bal.status()) == 2, what="late backend to be up")
         for i in range(10):
             assert c.request(str(i)) == reply_for(i)
@@ -216,7 +146,7 @@ def test_backend_down_at_startup_joins_when_it_comes_up(
 
 
 def test_all_backends_down_answers_server_not_available_and_recovers(
-    tmp_path: Path, services: list[Proc]
+    tmp_path: Path, services: Services
 ) -> None:
     port = free_port()
     cfg = write_toml(tmp_path / "b.toml", [port])
@@ -225,7 +155,7 @@ def test_all_backends_down_answers_server_not_available_and_recovers(
         c = LineClient(bal.port)
         assert c.request("1") == "Server not available"
         assert c.request("2") == "Server not available"
-        services.append(start_service(port=port))
+        services.start(port=port)
         wait_until(lambda: up_count(bal.status()) == 1, what="backend up")
         assert c.request("3") == reply_for(3)
     finally:
@@ -233,10 +163,10 @@ def test_all_backends_down_answers_server_not_available_and_recovers(
 
 
 def test_oversized_line_gets_an_error_and_others_are_unaffected(
-    tmp_path: Path, services: list[Proc]
+    tmp_path: Path, services: Services
 ) -> None:
-    services.append(start_service())
-    cfg = write_toml(tmp_path / "b.toml", [services[0].port], max_line=1024)  # type: ignore[attr-defined]
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports, max_line=1024)
     bal = start_balancer(cfg)
     try:
         good = LineClient(bal.port)
@@ -263,10 +193,10 @@ def test_oversized_line_gets_an_error_and_others_are_unaffected(
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(
-    tmp_path: Path, services: list[Proc]
+    tmp_path: Path, services: Services
 ) -> None:
-    services.append(start_service("--delay", "0.3"))
-    cfg = write_toml(tmp_path / "b.toml", [services[0].port])  # type: ignore[attr-defined]
+    services.start("--delay", "0.3")
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
     bal = start_balancer(cfg)
     c = LineClient(bal.port)
     c.send("1", "2", "3")

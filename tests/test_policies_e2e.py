@@ -25,13 +25,17 @@ from balancer.policies.consistent_hash import DEFAULT_TABLE_SIZE, build_table
 from balancer.server import Server
 from balancer.service import protocol_factory
 from tests.support import (
-    PYTHON,
     BalancerProc,
+    Balancers,
     LineClient,
-    Proc,
     ServiceProc,
+    Services,
+    backend_requests,
+    backend_rows,
+    load_summary,
     reply_for,
     start_balancer,
+    start_load,
     start_service,
     wait_until,
 )
@@ -69,41 +73,19 @@ def address(service: ServiceProc) -> str:
     return f"127.0.0.1:{service.port}"
 
 
-def backend_status(bal: BalancerProc) -> dict[str, dict[str, Any]]:
-    return {b["address"]: b for b in bal.status()["services"]["numbers"]["backends"]}
-
-
-def requests_per_backend(bal: BalancerProc) -> dict[str, int]:
-    return {a: int(b["requests"]) for a, b in backend_status(bal).items()}
-
-
 def run_load(bal: BalancerProc) -> dict[str, Any]:
     """The load client, bounded by count: LOAD_CLIENTS connections x LOAD_PER_CLIENT requests."""
-    client = Proc(
-        [
-            PYTHON,
-            "-m",
-            "balancer",
-            "client",
-            "--balancerIp",
-            "127.0.0.1",
-            "--balancerPort",
-            str(bal.port),
-            "--client_count",
-            str(LOAD_CLIENTS),
-            "--pipeline",
-            str(LOAD_PIPELINE),
-            "--requests_per_client",
-            str(LOAD_PER_CLIENT),
-            "--admin",
-            f"127.0.0.1:{bal.admin_port}",
-            "--json",
-            "--quiet",
-        ]
+    client = start_load(
+        bal.port,
+        "--client_count",
+        str(LOAD_CLIENTS),
+        "--pipeline",
+        str(LOAD_PIPELINE),
+        "--requests_per_client",
+        str(LOAD_PER_CLIENT),
+        admin_port=bal.admin_port,
     )
-    assert client.wait(timeout=90) == 0, client.output()
-    doc: dict[str, Any] = json.loads([ln for ln in client.lines if ln.startswith("{")][-1])
-    return doc
+    return load_summary(client, timeout=90)
 
 
 @pytest.fixture(scope="module")
@@ -119,29 +101,20 @@ def slow_and_fast() -> Iterator[list[ServiceProc]]:
             p.stop()
 
 
-@pytest.fixture
-def balancers() -> Iterator[list[BalancerProc]]:
-    started: list[BalancerProc] = []
-    yield started
-    for bal in started:
-        bal.stop()
-
-
 @pytest.mark.parametrize("algorithm", ["least_connections", "power_of_two", "peak_ewma"])
 def test_load_aware_policies_send_the_slow_backend_fewer_requests(
     tmp_path: Path,
     slow_and_fast: list[ServiceProc],
-    balancers: list[BalancerProc],
+    balancers: Balancers,
     algorithm: str,
 ) -> None:
     cfg = write_config(tmp_path / "b.toml", [s.port for s in slow_and_fast], algorithm=algorithm)
-    bal = start_balancer(cfg)
-    balancers.append(bal)
+    bal = balancers.start(cfg)
     doc = run_load(bal)
     total = LOAD_CLIENTS * LOAD_PER_CLIENT
     assert doc["requests"] == total
     assert doc["ok"] == total, doc["errors"]
-    counts = requests_per_backend(bal)
+    counts = backend_requests(bal.status())
     assert sum(counts.values()) == total
     slow = counts.pop(address(slow_and_fast[1]))
     fast_mean = sum(counts.values()) / len(counts)
@@ -149,33 +122,31 @@ def test_load_aware_policies_send_the_slow_backend_fewer_requests(
 
 
 def test_round_robin_gives_the_slow_backend_its_full_share(
-    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: list[BalancerProc]
+    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: Balancers
 ) -> None:
     """The contrast to the load-aware policies: a blind rotation does not see the delay."""
     cfg = write_config(tmp_path / "b.toml", [s.port for s in slow_and_fast])
-    bal = start_balancer(cfg)
-    balancers.append(bal)
+    bal = balancers.start(cfg)
     doc = run_load(bal)
     total = LOAD_CLIENTS * LOAD_PER_CLIENT
     assert doc["ok"] == total, doc["errors"]
-    counts = requests_per_backend(bal)
+    counts = backend_requests(bal.status())
     assert sorted(counts.values()) == [total // 4] * 4
 
 
 def test_weighted_round_robin_splits_lockstep_requests_exactly_three_to_one(
-    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: list[BalancerProc]
+    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: Balancers
 ) -> None:
     heavy, light = slow_and_fast[0], slow_and_fast[2]
     cfg = write_config(
         tmp_path / "b.toml", [(heavy.port, 3), (light.port, 1)], algorithm="weighted_round_robin"
     )
-    bal = start_balancer(cfg)
-    balancers.append(bal)
+    bal = balancers.start(cfg)
     c = LineClient(bal.port)
     for i in range(400):
         assert c.request(str(i)) == reply_for(i)
     c.close()
-    assert requests_per_backend(bal) == {address(heavy): 300, address(light): 100}
+    assert backend_requests(bal.status()) == {address(heavy): 300, address(light): 100}
 
 
 @pytest.mark.parametrize(
@@ -184,7 +155,7 @@ def test_weighted_round_robin_splits_lockstep_requests_exactly_three_to_one(
 def test_weight_zero_in_the_config_drains_a_backend(
     tmp_path: Path,
     slow_and_fast: list[ServiceProc],
-    balancers: list[BalancerProc],
+    balancers: Balancers,
     algorithm: str,
 ) -> None:
     fast = [slow_and_fast[0], slow_and_fast[2], slow_and_fast[3]]
@@ -194,9 +165,8 @@ def test_weight_zero_in_the_config_drains_a_backend(
         [fast[0].port, (drained.port, 0), fast[2].port],
         algorithm=algorithm,
     )
-    bal = start_balancer(cfg)
-    balancers.append(bal)
-    status = backend_status(bal)
+    bal = balancers.start(cfg)
+    status = backend_rows(bal.status())
     assert status[address(drained)]["state"] == "up"
     assert status[address(drained)]["weight"] == 0
     clients = [LineClient(bal.port) for _ in range(4)]
@@ -205,7 +175,7 @@ def test_weight_zero_in_the_config_drains_a_backend(
     for c in clients:
         assert [c.read_line() for _ in range(50)] == [reply_for(i) for i in range(50)]
         c.close()
-    counts = requests_per_backend(bal)
+    counts = backend_requests(bal.status())
     assert counts[address(drained)] == 0
     assert counts[address(fast[0])] > 0
     assert counts[address(fast[2])] > 0
@@ -225,19 +195,18 @@ def put_backend(bal: BalancerProc, backend: str, body: dict[str, Any]) -> dict[s
 
 
 def test_weight_changed_through_the_admin_api_applies_to_the_next_request(
-    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: list[BalancerProc]
+    tmp_path: Path, slow_and_fast: list[ServiceProc], balancers: Balancers
 ) -> None:
     a, b = slow_and_fast[0], slow_and_fast[2]
     cfg = write_config(tmp_path / "b.toml", [a.port, b.port], algorithm="weighted_round_robin")
-    bal = start_balancer(cfg)
-    balancers.append(bal)
+    bal = balancers.start(cfg)
     c = LineClient(bal.port)
 
     def lockstep(n: int) -> dict[str, int]:
-        before = requests_per_backend(bal)
+        before = backend_requests(bal.status())
         for i in range(n):
             assert c.request(str(i)) == reply_for(i)
-        after = requests_per_backend(bal)
+        after = backend_requests(bal.status())
         return {k: after[k] - before[k] for k in after}
 
     assert lockstep(200) == {address(a): 100, address(b): 100}
@@ -252,17 +221,6 @@ def test_weight_changed_through_the_admin_api_applies_to_the_next_request(
 
 ACCESS_RE = re.compile(r" (\S+):(\d+) -> (\S+) '([^']*)' \S+ ok$")
 HASH_LINES = [str(1000 + 7919 * i) for i in range(50)]
-
-
-@pytest.fixture
-def four_services() -> Iterator[list[ServiceProc]]:
-    procs: list[ServiceProc] = []
-    try:
-        procs.extend(start_service() for _ in range(4))
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def send_from_new_connections(port: int, lines: Sequence[str], rounds: int) -> set[int]:
@@ -289,11 +247,12 @@ def backends_by_line(
 
 
 def test_consistent_hash_on_the_message_pins_each_line_and_moves_only_a_lost_backends_lines(
-    tmp_path: Path, four_services: list[ServiceProc]
+    tmp_path: Path, services: Services
 ) -> None:
+    four_services = services.start_many(4)
     cfg = write_config(
         tmp_path / "b.toml",
-        [s.port for s in four_services],
+        services.ports,
         algorithm="consistent_hash",
         hash_key="message",
     )
@@ -304,7 +263,7 @@ def test_consistent_hash_on_the_message_pins_each_line_and_moves_only_a_lost_bac
         victim = four_services[2]
         victim.stop(signal.SIGKILL)
         wait_until(
-            lambda: backend_status(bal)[address(victim)]["state"] == "down",
+            lambda: backend_rows(bal.status())[address(victim)]["state"] == "down",
             what="the killed backend to be marked down",
         )
         after_ports = send_from_new_connections(bal.port, HASH_LINES, rounds=3)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from balancer.report import ReportData, write_html_report
-from tests.support import PYTHON, Proc, start_balancer, start_service, write_toml
+from tests.support import Balancers, Services, load_summary, start_load, write_toml
 
 VOID = {"meta", "link", "br", "img", "input", "hr", "col", "area", "base", "wbr", "source"}
 
@@ -104,40 +103,23 @@ def test_report_with_nothing_but_a_title_is_still_valid(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_client_writes_a_report_of_its_run(tmp_path: Path) -> None:
-    services = [start_service() for _ in range(2)]
-    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])
-    bal = start_balancer(cfg)
+def test_client_writes_a_report_of_its_run(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> None:
+    services.start_many(2)
+    bal = balancers.start(write_toml(tmp_path / "b.toml", services.ports))
     out = tmp_path / "run.html"
-    try:
-        client = Proc(
-            [
-                PYTHON,
-                "-m",
-                "balancer",
-                "client",
-                "--balancerIp",
-                "127.0.0.1",
-                "--balancerPort",
-                str(bal.port),
-                "--admin",
-                f"127.0.0.1:{bal.admin_port}",
-                "--requests_per_client",
-                "300",
-                "--client_count",
-                "2",
-                "--json",
-                "--quiet",
-                "--report",
-                str(out),
-            ]
-        )
-        assert client.wait(timeout=120) == 0, client.output()
-    finally:
-        bal.stop()
-        for s in services:
-            s.stop()
-    summary = json.loads([line for line in client.lines if line.startswith("{")][-1])
+    client = start_load(
+        bal.port,
+        "--requests_per_client",
+        "300",
+        "--client_count",
+        "2",
+        "--report",
+        str(out),
+        admin_port=bal.admin_port,
+    )
+    summary = load_summary(client, timeout=120)
     p = parse(out)
     text = " ".join(p.text)
     assert "Latency by percentile" in text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,10 +15,11 @@ from balancer.pool import Backend, BackendPool
 from tests.support import (
     BalancerProc,
     LineClient,
-    ServiceProc,
+    Services,
+    backend_requests,
+    backend_rows,
     reply_for,
     start_balancer,
-    start_service,
     wait_until,
 )
 
@@ -113,14 +113,6 @@ BATCH = 100
 MAX_BATCHES = 1000
 
 
-@pytest.fixture
-def services() -> Iterator[list[ServiceProc]]:
-    procs: list[ServiceProc] = []
-    yield procs
-    for p in procs:
-        p.stop()
-
-
 def write_config(path: Path, ports: list[int], algorithm: str) -> Path:
     backends = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
     health = {"interval": 0.1, "timeout": 1, "rise": 1, "fall": 1}
@@ -137,24 +129,22 @@ def write_config(path: Path, ports: list[int], algorithm: str) -> Path:
 
 
 def state_of(bal: BalancerProc, address: str) -> str:
-    backends = bal.status()["services"]["numbers"]["backends"]
-    return str(next(b["state"] for b in backends if b["address"] == address))
+    return str(backend_rows(bal.status())[address]["state"])
 
 
 def requests_of(bal: BalancerProc, address: str) -> int:
-    backends = bal.status()["services"]["numbers"]["backends"]
-    return int(next(b["requests"] for b in backends if b["address"] == address))
+    return backend_requests(bal.status())[address]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("algorithm", ["weighted_round_robin", "least_connections"])
 def test_a_recovered_backend_gets_a_small_share_first_and_its_full_share_later(
-    tmp_path: Path, services: list[ServiceProc], algorithm: str
+    tmp_path: Path, services: Services, algorithm: str
 ) -> None:
-    services.extend(start_service() for _ in range(2))
+    services.start_many(2)
     back = services[1]
     back_address = f"127.0.0.1:{back.port}"
-    bal = start_balancer(write_config(tmp_path / "b.toml", [s.port for s in services], algorithm))
+    bal = start_balancer(write_config(tmp_path / "b.toml", services.ports, algorithm))
     try:
         c = LineClient(bal.port)
 
@@ -169,7 +159,7 @@ def test_a_recovered_backend_gets_a_small_share_first_and_its_full_share_later(
         back.stop(signal.SIGKILL)
         wait_until(lambda: state_of(bal, back_address) == "down", what="backend down")
         assert batch_share() == 0.0
-        services.append(start_service(port=back.port))
+        services.start(port=back.port)
         wait_until(lambda: state_of(bal, back_address) == "up", what="backend up again")
         shares = [batch_share()]
         while shares[-1] < 0.45 and len(shares) < MAX_BATCHES:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,12 @@ import pytest
 from tests.support import (
     PYTHON,
     BalancerProc,
+    Balancers,
     LineClient,
     Proc,
     ServiceProc,
+    Services,
+    backend_rows,
     free_port,
     reply_for,
     start_balancer,
@@ -26,14 +28,11 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def balancer(tmp_path: Path) -> Iterator[tuple[BalancerProc, list[ServiceProc]]]:
-    services = [start_service() for _ in range(2)]
-    cfg = write_toml(tmp_path / "b.toml", [s.port for s in services])
-    bal = start_balancer(cfg)
-    yield bal, services
-    bal.stop()
-    for s in services:
-        s.stop()
+def balancer(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> tuple[BalancerProc, list[ServiceProc]]:
+    services.start_many(2)
+    return balancers.start(write_toml(tmp_path / "b.toml", services.ports)), services
 
 
 def status_cmd(*args: str) -> Proc:
@@ -70,21 +69,15 @@ def test_status_watch_json_follows_changes(
     services[0].stop()
     dead = f"127.0.0.1:{services[0].port}"
 
-    def state_of_dead() -> str:
-        state: str = next(
-            b["state"]
-            for b in bal.status()["services"]["numbers"]["backends"]
-            if b["address"] == dead
-        )
-        return state
-
-    wait_until(lambda: state_of_dead() == "down", what="dead backend down")
+    wait_until(
+        lambda: backend_rows(bal.status())[dead]["state"] == "down", what="dead backend down"
+    )
     proc = status_cmd("--admin", f"127.0.0.1:{bal.admin_port}", "--watch", "--count", "2", "--json")
     assert proc.popen.returncode == 0, proc.output()
     docs = [json.loads(line) for line in proc.lines if line.startswith("{")]
     assert len(docs) == 2
     for doc in docs:
-        states = {b["address"]: b["state"] for b in doc["services"]["numbers"]["backends"]}
+        states = {a: b["state"] for a, b in backend_rows(doc).items()}
         assert states[dead] == "down"
         assert states[f"127.0.0.1:{services[1].port}"] == "up"
 
