@@ -1,15 +1,16 @@
 """TCP mode against HAProxy (mode tcp, nbthread 1) and a direct connection.
 
-    .venv/bin/python bench/tcp_bench.py [--rounds 3] [--quick]
+    .venv/bin/python bench/tcp_bench.py [--rounds 3] [--quick] [--only TEXT ...]
 
-Starts two redis-servers and nginx on loopback ports, then our relay
-(`bench/tcp_runner.py`, uvloop) and HAProxy over the same backends, and runs
-in alternating rounds: redis-benchmark -c 50 with small values (-P 1, -P 16)
-and 100 KB values, and wrk against nginx's small page. For each it records
-requests/s, p50/p99 latency and the proxy's CPU seconds per 100k requests
-(psutil), then the RSS each proxy adds per idle proxied connection with
-5,000 connections open. Medians over rounds go to bench/results/tcp.json and
-bench/results/tcp.md.
+Starts two redis-servers and nginx on loopback ports, then the balancer
+(`python -m balancer serve` with a generated TOML, admin and health checks
+off, uvloop) and HAProxy over the same backends, and runs in alternating
+rounds: redis-benchmark -c 50 with small values (-P 1, -P 16) and 100 KB
+values, and wrk against nginx's small page. For each it records requests/s,
+p50/p99 latency and the proxy's CPU seconds per 100k requests (psutil), then
+the RSS each proxy adds per idle proxied connection with 5,000 connections
+open. Medians over rounds go to bench/results/tcp.json and bench/results/tcp.md;
+with --only, the chosen workloads run and their medians are printed only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -53,34 +56,68 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _raise_child_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * IDLE_CONNECTIONS))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def tcp_config(backends: list[str]) -> str:
+    listed = ", ".join(f'"{b}"' for b in backends)
+    return (
+        "[services.bench]\n"
+        f'listen = "{HOST}:0"\n'
+        'mode = "tcp"\n'
+        'algorithm = "round_robin"\n'
+        f"backends = [{listed}]\n"
+        "[services.bench.health]\n"
+        "enabled = false\n"
+    )
+
+
 @contextmanager
 def our_relay(backends: list[str]) -> Iterator[Peer]:
-    args = [sys.executable, str(ROOT / "bench" / "tcp_runner.py"), "--listen", f"{HOST}:0"]
-    for b in backends:
-        args += ["--backend", b]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    port = 0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline().decode()
-        if not line:
-            break
-        m = re.search(r"listening on \S+:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if "balancer ready" in line:
-            break
-    if not port:
-        proc.kill()
-        raise RuntimeError("tcp_runner did not become ready")
-    wait_connectable(port, proc, "tcp_runner")
-    try:
-        yield Peer("balancer", proc, port)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stderr.close()
+    """`balancer serve` with one tcp service over `backends`, admin off, no health checks."""
+    with tempfile.TemporaryDirectory(prefix="balancer-tcp-bench-") as tmp:
+        cfg = Path(tmp) / "tcp.toml"
+        cfg.write_text(tcp_config(backends))
+        args = [sys.executable, "-m", "balancer", "serve", str(cfg), "--admin", "off"]
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_raise_child_nofile,
+        )
+        assert proc.stderr is not None
+        port = 0
+        seen: list[str] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline().decode(errors="replace")
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(r"service \S+ listening on \S+:(\d+) ", line)
+            if m:
+                port = int(m.group(1))
+            if "balancer ready" in line:
+                break
+        if not port:
+            proc.kill()
+            proc.wait(10)
+            raise RuntimeError("balancer serve did not become ready:\n" + "".join(seen))
+        # Keep reading its log so that a chatty child never blocks on a full pipe.
+        drain = threading.Thread(target=proc.stderr.read, daemon=True)
+        drain.start()
+        wait_connectable(port, proc, "balancer")
+        try:
+            yield Peer("balancer", proc, port)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            drain.join(5)
+            proc.stderr.close()
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -140,7 +177,15 @@ def run_wrk(port: int, seconds: float) -> dict[str, float]:
 async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
     writers = []
     for _ in range(count):
-        reader, writer = await asyncio.open_connection(HOST, port)
+        for attempt in range(3):
+            try:
+                reader, writer = await asyncio.open_connection(HOST, port)
+                break
+            except ConnectionRefusedError:
+                # A burst of thousands of connects can overflow a listen queue for a moment.
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.1)
         writer.write(b"PING\r\n")
         if await reader.readline() != b"+PONG\r\n":
             raise RuntimeError("PING through the proxy failed")
@@ -165,6 +210,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one short round, for a smoke run")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only workloads whose name contains TEXT ('idle' for the RSS run); "
+        "results are printed, not written",
+    )
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     scale = 0.2 if args.quick else 1.0
@@ -176,6 +229,9 @@ def main() -> int:
         "redis 100KB": {"kind": "redis", "pipeline": 1, "size": 100_000, "n": int(10_000 * scale)},
         "wrk nginx": {"kind": "wrk", "seconds": 3 if not args.quick else 1},
     }
+    if args.only:
+        workloads = {k: v for k, v in workloads.items() if any(o in k for o in args.only)}
+    measure_idle = not args.only or "idle" in args.only
     samples: dict[str, dict[str, list[dict[str, float]]]] = {
         w: {"ours": [], "haproxy": [], "direct": []} for w in workloads
     }
@@ -223,12 +279,19 @@ def main() -> int:
                         f"cpu {res['cpu_s_per_100k']:.3f} s/100k",
                         flush=True,
                     )
-        for target in ("ours", "haproxy"):
+        for target in ("ours", "haproxy") if measure_idle else ():
             port, pid = targets["redis"][target]
             assert pid is not None
             idle[target] = idle_rss_per_connection(pid, port)
             print(f"idle RSS {target}: {idle[target]:.0f} B per connection", flush=True)
 
+    if args.only:
+        for name, per_target in samples.items():
+            for target, runs in per_target.items():
+                rps = statistics.median(r["rps"] for r in runs)
+                cpu = statistics.median(r["cpu_s_per_100k"] for r in runs)
+                print(f"median {name:16} {target:8} {rps:>11.0f} req/s cpu {cpu:.3f} s/100k")
+        return 0
     report = summarise(samples, idle, rounds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tcp.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -263,7 +326,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Medians of {report['rounds']} alternating rounds on {report['cpus']} CPUs. "
         "redis-benchmark -c 50 (SET+GET), wrk -t1 -c50 against nginx; direct = no proxy "
-        "(redis: one of the two backends). CPU is the proxy process only.",
+        "(redis: one of the two backends). CPU is the proxy process only; ours is "
+        "`python -m balancer serve` on uvloop.",
         "",
         "| workload | target | req/s | p50 ms | p99 ms | CPU s / 100k req |",
         "|---|---|---:|---:|---:|---:|",

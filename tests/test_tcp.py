@@ -437,3 +437,25 @@ async def test_client_reset_is_passed_to_backend(start: Starter) -> None:
     writer.transport.abort()
     assert await asyncio.wait_for(backend_saw, STEP) == "reset"
     backend.close()
+
+
+async def test_one_way_stream_is_not_idle(start: Starter) -> None:
+    """Bytes flowing only from the backend keep the connection alive past the idle timeout."""
+    lines = 30
+
+    async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i in range(lines):
+            writer.write(b"tick %d\n" % i)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    backend = await asyncio.start_server(ticker, HOST, 0)
+    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"], idle_timeout=0.2)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    # The client never writes; 30 ticks 50 ms apart outlast the 0.2 s idle timeout.
+    received = await read_to_eof(reader)
+    writer.close()
+    backend.close()
+    assert received.splitlines() == [b"tick %d" % i for i in range(lines)]
+    assert svc.pool.backends[0].bytes_out == len(received)

@@ -15,12 +15,11 @@ backend socket and the two sides relay to each other:
 - Half-close: an EOF from one peer is passed on with `write_eof()`; the other
   direction keeps flowing until it ends too, then both sockets are closed.
 - Resets: a side lost with an error aborts the other with an RST (SO_LINGER 0).
-- Reads land in one buffer shared by every connection of the service (all
-  callbacks run on one loop and consume it before returning). A chunk is
-  written as a view of that buffer when the destination has nothing queued;
-  if the transport could not send all of it (it then keeps the view) the
-  service takes a fresh shared buffer. When something is already queued the
-  chunk is copied, so queued data never pins more than one shared buffer.
+- Each chunk read from one side is written, as the bytes object the loop
+  delivered, to the other side's transport with a write method bound at
+  connect time: one Python call per chunk. On uvloop the read and the write
+  (batched per loop turn) run in C, with no Python socket call in between;
+  a C relay's system calls and little more.
 
 Limits: `max_connections` per service and `max_backend_connections` per
 backend refuse excess connections cleanly (accepted, closed, counted in
@@ -44,7 +43,6 @@ from balancer.pool import Backend, BackendPool
 
 log = logging.getLogger("balancer")
 
-_READ_BUFFER = 256 * 1024
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _IDLE_SWEEPS = 4
@@ -75,18 +73,22 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-class _BackendSide(asyncio.BufferedProtocol):
+def _discard(data: bytes) -> None:
+    """The write of a side with no peer (yet, or any more)."""
+
+
+class _BackendSide(asyncio.Protocol):
     """The backend socket of one relayed connection."""
 
-    __slots__ = ("backend", "client", "queued", "svc", "transport")
+    __slots__ = ("backend", "client", "idle", "transport", "write")
 
     def __init__(self, client: _ClientSide, backend: Backend) -> None:
         self.client = client
         self.backend = backend
-        self.svc = client.svc
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.queued = False
-        """The client transport may hold data queued by an earlier write."""
+        self.write: Callable[[bytes], None] = client.transport.write
+        """Writes to the client."""
+        self.idle = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -97,22 +99,10 @@ class _BackendSide(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         self.client.attach(self)
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.svc.buf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        client = self.client
-        client.idle = 0
-        self.backend.bytes_out += nbytes
-        dst = client.transport
-        svc = self.svc
-        if self.queued and dst.get_write_buffer_size():
-            dst.write(svc.buf[:nbytes])
-            return
-        dst.write(svc.view[:nbytes])
-        self.queued = bool(dst.get_write_buffer_size())
-        if self.queued:
-            svc.renew_buffer()
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        self.backend.bytes_out += len(data)
+        self.write(data)
 
     def eof_received(self) -> bool:
         self.client.backend_eof()
@@ -129,10 +119,11 @@ class _BackendSide(asyncio.BufferedProtocol):
             client.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.write = _discard
         self.client.backend_lost(exc)
 
 
-class _ClientSide(asyncio.BufferedProtocol):
+class _ClientSide(asyncio.Protocol):
     """A client connection: picks and connects the backend, then relays."""
 
     __slots__ = (
@@ -142,13 +133,13 @@ class _ClientSide(asyncio.BufferedProtocol):
         "connector",
         "held",
         "idle",
-        "queued",
         "server_eof",
         "started",
         "svc",
         "transport",
         "upstream",
         "upstream_full",
+        "write",
     )
 
     def __init__(self, svc: TcpService) -> None:
@@ -162,8 +153,8 @@ class _ClientSide(asyncio.BufferedProtocol):
         self.client_eof = False
         self.server_eof = False
         self.upstream_full = False
-        self.queued = False
-        """The backend transport may hold data queued by an earlier write."""
+        self.write: Callable[[bytes], None] = _discard
+        """Writes to the backend, once connected."""
         self.idle = 0
         self.started = 0.0
 
@@ -183,29 +174,21 @@ class _ClientSide(asyncio.BufferedProtocol):
         self.held = bytearray()
         self.connector = svc.loop.create_task(self._connect())
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.svc.buf
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         self.idle = 0
         upstream = self.upstream
-        svc = self.svc
         if upstream is None:
-            held = self.held
-            if held is not None:
-                held += svc.view[:nbytes]
-                if len(held) >= svc.connect_buffer:
-                    self.transport.pause_reading()
+            self._hold(data)
             return
-        upstream.backend.bytes_in += nbytes
-        dst = upstream.transport
-        if self.queued and dst.get_write_buffer_size():
-            dst.write(svc.buf[:nbytes])
-            return
-        dst.write(svc.view[:nbytes])
-        self.queued = bool(dst.get_write_buffer_size())
-        if self.queued:
-            svc.renew_buffer()
+        upstream.backend.bytes_in += len(data)
+        self.write(data)
+
+    def _hold(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:
+            held += data
+            if len(held) >= self.svc.connect_buffer:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -228,6 +211,7 @@ class _ClientSide(asyncio.BufferedProtocol):
             upstream.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.write = _discard
         if self.connector is not None:
             self.connector.cancel()
             self.connector = None
@@ -250,6 +234,7 @@ class _ClientSide(asyncio.BufferedProtocol):
     def attach(self, upstream: _BackendSide) -> None:
         """The backend accepted: send what was held and start relaying."""
         self.upstream = upstream
+        self.write = upstream.transport.write
         backend = upstream.backend
         backend.requests += 1
         backend.total_connections += 1
@@ -272,6 +257,7 @@ class _ClientSide(asyncio.BufferedProtocol):
             self.transport.write_eof()
 
     def backend_lost(self, exc: Exception | None) -> None:
+        self.write = _discard
         if self.closed:
             return
         self.closed = True
@@ -374,8 +360,6 @@ class TcpService:
         self.conns: set[_ClientSide] = set()
         self.accepting = False
         self.drained: asyncio.Event | None = None
-        self.buf = bytearray(_READ_BUFFER)
-        self.view = memoryview(self.buf)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -414,11 +398,6 @@ class TcpService:
     @property
     def client_connections(self) -> int:
         return len(self.conns)
-
-    def renew_buffer(self) -> None:
-        """A transport kept a view of the shared read buffer: read into a new one."""
-        self.buf = bytearray(_READ_BUFFER)
-        self.view = memoryview(self.buf)
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
@@ -466,8 +445,14 @@ class TcpService:
             await asyncio.sleep(period)
             expired = []
             for conn in self.conns:
+                # Each side notes its own reads; quiet both ways means idle.
                 conn.idle += 1
-                if conn.idle > _IDLE_SWEEPS:
+                upstream = conn.upstream
+                idle = conn.idle
+                if upstream is not None:
+                    upstream.idle += 1
+                    idle = min(idle, upstream.idle)
+                if idle > _IDLE_SWEEPS:
                     expired.append(conn)
             for conn in expired:
                 conn.close()
