@@ -459,3 +459,13 @@ async def test_one_way_stream_is_not_idle(start: Starter) -> None:
     backend.close()
     assert received.splitlines() == [b"tick %d" % i for i in range(lines)]
     assert svc.pool.backends[0].bytes_out == len(received)
+
+
+async def test_failover_and_no_backend_are_counted(start: Starter) -> None:
+    svc, port = await start([f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"])
+    reader, writer = await asyncio.open_connection(HOST, port)
+    assert await read_to_eof(reader) == b""
+    writer.close()
+    await wait_for_count(svc, 0)
+    assert svc.retries == 1  # the second backend was tried after the first refused
+    assert svc.not_available == 1

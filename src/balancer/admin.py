@@ -128,9 +128,9 @@ def status_document(server: Server) -> dict[str, Any]:
             "mode": runtime.config.mode,
             "algorithm": runtime.config.algorithm,
             "client_connections": proxy.client_connections,
-            "not_available": getattr(proxy, "not_available", 0),
-            "retries": getattr(proxy, "retries", 0),
-            "refused": getattr(proxy, "refused", 0),
+            "not_available": proxy.not_available,
+            "retries": proxy.retries,
+            "refused": proxy.refused,
             "backends": backends,
         }
     return {"services": services}
@@ -200,7 +200,7 @@ class TrafficHistory:
         for name, runtime in server.services.items():
             backends = list(runtime.pool)
             snap = self._snapshot(
-                now, backends, getattr(runtime.proxy, "not_available", 0), runtime.histogram
+                now, backends, runtime.proxy.not_available, runtime.histogram
             )
             prev = self._last.get(name)
             self._last[name] = snap

@@ -135,11 +135,14 @@ class BalancerCollector(Collector):
         )
         not_available = CounterMetricFamily(
             "balancer_not_available",
-            "Requests answered 'Server not available'.",
+            "Requests answered 'Server not available' (message mode) or connections closed "
+            "because no backend could take them (tcp mode).",
             labels=["service"],
         )
         retries = CounterMetricFamily(
-            "balancer_retries", "Requests re-sent to another backend.", labels=["service"]
+            "balancer_retries",
+            "Requests re-sent, or connects tried again, on another backend.",
+            labels=["service"],
         )
         refused = CounterMetricFamily(
             "balancer_refused_connections",
@@ -165,9 +168,9 @@ class BalancerCollector(Collector):
                 bytes_out.add_metric(labels, b.bytes_out)
             proxy = runtime.proxy
             clients.add_metric([name], proxy.client_connections)
-            not_available.add_metric([name], getattr(proxy, "not_available", 0))
-            retries.add_metric([name], getattr(proxy, "retries", 0))
-            refused.add_metric([name], getattr(proxy, "refused", 0))
+            not_available.add_metric([name], proxy.not_available)
+            retries.add_metric([name], proxy.retries)
+            refused.add_metric([name], proxy.refused)
             hist = runtime.histogram
             duration.add_metric([name], hist.cumulative(), hist.total)
         yield from (

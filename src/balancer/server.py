@@ -27,6 +27,18 @@ class Proxy(Protocol):
     """What the server needs of a service's listener (message or tcp mode)."""
 
     refused: int
+    """Client connections refused by limits."""
+    not_available: int
+    """Requests (message mode) or connections (tcp mode) no backend could take."""
+
+    @property
+    def retries(self) -> int:
+        """Requests re-sent, or connects tried again, on another backend."""
+        ...
+
+    def reconfigure(self, config: ServiceConfig) -> None: ...
+
+    def remove_backend(self, backend: Backend) -> None: ...
 
     async def start(self) -> tuple[str, int]: ...
 
@@ -232,9 +244,7 @@ class Server:
         runtime.checker.unwatch(backend)
         if backend in runtime.pool.backends:
             runtime.pool.remove(backend)
-        remove = getattr(runtime.proxy, "remove_backend", None)
-        if remove is not None:
-            remove(backend)
+        runtime.proxy.remove_backend(backend)
         log.warning("backend %s removed from service %s", address, service)
 
     # -- reload -------------------------------------------------------------------
@@ -347,9 +357,7 @@ class Server:
         )
         if policy_changed:
             pool.policy = make_policy(svc)
-        reconfigure = getattr(runtime.proxy, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(svc)
+        runtime.proxy.reconfigure(svc)
         if svc.health != old.health or svc.backend_framing != old.backend_framing:
             runtime.checker.reconfigure()
         for bc in svc.backends:

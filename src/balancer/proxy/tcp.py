@@ -331,8 +331,9 @@ class _ClientSide(asyncio.Protocol):
                 backend.failures += 1
                 pool.report_failure(backend, reason)
                 failures += 1
-                if self.closed or failures > svc.retries:
+                if self.closed or failures > svc.retry_limit:
                     break
+                svc.retries_made += 1
                 continue
             self.connector = None
             return
@@ -341,6 +342,8 @@ class _ClientSide(asyncio.Protocol):
             return
         if at_limit and not failures:
             svc.refused += 1
+        else:
+            svc.not_available += 1
         log.debug("service %s: no backend for %s", svc.config.name, peer)
         self.close()
 
@@ -356,6 +359,10 @@ class TcpService:
         self.config = config
         self.pool = pool
         self.refused = 0
+        self.not_available = 0
+        """Connections closed because no backend could take them."""
+        self.retries_made = 0
+        """Connects tried again on another backend."""
         self._apply(config)
         self.conns: set[_ClientSide] = set()
         self.accepting = False
@@ -371,7 +378,7 @@ class TcpService:
         self.max_backend_connections = config.max_backend_connections
         self.connect_buffer = config.connect_buffer
         self.connect_timeout = config.connect_timeout
-        self.retries = config.retries
+        self.retry_limit = config.retries
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """New settings for this service (same listener and mode), from a reload."""
@@ -398,6 +405,11 @@ class TcpService:
     @property
     def client_connections(self) -> int:
         return len(self.conns)
+
+    @property
+    def retries(self) -> int:
+        """Connects tried again on another backend (a counter, as message mode's)."""
+        return self.retries_made
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
