@@ -315,6 +315,8 @@ class _ClientSide(asyncio.Protocol):
             if limit and backend.active_connections >= limit:
                 at_limit = True
                 continue
+            if failures:
+                svc.retries_made += 1
             self.backend = backend
             self.started = loop.time()
             backend.active_connections += 1
@@ -333,7 +335,6 @@ class _ClientSide(asyncio.Protocol):
                 failures += 1
                 if self.closed or failures > svc.retry_limit:
                     break
-                svc.retries_made += 1
                 continue
             self.connector = None
             return
