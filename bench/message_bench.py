@@ -1,10 +1,12 @@
-"""Message mode throughput and latency: direct to a backend versus through the balancer.
+"""Message mode throughput and latency: direct, through HAProxy, through the balancer.
 
 Four sample services run as subprocesses; the balancer (round robin, admin off)
-runs as a subprocess in front of them. Each round runs the load client, itself a
-separate subprocess with `--json`, against (a) one backend directly and (b) the
-balancer, each in lockstep (pipeline 1) and pipelined (pipeline 16), over 16
-connections for a fixed duration. Scenarios alternate within every round so
+runs as a subprocess in front of them, and so does HAProxy (`mode tcp`,
+`nbthread 1`, round robin over the same four: it balances per connection,
+the balancer per request). Each round runs the load client, itself a
+separate subprocess with `--json`, against (a) one backend directly, (b)
+HAProxy and (c) the balancer, each in lockstep (pipeline 1) and pipelined
+(pipeline 16), over 16 connections for a fixed duration. Scenarios alternate within every round so
 slow drift of the machine hits both sides alike. Reported per scenario: the
 median over rounds of requests/s, p50 and p99; the CPU seconds the target
 process (the balancer, or the backend for direct runs) spent per 100k requests;
@@ -22,18 +24,22 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from balancer.demo import Child, start_service
 from balancer.loops import loop_name
 from harness import RESULTS, run_load, save_results, start_balancer
+from tests.peers import haproxy
 
 BACKENDS = 4
 PIPELINES = (1, 16)
-TARGETS = ("direct", "balancer")
+TARGETS = ("direct", "haproxy", "balancer")
 
 
 def write_config(path: Path, backend_ports: list[int]) -> None:
@@ -116,7 +122,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['rounds']} rounds x {s['duration_s']} s per scenario "
         f"(Python {env['python']}, {env['loop']}, {env['cpus']} CPUs, {env['machine']}).",
         "Medians over rounds; CPU is the target process's user+sys seconds per 100k requests "
-        "(the balancer, or the one backend for direct runs); "
+        "(the balancer, HAProxy, or the one backend for direct runs); "
         "RSS is the target's peak resident size.",
         "",
         "| target | pipeline | req/s | p50 ms | p99 ms | CPU s/100k req | RSS MB | errors |",
@@ -131,8 +137,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
     out += [
         "",
-        "| pipeline | req/s balancer/direct | p50 balancer/direct | p99 balancer/direct |",
-        "|---:|---:|---:|---:|",
+        "| pipeline | req/s balancer/direct | req/s HAProxy/direct | req/s balancer/HAProxy "
+        "| p50 balancer/direct | p99 balancer/direct |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["ratios"]:
 
@@ -140,7 +147,8 @@ def markdown(result: dict[str, Any]) -> str:
             return "-" if v is None else f"{v:.2f}"
 
         out.append(
-            f"| {r['pipeline']} | {show(r['throughput'])} | {show(r['p50'])} | {show(r['p99'])} |"
+            f"| {r['pipeline']} | {show(r['throughput'])} | {show(r.get('haproxy_throughput'))} "
+            f"| {show(r.get('balancer_vs_haproxy'))} | {show(r['p50'])} | {show(r['p99'])} |"
         )
     return "\n".join(out) + "\n"
 
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     children: list[Child] = []
     tmp = tempfile.TemporaryDirectory(prefix="balancer-bench-")
+    stack = ExitStack()
     try:
         ports: list[int] = []
         for i in range(BACKENDS):
@@ -167,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         write_config(config, ports)
         balancer = start_balancer(config)
         children.append(balancer.child)
+        ha = stack.enter_context(haproxy([f"127.0.0.1:{p}" for p in ports]))
         processes = {
             "direct": (psutil.Process(children[0].popen.pid), ports[0]),
+            "haproxy": (psutil.Process(ha.proc.pid), ha.port),
             "balancer": (psutil.Process(balancer.pid), balancer.port),
         }
         rss_idle = processes["balancer"][0].memory_info().rss / 2**20
@@ -192,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     finally:
+        stack.close()
         for child in reversed(children):
             child.stop()
         tmp.cleanup()
@@ -205,12 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     ratios = []
     for pipeline in PIPELINES:
         b, d = by_key[("balancer", pipeline)], by_key[("direct", pipeline)]
+        h = by_key[("haproxy", pipeline)]
         ratios.append(
             {
                 "pipeline": pipeline,
                 "throughput": ratio(b["throughput_rps"], d["throughput_rps"]),
                 "p50": ratio(b["p50_ms"], d["p50_ms"]),
                 "p99": ratio(b["p99_ms"], d["p99_ms"]),
+                "haproxy_throughput": ratio(h["throughput_rps"], d["throughput_rps"]),
+                "balancer_vs_haproxy": ratio(b["throughput_rps"], h["throughput_rps"]),
             }
         )
     result = {

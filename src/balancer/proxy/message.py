@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 import socket
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Collection
 from time import monotonic
@@ -76,16 +77,24 @@ RETRY_WINDOW = 10
 
 
 class RetryBudget:
-    """Requests and retries counted per second over the last RETRY_WINDOW seconds."""
+    """Requests and retries counted per second over the last RETRY_WINDOW seconds.
 
-    __slots__ = ("requests", "retries", "second")
+    The request path only bumps `received` (a plain counter); `advance` turns
+    the counter's growth into the per-second buckets.
+    """
+
+    __slots__ = ("counted", "received", "requests", "retries", "second")
 
     def __init__(self, now: float) -> None:
         self.second = int(now)
         self.requests = [0] * RETRY_WINDOW
         self.retries = [0] * RETRY_WINDOW
+        self.received = 0
+        self.counted = 0
 
     def advance(self, now: float) -> None:
+        self.requests[-1] += self.received - self.counted
+        self.counted = self.received
         second = int(now)
         steps = min(second - self.second, RETRY_WINDOW)
         if steps > 0:
@@ -139,7 +148,8 @@ class BackendConnection(asyncio.Protocol):
         self.connected = False
         self.closed = False
         self.served = 0
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []
+        """Bytes queued for the next write (one write per loop turn)."""
         self._framer = LineFramer(BACKEND_MAX_REPLY)
         self._raw = channel.raw
         self._error: str | None = None
@@ -151,14 +161,14 @@ class BackendConnection(asyncio.Protocol):
     def enqueue(self, req: Request) -> None:
         self.pending.append(req)
         if self._raw:
-            self._out.append(req.payload)
+            self.out.append(req.payload)
         else:
-            self._out.append(req.payload + b"\n")
+            self.out.append(req.payload + b"\n")
 
     def flush(self) -> None:
-        if self._out and self.connected and self.transport is not None:
-            out = self._out
-            self._out = []
+        if self.out and self.connected and self.transport is not None:
+            out = self.out
+            self.out = []
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     # -- asyncio callbacks ----------------------------------------------------
@@ -268,6 +278,15 @@ class BackendChannel:
     def send(self, req: Request) -> BackendConnection | None:
         """Queue `req` on a connection; return it so the caller can flush, or None if waiting."""
         conns = self.connections
+        if len(conns) == 1 and not self.raw:
+            # the common case: one pipelined connection with room on it
+            conn = conns[0]
+            if conn.usable and (
+                len(conn.pending) < self.open_threshold or self.max_connections == 1
+            ):
+                conn.pending.append(req)
+                conn.out.append(req.payload + b"\n")
+                return conn
         best: BackendConnection | None = None
         best_n = 1 << 30
         for conn in conns:
@@ -420,7 +439,19 @@ class ClientSession(asyncio.Protocol):
             return
         framing = self.framing
         if framing == _LINE:
-            self._lines(data)
+            try:
+                lines = self.framer.feed(data)
+            except LineTooLong as exc:
+                if exc.lines:
+                    self.service.dispatch_batch(self, exc.lines)
+                self._too_long()
+                return
+            if lines:
+                self.service.dispatch_batch(self, lines)
+                if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
+                    self._paused_reading = True
+                    assert self.transport is not None
+                    self.transport.pause_reading()
         elif framing == _RAW:
             self._raw_message(data)
         else:
@@ -536,6 +567,9 @@ class ClientSession(asyncio.Protocol):
         out = self._out
         access = self.service.access_log
         hist = self.service.histogram
+        counts = hist.counts
+        bounds = hist.bounds
+        spent = 0.0
         now = monotonic()
         self.last_active = now
         done: list[Request] | None = [] if access is not None else None
@@ -545,9 +579,12 @@ class ClientSession(asyncio.Protocol):
             assert reply is not None
             out.append(reply if raw else reply + b"\n")
             if req.started:
-                hist.observe(now - req.started)
+                took = now - req.started
+                counts[bisect_left(bounds, took)] += 1
+                spent += took
             if done is not None:
                 done.append(req)
+        hist.total += spent
         if done and access is not None:
             access.record_batch(self, done, now)
         if transport is not None:
@@ -700,7 +737,7 @@ class MessageService:
         channels = self.channels
         key = session.peer_key
         session.last_active = now  # bytes of an unfinished line do not count as activity
-        self.budget.requests[-1] += len(payloads)
+        self.budget.received += len(payloads)
         for payload in payloads:
             req = Request(session, payload)
             req.started = now
