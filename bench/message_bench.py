@@ -32,10 +32,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.peers import haproxy
+
 from balancer.demo import Child, start_service
 from balancer.loops import loop_name
 from harness import RESULTS, run_load, save_results, start_balancer
-from tests.peers import haproxy
 
 BACKENDS = 4
 PIPELINES = (1, 16)

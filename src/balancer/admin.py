@@ -199,9 +199,7 @@ class TrafficHistory:
         services: dict[str, Any] = {}
         for name, runtime in server.services.items():
             backends = list(runtime.pool)
-            snap = self._snapshot(
-                now, backends, runtime.proxy.not_available, runtime.histogram
-            )
+            snap = self._snapshot(now, backends, runtime.proxy.not_available, runtime.histogram)
             prev = self._last.get(name)
             self._last[name] = snap
             if prev is None or now <= prev.at:
