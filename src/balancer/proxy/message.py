@@ -439,19 +439,7 @@ class ClientSession(asyncio.Protocol):
             return
         framing = self.framing
         if framing == _LINE:
-            try:
-                lines = self.framer.feed(data)
-            except LineTooLong as exc:
-                if exc.lines:
-                    self.service.dispatch_batch(self, exc.lines)
-                self._too_long()
-                return
-            if lines:
-                self.service.dispatch_batch(self, lines)
-                if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
-                    self._paused_reading = True
-                    assert self.transport is not None
-                    self.transport.pause_reading()
+            self._lines(data)
         elif framing == _RAW:
             self._raw_message(data)
         else:
