@@ -10,26 +10,14 @@ Excluded and drained (weight 0) targets are never scored.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
-from balancer.policies.base import Policy, Target
+from balancer.policies.base import Target
+from balancer.policies.weighted_round_robin import SmoothWeights
 
 
-class LeastConnections(Policy):
+class LeastConnections(SmoothWeights):
     name = "least_connections"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._current: list[float] = []
-
-    def update(self, targets: Sequence[Target]) -> None:
-        kept = {t.address: cw for t, cw in zip(self.targets, self._current, strict=True)}
-        super().update(targets)
-        current = [kept.get(t.address, 0.0) for t in self.targets]
-        if current:
-            mean = sum(current) / len(current)
-            current = [cw - mean for cw in current]
-        self._current = current
 
     def pick(self, key: bytes | None = None, exclude: Collection[Target] = ()) -> Target | None:
         targets = self.targets
@@ -49,20 +37,7 @@ class LeastConnections(Policy):
                 tied.append(i)
         if len(tied) < 2:
             return targets[tied[0]] if tied else None
-        current = self._current
-        best = tied[0]
-        best_cw = float("-inf")
-        total = 0.0
-        for i in tied:
-            w = targets[i].effective_weight
-            cw = current[i] + w
-            current[i] = cw
-            total += w
-            if cw > best_cw:
-                best = i
-                best_cw = cw
-        current[best] = best_cw - total
-        return targets[best]
+        return self._smooth_pick(tied, ())
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{t.address} {t.in_flight}/{t.effective_weight:g}" for t in self.targets)

@@ -18,13 +18,13 @@ set changes, targets that stay keep their current weight, new ones start at
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from balancer.policies.base import Policy, Target
 
 
-class WeightedRoundRobin(Policy):
-    name = "weighted_round_robin"
+class SmoothWeights(Policy):
+    """Current weights per target and the smooth weighted round-robin step over them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,13 +39,15 @@ class WeightedRoundRobin(Policy):
             current = [cw - mean for cw in current]
         self._current = current
 
-    def pick(self, key: bytes | None = None, exclude: Collection[Target] = ()) -> Target | None:
+    def _smooth_pick(self, indices: Iterable[int], exclude: Collection[Target]) -> Target | None:
+        """One smooth weighted round-robin step among the targets at `indices`."""
         targets = self.targets
         current = self._current
         best = -1
         best_cw = 0.0
         total = 0.0
-        for i, target in enumerate(targets):
+        for i in indices:
+            target = targets[i]
             w = target.effective_weight
             if not w > 0 or (exclude and target in exclude):
                 continue
@@ -59,6 +61,13 @@ class WeightedRoundRobin(Policy):
             return None
         current[best] = best_cw - total
         return targets[best]
+
+
+class WeightedRoundRobin(SmoothWeights):
+    name = "weighted_round_robin"
+
+    def pick(self, key: bytes | None = None, exclude: Collection[Target] = ()) -> Target | None:
+        return self._smooth_pick(range(len(self.targets)), exclude)
 
     def __repr__(self) -> str:
         parts = ", ".join(
