@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from balancer.config import DEFAULT_MAX_LINE
+from balancer.framing import LineFramer, LineTooLong
 from balancer.loops import loop_factory
 
 PREFIX = "It’s instance number ".encode()
@@ -40,16 +41,6 @@ def reply_for(message: bytes) -> bytes:
     if message == HEALTH_CHECK:
         return HEALTH_CHECK
     return INVALID
-
-
-def _reply_line(line: bytes) -> bytes:
-    if line[-1:] == b"\r":
-        line = line[:-1]
-    if line.isdigit():
-        return PREFIX + line + b"\n"
-    if line == HEALTH_CHECK:
-        return HEALTH_CHECK + b"\n"
-    return INVALID + b"\n"
 
 
 class _DelayedWriter:
@@ -98,76 +89,8 @@ class _DelayedWriter:
         self._queue.clear()
 
 
-class LineServiceProtocol(asyncio.Protocol):
-    """Line-framed sample service connection."""
-
-    __slots__ = ("_buffer", "_delay", "_delayed", "_max_line", "_transport")
-
-    def __init__(self, delay: float = 0.0, max_line: int = DEFAULT_MAX_LINE) -> None:
-        self._delay = delay
-        self._max_line = max_line
-        self._buffer = b""
-        self._transport: asyncio.Transport | None = None
-        self._delayed: _DelayedWriter | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
-        self._transport = transport
-        if self._delay > 0:
-            self._delayed = _DelayedWriter(asyncio.get_running_loop(), transport, self._delay)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._delayed is not None:
-            self._delayed.cancel()
-        self._transport = None
-
-    def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        if self._buffer:
-            data = self._buffer + data
-        if b"\n" not in data:
-            self._buffer = data
-            if len(data) > self._max_line + 1:  # room for a `\r` before the `\n`
-                self._send(LINE_TOO_LONG, close_after=True)
-            return
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        max_line = self._max_line
-        if len(data) <= max_line:
-            # No line can be over the limit: the common case, one pass and no checks.
-            self._buffer = rest
-            self._send(
-                b"".join([PREFIX + ln + b"\n" if ln.isdigit() else _reply_line(ln) for ln in lines])
-            )
-            return
-        too_long = len(rest) > max_line + 1
-        out: list[bytes] = []
-        for line in lines:
-            if len(line) > max_line and len(line.removesuffix(b"\r")) > max_line:
-                too_long = True
-                break
-            out.append(_reply_line(line))
-        if too_long:
-            out.append(LINE_TOO_LONG)
-            self._buffer = b""
-        else:
-            self._buffer = rest
-        self._send(b"".join(out), close_after=too_long)
-
-    def _send(self, payload: bytes, close_after: bool = False) -> None:
-        if self._delayed is not None:
-            self._delayed.write(payload, close_after)
-            return
-        assert self._transport is not None
-        self._transport.write(payload)
-        if close_after:
-            self._transport.close()
-
-
-class RawServiceProtocol(asyncio.Protocol):
-    """Raw-framed sample service connection: each read is one message."""
+class _ServiceConnection(asyncio.Protocol):
+    """What both framings share: the transport and the optional reply delay."""
 
     __slots__ = ("_delay", "_delayed", "_transport")
 
@@ -187,14 +110,52 @@ class RawServiceProtocol(asyncio.Protocol):
             self._delayed.cancel()
         self._transport = None
 
-    def data_received(self, data: bytes) -> None:
-        if self._transport is None or self._transport.is_closing():
-            return
-        reply = reply_for(data.rstrip(b"\r\n"))
+    def _usable(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def _send(self, payload: bytes, close_after: bool = False) -> None:
         if self._delayed is not None:
-            self._delayed.write(reply)
-        else:
-            self._transport.write(reply)
+            self._delayed.write(payload, close_after)
+            return
+        assert self._transport is not None
+        self._transport.write(payload)
+        if close_after:
+            self._transport.close()
+
+
+def _replies(lines: list[bytes]) -> list[bytes]:
+    return [PREFIX + ln + b"\n" if ln.isdigit() else reply_for(ln) + b"\n" for ln in lines]
+
+
+class LineServiceProtocol(_ServiceConnection):
+    """Line-framed sample service connection (framing by `balancer.framing.LineFramer`)."""
+
+    __slots__ = ("_framer",)
+
+    def __init__(self, delay: float = 0.0, max_line: int = DEFAULT_MAX_LINE) -> None:
+        super().__init__(delay)
+        self._framer = LineFramer(max_line)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._usable():
+            return
+        try:
+            lines = self._framer.feed(data)
+        except LineTooLong as exc:
+            self._send(b"".join([*_replies(exc.lines), LINE_TOO_LONG]), close_after=True)
+            return
+        if lines:
+            self._send(b"".join(_replies(lines)))
+
+
+class RawServiceProtocol(_ServiceConnection):
+    """Raw-framed sample service connection: each read is one message."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._usable():
+            self._send(reply_for(data.rstrip(b"\r\n")))
 
 
 def protocol_factory(
