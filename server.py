@@ -17,8 +17,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 from balancer.admin import check_admin_security
-from balancer.cli import run_server, setup_logging
+from balancer.cli import run_server
 from balancer.config import AdminConfig, Config, ConfigError, load_config, parse_admin
+from balancer.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,6 @@ log = logging.getLogger("balancer")
 DEFAULT_CONFIG_FILES = ("balancer.toml", "config.toml", "config.txt", "config.json")
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="config file")
     parser.add_argument(
@@ -160,9 +152,9 @@ def run_server(config: Config, reader: Callable[[], Config] | None = None) -> in
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from balancer.admin import check_admin_security
-    from balancer.logs import setup_logging as setup_log_output
+    from balancer.logs import setup_logging
 
-    setup_log_output(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = build_config(args)
         check_admin_security(config.admin)

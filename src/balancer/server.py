@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from balancer.accesslog import AccessLog
-from balancer.config import BackendConfig, Config, ServiceConfig
+from balancer.config import BackendConfig, Config, ServiceConfig, format_address
 from balancer.health import HealthChecker
 from balancer.metrics import LatencyHistogram
 from balancer.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
@@ -63,8 +63,7 @@ class ServiceRuntime:
 
     @property
     def listen(self) -> str:
-        host, port = self.bound
-        return f"{host}:{port}"
+        return format_address(*self.bound)
 
 
 def build_proxy(

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from balancer.config import DEFAULT_MAX_LINE
+from balancer.config import DEFAULT_MAX_LINE, format_address
 from balancer.framing import LineFramer, LineTooLong
 from balancer.loops import loop_factory
 
@@ -178,10 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     sockname: Any = server.sockets[0].getsockname()
-    host, port = sockname[0], sockname[1]
-    if ":" in host:
-        host = f"[{host}]"
-    print(f"instance listening on {host}:{port}", flush=True)
+    print(f"instance listening on {format_address(sockname[0], sockname[1])}", flush=True)
     try:
         await stop.wait()
     finally:
