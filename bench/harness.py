@@ -7,7 +7,6 @@ client runs with `--json --quiet` and its summary is the last stdout line that i
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,25 +15,9 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import Child, ChildError
+from balancer.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, ChildError
 
 RESULTS = Path(__file__).parent / "results"
-INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
-SERVICE_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
-ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
-READY_RE = re.compile(r"balancer ready")
-
-
-def start_service(*extra: str, port: int = 0) -> tuple[Child, int]:
-    """A sample service (`extra`: its options, e.g. `--delay 0.02`) and the port it listens on."""
-    args = [sys.executable, "-m", "balancer.service", "-p", str(port), *extra]
-    child = Child(f"service {port}", args)
-    try:
-        lines = child.wait_for(INSTANCE_RE)
-    except BaseException:
-        child.stop()
-        raise
-    return child, next(int(m.group(2)) for m in map(INSTANCE_RE.search, lines) if m)
 
 
 @dataclass

@@ -30,8 +30,9 @@ from typing import Any
 
 import psutil
 
+from balancer.demo import start_service
 from balancer.loops import loop_name
-from harness import rss_mb, save_results, start_balancer, start_service
+from harness import rss_mb, save_results, start_balancer
 
 BATCH = 500
 

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ports: list[int] = []
         for i in range(BACKENDS):
-            child, port = start_service(i + 1)
+            child, port = start_service(name=f"service {i + 1}")
             children.append(child)
             ports.append(port)
         config = Path(tmp.name) / "bench.toml"

@@ -33,9 +33,9 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import Child
+from balancer.demo import Child, start_service
 from balancer.loops import loop_name
-from harness import load_result, rss_mb, save_results, start_balancer, start_load, start_service
+from harness import load_result, rss_mb, save_results, start_balancer, start_load
 
 BACKENDS = 4
 OUTAGE = 2.0

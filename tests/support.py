@@ -18,13 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from balancer.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 READY_TIMEOUT = 20.0
-
-_LISTEN_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
-_ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
-_INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
 
 
 class Proc:
@@ -157,7 +155,7 @@ class ServiceProc(Proc):
 def start_service(*extra: str, port: int = 0, cwd: Path | str | None = None) -> ServiceProc:
     proc = ServiceProc([PYTHON, "-m", "balancer.service", "-p", str(port), *extra], cwd=cwd)
     try:
-        m = proc.wait_for(_INSTANCE_RE)
+        m = proc.wait_for(INSTANCE_RE)
     except BaseException:
         proc.stop()
         raise
@@ -211,10 +209,10 @@ def start_balancer(
     except BaseException:
         proc.stop()
         raise
-    proc.ports = {m.group(1): int(m.group(3)) for m in map(_LISTEN_RE.search, proc.lines) if m}
+    proc.ports = {m.group(1): int(m.group(3)) for m in map(SERVICE_RE.search, proc.lines) if m}
     proc.admin_port = None
     for line in proc.lines:
-        am = _ADMIN_RE.search(line)
+        am = ADMIN_RE.search(line)
         if am:
             proc.admin_port = int(am.group(2))
     return proc

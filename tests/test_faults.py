@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
+from balancer.demo import INSTANCE_RE
 from balancer.framing import LineFramer
 from balancer.service import reply_for as service_reply
 from tests.faulty_backends import SlowlorisSwarm
@@ -43,7 +44,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.e2e
 
-_INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
 LOAD = ("--client_count", "16", "--rate", "3000", "--pipeline", "8")
 
 
@@ -65,7 +65,7 @@ def start_backends(procs: list[Proc], *argvs: list[str]) -> list[Backend]:
     started = [Backend([PYTHON, *argv], cwd=ROOT) for argv in argvs]
     procs.extend(started)
     for b in started:
-        b.port = int(b.wait_for(_INSTANCE_RE).group(2))
+        b.port = int(b.wait_for(INSTANCE_RE).group(2))
     return started
 
 

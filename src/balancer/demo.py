@@ -29,10 +29,10 @@ BACKENDS = 4
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-_INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
-_SERVICE_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
-_ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
-_READY_RE = re.compile(r"balancer ready")
+INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
+SERVICE_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
+ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
+READY_RE = re.compile(r"balancer ready")
 
 
 class ChildError(Exception):
@@ -104,14 +104,16 @@ class Child:
             self.popen.stdout.close()
 
 
-def start_service(index: int) -> tuple[Child, int]:
-    child = Child(f"service {index}", [sys.executable, "-m", "balancer.service", "-p", "0"])
+def start_service(*extra: str, port: int = 0, name: str = "") -> tuple[Child, int]:
+    """A sample service (`extra`: its options, e.g. `--delay 0.02`) and the port it listens on."""
+    args = [sys.executable, "-m", "balancer.service", "-p", str(port), *extra]
+    child = Child(name or f"service {port}", args)
     try:
-        lines = child.wait_for(_INSTANCE_RE)
+        lines = child.wait_for(INSTANCE_RE)
     except BaseException:
         child.stop()
         raise
-    port = next(int(m.group(2)) for m in map(_INSTANCE_RE.search, lines) if m)
+    port = next(int(m.group(2)) for m in map(INSTANCE_RE.search, lines) if m)
     return child, port
 
 
@@ -135,9 +137,9 @@ def start_balancer(config: Path) -> tuple[Child, int, int]:
     """The balancer child, its service port and its admin port."""
     child = Child("balancer", [sys.executable, "-m", "balancer", "serve", str(config)])
     try:
-        lines = child.wait_for(_READY_RE)
-        ports = [int(m.group(3)) for m in map(_SERVICE_RE.search, lines) if m]
-        admin = [int(m.group(2)) for m in map(_ADMIN_RE.search, lines) if m]
+        lines = child.wait_for(READY_RE)
+        ports = [int(m.group(3)) for m in map(SERVICE_RE.search, lines) if m]
+        admin = [int(m.group(2)) for m in map(ADMIN_RE.search, lines) if m]
         if not ports or not admin:
             raise ChildError(f"balancer did not report its listening ports:\n{child.tail()}")
     except BaseException:
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="balancer-demo-") as tmp:
             ports: list[int] = []
             for i in range(BACKENDS):
-                child, port = start_service(i + 1)
+                child, port = start_service(name=f"service {i + 1}")
                 children.append(child)
                 ports.append(port)
             config = Path(tmp) / "demo.toml"
