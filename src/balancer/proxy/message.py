@@ -115,7 +115,6 @@ class Request:
     __slots__ = (
         "attempts",
         "backend",
-        "is_retry",
         "payload",
         "queued_at",
         "reply",
@@ -135,7 +134,6 @@ class Request:
         self.started = 0.0
         self.sent = 0.0
         self.queued_at = 0.0
-        self.is_retry = False
 
 
 class BackendConnection(asyncio.Protocol):
@@ -206,13 +204,10 @@ class BackendConnection(asyncio.Protocol):
             backend.in_flight -= 1
             backend.requests += 1
             self.served += 1
-            if req.is_retry:
-                service.active_retries -= 1
             if on_finish is not None:
                 on_finish(backend, now - req.started, True)
             req.backend = backend
             req.session.complete(req, reply)
-        service.in_flight -= len(replies)
         if service.queue:
             service.drain_queue()
         service.flush_sessions()
@@ -639,8 +634,6 @@ class MessageService:
         self.queue_full = 0
         self.queue_timeouts = 0
         self.idle_closed = 0
-        self.in_flight = 0
-        self.active_retries = 0
         self.queue: deque[Request] = deque()
         self.budget = RetryBudget(monotonic())
         self.drain_close_window = 1.0
@@ -692,9 +685,6 @@ class MessageService:
         queue = self.queue
         while queue and now - queue[0].queued_at > cfg.queue_timeout:
             req = queue.popleft()
-            if req.is_retry:
-                req.is_retry = False
-                self.active_retries -= 1
             self.queue_timeouts += 1
             req.session.complete(req, QUEUE_TIMEOUT)
         if cfg.client_timeout > 0:
@@ -746,7 +736,6 @@ class MessageService:
                     self._enqueue(req, now)
                     continue
             backend.in_flight += 1
-            self.in_flight += 1
             if start_hook is not None:
                 start_hook(backend)
             ch = channels.get(backend)
@@ -777,7 +766,6 @@ class MessageService:
     def _assign(self, req: Request, backend: Backend, now: float) -> None:
         req.sent = now
         backend.in_flight += 1
-        self.in_flight += 1
         if self.policy_start is not None:
             self.policy_start(backend)
         conn = self.channel(backend).send(req)
@@ -863,11 +851,7 @@ class MessageService:
             return
         finish = self.policy_finish
         now = monotonic()
-        self.in_flight -= len(failed)
         for req in failed:
-            if req.is_retry:
-                req.is_retry = False
-                self.active_retries -= 1
             if finish is not None and exclude:
                 finish(failed_backend, now - req.started, False)
             session = req.session
@@ -888,8 +872,6 @@ class MessageService:
                         and self.pool.any_eligible
                         and self.config.max_backend_requests
                     ):
-                        req.is_retry = True
-                        self.active_retries += 1
                         self.retries += 1
                         self._enqueue(req, now)
                         continue
@@ -900,8 +882,6 @@ class MessageService:
                 session.complete(req, NOT_AVAILABLE)
                 continue
             self.retries += 1
-            req.is_retry = True
-            self.active_retries += 1
             self._assign(req, backend, now)
         self.flush_sessions()
 
