@@ -56,10 +56,6 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0
@@ -69,19 +65,6 @@ class LatencyHistogram:
         running += self.counts[-1]
         out.append(("+Inf", float(running)))
         return out
-
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile `q` (0 when empty)."""
-        total = self.count
-        if not total:
-            return 0.0
-        rank = q * total
-        running = 0
-        for i, n in enumerate(self.counts):
-            running += n
-            if running >= rank:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
 
 
 class BalancerCollector(Collector):

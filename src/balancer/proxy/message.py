@@ -33,7 +33,6 @@ import contextlib
 import logging
 import math
 import socket
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Collection
 from time import monotonic
@@ -549,10 +548,7 @@ class ClientSession(asyncio.Protocol):
         raw = self.framing == _RAW
         out = self._out
         access = self.service.access_log
-        hist = self.service.histogram
-        counts = hist.counts
-        bounds = hist.bounds
-        spent = 0.0
+        observe = self.service.histogram.observe
         now = monotonic()
         self.last_active = now
         done: list[Request] | None = [] if access is not None else None
@@ -562,12 +558,9 @@ class ClientSession(asyncio.Protocol):
             assert reply is not None
             out.append(reply if raw else reply + b"\n")
             if req.started:
-                took = now - req.started
-                counts[bisect_left(bounds, took)] += 1
-                spent += took
+                observe(now - req.started)
             if done is not None:
                 done.append(req)
-        hist.total += spent
         if done and access is not None:
             access.record_batch(self, done, now)
         if transport is not None:
