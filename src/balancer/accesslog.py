@@ -54,9 +54,6 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
 
-    def record(self, session: ClientSession, req: Request, now: float) -> None:
-        self.record_batch(session, [req], now)
-
     def record_batch(self, session: ClientSession, reqs: list[Request], now: float) -> None:
         """Log the requests whose replies were just written to `session`, in order."""
         lines = self._lines
