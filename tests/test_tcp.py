@@ -174,6 +174,7 @@ async def set_get_roundtrip(backends: list[str], ops: int = 2000, clients: int =
         assert sum(done) == ops
         backends_used = [b for b in svc.pool if b.total_connections]
         assert len(backends_used) == 2, "round robin should spread connections over both"
+        svc.account()  # as /status and /metrics do before they read the counters
         assert sum(b.bytes_in for b in svc.pool) > sum(sizes)
         assert sum(b.bytes_out for b in svc.pool) > sum(sizes)
         assert sum(b.requests for b in svc.pool) == clients
@@ -414,6 +415,34 @@ async def test_drain_closes_remaining_connections(
     await client.close()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(HOST, port)
+
+
+async def test_byte_counters_are_exact_when_the_backend_resets(start: Starter) -> None:
+    """The counters come from the kernel: settled before either socket closes, reset or not."""
+
+    async def reply_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(10)
+        writer.write(b"x" * 50_000)
+        await writer.drain()
+        await reader.readexactly(3)  # the client has read the reply
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    backend = await asyncio.start_server(reply_then_reset, HOST, 0)
+    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"])
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"0123456789")
+    assert await asyncio.wait_for(reader.readexactly(50_000), STEP) == b"x" * 50_000
+    writer.write(b"bye")
+    assert await read_to_eof(reader) == b""
+    writer.close()
+    backend.close()
+    counted = svc.pool.backends[0]
+    assert (counted.bytes_in, counted.bytes_out) == (13, 50_000)
+    await wait_for_count(svc, 0)
+    svc.account()
+    assert (counted.bytes_in, counted.bytes_out) == (13, 50_000), "nothing counted twice"
 
 
 async def test_client_reset_is_passed_to_backend(start: Starter) -> None:

@@ -121,6 +121,7 @@ def status_document(server: Server) -> dict[str, Any]:
     services: dict[str, Any] = {}
     now_wall = time.time()
     for name, runtime in server.services.items():
+        runtime.proxy.account()
         backends = [backend_status(b, now_wall) for b in runtime.pool]
         proxy = runtime.proxy
         services[name] = {

@@ -138,6 +138,7 @@ class BalancerCollector(Collector):
             labels=["service"],
         )
         for name, runtime in self.server.services.items():
+            runtime.proxy.account()
             for b in runtime.pool:
                 labels = [name, b.address]
                 requests.add_metric(labels, b.requests)

@@ -650,6 +650,9 @@ class MessageService:
     def client_connections(self) -> int:
         return len(self.sessions)
 
+    def account(self) -> None:
+        """Nothing to do: message mode counts as it goes."""
+
     async def start(self) -> tuple[str, int]:
         cfg = self.config
         server = await self.loop.create_server(

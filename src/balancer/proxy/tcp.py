@@ -15,17 +15,23 @@ backend socket and the two sides relay to each other:
 - Half-close: an EOF from one peer is passed on with `write_eof()`; the other
   direction keeps flowing until it ends too, then both sockets are closed.
 - Resets: a side lost with an error aborts the other with an RST (SO_LINGER 0).
-- Each chunk read from one side is written, as the bytes object the loop
-  delivered, to the other side's transport with a write method bound at
-  connect time: one Python call per chunk. On uvloop the read and the write
-  (batched per loop turn) run in C, with no Python socket call in between;
-  a C relay's system calls and little more.
+- Each side's `data_received` is, once connected, the other side's bound
+  `transport.write` itself (an instance attribute, handed to the loop again
+  with `set_protocol`): on uvloop a chunk goes from the read to the write in
+  C, with no Python frame per chunk, the system calls of a C relay and little
+  more.
+- Byte counters and idleness come from the kernel (`TCP_INFO`), not from
+  counting chunks: a side's bytes received are added to its backend's
+  counters when the peer's EOF arrives, when the connection ends (the loop
+  calls `connection_lost` before it closes the socket) and when `/status` or
+  `/metrics` asks (`TcpService.account`).
 
 Limits: `max_connections` per service and `max_backend_connections` per
 backend refuse excess connections cleanly (accepted, closed, counted in
 `refused`); a backend at its limit is skipped for the next one. `idle_timeout`
 closes a connection that moved no byte in either direction for that long,
-checked by one periodic sweep rather than a timer per connection.
+checked by one periodic sweep rather than a timer per connection, from the
+time since each socket last received data (`tcpi_last_data_recv`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from typing import cast
 
@@ -48,6 +55,51 @@ _LOW_WATER = 64 * 1024
 _IDLE_SWEEPS = 4
 """The idle timeout is checked this many times per period (detection within +25%)."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+_TCP_INFO_LEN = 136
+"""`struct tcp_info` up to `tcpi_bytes_received` (Linux)."""
+_FIN_RECEIVED = frozenset({6, 8, 9, 11})
+"""TCP states after the peer's FIN: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING."""
+_TCP_CLOSE = 7
+"""Also where a socket that sent its FIN first ends once the peer's FIN arrives."""
+
+
+def _tcp_info(transport: asyncio.BaseTransport) -> bytes | None:
+    """The kernel's `TCP_INFO` of a transport's socket, None where there is none."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return None
+    return info if len(info) >= _TCP_INFO_LEN else None
+
+
+def _bytes_received(transport: asyncio.BaseTransport, eof_seen: bool, eof_sent: bool) -> int:
+    """Bytes the socket has received from its peer, the FIN not counted; -1 if unknown.
+
+    The FIN takes a sequence number and `tcpi_bytes_received` counts it. It has
+    arrived if the loop reported the EOF (`eof_seen`), or the state says so, or
+    the socket is closed after sending its own FIN (`eof_sent`): the kernel then
+    moves it to TIME_WAIT and leaves the socket itself in CLOSE.
+    """
+    info = _tcp_info(transport)
+    if info is None:
+        return -1
+    received = int.from_bytes(info[128:136], sys.byteorder)
+    state = info[0]
+    if received and (eof_seen or state in _FIN_RECEIVED or (eof_sent and state == _TCP_CLOSE)):
+        received -= 1
+    return received
+
+
+def _quiet_ms(transport: asyncio.BaseTransport) -> int:
+    """Milliseconds since the socket last received data (0 if unknown)."""
+    info = _tcp_info(transport)
+    if info is None:
+        return 0
+    return int.from_bytes(info[52:56], sys.byteorder)
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -73,22 +125,21 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-def _discard(data: bytes) -> None:
-    """The write of a side with no peer (yet, or any more)."""
-
-
 class _BackendSide(asyncio.Protocol):
     """The backend socket of one relayed connection."""
 
-    __slots__ = ("backend", "client", "idle", "transport", "write")
+    __slots__ = ("backend", "client", "counted", "data_received", "transport")
+
+    data_received: Callable[[bytes], None]  # type: ignore[assignment]
+    """The client transport's write: what the backend sends goes straight to the client."""
 
     def __init__(self, client: _ClientSide, backend: Backend) -> None:
         self.client = client
         self.backend = backend
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.write: Callable[[bytes], None] = client.transport.write
-        """Writes to the client."""
-        self.idle = 0
+        self.data_received = client.transport.write
+        self.counted = 0
+        """Bytes received from the backend and already added to `backend.bytes_out`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -99,13 +150,17 @@ class _BackendSide(asyncio.Protocol):
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         self.client.attach(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.idle = 0
-        self.backend.bytes_out += len(data)
-        self.write(data)
+    def account(self) -> None:
+        """Add the bytes received from the backend since the last call to its counter."""
+        client = self.client
+        received = _bytes_received(self.transport, client.server_eof, client.client_eof)
+        if received > self.counted:
+            self.backend.bytes_out += received - self.counted
+            self.counted = received
 
     def eof_received(self) -> bool:
         self.client.backend_eof()
+        self.account()
         return True
 
     def pause_writing(self) -> None:
@@ -119,7 +174,8 @@ class _BackendSide(asyncio.Protocol):
             client.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.write = _discard
+        # The socket is still open here: the loop closes it after this call.
+        self.account()
         self.client.backend_lost(exc)
 
 
@@ -131,16 +187,19 @@ class _ClientSide(asyncio.Protocol):
         "client_eof",
         "closed",
         "connector",
+        "counted",
+        "data_received",
         "held",
-        "idle",
         "server_eof",
         "started",
         "svc",
         "transport",
         "upstream",
         "upstream_full",
-        "write",
     )
+
+    data_received: Callable[[bytes], None]  # type: ignore[assignment]
+    """Holds what the client sends until a backend accepts, then is its transport's write."""
 
     def __init__(self, svc: TcpService) -> None:
         self.svc = svc
@@ -153,9 +212,9 @@ class _ClientSide(asyncio.Protocol):
         self.client_eof = False
         self.server_eof = False
         self.upstream_full = False
-        self.write: Callable[[bytes], None] = _discard
-        """Writes to the backend, once connected."""
-        self.idle = 0
+        self.data_received = self._hold
+        self.counted = 0
+        """Bytes received from the client and already added to the backend's `bytes_in`."""
         self.started = 0.0
 
     # -- client transport callbacks
@@ -174,15 +233,6 @@ class _ClientSide(asyncio.Protocol):
         self.held = bytearray()
         self.connector = svc.loop.create_task(self._connect())
 
-    def data_received(self, data: bytes) -> None:
-        self.idle = 0
-        upstream = self.upstream
-        if upstream is None:
-            self._hold(data)
-            return
-        upstream.backend.bytes_in += len(data)
-        self.write(data)
-
     def _hold(self, data: bytes) -> None:
         held = self.held
         if held is not None:
@@ -190,8 +240,19 @@ class _ClientSide(asyncio.Protocol):
             if len(held) >= self.svc.connect_buffer:
                 self.transport.pause_reading()
 
+    def account(self) -> None:
+        """Add the bytes received from the client since the last call to its backend's counter."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        received = _bytes_received(self.transport, self.client_eof, self.server_eof)
+        if received > self.counted:
+            upstream.backend.bytes_in += received - self.counted
+            self.counted = received
+
     def eof_received(self) -> bool:
         self.client_eof = True
+        self.account()
         upstream = self.upstream
         if upstream is not None:
             if self.server_eof:
@@ -211,7 +272,8 @@ class _ClientSide(asyncio.Protocol):
             upstream.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.write = _discard
+        # The socket is still open here: the loop closes it after this call.
+        self.account()
         if self.connector is not None:
             self.connector.cancel()
             self.connector = None
@@ -219,6 +281,7 @@ class _ClientSide(asyncio.Protocol):
             self.closed = True
             upstream = self.upstream
             if upstream is not None:
+                upstream.account()
                 if exc is not None:
                     _reset(upstream.transport)
                 else:
@@ -234,7 +297,6 @@ class _ClientSide(asyncio.Protocol):
     def attach(self, upstream: _BackendSide) -> None:
         """The backend accepted: send what was held and start relaying."""
         self.upstream = upstream
-        self.write = upstream.transport.write
         backend = upstream.backend
         backend.requests += 1
         backend.total_connections += 1
@@ -242,8 +304,9 @@ class _ClientSide(asyncio.Protocol):
         self.held = None
         dst = upstream.transport
         if held:
-            backend.bytes_in += len(held)
             dst.write(held)
+        self.data_received = dst.write
+        self.transport.set_protocol(self)  # the loop looks data_received up again
         if self.client_eof:
             dst.write_eof()
         elif not self.upstream_full:
@@ -257,10 +320,10 @@ class _ClientSide(asyncio.Protocol):
             self.transport.write_eof()
 
     def backend_lost(self, exc: Exception | None) -> None:
-        self.write = _discard
         if self.closed:
             return
         self.closed = True
+        self.account()
         if exc is not None:
             self._release(ok=False)
             _reset(self.transport)
@@ -275,16 +338,20 @@ class _ClientSide(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.account()
         upstream = self.upstream
         if upstream is not None:
+            upstream.account()
             upstream.transport.close()
         self.transport.close()
 
     def abort(self) -> None:
         """Drop both sides at once."""
         self.closed = True
+        self.account()
         upstream = self.upstream
         if upstream is not None:
+            upstream.account()
             upstream.transport.abort()
         self.transport.abort()
 
@@ -452,20 +519,26 @@ class TcpService:
             self._sweeper.cancel()
             self._sweeper = None
 
+    def account(self) -> None:
+        """Bring the backends' byte counters up to date with the open connections."""
+        for conn in self.conns:
+            conn.account()
+            upstream = conn.upstream
+            if upstream is not None:
+                upstream.account()
+
     async def _sweep_idle(self) -> None:
         period = self.idle_timeout / _IDLE_SWEEPS
         while True:
             await asyncio.sleep(period)
+            limit_ms = self.idle_timeout * 1000
             expired = []
             for conn in self.conns:
-                # Each side notes its own reads; quiet both ways means idle.
-                conn.idle += 1
                 upstream = conn.upstream
-                idle = conn.idle
-                if upstream is not None:
-                    upstream.idle += 1
-                    idle = min(idle, upstream.idle)
-                if idle > _IDLE_SWEEPS:
+                if upstream is None:
+                    continue  # still connecting: the connect timeout applies
+                # Quiet both ways means idle: neither socket received data for that long.
+                if min(_quiet_ms(conn.transport), _quiet_ms(upstream.transport)) >= limit_ms:
                     expired.append(conn)
             for conn in expired:
                 conn.close()
