@@ -90,6 +90,25 @@ def test_admin_port_taken_logs_a_warning_and_keeps_balancing(tmp_path: Path) -> 
         blocker.close()
 
 
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_service_port_taken_is_a_clear_error_not_a_traceback(tmp_path: Path, mode: str) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        cfg = tmp_path / "busy.toml"
+        cfg.write_text(
+            f'[services.busy]\nlisten = "127.0.0.1:{taken}"\nmode = "{mode}"\n'
+            'backends = ["127.0.0.1:1"]\n[services.busy.health]\nenabled = false\n'
+        )
+        result = run("serve", str(cfg), "--admin", "off")
+    assert result.returncode == 1
+    assert f"service busy: cannot listen on 127.0.0.1:{taken}: Address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_python_dash_m_balancer_and_the_console_script_agree() -> None:
     a = subprocess.run(
         [PYTHON, "-m", "balancer", "--help"], capture_output=True, text=True, check=True

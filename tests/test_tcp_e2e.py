@@ -82,6 +82,9 @@ backends = ["127.0.0.1:{numbers.port}"]
         metrics = bal.metrics()
         assert 'balancer_backend_bytes_sent_total{backend="127.0.0.1:' in metrics
         assert 'balancer_client_connections{service="redis"}' in metrics
+        # Numeric listen addresses are bound without the resolver, whose thread pool would
+        # otherwise make every system call of the relay pay for a multi-threaded process.
+        assert os.listdir(f"/proc/{bal.popen.pid}/task") == [str(bal.popen.pid)]
     finally:
         assert bal.stop() == 0
         numbers.stop()

@@ -42,6 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from balancer.config import AdminConfig, BackendConfig, ConfigError, parse_address
+from balancer.loops import listen_socket
 from balancer.metrics import LatencyHistogram, make_registry
 from balancer.pool import Backend
 
@@ -512,8 +513,14 @@ class AdminServer:
         check_admin_security(cfg)
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
         try:
+            # A socket bound here keeps aiohttp (uvloop) off the resolver's thread pool.
+            sock = listen_socket(cfg.host, cfg.port, backlog=128)
+            site: web.BaseSite = (
+                web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+                if sock is None
+                else web.SockSite(runner, sock)
+            )
             await site.start()
         except OSError:
             await runner.cleanup()

@@ -135,7 +135,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
     from balancer.loops import loop_factory, loop_name
-    from balancer.server import Server
+    from balancer.server import ListenError, Server
 
     async def main() -> int:
         log.info(
@@ -147,7 +147,11 @@ def run_server(config: Config, reader: Callable[[], Config] | None = None) -> in
         return await Server(config, reader).run()
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(main())
+        try:
+            return runner.run(main())
+        except ListenError as exc:
+            log.error("%s", exc)
+            return 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -91,6 +91,10 @@ def configure_proxy(proxy: Proxy, config: Config) -> None:
         proxy.drain_close_window = config.drain_close_window
 
 
+class ListenError(Exception):
+    """A service's listen address could not be bound (in use, not local, no permission)."""
+
+
 class RuntimeChangeError(Exception):
     """A runtime change that cannot be made; `status` is the HTTP status that fits."""
 
@@ -126,7 +130,12 @@ class Server:
         checker = HealthChecker(pool)
         runtime = ServiceRuntime(svc, pool, proxy, checker, histogram, access_log)
         await checker.initial_round()
-        runtime.bound = await proxy.start()
+        try:
+            runtime.bound = await proxy.start()
+        except OSError as exc:
+            raise ListenError(
+                f"service {svc.name}: cannot listen on {svc.listen}: {exc.strerror or exc}"
+            ) from exc
         checker.start()
         return runtime
 

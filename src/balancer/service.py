@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from balancer.config import DEFAULT_MAX_LINE, format_address
 from balancer.framing import LineFramer, LineTooLong
-from balancer.loops import loop_factory
+from balancer.loops import create_listener, loop_factory
 
 PREFIX = "It’s instance number ".encode()
 HEALTH_CHECK = b"!HEALTH_CHECK"
@@ -170,7 +170,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     factory = protocol_factory(args.raw, args.delay, args.max_line)
     try:
-        server = await loop.create_server(factory, args.host, args.port, backlog=1024)
+        server = await create_listener(loop, factory, args.host, args.port, backlog=1024)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

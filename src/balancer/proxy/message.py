@@ -39,6 +39,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from balancer.framing import LineFramer, LineTooLong
+from balancer.loops import create_listener
 from balancer.policies.base import Policy
 from balancer.pool import Backend, BackendPool
 
@@ -655,8 +656,8 @@ class MessageService:
 
     async def start(self) -> tuple[str, int]:
         cfg = self.config
-        server = await self.loop.create_server(
-            lambda: ClientSession(self), cfg.listen_host, cfg.listen_port, backlog=1024
+        server = await create_listener(
+            self.loop, lambda: ClientSession(self), cfg.listen_host, cfg.listen_port, backlog=1024
         )
         self.servers.append(server)
         self._schedule_sweep()

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import cast
 
 from balancer.config import ServiceConfig
+from balancer.loops import create_listener
 from balancer.pool import Backend, BackendPool
 
 log = logging.getLogger("balancer")
@@ -481,12 +482,12 @@ class TcpService:
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
+        self._server = await create_listener(
+            self.loop,
             lambda: _ClientSide(self),
             self.config.listen_host,
             self.config.listen_port,
             backlog=4096,
-            reuse_address=True,
         )
         self.accepting = True
         if self.idle_timeout > 0:
