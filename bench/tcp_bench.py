@@ -7,7 +7,9 @@ Starts two redis-servers and nginx on loopback ports, then the balancer
 off, uvloop) and HAProxy over the same backends, and runs in alternating
 rounds: redis-benchmark -c 50 with small values (-P 1, -P 16) and 100 KB
 values, and wrk against nginx's small page. For each it records requests/s,
-p50/p99 latency and the proxy's CPU seconds per 100k requests (psutil), then
+p50/p99 latency, the proxy's CPU seconds per 100k requests and the whole
+machine's (all processes and the kernel's softirq work: load generator,
+backends and proxy; direct gives the cost without a proxy) (psutil), then
 the RSS each proxy adds per idle proxied connection with 5,000 connections
 open. Medians over rounds go to bench/results/tcp.json and bench/results/tcp.md;
 with --only, the chosen workloads run and their medians are printed only.
@@ -118,6 +120,12 @@ def our_relay(backends: list[str]) -> Iterator[Peer]:
             proc.wait(10)
             drain.join(5)
             proc.stderr.close()
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent on all CPUs so far, idle and I/O wait excluded."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -266,17 +274,21 @@ def main() -> int:
                 for target in order:
                     port, pid = targets[w["kind"]][target]
                     cpu0 = cpu_seconds(pid)
+                    busy0 = machine_busy_seconds()
                     if w["kind"] == "redis":
                         res = run_redis_benchmark(port, w["pipeline"], w["size"], w["n"])
                     else:
                         res = run_wrk(port, w["seconds"])
                     cpu = cpu_seconds(pid) - cpu0
+                    busy = machine_busy_seconds() - busy0
                     res["cpu_s_per_100k"] = cpu / res["requests"] * 100_000 if pid else 0.0
+                    res["machine_cpu_s_per_100k"] = busy / res["requests"] * 100_000
                     samples[name][target].append(res)
                     print(
                         f"round {rnd + 1} {name:16} {target:8} {res['rps']:>11.0f} req/s "
                         f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms "
-                        f"cpu {res['cpu_s_per_100k']:.3f} s/100k",
+                        f"cpu {res['cpu_s_per_100k']:.3f} s/100k "
+                        f"machine {res['machine_cpu_s_per_100k']:.3f} s/100k",
                         flush=True,
                     )
         for target in ("ours", "haproxy") if measure_idle else ():
@@ -313,6 +325,8 @@ def summarise(
         med["ratio_ours_haproxy"] = {
             "rps": ours["rps"] / hap["rps"],
             "cpu_per_request": ours["cpu_s_per_100k"] / hap["cpu_s_per_100k"],
+            "machine_cpu_per_request": ours["machine_cpu_s_per_100k"]
+            / hap["machine_cpu_s_per_100k"],
             "p99": ours["p99_ms"] / hap["p99_ms"],
         }
         out["workloads"][name] = med
@@ -326,25 +340,38 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Medians of {report['rounds']} alternating rounds on {report['cpus']} CPUs. "
         "redis-benchmark -c 50 (SET+GET), wrk -t1 -c50 against nginx; direct = no proxy "
-        "(redis: one of the two backends). CPU is the proxy process only; ours is "
-        "`python -m balancer serve` on uvloop.",
+        "(redis: one of the two backends). Proxy CPU is the proxy process only; ours is "
+        "`python -m balancer serve` on uvloop. Machine CPU is every CPU's busy time "
+        "(load generator, backends, proxy, the kernel's network work) per 100k requests.",
         "",
-        "| workload | target | req/s | p50 ms | p99 ms | CPU s / 100k req |",
-        "|---|---|---:|---:|---:|---:|",
+        "| workload | target | req/s | p50 ms | p99 ms | proxy CPU s / 100k req | "
+        "machine CPU s / 100k req |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, med in report["workloads"].items():
         for target in ("ours", "haproxy", "direct"):
             m = med[target]
             cpu = f"{m['cpu_s_per_100k']:.3f}" if target != "direct" else "-"
+            machine = m.get("machine_cpu_s_per_100k")
+            machine_cell = f"{machine:.3f}" if machine is not None else "-"
             lines.append(
                 f"| {name} | {target} | {m['rps']:.0f} | {m['p50_ms']:.3f} | "
-                f"{m['p99_ms']:.3f} | {cpu} |"
+                f"{m['p99_ms']:.3f} | {cpu} | {machine_cell} |"
             )
-    lines += ["", "| workload | ours/HAProxy req/s | ours/HAProxy CPU per req | p99 ratio |"]
-    lines += ["|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| workload | ours/HAProxy req/s | ours/HAProxy proxy CPU per req | "
+        "ours/HAProxy machine CPU per req | p99 ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, med in report["workloads"].items():
         r = med["ratio_ours_haproxy"]
-        lines.append(f"| {name} | {r['rps']:.2f} | {r['cpu_per_request']:.2f} | {r['p99']:.2f} |")
+        machine_ratio = r.get("machine_cpu_per_request")
+        machine_cell = f"{machine_ratio:.2f}" if machine_ratio is not None else "-"
+        lines.append(
+            f"| {name} | {r['rps']:.2f} | {r['cpu_per_request']:.2f} | {machine_cell} | "
+            f"{r['p99']:.2f} |"
+        )
     idle = report["idle_rss_bytes_per_connection"]
     lines += [
         "",

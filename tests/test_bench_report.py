@@ -10,8 +10,8 @@ from types import ModuleType
 from tests.support import ROOT
 
 
-def load_report_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+def load_bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -42,7 +42,7 @@ def test_report_compares_with_direct_and_haproxy(tmp_path: Path) -> None:
             }
         )
     )
-    report = load_report_module()
+    report = load_bench_module("report")
     data = report.build(tmp_path)
     tables = {t["title"]: t["rows"] for t in data["comparisons"]}
     lockstep = tables["Message mode, lockstep: throughput ratio to direct"]
@@ -54,3 +54,35 @@ def test_report_compares_with_direct_and_haproxy(tmp_path: Path) -> None:
     html = out.read_text()
     assert "0.45" in html
     assert "1.1" in html
+
+
+def test_tcp_bench_summary_reports_proxy_and_machine_cpu_ratios() -> None:
+    tcp_bench = load_bench_module("tcp_bench")
+
+    def run(rps: float, cpu: float, machine: float) -> dict[str, float]:
+        return {
+            "requests": 1000.0,
+            "rps": rps,
+            "p50_ms": 0.5,
+            "p99_ms": 1.0,
+            "cpu_s_per_100k": cpu,
+            "machine_cpu_s_per_100k": machine,
+        }
+
+    samples = {
+        "redis P1 small": {
+            "ours": [run(90.0, 1.2, 2.4), run(110.0, 1.0, 2.2), run(100.0, 1.1, 2.3)],
+            "haproxy": [run(80.0, 1.0, 2.0)],
+            "direct": [run(150.0, 0.0, 1.2)],
+        }
+    }
+    report = tcp_bench.summarise(samples, {"ours": 2600.0, "haproxy": 3300.0}, rounds=3)
+    ratio = report["workloads"]["redis P1 small"]["ratio_ours_haproxy"]
+    # medians over rounds first, then ours / HAProxy
+    assert ratio["rps"] == 100.0 / 80.0
+    assert ratio["cpu_per_request"] == 1.1 / 1.0
+    assert ratio["machine_cpu_per_request"] == 2.3 / 2.0
+    table = tcp_bench.markdown(report)
+    assert "| redis P1 small | 1.25 | 1.10 | 1.15 | 1.00 |" in table
+    assert "| redis P1 small | direct | 150 | 0.500 | 1.000 | - | 1.200 |" in table
+    assert "ours 2600 B, HAProxy 3300 B (ratio 0.79)" in table
