@@ -14,7 +14,6 @@ from typing import Any
 
 import psutil
 import pytest
-import uvloop
 
 from balancer.config import BackendConfig, HealthConfig, ServiceConfig
 from balancer.pool import DOWN, UP, BackendPool
@@ -188,11 +187,6 @@ async def test_redis_set_get_binary_values_intact(redis_pair: tuple[Peer, Peer])
     await set_get_roundtrip([p.address for p in redis_pair])
 
 
-def test_redis_set_get_binary_values_intact_on_uvloop(redis_pair: tuple[Peer, Peer]) -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(set_get_roundtrip([p.address for p in redis_pair]))
-
-
 async def test_redis_benchmark_through_relay(redis_pair: tuple[Peer, Peer], start: Starter) -> None:
     bench = need("redis-benchmark")
     svc, port = await start([p.address for p in redis_pair])
@@ -267,11 +261,6 @@ async def large_transfer_to_slow_reader() -> None:
 
 async def test_large_transfer_to_slow_reader_keeps_memory_bounded() -> None:
     await large_transfer_to_slow_reader()
-
-
-def test_large_transfer_to_slow_reader_keeps_memory_bounded_on_uvloop() -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(large_transfer_to_slow_reader())
 
 
 async def test_half_close_reply_still_arrives(start: Starter) -> None:
