@@ -129,7 +129,7 @@ def _reset(transport: asyncio.Transport) -> None:
 class _BackendSide(asyncio.Protocol):
     """The backend socket of one relayed connection."""
 
-    __slots__ = ("backend", "client", "counted", "data_received", "transport")
+    __slots__ = ("backend", "client", "counted", "data_received", "lost", "transport")
 
     data_received: Callable[[bytes], None]  # type: ignore[assignment]
     """The client transport's write: what the backend sends goes straight to the client."""
@@ -141,6 +141,8 @@ class _BackendSide(asyncio.Protocol):
         self.data_received = client.transport.write
         self.counted = 0
         """Bytes received from the backend and already added to `backend.bytes_out`."""
+        self.lost = False
+        """connection_lost has run: the socket is closed and its number may be reused."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -153,6 +155,8 @@ class _BackendSide(asyncio.Protocol):
 
     def account(self) -> None:
         """Add the bytes received from the backend since the last call to its counter."""
+        if self.lost:
+            return
         client = self.client
         received = _bytes_received(self.transport, client.server_eof, client.client_eof)
         if received > self.counted:
@@ -177,6 +181,7 @@ class _BackendSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # The socket is still open here: the loop closes it after this call.
         self.account()
+        self.lost = True
         self.client.backend_lost(exc)
 
 
@@ -191,6 +196,7 @@ class _ClientSide(asyncio.Protocol):
         "counted",
         "data_received",
         "held",
+        "lost",
         "server_eof",
         "started",
         "svc",
@@ -216,6 +222,8 @@ class _ClientSide(asyncio.Protocol):
         self.data_received = self._hold
         self.counted = 0
         """Bytes received from the client and already added to the backend's `bytes_in`."""
+        self.lost = False
+        """connection_lost has run: the socket is closed and its number may be reused."""
         self.started = 0.0
 
     # -- client transport callbacks
@@ -244,7 +252,7 @@ class _ClientSide(asyncio.Protocol):
     def account(self) -> None:
         """Add the bytes received from the client since the last call to its backend's counter."""
         upstream = self.upstream
-        if upstream is None:
+        if upstream is None or self.lost:
             return
         received = _bytes_received(self.transport, self.client_eof, self.server_eof)
         if received > self.counted:
@@ -275,6 +283,7 @@ class _ClientSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # The socket is still open here: the loop closes it after this call.
         self.account()
+        self.lost = True
         if self.connector is not None:
             self.connector.cancel()
             self.connector = None
@@ -536,8 +545,8 @@ class TcpService:
             expired = []
             for conn in self.conns:
                 upstream = conn.upstream
-                if upstream is None:
-                    continue  # still connecting: the connect timeout applies
+                if upstream is None or upstream.lost:
+                    continue  # still connecting (the connect timeout applies), or closing
                 # Quiet both ways means idle: neither socket received data for that long.
                 if min(_quiet_ms(conn.transport), _quiet_ms(upstream.transport)) >= limit_ms:
                     expired.append(conn)
