@@ -17,9 +17,12 @@ bench:
 	$(PYTHON) bench/message_bench.py $(BENCH_ARGS)
 	$(PYTHON) bench/report.py
 
-# Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), and
-# 10,000 idle connections; writes bench/results/{soak,idle}.{json,md}.
+# Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), redis
+# through tcp mode with redis kills for TCP_SOAK_MINUTES (default 5), and 10,000 idle
+# connections; writes bench/results/{soak,tcp_soak,idle}.{json,md}.
 SOAK_MINUTES ?= 10
+TCP_SOAK_MINUTES ?= 5
 soak:
 	$(PYTHON) bench/soak.py --minutes $(SOAK_MINUTES)
+	$(PYTHON) bench/tcp_soak.py --minutes $(TCP_SOAK_MINUTES)
 	$(PYTHON) bench/idle_connections.py

@@ -2,7 +2,7 @@
 
     python bench/report.py [--results bench/results] [--out bench/results/report.html]
 
-Reads whichever of message.json, tcp.json, policy_e2e.json, policies.json,
+Reads whichever of message.json, tcp.json, tcp_soak.json, policy_e2e.json, policies.json,
 soak.json and idle.json exist (each written by its own harness) and writes a
 self-contained page: ours beside the reference measured in the same run
 (direct connection, HAProxy), with the ratios.
@@ -108,6 +108,14 @@ def summary(results: Path) -> dict[str, object]:
         out["soak: requests / failures"] = f"{soak.get('requests', 0):,} / {soak.get('failures')}"
         rss = soak.get("rss_mb") or {}
         out["soak: RSS start -> end (MB)"] = f"{rss.get('start')} -> {rss.get('end')}"
+    tcp_soak = _load(results, "tcp_soak")
+    if tcp_soak:
+        out["tcp soak: pairs verified / values altered / connections cut by kills"] = (
+            f"{tcp_soak.get('pairs_verified', 0):,} / {tcp_soak.get('values_altered')} / "
+            f"{tcp_soak.get('connections_cut')}"
+        )
+        rss = tcp_soak.get("rss_mb") or {}
+        out["tcp soak: RSS start -> end (MB)"] = f"{rss.get('start')} -> {rss.get('end')}"
     idle = _load(results, "idle")
     if idle:
         rss = idle.get("rss_mb") or {}

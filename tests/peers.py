@@ -1,5 +1,7 @@
 """Real peers on loopback: redis-server, haproxy, nginx, started and waited for by connecting.
 
+`Resp` is a small RESP2 client for talking to redis through the balancer.
+
 Each starter is a context manager yielding a `Peer` (its process and port) and
 stops the process on exit. A missing binary skips the calling test with a
 message naming it; the test script installs them.
@@ -7,7 +9,9 @@ message naming it; the test script installs them.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +193,65 @@ def nginx(page: bytes = b"<html><body>hello from nginx</body></html>\n") -> Iter
         args = [binary, "-c", str(cfg), "-p", str(root), "-e", str(root / "error.log")]
         with _running("nginx", args, port) as peer:
             yield peer
+
+
+class RespError(Exception):
+    pass
+
+
+class Resp:
+    """A tiny RESP2 client: enough for SET, GET, PING, INFO."""
+
+    timeout = 30.0
+    """Seconds a command may take before TimeoutError."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Resp:
+        reader, writer = await asyncio.open_connection(HOST, port, limit=4 * 1024 * 1024)
+        return cls(reader, writer)
+
+    @staticmethod
+    def encode(*args: bytes) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        parts.extend(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
+        return b"".join(parts)
+
+    async def reply(self) -> Any:
+        line = await self.reader.readuntil(b"\r\n")
+        kind, body = line[:1], line[1:-2]
+        if kind == b"+":
+            return body.decode()
+        if kind == b"-":
+            raise RespError(body.decode())
+        if kind == b":":
+            return int(body)
+        if kind == b"$":
+            n = int(body)
+            if n < 0:
+                return None
+            return (await self.reader.readexactly(n + 2))[:-2]
+        if kind == b"*":
+            return [await self.reply() for _ in range(int(body))]
+        raise RespError(f"unexpected reply {line!r}")
+
+    async def command(self, *args: bytes) -> Any:
+        async with asyncio.timeout(self.timeout):
+            self.writer.write(self.encode(*args))
+            return await self.reply()
+
+    async def server_port(self) -> int:
+        info = await self.command(b"INFO", b"server")
+        match = re.search(rb"tcp_port:(\d+)", info)
+        assert match is not None
+        return int(match.group(1))
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass

@@ -18,7 +18,7 @@ import pytest
 from balancer.config import BackendConfig, HealthConfig, ServiceConfig
 from balancer.pool import DOWN, UP, BackendPool
 from balancer.proxy.tcp import TcpService
-from tests.peers import HOST, Peer, free_port, need, redis_server
+from tests.peers import HOST, Peer, Resp, free_port, need, redis_server
 
 pytestmark = pytest.mark.peers
 
@@ -64,65 +64,6 @@ async def start() -> AsyncIterator[Starter]:
 def redis_pair() -> Iterator[tuple[Peer, Peer]]:
     with redis_server() as a, redis_server() as b:
         yield a, b
-
-
-class RespError(Exception):
-    pass
-
-
-class Resp:
-    """A tiny RESP2 client: enough for SET, GET, PING, INFO."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> Resp:
-        reader, writer = await asyncio.open_connection(HOST, port, limit=4 * 1024 * 1024)
-        return cls(reader, writer)
-
-    @staticmethod
-    def encode(*args: bytes) -> bytes:
-        parts = [b"*%d\r\n" % len(args)]
-        parts.extend(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
-        return b"".join(parts)
-
-    async def reply(self) -> Any:
-        line = await self.reader.readuntil(b"\r\n")
-        kind, body = line[:1], line[1:-2]
-        if kind == b"+":
-            return body.decode()
-        if kind == b"-":
-            raise RespError(body.decode())
-        if kind == b":":
-            return int(body)
-        if kind == b"$":
-            n = int(body)
-            if n < 0:
-                return None
-            return (await self.reader.readexactly(n + 2))[:-2]
-        if kind == b"*":
-            return [await self.reply() for _ in range(int(body))]
-        raise RespError(f"unexpected reply {line!r}")
-
-    async def command(self, *args: bytes) -> Any:
-        async with asyncio.timeout(STEP):
-            self.writer.write(self.encode(*args))
-            return await self.reply()
-
-    async def server_port(self) -> int:
-        info = await self.command(b"INFO", b"server")
-        match = re.search(rb"tcp_port:(\d+)", info)
-        assert match is not None
-        return int(match.group(1))
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
 
 
 async def read_to_eof(reader: asyncio.StreamReader) -> bytes:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import Peer, redis_server
+from tests.peers import Peer, Resp, redis_server
 from tests.support import LineClient, reply_for, start_balancer, start_service
-from tests.test_tcp import Resp
 
 pytestmark = [pytest.mark.peers, pytest.mark.e2e]
 
