@@ -187,6 +187,25 @@ async def test_no_backend_up_answers_and_keeps_the_connection() -> None:
     assert not t.closed
 
 
+async def test_with_no_backend_up_an_ejected_one_still_serves() -> None:
+    """Outlier ejection outlasts a quick restart; if the others are down meanwhile, the
+    ejected backend (no failing check against it) answers rather than nobody."""
+    service, opened = make_service(2)
+    ejected, checked_down = service.pool.backends
+    assert service.pool.report_failure(ejected, "reset")
+    service.pool.mark_down(checked_down, "3 failed check(s)")
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    conn, backend_transport = opened[ejected.port][0]
+    assert backend_transport.data() == b"1\n"
+    conn.data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\n"
+    assert service.not_available == 0
+    assert ejected.state == "down", "serving as a fallback does not readmit it"
+
+
 async def test_line_too_long_answers_earlier_requests_first_then_closes() -> None:
     service, opened = make_service(1, max_line=10)
     s, t = client(service)

@@ -322,6 +322,25 @@ async def test_backend_connection_limit_tries_next_then_refuses(
     await b.close()
 
 
+async def test_an_ejected_backend_that_recovered_serves_when_the_other_is_dead(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    """The case a soak with redis kills found: one backend still serving its ejection time
+    after restarting, the other just killed (and not ejectable, max_ejection_percent 50)."""
+    alive = redis_pair[0]
+    svc, port = await start([alive.address, f"{HOST}:{free_port()}"])
+    recovered, dead = svc.pool.backends
+    assert svc.pool.report_failure(recovered, "killed a moment ago")  # ejected for 2 s
+    client = await Resp.connect(port)
+    assert await client.command(b"PING") == "PONG"
+    assert await client.server_port() == alive.port
+    assert dead.connect_failures == 1, "the dead one was tried first"
+    assert dead.state == UP, "and not ejected: that would eject both"
+    assert recovered.state == DOWN, "the fallback does not end the ejection"
+    assert svc.not_available == 0
+    await client.close()
+
+
 async def test_idle_connection_is_closed(redis_pair: tuple[Peer, Peer], start: Starter) -> None:
     svc, port = await start([redis_pair[0].address], idle_timeout=0.2)
     client = await Resp.connect(port)

@@ -36,6 +36,7 @@ class Backend:
         "admin_state",
         "bytes_in",
         "bytes_out",
+        "cap_logged_at",
         "config",
         "connect_failures",
         "consecutive_failures",
@@ -85,6 +86,8 @@ class Backend:
         self.consecutive_failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
+        self.cap_logged_at = -1e9
+        """When a failure last went unejected because of max_ejection_percent (logged)."""
 
     @property
     def address(self) -> str:
@@ -158,6 +161,31 @@ class BackendPool:
         target = self.policy.pick(key, exclude)
         return target  # type: ignore[return-value]
 
+    def fallback(self, exclude: Collection[Backend] = ()) -> Backend | None:
+        """With no eligible backend left to try, an outlier-ejected one that passes its checks.
+
+        Outlier ejection keeps a backend out for its whole ejection time even after
+        it recovers; if the other backends then fail too, refusing everything would
+        be worse than sending traffic to it (Envoy's panic routing, narrowed to
+        backends whose last active check passed, or that have no checks). Drained,
+        in maintenance and zero-weight backends are never chosen. Of several, the
+        one whose ejection ends first.
+        """
+        now = time.monotonic()
+        best: Backend | None = None
+        for b in self.backends:
+            if (
+                b.state == DOWN
+                and b.ejected_until > now
+                and b.admin_state == READY
+                and b.weight > 0
+                and b.last_check_ok is not False
+                and b not in exclude
+                and (best is None or b.ejected_until < best.ejected_until)
+            ):
+                best = b
+        return best
+
     @property
     def any_eligible(self) -> bool:
         return bool(self.policy.targets)
@@ -216,6 +244,9 @@ class BackendPool:
         ejected = sum(1 for b in self.backends if b.state == DOWN and b.ejected_until > now)
         limit = max(1.0, n * outlier.max_ejection_percent / 100.0)
         if ejected + 1 > limit:
+            if now - backend.cap_logged_at < outlier.base_ejection_time:
+                return False  # said already: one line per backend per base_ejection_time
+            backend.cap_logged_at = now
             log.warning(
                 "backend %s of service %s not ejected (%s): %d of %d backends already "
                 "ejected, max_ejection_percent %g",

@@ -721,7 +721,7 @@ class MessageService:
             if self.queue:
                 self._enqueue(req, now)  # keep arrival order behind those already waiting
                 continue
-            backend = pick(payload if hash_message else key)
+            backend = pick(payload if hash_message else key) or self.pool.fallback()
             if backend is None:
                 self.not_available += 1
                 session.complete(req, NOT_AVAILABLE)
@@ -872,6 +872,8 @@ class MessageService:
                         self.retries += 1
                         self._enqueue(req, now)
                         continue
+                    if backend is None:
+                        backend = self.pool.fallback(req.tried or ())
                 else:
                     self.retries_over_budget += 1
             if backend is None:

@@ -384,7 +384,7 @@ class _ClientSide(asyncio.Protocol):
         failures = 0
         at_limit = False
         while True:
-            backend = pool.pick(key, tried)
+            backend = pool.pick(key, tried) or pool.fallback(tried)
             if backend is None:
                 break
             tried.append(backend)
