@@ -223,6 +223,7 @@ def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
             "max": round(max(mb for _, mb in samples), 1),
             "end_vs_warm_percent": round((end_rss / warm - 1) * 100, 1),
         },
+        "rss_samples": [(round(t, 1), round(mb, 1)) for t, mb in samples],
         "balancer_exit_code": exit_code,
         "python": platform.python_version(),
         "loop": loop_name(),

@@ -59,7 +59,7 @@ def test_with_nothing_eligible_the_fallback_is_an_ejected_backend_whose_checks_p
 
 
 @pytest.mark.parametrize(
-    "why", ["check failing", "drained", "maintenance", "weight 0", "not ejected"]
+    "why", ["check failing", "drained", "maintenance", "weight 0", "down, never checked"]
 )
 def test_the_fallback_never_takes_a_backend_that_should_not_serve(why: str) -> None:
     pool = make_pool(1)
@@ -75,8 +75,20 @@ def test_the_fallback_never_takes_a_backend_that_should_not_serve(why: str) -> N
     elif why == "weight 0":
         b.weight = 0
     else:
-        b.ejected_until = 0.0  # down by its health checks, not ejected by traffic
+        b.last_check_ok = None
+        b.ejected_until = 0.0  # down, but not by outlier ejection, and nothing known
     assert pool.fallback() is None
+
+
+def test_a_backend_down_by_its_checks_whose_last_check_passed_is_a_fallback() -> None:
+    """Its ejection is over (or it was never ejected) and it waits for `rise` good checks."""
+    pool = make_pool(2)
+    waiting, dead = pool.backends
+    pool.mark_down(waiting, "3 failed check(s)")
+    waiting.last_check_ok = True
+    pool.mark_down(dead, "3 failed check(s)")
+    dead.last_check_ok = False
+    assert pool.fallback() is waiting
 
 
 def test_the_fallback_prefers_the_backend_whose_ejection_ends_first() -> None:

@@ -162,24 +162,24 @@ class BackendPool:
         return target  # type: ignore[return-value]
 
     def fallback(self, exclude: Collection[Backend] = ()) -> Backend | None:
-        """With no eligible backend left to try, an outlier-ejected one that passes its checks.
+        """With no eligible backend left to try, a down one that looks alive again.
 
         Outlier ejection keeps a backend out for its whole ejection time even after
-        it recovers; if the other backends then fail too, refusing everything would
-        be worse than sending traffic to it (Envoy's panic routing, narrowed to
-        backends whose last active check passed, or that have no checks). Drained,
-        in maintenance and zero-weight backends are never chosen. Of several, the
-        one whose ejection ends first.
+        it recovers, and a backend marked down waits for `rise` good checks; if
+        the other backends fail meanwhile, refusing everything would be worse than
+        sending traffic to it (Envoy's panic routing, narrowed). Candidates: down
+        backends whose last active check passed, and, without active checks,
+        outlier-ejected ones. Drained, in maintenance and zero-weight backends are
+        never chosen. Of several, the one whose ejection ends (or ended) first.
         """
         now = time.monotonic()
         best: Backend | None = None
         for b in self.backends:
             if (
                 b.state == DOWN
-                and b.ejected_until > now
+                and (b.last_check_ok or (b.last_check_ok is None and b.ejected_until > now))
                 and b.admin_state == READY
                 and b.weight > 0
-                and b.last_check_ok is not False
                 and b not in exclude
                 and (best is None or b.ejected_until < best.ejected_until)
             ):
