@@ -116,3 +116,18 @@ def rss_mb(pid: int) -> float:
     """A process's resident memory in MB (10^6 bytes)."""
     rss: int = psutil.Process(pid).memory_info().rss
     return rss / 1e6
+
+
+def rss_summary(samples: list[tuple[float, float]], warm: float, end: float) -> dict[str, Any]:
+    """A soak's RSS figures, MB: start, after warm-up, end, highest, end vs warm-up in %,
+    and the (seconds, MB) samples themselves."""
+    return {
+        "rss_mb": {
+            "start": round(samples[0][1], 1),
+            "warm": round(warm, 1),
+            "end": round(end, 1),
+            "max": round(max(mb for _, mb in samples), 1),
+            "end_vs_warm_percent": round((end / warm - 1) * 100, 1),
+        },
+        "rss_samples": [(round(t, 1), round(mb, 1)) for t, mb in samples],
+    }

@@ -35,7 +35,7 @@ import psutil
 
 from balancer.demo import Child, start_service
 from balancer.loops import loop_name
-from harness import load_result, rss_mb, save_results, start_balancer, start_load
+from harness import load_result, rss_mb, rss_summary, save_results, start_balancer, start_load
 
 BACKENDS = 4
 OUTAGE = 2.0
@@ -189,14 +189,7 @@ def run(minutes: float, rate: float, kill_every: float) -> dict[str, Any]:
         "open_loop": {k: results[0][k] for k in ("requests", "ok", "errors")},
         "lockstep": {k: results[1][k] for k in ("requests", "ok", "errors")},
         "churn": {"requests": churn.requests, "ok": churn.ok, "errors": churn.errors},
-        "rss_mb": {
-            "start": round(samples[0][1], 1),
-            "warm": round(warm, 1),
-            "end": round(end_rss, 1),
-            "max": round(max(mb for _, mb in samples), 1),
-            "end_vs_warm_percent": round((end_rss / warm - 1) * 100, 1),
-        },
-        "rss_samples": [(round(t, 1), round(mb, 1)) for t, mb in samples],
+        **rss_summary(samples, warm, end_rss),
         "balancer_exit_code": bal_code,
         "python": platform.python_version(),
         "loop": loop_name(),

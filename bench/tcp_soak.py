@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from tests.peers import HOST, Resp, free_port, need, wait_connectable  # noqa: E402
 
 from balancer.loops import loop_name  # noqa: E402
-from harness import rss_mb, save_results  # noqa: E402
+from harness import rss_mb, rss_summary, save_results  # noqa: E402
 
 OUTAGE = 1.0
 PAIRS = 20
@@ -216,14 +216,7 @@ def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
             "in": sum(b["bytes_in"] for b in status["backends"]),
             "out": sum(b["bytes_out"] for b in status["backends"]),
         },
-        "rss_mb": {
-            "start": round(samples[0][1], 1),
-            "warm": round(warm, 1),
-            "end": round(end_rss, 1),
-            "max": round(max(mb for _, mb in samples), 1),
-            "end_vs_warm_percent": round((end_rss / warm - 1) * 100, 1),
-        },
-        "rss_samples": [(round(t, 1), round(mb, 1)) for t, mb in samples],
+        **rss_summary(samples, warm, end_rss),
         "balancer_exit_code": exit_code,
         "python": platform.python_version(),
         "loop": loop_name(),
