@@ -95,6 +95,18 @@ def _bytes_received(transport: asyncio.BaseTransport, eof_seen: bool, eof_sent: 
     return received
 
 
+def _newly_received(side: _BackendSide | _ClientSide, eof_seen: bool, eof_sent: bool) -> int:
+    """Bytes `side`'s socket received since the last call (0 once the side is lost)."""
+    if side.lost:
+        return 0
+    received = _bytes_received(side.transport, eof_seen, eof_sent)
+    if received <= side.counted:
+        return 0
+    new = received - side.counted
+    side.counted = received
+    return new
+
+
 def _quiet_ms(transport: asyncio.BaseTransport) -> int:
     """Milliseconds since the socket last received data (0 if unknown)."""
     info = _tcp_info(transport)
@@ -155,13 +167,8 @@ class _BackendSide(asyncio.Protocol):
 
     def account(self) -> None:
         """Add the bytes received from the backend since the last call to its counter."""
-        if self.lost:
-            return
         client = self.client
-        received = _bytes_received(self.transport, client.server_eof, client.client_eof)
-        if received > self.counted:
-            self.backend.bytes_out += received - self.counted
-            self.counted = received
+        self.backend.bytes_out += _newly_received(self, client.server_eof, client.client_eof)
 
     def eof_received(self) -> bool:
         self.client.backend_eof()
@@ -250,14 +257,12 @@ class _ClientSide(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def account(self) -> None:
-        """Add the bytes received from the client since the last call to its backend's counter."""
+        """Add the bytes both sides received since the last call to the backend's counters."""
         upstream = self.upstream
-        if upstream is None or self.lost:
+        if upstream is None:
             return
-        received = _bytes_received(self.transport, self.client_eof, self.server_eof)
-        if received > self.counted:
-            upstream.backend.bytes_in += received - self.counted
-            self.counted = received
+        upstream.backend.bytes_in += _newly_received(self, self.client_eof, self.server_eof)
+        upstream.account()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -291,7 +296,6 @@ class _ClientSide(asyncio.Protocol):
             self.closed = True
             upstream = self.upstream
             if upstream is not None:
-                upstream.account()
                 if exc is not None:
                     _reset(upstream.transport)
                 else:
@@ -351,7 +355,6 @@ class _ClientSide(asyncio.Protocol):
         self.account()
         upstream = self.upstream
         if upstream is not None:
-            upstream.account()
             upstream.transport.close()
         self.transport.close()
 
@@ -361,7 +364,6 @@ class _ClientSide(asyncio.Protocol):
         self.account()
         upstream = self.upstream
         if upstream is not None:
-            upstream.account()
             upstream.transport.abort()
         self.transport.abort()
 
@@ -533,9 +535,6 @@ class TcpService:
         """Bring the backends' byte counters up to date with the open connections."""
         for conn in self.conns:
             conn.account()
-            upstream = conn.upstream
-            if upstream is not None:
-                upstream.account()
 
     async def _sweep_idle(self) -> None:
         period = self.idle_timeout / _IDLE_SWEEPS
