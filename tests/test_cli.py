@@ -49,7 +49,7 @@ def test_check_config_names_file_key_and_expectation(tmp_path: Path) -> None:
     )
     result = run("check-config", str(cfg))
     assert result.returncode == 2
-    assert "bad.toml: services.numbers.health.rise: expected a positive integer, got -1" in (
+    assert "bad.toml: services.numbers.health.rise: expected an integer from 1 to 1000, got -1" in (
         result.stderr
     )
 

@@ -220,10 +220,15 @@ def test_admin_table(tmp_path: Path, admin: str, expected: AdminConfig) -> None:
 
 def test_tutorial_config_txt(tmp_path: Path) -> None:
     path = write(tmp_path, "config.txt", TUTORIAL_TXT)
-    assert load_config(path) == Config(
-        services=(ServiceConfig("default", "localhost", 8080, TUTORIAL_BACKENDS),),
-        source=str(path),
+    tutorial = ServiceConfig(
+        "default",
+        "localhost",
+        8080,
+        TUTORIAL_BACKENDS,
+        client_framing="auto",
+        backend_framing="auto",
     )
+    assert load_config(path) == Config(services=(tutorial,), source=str(path))
 
 
 def test_text_format_comments_colons_crlf_and_ipv6(tmp_path: Path) -> None:
@@ -326,7 +331,16 @@ def test_extension_is_case_insensitive(tmp_path: Path) -> None:
 
 def test_config_from_backends() -> None:
     config = config_from_backends(TUTORIAL_BACKENDS, listen="127.0.0.1:8080")
-    assert config.services == (ServiceConfig("default", "127.0.0.1", 8080, TUTORIAL_BACKENDS),)
+    assert config.services == (
+        ServiceConfig(
+            "default",
+            "127.0.0.1",
+            8080,
+            TUTORIAL_BACKENDS,
+            client_framing="auto",
+            backend_framing="auto",
+        ),
+    )
 
 
 # ---------------------------------------------------------------- addresses
@@ -442,32 +456,32 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             SVC + BACKENDS + "[services.numbers.health]\nrise = -1\n",
             "services.numbers.health.rise",
-            ["expected a positive integer, got -1"],
+            ["expected an integer from 1 to 1000, got -1"],
         ),
         (
             SVC + BACKENDS + "[services.numbers.health]\nfall = 1.5\n",
             "services.numbers.health.fall",
-            ["expected a positive integer, got 1.5"],
+            ["expected an integer from 1 to 1000, got 1.5"],
         ),
         (
             SVC + BACKENDS + "[services.numbers.health]\nfall = true\n",
             "services.numbers.health.fall",
-            ["expected a positive integer, got True"],
+            ["expected an integer from 1 to 1000, got True"],
         ),
         (
             SVC + BACKENDS + '[services.numbers.health]\ninterval = "2"\n',
             "services.numbers.health.interval",
-            ["expected a number > 0, got '2'"],
+            ["expected a number from 0.05 to 86400 seconds, got '2'"],
         ),
         (
             SVC + BACKENDS + "[services.numbers.health]\ntimeout = 0\n",
             "services.numbers.health.timeout",
-            ["expected a number > 0, got 0"],
+            ["expected a number from 0.05 to 3600 seconds, got 0"],
         ),
         (
             SVC + BACKENDS + "[services.numbers.health]\ninterval = inf\n",
             "services.numbers.health.interval",
-            ["expected a number > 0, got inf"],
+            ["expected a number from 0.05 to 86400 seconds, got inf"],
         ),
         (
             SVC + BACKENDS + "[services.numbers.health]\njitter = 0.7\n",
@@ -528,7 +542,7 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             SVC + BACKENDS + 'backend_framing = "lines"\n',
             "services.numbers.backend_framing",
-            ["expected one of 'line', 'raw', got 'lines'", "did you mean 'line'?"],
+            ["expected one of 'auto', 'line', 'raw', got 'lines'", "did you mean 'line'?"],
         ),
         (
             SVC + BACKENDS + 'hash_key = "client"\n',
@@ -543,42 +557,42 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             SVC + BACKENDS + "hash_balance_factor = 1.0\n",
             "services.numbers.hash_balance_factor",
-            ["expected 0 (off) or a number > 1", "got 1.0"],
+            ["expected 0 (off) or a number from 1.01 to 100", "got 1.0"],
         ),
         (
             SVC + BACKENDS + "hash_balance_factor = -2\n",
             "services.numbers.hash_balance_factor",
-            ["expected 0 (off) or a number > 1", "got -2"],
+            ["expected 0 (off) or a number from 1.01 to 100", "got -2"],
         ),
         (
             SVC + BACKENDS + "max_line = 0\n",
             "services.numbers.max_line",
-            ["expected a positive integer, got 0"],
+            ["expected an integer from 1 to 16777216 bytes, got 0"],
         ),
         (
             SVC + BACKENDS + "retries = -1\n",
             "services.numbers.retries",
-            ["expected an integer >= 0, got -1"],
+            ["expected an integer from 0 to 10, got -1"],
         ),
         (
             SVC + BACKENDS + "connect_timeout = 0\n",
             "services.numbers.connect_timeout",
-            ["expected a number > 0, got 0"],
+            ["expected a number from 0.01 to 300 seconds, got 0"],
         ),
         (
             SVC + BACKENDS + "response_timeout = nan\n",
             "services.numbers.response_timeout",
-            ["expected a number > 0, got nan"],
+            ["expected a number from 0.05 to 86400 seconds, got nan"],
         ),
         (
             SVC + BACKENDS + "backend_connections = 0\n",
             "services.numbers.backend_connections",
-            ["expected a positive integer, got 0"],
+            ["expected an integer from 1 to 1024, got 0"],
         ),
         (
             SVC + BACKENDS + "slow_start = -1\n",
             "services.numbers.slow_start",
-            ["expected a number >= 0, got -1"],
+            ["expected 0 (off) or a number from 0.1 to 3600 seconds, got -1"],
         ),
         (
             SVC + BACKENDS + 'policy_options = { spread = "x" }\n',
@@ -599,7 +613,7 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             "drain_timeout = -1\n" + SVC + BACKENDS,
             "drain_timeout",
-            ["expected a number >= 0, got -1"],
+            ["expected a number from 0 to 3600 seconds, got -1"],
         ),
         (
             "access_log = 1\n" + SVC + BACKENDS,
@@ -632,12 +646,12 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
             + 'backends = ["localhost:8090", "localhost:8091",'
             + ' { address = "h:1", weight = true }]\n',
             "services.numbers.backends[2].weight",
-            ["expected an integer >= 0, got True"],
+            ["expected an integer from 0 to 1000, got True"],
         ),
         (
             SVC + 'backends = [{ address = "h:1", weight = -1 }]\n',
             "services.numbers.backends[0].weight",
-            ["expected an integer >= 0, got -1"],
+            ["expected an integer from 0 to 1000, got -1"],
         ),
         (
             SVC + 'backends = ["localhost:8090", "localhost"]\n',
@@ -842,7 +856,7 @@ def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]
         (
             {"servers": [{"host": "localhost", "port": 80, "weight": 1.5}]},
             "servers[0].weight",
-            ["expected an integer >= 0, got 1.5"],
+            ["expected an integer from 0 to 1000, got 1.5"],
         ),
         (
             {"servers": [{"host": "a", "port": 80}, {"host": "a", "port": 80}]},
@@ -864,7 +878,7 @@ def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]
         (
             {"services": {"numbers": {"backends": ["localhost:8090"], "retries": None}}},
             "services.numbers.retries",
-            ["expected an integer >= 0, got None"],
+            ["expected an integer from 0 to 10, got None"],
         ),
         (
             {"services": {"numbers": {"backends": ["localhost:8090"], "health": None}}},
@@ -874,7 +888,7 @@ def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]
         (
             {"services": {"numbers": {"backends": ["h:1"], "health": {"rise": 2.0}}}},
             "services.numbers.health.rise",
-            ["expected a positive integer, got 2.0"],
+            ["expected an integer from 1 to 1000, got 2.0"],
         ),
     ],
 )

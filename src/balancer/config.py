@@ -25,7 +25,78 @@ DEFAULT_ADMIN_PORT = 9100
 DEFAULT_MAX_LINE = 64 * 1024
 
 MODES = ("message", "tcp")
-FRAMINGS = ("line", "raw")
+FRAMINGS = ("line", "raw", "auto")
+"""Backend framing: `auto` lets the first health check find out which one a backend speaks."""
+CLIENT_FRAMINGS = ("line", "raw", "auto")
+"""Client framing: `auto` detects the tutorial's unterminated messages (raw) per connection."""
+MAX_WEIGHT = 1000
+"""Largest backend weight, in config and through the runtime API."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a number a user can set must lie in.
+
+    With `off`, 0 is also accepted and means "off" or "unlimited" (below `low`).
+    """
+
+    low: float
+    high: float
+    off: bool = False
+    unit: str = ""
+
+    def admits(self, value: float) -> bool:
+        return (self.off and value == 0) or self.low <= value <= self.high
+
+    def expected(self, integer: bool) -> str:
+        what = "an integer" if integer else "a number"
+        unit = f" {self.unit}" if self.unit else ""
+        text = f"{what} from {_fmt(self.low)} to {_fmt(self.high)}{unit}"
+        return f"0 (off) or {text}" if self.off else text
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+_MIB = 1024 * 1024
+BOUNDS: dict[str, Bound] = {
+    # top level
+    "drain_timeout": Bound(0, 3600, unit="seconds"),
+    "drain_close_window": Bound(0, 600, unit="seconds"),
+    # per service
+    "max_line": Bound(1, 16 * _MIB, unit="bytes"),
+    "retries": Bound(0, 10),
+    "connect_timeout": Bound(0.01, 300, unit="seconds"),
+    "response_timeout": Bound(0.05, 86400, unit="seconds"),
+    "backend_connections": Bound(1, 1024),
+    "hash_balance_factor": Bound(1.01, 100, off=True),
+    "slow_start": Bound(0.1, 3600, off=True, unit="seconds"),
+    "client_timeout": Bound(0.1, 7 * 86400, off=True, unit="seconds"),
+    "idle_timeout": Bound(0.1, 7 * 86400, off=True, unit="seconds"),
+    "max_connections": Bound(1, 10_000_000, off=True),
+    "max_backend_connections": Bound(1, 10_000_000, off=True),
+    "connect_buffer": Bound(1024, 64 * _MIB, unit="bytes"),
+    "max_backend_requests": Bound(1, 1_000_000, off=True),
+    "queue_size": Bound(0, 1_000_000),
+    "queue_timeout": Bound(0.01, 3600, unit="seconds"),
+    "retry_budget_percent": Bound(0, 100),
+    "retry_budget_min": Bound(0, 100_000),
+    "max_buffered": Bound(64 * 1024, 64 * 1024 * _MIB, unit="bytes"),
+    "weight": Bound(0, MAX_WEIGHT),
+    # [health]
+    "health.interval": Bound(0.05, 86400, unit="seconds"),
+    "health.timeout": Bound(0.05, 3600, unit="seconds"),
+    "health.rise": Bound(1, 1000),
+    "health.fall": Bound(1, 1000),
+    "health.jitter": Bound(0, 0.5),
+    # [outlier]
+    "outlier.consecutive_failures": Bound(1, 1000),
+    "outlier.base_ejection_time": Bound(0.01, 86400, unit="seconds"),
+    "outlier.max_ejection_time": Bound(0.01, 86400, unit="seconds"),
+    "outlier.max_ejection_percent": Bound(0, 100),
+}
+"""Every number a user can set, with its bounds (the runtime API checks the same)."""
 
 
 class ConfigError(Exception):
@@ -90,6 +161,9 @@ class ServiceConfig:
     mode: str = "message"
     algorithm: str = "round_robin"
     backend_framing: str = "line"
+    """Towards backends: "line", "raw" (the tutorial's original service) or "auto"."""
+    client_framing: str = "line"
+    """From clients (message mode): "line", "raw" (each read is one message) or "auto"."""
     max_line: int = DEFAULT_MAX_LINE
     retries: int = 2
     """How many times a request (or a tcp connect) is re-sent to another backend."""
@@ -105,7 +179,7 @@ class ServiceConfig:
     policy_options: dict[str, float] = field(default_factory=dict)
     client_timeout: float = 300.0
     """Message mode: a client connection idle this long (no request pending) is closed; 0 = off."""
-    idle_timeout: float = 0.0
+    idle_timeout: float = 3600.0
     """Tcp mode: a relayed connection with no bytes either way this long is closed; 0 = off."""
     max_connections: int = 0
     """Client connections accepted at once; beyond it new ones are refused. 0 = unlimited."""
@@ -123,6 +197,8 @@ class ServiceConfig:
     """Retries over the last 10 s may be at most this share of the requests in that time ..."""
     retry_budget_min: int = 10
     """... or this many per second, whichever is larger (a retry budget as Finagle's)."""
+    max_buffered: int = 32 * 1024 * 1024
+    """Message mode: bytes of unfinished request lines held for all clients of the service."""
     outlier: OutlierConfig = field(default_factory=lambda: OutlierConfig())
     health: HealthConfig = field(default_factory=HealthConfig)
 
@@ -137,6 +213,14 @@ class AdminConfig:
     port: int = DEFAULT_ADMIN_PORT
     enabled: bool = True
     token: str | None = None
+    """Bearer token every write needs (also $BALANCER_ADMIN_TOKEN)."""
+    read_token: str | None = None
+    """Bearer token reads accept besides `token` (for scrapers that must not write)."""
+    read_access: str = "auto"
+    """"open": reads need no token; "token": they need `read_token` or `token`;
+    "auto": open on a loopback listener, token elsewhere."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host header values accepted besides the listener's own address and loopback names."""
 
     @property
     def listen(self) -> str:
@@ -180,6 +264,7 @@ _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION_RE = re.compile(
     r"^(?P<msg>.*?)\s*\(at (?P<where>line \d+, column \d+|end of document)\)$"
 )
+_ALLOWED_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 HASH_KEYS = ("source", "message")
@@ -187,12 +272,14 @@ DEFAULT_SERVICE_NAME = "default"
 DEFAULT_LISTEN = "localhost:8080"
 
 _TOP_KEYS = ("drain_timeout", "drain_close_window", "access_log", "admin", "services")
-_ADMIN_KEYS = ("listen", "token", "enabled")
+_ADMIN_KEYS = ("listen", "token", "read_token", "read_access", "allowed_hosts", "enabled")
+READ_ACCESS = ("auto", "open", "token")
 _SERVICE_KEYS = (
     "listen",
     "mode",
     "algorithm",
     "backend_framing",
+    "client_framing",
     "max_line",
     "retries",
     "connect_timeout",
@@ -212,6 +299,7 @@ _SERVICE_KEYS = (
     "queue_timeout",
     "retry_budget_percent",
     "retry_budget_min",
+    "max_buffered",
     "backends",
     "health",
     "outlier",
@@ -348,42 +436,26 @@ class _Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def integer(self, key: str, default: int, *, minimum: int) -> int:
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-            return value
-        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise self.error(key, f"expected {expected}, got {_show(value)}")
-
-    def number(
-        self,
-        key: str,
-        default: float,
-        *,
-        above: float | None = None,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float:
+    def bounded(self, key: str, default: float, bound: str | None = None) -> float:
+        """A number within `BOUNDS[bound or key]`."""
+        limits = BOUNDS[bound or key]
         if key not in self.data:
             return default
         value = self.data[key]
         number = _as_number(value)
-        if number is not None:
-            if (
-                (above is None or number > above)
-                and (minimum is None or number >= minimum)
-                and (maximum is None or number <= maximum)
-            ):
-                return number
-        if minimum is not None and maximum is not None:
-            expected = f"a number from {minimum:g} to {maximum:g}"
-        elif above is not None:
-            expected = f"a number > {above:g}"
-        else:
-            expected = f"a number >= {minimum or 0:g}"
-        raise self.error(key, f"expected {expected}, got {_show(value)}")
+        if number is not None and limits.admits(number):
+            return number
+        raise self.error(key, f"expected {limits.expected(False)}, got {_show(value)}")
+
+    def bounded_int(self, key: str, default: int, bound: str | None = None) -> int:
+        """An integer within `BOUNDS[bound or key]`."""
+        limits = BOUNDS[bound or key]
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, int) and not isinstance(value, bool) and limits.admits(value):
+            return value
+        raise self.error(key, f"expected {limits.expected(True)}, got {_show(value)}")
 
     def boolean(self, key: str, default: bool) -> bool:
         if key not in self.data:
@@ -462,11 +534,11 @@ def _health(data: object, path: str, source: str, mode: str) -> HealthConfig:
             f"got {expect!r}",
         )
     return HealthConfig(
-        interval=t.number("interval", defaults.interval, above=0),
-        timeout=t.number("timeout", defaults.timeout, above=0),
-        rise=t.integer("rise", defaults.rise, minimum=1),
-        fall=t.integer("fall", defaults.fall, minimum=1),
-        jitter=t.number("jitter", defaults.jitter, minimum=0.0, maximum=0.5),
+        interval=t.bounded("interval", defaults.interval, "health.interval"),
+        timeout=t.bounded("timeout", defaults.timeout, "health.timeout"),
+        rise=t.bounded_int("rise", defaults.rise, "health.rise"),
+        fall=t.bounded_int("fall", defaults.fall, "health.fall"),
+        jitter=t.bounded("jitter", defaults.jitter, "health.jitter"),
         send=send,
         expect=expect,
         enabled=t.boolean("enabled", defaults.enabled),
@@ -490,7 +562,7 @@ def _backend(item: object, where: str, source: str) -> BackendConfig:
     if not isinstance(address, str):
         raise t.error("address", f'expected "host:port", got {_show(address)}')
     host, port = parse_address(address, where=t.where("address"), source=source)
-    return BackendConfig(host, port, t.integer("weight", 1, minimum=0))
+    return BackendConfig(host, port, t.bounded_int("weight", 1))
 
 
 def _backends(value: object, where: str, source: str) -> tuple[BackendConfig, ...]:
@@ -533,19 +605,23 @@ def _policy_options(value: object, where: str, source: str) -> dict[str, float]:
 def _outlier(data: object, path: str, source: str) -> OutlierConfig:
     t = _Table(data, path, source, _OUTLIER_KEYS, what="a table of outlier detection settings")
     d = OutlierConfig()
-    base = t.number("base_ejection_time", d.base_ejection_time, above=0)
-    longest = t.number("max_ejection_time", max(d.max_ejection_time, base), above=0)
+    base = t.bounded("base_ejection_time", d.base_ejection_time, "outlier.base_ejection_time")
+    longest = t.bounded(
+        "max_ejection_time", max(d.max_ejection_time, base), "outlier.max_ejection_time"
+    )
     if longest < base:
         raise t.error(
             "max_ejection_time",
             f"expected a number >= base_ejection_time ({base:g}), got {longest:g}",
         )
     return OutlierConfig(
-        consecutive_failures=t.integer("consecutive_failures", d.consecutive_failures, minimum=1),
+        consecutive_failures=t.bounded_int(
+            "consecutive_failures", d.consecutive_failures, "outlier.consecutive_failures"
+        ),
         base_ejection_time=base,
         max_ejection_time=longest,
-        max_ejection_percent=t.number(
-            "max_ejection_percent", d.max_ejection_percent, minimum=0, maximum=100
+        max_ejection_percent=t.bounded(
+            "max_ejection_percent", d.max_ejection_percent, "outlier.max_ejection_percent"
         ),
         enabled=t.boolean("enabled", d.enabled),
     )
@@ -594,14 +670,15 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
     if t.has("hash_balance_factor"):
         value = t.data["hash_balance_factor"]
         factor = _as_number(value)
-        if factor is None or not (factor == 0 or factor > 1):
+        if factor is None or not BOUNDS["hash_balance_factor"].admits(factor):
             raise t.error(
                 "hash_balance_factor",
-                f"expected 0 (off) or a number > 1 (e.g. 1.25), got {_show(value)}",
+                f"expected {BOUNDS['hash_balance_factor'].expected(False)} (e.g. 1.25), "
+                f"got {_show(value)}",
             )
         hash_balance_factor = factor
 
-    slow_start = t.number("slow_start", defaults.slow_start, minimum=0)
+    slow_start = t.bounded("slow_start", defaults.slow_start)
     if slow_start > 0 and algorithm in ("round_robin", "consistent_hash"):
         raise t.error(
             "slow_start",
@@ -625,6 +702,18 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
         raise ConfigError(source, t.where("backends"), 'missing: expected a list of "host:port"')
     backends = _backends(t.data["backends"], t.where("backends"), source)
 
+    backend_framing = t.choice("backend_framing", defaults.backend_framing, FRAMINGS)
+    # the tutorial's original programs speak raw: a service for them detects raw clients too
+    raw_backends = backend_framing == "raw" and mode == "message"
+    framing_default = "auto" if raw_backends else defaults.client_framing
+    client_framing = t.choice("client_framing", framing_default, CLIENT_FRAMINGS)
+    if t.has("client_framing") and mode != "message":
+        raise t.error(
+            "client_framing",
+            f"expected no client_framing in {mode} mode (it relays bytes as they come), "
+            f"got {_show(t.data['client_framing'])}",
+        )
+
     return ServiceConfig(
         name=name,
         listen_host=listen_host,
@@ -632,34 +721,30 @@ def _service(name: str, data: object, source: str, default_listen: str) -> Servi
         backends=backends,
         mode=mode,
         algorithm=algorithm,
-        backend_framing=t.choice("backend_framing", defaults.backend_framing, FRAMINGS),
-        max_line=t.integer("max_line", defaults.max_line, minimum=1),
-        retries=t.integer("retries", defaults.retries, minimum=0),
-        connect_timeout=t.number("connect_timeout", defaults.connect_timeout, above=0),
-        response_timeout=t.number("response_timeout", defaults.response_timeout, above=0),
-        backend_connections=t.integer(
-            "backend_connections", defaults.backend_connections, minimum=1
-        ),
+        backend_framing=backend_framing,
+        client_framing=client_framing,
+        max_line=t.bounded_int("max_line", defaults.max_line),
+        retries=t.bounded_int("retries", defaults.retries),
+        connect_timeout=t.bounded("connect_timeout", defaults.connect_timeout),
+        response_timeout=t.bounded("response_timeout", defaults.response_timeout),
+        backend_connections=t.bounded_int("backend_connections", defaults.backend_connections),
         hash_key=hash_key,
         hash_balance_factor=hash_balance_factor,
         slow_start=slow_start,
         policy_options=policy_options,
-        client_timeout=t.number("client_timeout", defaults.client_timeout, minimum=0),
-        idle_timeout=t.number("idle_timeout", defaults.idle_timeout, minimum=0),
-        max_connections=t.integer("max_connections", defaults.max_connections, minimum=0),
-        max_backend_connections=t.integer(
-            "max_backend_connections", defaults.max_backend_connections, minimum=0
+        client_timeout=t.bounded("client_timeout", defaults.client_timeout),
+        idle_timeout=t.bounded("idle_timeout", defaults.idle_timeout),
+        max_connections=t.bounded_int("max_connections", defaults.max_connections),
+        max_backend_connections=t.bounded_int(
+            "max_backend_connections", defaults.max_backend_connections
         ),
-        connect_buffer=t.integer("connect_buffer", defaults.connect_buffer, minimum=1),
-        max_backend_requests=t.integer(
-            "max_backend_requests", defaults.max_backend_requests, minimum=0
-        ),
-        queue_size=t.integer("queue_size", defaults.queue_size, minimum=0),
-        queue_timeout=t.number("queue_timeout", defaults.queue_timeout, above=0),
-        retry_budget_percent=t.number(
-            "retry_budget_percent", defaults.retry_budget_percent, minimum=0, maximum=100
-        ),
-        retry_budget_min=t.integer("retry_budget_min", defaults.retry_budget_min, minimum=0),
+        connect_buffer=t.bounded_int("connect_buffer", defaults.connect_buffer),
+        max_backend_requests=t.bounded_int("max_backend_requests", defaults.max_backend_requests),
+        queue_size=t.bounded_int("queue_size", defaults.queue_size),
+        queue_timeout=t.bounded("queue_timeout", defaults.queue_timeout),
+        retry_budget_percent=t.bounded("retry_budget_percent", defaults.retry_budget_percent),
+        retry_budget_min=t.bounded_int("retry_budget_min", defaults.retry_budget_min),
+        max_buffered=t.bounded_int("max_buffered", defaults.max_buffered),
         outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), source),
         health=_health(t.data.get("health", {}), t.where("health"), source, mode),
     )
@@ -684,7 +769,26 @@ def _admin(data: object, source: str) -> AdminConfig:
             raise t.error("listen", f'expected "host:port" or "off", got {_show(value)}')
         admin = parse_admin(value, where=t.where("listen"), source=source)
     enabled = t.boolean("enabled", admin.enabled) and admin.enabled
-    return replace(admin, enabled=enabled, token=t.string("token"))
+    allowed: list[str] = []
+    if t.has("allowed_hosts"):
+        hosts = t.data["allowed_hosts"]
+        if not isinstance(hosts, list) or not all(
+            isinstance(h, str) and _ALLOWED_HOST_RE.fullmatch(h) for h in hosts
+        ):
+            raise t.error(
+                "allowed_hosts",
+                f'expected a list of host names (as "admin.example" or "admin.example:9100"), '
+                f"got {_show(hosts)}",
+            )
+        allowed = [h.lower() for h in hosts]
+    return replace(
+        admin,
+        enabled=enabled,
+        token=t.string("token"),
+        read_token=t.string("read_token"),
+        read_access=t.choice("read_access", admin.read_access, READ_ACCESS),
+        allowed_hosts=tuple(allowed),
+    )
 
 
 def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -741,8 +845,8 @@ def _build(data: dict[str, Any], source: str, default_listen: str) -> Config:
     return Config(
         services=tuple(services),
         admin=admin,
-        drain_timeout=top.number("drain_timeout", 10.0, minimum=0),
-        drain_close_window=top.number("drain_close_window", 1.0, minimum=0),
+        drain_timeout=top.bounded("drain_timeout", 10.0),
+        drain_close_window=top.bounded("drain_close_window", 1.0),
         access_log=top.boolean("access_log", False),
         source=source,
     )
@@ -755,11 +859,23 @@ def config_from_backends(
     name: str = DEFAULT_SERVICE_NAME,
     source: str = "<built-in>",
 ) -> Config:
-    """One message-mode, round-robin service named `name` on `listen`."""
+    """One message-mode, round-robin service named `name` on `listen`.
+
+    It is the service of the tutorial's formats, so client and backend framing are
+    detected (`auto`): the tutorial's original programs send and answer unterminated
+    messages.
+    """
     host, port = parse_address(
         listen, where="listen", source=source, default_host="localhost", allow_port_zero=True
     )
-    service = ServiceConfig(name=name, listen_host=host, listen_port=port, backends=tuple(backends))
+    service = ServiceConfig(
+        name=name,
+        listen_host=host,
+        listen_port=port,
+        backends=tuple(backends),
+        client_framing="auto",
+        backend_framing="auto",
+    )
     return Config(services=(service,), source=source)
 
 
@@ -833,7 +949,7 @@ def _parse_servers(data: dict[str, Any], source: str, listen: str) -> Config:
         port = t.data["port"]
         if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
             raise t.error("port", f"expected an integer port 1..65535, got {_show(port)}")
-        backends.append(BackendConfig(host, port, t.integer("weight", 1, minimum=0)))
+        backends.append(BackendConfig(host, port, t.bounded_int("weight", 1)))
         wheres.append(where)
     _check_duplicates(backends, wheres, source)
     return config_from_backends(backends, listen=listen, source=source)

@@ -43,6 +43,7 @@ class Backend:
         "ejected_until",
         "ejections",
         "failures",
+        "framing",
         "host",
         "in_flight",
         "index",
@@ -58,8 +59,16 @@ class Backend:
         "up_since",
     )
 
-    def __init__(self, config: BackendConfig, index: int = 0, slow_start: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        index: int = 0,
+        slow_start: float = 0.0,
+        framing: str = "line",
+    ) -> None:
         self.config = config
+        self.framing = "" if framing == "auto" else framing
+        """"line" or "raw"; "" while `backend_framing = "auto"` has not found out yet."""
         self.address_bytes = config.address.encode()
         self.index = index
         self.host = config.host
@@ -136,7 +145,8 @@ class BackendPool:
         self.service = service
         self.policy = policy if policy is not None else make_policy(service)
         self.backends: list[Backend] = [
-            Backend(b, i, service.slow_start) for i, b in enumerate(service.backends)
+            Backend(b, i, service.slow_start, service.backend_framing)
+            for i, b in enumerate(service.backends)
         ]
         self.on_transition: list[TransitionHook] = []
         self.refresh()
@@ -273,7 +283,9 @@ class BackendPool:
         return max(0.0, backend.ejected_until - time.monotonic())
 
     def add(self, config: BackendConfig) -> Backend:
-        backend = Backend(config, len(self.backends), self.service.slow_start)
+        backend = Backend(
+            config, len(self.backends), self.service.slow_start, self.service.backend_framing
+        )
         self.backends.append(backend)
         self.refresh()
         return backend
