@@ -51,6 +51,7 @@ class Backend:
         "last_check",
         "last_check_ok",
         "last_reason",
+        "looped",
         "port",
         "requests",
         "slow_start",
@@ -97,6 +98,8 @@ class Backend:
         self.ejected_until = 0.0
         self.cap_logged_at = -1e9
         """When a failure last went unejected because of max_ejection_percent (logged)."""
+        self.looped = False
+        """This backend turned out to be the balancer itself: it never serves (see loopguard)."""
 
     @property
     def address(self) -> str:
@@ -187,6 +190,7 @@ class BackendPool:
         for b in self.backends:
             if (
                 b.state == DOWN
+                and not b.looped
                 and (b.last_check_ok or (b.last_check_ok is None and b.ejected_until > now))
                 and b.admin_state == READY
                 and b.weight > 0
@@ -229,6 +233,21 @@ class BackendPool:
         self.refresh()
         for hook in self.on_transition:
             hook(backend, UP, reason)
+
+    def mark_loop(self, backend: Backend, reason: str) -> None:
+        """`backend` is this balancer itself: down for good (checks through it would pass).
+
+        It stays out until it is removed, or changed by a reload or the runtime API.
+        """
+        if not backend.looped:
+            backend.looped = True
+            log.error(
+                "backend %s of service %s is this balancer itself (%s); it will not be used",
+                backend.address,
+                self.service.name,
+                reason,
+            )
+        self.mark_down(backend, f"connection loop: {reason}")
 
     # -- outlier detection (passive health) -------------------------------------
     def report_failure(self, backend: Backend, reason: str) -> bool:
