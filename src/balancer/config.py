@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
-import math
 import os
 import re
 import tomllib
@@ -19,6 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
+
+from balancer.bounds import Bound as Bound
+from balancer.bounds import as_number as _as_number
+from balancer.bounds import is_integer
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9100
@@ -31,32 +34,6 @@ CLIENT_FRAMINGS = ("line", "raw", "auto")
 """Client framing: `auto` detects the tutorial's unterminated messages (raw) per connection."""
 MAX_WEIGHT = 1000
 """Largest backend weight, in config and through the runtime API."""
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The range a number a user can set must lie in.
-
-    With `off`, 0 is also accepted and means "off" or "unlimited" (below `low`).
-    """
-
-    low: float
-    high: float
-    off: bool = False
-    unit: str = ""
-
-    def admits(self, value: float) -> bool:
-        return (self.off and value == 0) or self.low <= value <= self.high
-
-    def expected(self, integer: bool) -> str:
-        what = "an integer" if integer else "a number"
-        unit = f" {self.unit}" if self.unit else ""
-        text = f"{what} from {_fmt(self.low)} to {_fmt(self.high)}{unit}"
-        return f"0 (off) or {text}" if self.off else text
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 _MIB = 1024 * 1024
@@ -487,14 +464,6 @@ class _Table:
         raise self.error(key, message)
 
 
-def _as_number(value: object) -> float | None:
-    """`value` as a float if it is a finite int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -598,7 +567,7 @@ def _policy_options(value: object, where: str, source: str) -> dict[str, float]:
         value = _as_number(number)
         if value is None:
             raise t.error(key, f"expected a number, got {_show(number)}")
-        options[key] = value
+        options[key] = number if is_integer(number) else value
     return options
 
 
