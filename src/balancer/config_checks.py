@@ -9,9 +9,10 @@ otherwise only show at run time:
 - two listeners that overlap once resolved (`localhost:P` and `127.0.0.1:P`,
   `0.0.0.0:P` and any IPv4 address on P, `[::]:P` and any IPv6 address on P);
 - a backend that is the balancer itself (`loopguard.points_at` against every
-  listener in the file, the admin listener included); names are resolved,
-  and only for a backend whose port some listener uses; a name that does not
-  resolve is skipped (it fails at connect time, not as a loop);
+  listener in the file, the admin listener included; a backend on 0.0.0.0
+  or [::] reaches the loopback address); names are resolved, and only for a
+  backend whose port some listener uses; a name that does not resolve is
+  skipped (it fails at connect time, not as a loop);
 - a service whose backends all have weight 0: it could never serve;
 - `backend_framing = "auto"` without a probe to detect the framing with.
 
@@ -40,6 +41,7 @@ from balancer.keylines import join_key, line_of
 T = TypeVar("T")
 
 _LINE_WHERE_RE = re.compile(r"line (\d+)")
+_UNSPECIFIED_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class Problems:
@@ -178,7 +180,11 @@ def _check_loops(svc: ParsedService, listeners: list[_Listener], problems: Probl
     for backend, where in svc.backends:
         if backend.port not in ports:
             continue
-        resolved = loopguard.resolve(backend.host, backend.port)
+        # connecting to the unspecified address reaches this host's loopback address
+        resolved = {
+            (_UNSPECIFIED_TO_LOOPBACK.get(ip, ip), port)
+            for ip, port in loopguard.resolve(backend.host, backend.port)
+        }
         for lst in listeners:
             if loopguard.points_at(resolved, lst.host, lst.port):
                 problems.add(
