@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -129,12 +130,24 @@ def test_make_policy_passes_the_service_options() -> None:
         ("consistent_hash", {"table_size": 101.5}, "prime"),
         ("consistent_hash", {"decay": 1.0}, "'decay' is not used by consistent_hash"),
         ("round_robin", {"table_size": 101.0}, "it takes: none"),
-        ("peak_ewma", {"decay": 0.0}, "'decay': expected a number > 0"),
-        ("peak_ewma", {"probe": 1.0}, "'probe': expected a number >= 0 and < 1"),
+        ("peak_ewma", {"decay": 0.0}, "'decay': expected a number from 0.01 to 3600 seconds"),
+        ("peak_ewma", {"probe": 1.0}, r"'probe': expected 0 \(off\) or a number from 0.001 to 0.5"),
+        # bounds that keep a policy from exhausting memory or doing nothing useful
+        ("consistent_hash", {"table_size": 1_000_000_007}, "prime number from 2 to 524287"),
+        ("consistent_hash", {"table_size": 524_309}, "prime number from 2 to 524287"),
+        ("consistent_hash", {"table_size": 1009.0}, "prime number from 2 to 524287"),
+        ("consistent_hash", {"table_size": 10**400}, "got an integer of 401 digits"),
+        ("peak_ewma", {"probe": 1e-300}, "'probe': expected 0 \\(off\\) or a number"),
+        ("peak_ewma", {"decay": 1e300}, "'decay': expected a number from 0.01 to 3600 seconds"),
+        ("peak_ewma", {"default_latency": 0.0}, "'default_latency': expected a number from 1e-06"),
+        ("peak_ewma", {"default_latency": 1e9}, "'default_latency': expected a number from 1e-06"),
+        ("peak_ewma", {"failure_penalty": -1.0}, "'failure_penalty': expected a number from 0"),
+        ("peak_ewma", {"failure_penalty": float("nan")}, "'failure_penalty': expected a number"),
+        ("peak_ewma", {"decay": True}, "'decay': expected a number from 0.01 to 3600 seconds"),
     ],
 )
 def test_bad_policy_options_are_refused_with_the_option_named(
-    algorithm: str, options: dict[str, float], message: str
+    algorithm: str, options: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         check_policy_options(algorithm, options)

@@ -3,22 +3,22 @@
 One `Config` holds everything a running balancer needs. It is built once, by
 `load_config` from a file (TOML, the tutorial's `config.txt`, or its JSON form)
 or by the command line, and validated there: every error names the file, the
-line or key, the bad value and what was expected.
+line and key, the bad value and what was expected, and one `ConfigError`
+lists every error the file has. The loaders live in `config_loader`, the
+checks across services (listeners, loops) in `config_checks`.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
-import math
 import os
 import re
-import tomllib
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, NoReturn
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from balancer.bounds import Bound as Bound
+from balancer.bounds import as_number, is_integer, show_value
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9100
@@ -31,32 +31,6 @@ CLIENT_FRAMINGS = ("line", "raw", "auto")
 """Client framing: `auto` detects the tutorial's unterminated messages (raw) per connection."""
 MAX_WEIGHT = 1000
 """Largest backend weight, in config and through the runtime API."""
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The range a number a user can set must lie in.
-
-    With `off`, 0 is also accepted and means "off" or "unlimited" (below `low`).
-    """
-
-    low: float
-    high: float
-    off: bool = False
-    unit: str = ""
-
-    def admits(self, value: float) -> bool:
-        return (self.off and value == 0) or self.low <= value <= self.high
-
-    def expected(self, integer: bool) -> str:
-        what = "an integer" if integer else "a number"
-        unit = f" {self.unit}" if self.unit else ""
-        text = f"{what} from {_fmt(self.low)} to {_fmt(self.high)}{unit}"
-        return f"0 (off) or {text}" if self.off else text
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 _MIB = 1024 * 1024
@@ -97,17 +71,86 @@ BOUNDS: dict[str, Bound] = {
     "outlier.max_ejection_percent": Bound(0, 100),
 }
 """Every number a user can set, with its bounds (the runtime API checks the same)."""
+INTEGER_KEYS = frozenset(
+    {
+        "max_line",
+        "retries",
+        "backend_connections",
+        "max_connections",
+        "max_backend_connections",
+        "connect_buffer",
+        "max_backend_requests",
+        "queue_size",
+        "retry_budget_min",
+        "max_buffered",
+        "weight",
+        "health.rise",
+        "health.fall",
+        "outlier.consecutive_failures",
+    }
+)
+"""The keys of `BOUNDS` that take whole numbers only."""
 
 
 class ConfigError(Exception):
-    """A configuration problem, with where it is and what was expected."""
+    """A configuration problem, with where it is and what was expected.
 
-    def __init__(self, source: str, where: str, message: str) -> None:
+    One error reads `source: line N: where: message` (the line when the format
+    has lines and it is known). An error raised for a whole file carries every
+    problem found in it: `errors` lists them (this one first), `str()` gives a
+    count and then one line each, and `source`, `where`, `message` and `line` are
+    those of the first.
+    """
+
+    def __init__(self, source: str, where: str, message: str, *, line: int | None = None) -> None:
+        super().__init__(source, where, message)
         self.source = source
         self.where = where
         self.message = message
-        loc = f"{source}: {where}" if where else source
-        super().__init__(f"{loc}: {message}")
+        self.line = line
+        """Line of the file the error is on, when the format has lines and it is known."""
+        self.more: tuple[ConfigError, ...] = ()
+
+    @classmethod
+    def collected(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error standing for all of `errors` (at least one), the first one first."""
+        first = errors[0]
+        error = cls(first.source, first.where, first.message, line=first.line)
+        error.more = tuple(errors[1:])
+        return error
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        return (self, *self.more)
+
+    def describe(self) -> str:
+        """This error alone, on one line."""
+        parts = [self.source]
+        if self.line is not None and not self.where.startswith("line "):
+            parts.append(f"line {self.line}")
+        if self.where:
+            parts.append(self.where)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        if not self.more:
+            return self.describe()
+        lines = [f"{self.source}: {len(self.errors)} errors"]
+        lines.extend(error.describe() for error in self.errors)
+        return "\n".join(lines)
+
+
+def check_bound(key: str, value: object, *, source: str, where: str) -> float:
+    """`value` if it lies within `BOUNDS[key]`, else a ConfigError (for command-line values)."""
+    bound = BOUNDS[key]
+    integer = key in INTEGER_KEYS
+    number = as_number(value)
+    if number is None or not bound.admits(number) or (integer and not is_integer(value)):
+        raise ConfigError(
+            source, where, f"expected {bound.expected(integer)}, got {show_value(value)}"
+        )
+    return number
 
 
 @dataclass(frozen=True)
@@ -246,89 +289,23 @@ class Config:
 
 
 # --------------------------------------------------------------------------
-# Loading
-#
-# How it works: the file is read and decoded once; its extension picks the
-# parser (`.toml`, `.json`, anything else is the tutorial's text format). TOML
-# and the object form of JSON give the same nested mapping, which `_build`
-# walks with `_Table` readers: each reader knows its dotted path and its
-# allowed keys, so an unknown key, a wrong type or an out-of-range value is
-# reported at the exact key with the value found and what was expected.
-# Cross-checks (duplicate listeners, duplicate backends) come last.
-# --------------------------------------------------------------------------
+# Addresses
+
 
 SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_NUMERIC_HOST_RE = re.compile(r"[0-9.]+")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_TOML_POSITION_RE = re.compile(
-    r"^(?P<msg>.*?)\s*\(at (?P<where>line \d+, column \d+|end of document)\)$"
-)
-_ALLOWED_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 HASH_KEYS = ("source", "message")
+READ_ACCESS = ("auto", "open", "token")
 DEFAULT_SERVICE_NAME = "default"
 DEFAULT_LISTEN = "localhost:8080"
-
-_TOP_KEYS = ("drain_timeout", "drain_close_window", "access_log", "admin", "services")
-_ADMIN_KEYS = ("listen", "token", "read_token", "read_access", "allowed_hosts", "enabled")
-READ_ACCESS = ("auto", "open", "token")
-_SERVICE_KEYS = (
-    "listen",
-    "mode",
-    "algorithm",
-    "backend_framing",
-    "client_framing",
-    "max_line",
-    "retries",
-    "connect_timeout",
-    "response_timeout",
-    "backend_connections",
-    "hash_key",
-    "hash_balance_factor",
-    "slow_start",
-    "policy_options",
-    "client_timeout",
-    "idle_timeout",
-    "max_connections",
-    "max_backend_connections",
-    "connect_buffer",
-    "max_backend_requests",
-    "queue_size",
-    "queue_timeout",
-    "retry_budget_percent",
-    "retry_budget_min",
-    "max_buffered",
-    "backends",
-    "health",
-    "outlier",
-)
-_OUTLIER_KEYS = (
-    "consecutive_failures",
-    "base_ejection_time",
-    "max_ejection_time",
-    "max_ejection_percent",
-    "enabled",
-)
-_HEALTH_KEYS = ("interval", "timeout", "rise", "fall", "jitter", "send", "expect", "enabled")
-_BACKEND_KEYS = ("address", "weight")
-_SERVER_KEYS = ("host", "port", "weight")
 
 
 def format_address(host: str, port: int) -> str:
     """`host:port`, with an IPv6 host in brackets (`[::1]:8080`)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _key(path: str, key: str) -> str:
-    part = key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
-    return f"{path}.{part}" if path else part
 
 
 def _is_ipv6(text: str) -> bool:
@@ -339,17 +316,37 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _parse_host(text: str, *, bare_ipv6: bool = False) -> str | None:
-    """The host in `text` (brackets removed from IPv6), or None if it is not one."""
+def host_problem(text: str, *, bare_ipv6: bool = False) -> str | None:
+    """Why `text` is not a host (brackets around IPv6 allowed), or None if it is one.
+
+    A host of digits and dots only is an IPv4 address, and must be a valid one:
+    the resolver would take `256.1.1.1` as a name, and `1.2.3` or `8080` as
+    surprising addresses.
+    """
     if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1]
-        return inner if _is_ipv6(inner) else None
+        return None if _is_ipv6(text[1:-1]) else "the part in brackets must be an IPv6 address"
     if ":" in text:
-        return text if bare_ipv6 and _is_ipv6(text) else None
-    return text if _HOSTNAME_RE.fullmatch(text) else None
+        if bare_ipv6 and _is_ipv6(text):
+            return None
+        return "an IPv6 address needs brackets, as in [::1]:8080"
+    if not _HOSTNAME_RE.fullmatch(text):
+        return "the host may hold letters, digits, '.', '-' and '_'"
+    if _NUMERIC_HOST_RE.fullmatch(text):
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return f"{text} is not a valid IPv4 address"
+    return None
 
 
-def _parse_port(text: str, *, allow_zero: bool = False) -> int | None:
+def parse_host(text: str, *, bare_ipv6: bool = False) -> str | None:
+    """The host in `text` (brackets removed from IPv6), or None if it is not one."""
+    if host_problem(text, bare_ipv6=bare_ipv6) is not None:
+        return None
+    return text[1:-1] if text.startswith("[") else text
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int | None:
     if not _PORT_RE.fullmatch(text):
         return None
     port = int(text)
@@ -375,379 +372,41 @@ def parse_address(
     if default_host is not None:
         expected += " (or just a port)"
 
-    def fail(detail: str = "") -> NoReturn:
-        raise ConfigError(source, where, f"{expected}{detail}, got {text!r}")
+    def fail(detail: str | None = None) -> NoReturn:
+        more = f"; {detail}" if detail else ""
+        raise ConfigError(source, where, f"{expected}{more}, got {show_value(text)}")
 
     if not isinstance(text, str):
         fail()
     s = text.strip()
-    host: str | None
+    host_text: str | None = None
     if s.startswith("["):
         close = s.find("]")
         if close < 0 or s[close + 1 : close + 2] != ":":
             fail()
-        host = _parse_host(s[: close + 1])
-        if host is None:
-            fail("; the part in brackets must be an IPv6 address")
-        port_text = s[close + 2 :]
+        host_text, port_text = s[: close + 1], s[close + 2 :]
     elif s.count(":") > 1:
-        fail("; an IPv6 address needs brackets, as in [::1]:8080")
+        fail("an IPv6 address needs brackets, as in [::1]:8080")
     elif ":" in s:
         host_text, port_text = s.split(":")
-        if not host_text:
-            if default_host is None:
-                fail()
-            host = default_host
-        else:
-            host = _parse_host(host_text)
-            if host is None:
-                fail("; the host may hold letters, digits, '.', '-' and '_'")
+        if not host_text and default_host is None:
+            fail()
     elif default_host is not None and s.isdigit():
-        host, port_text = default_host, s
+        port_text = s
     else:
         fail()
-    port = _parse_port(port_text, allow_zero=allow_port_zero)
+    if host_text:
+        problem = host_problem(host_text)
+        if problem is not None:
+            fail(problem)
+        host = host_text[1:-1] if host_text.startswith("[") else host_text
+    else:
+        assert default_host is not None
+        host = default_host
+    port = parse_port(port_text, allow_zero=allow_port_zero)
     if port is None:
         fail()
     return host, port
-
-
-class _Table:
-    """Reads one table of the config, knowing its dotted path and allowed keys."""
-
-    def __init__(
-        self, data: object, path: str, source: str, allowed: tuple[str, ...], *, what: str
-    ) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(source, path, f"expected {what}, got {_show(data)}")
-        self.data: dict[str, object] = data
-        self.path = path
-        self.source = source
-        for key in data:
-            if key not in allowed:
-                raise self.error(key, _unknown_key(key, allowed))
-
-    def where(self, key: str) -> str:
-        return _key(self.path, key)
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.source, self.where(key), message)
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def bounded(self, key: str, default: float, bound: str | None = None) -> float:
-        """A number within `BOUNDS[bound or key]`."""
-        limits = BOUNDS[bound or key]
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        number = _as_number(value)
-        if number is not None and limits.admits(number):
-            return number
-        raise self.error(key, f"expected {limits.expected(False)}, got {_show(value)}")
-
-    def bounded_int(self, key: str, default: int, bound: str | None = None) -> int:
-        """An integer within `BOUNDS[bound or key]`."""
-        limits = BOUNDS[bound or key]
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if isinstance(value, int) and not isinstance(value, bool) and limits.admits(value):
-            return value
-        raise self.error(key, f"expected {limits.expected(True)}, got {_show(value)}")
-
-    def boolean(self, key: str, default: bool) -> bool:
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if isinstance(value, bool):
-            return value
-        raise self.error(key, f"expected true or false, got {_show(value)}")
-
-    def string(self, key: str) -> str | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if isinstance(value, str) and value:
-            return value
-        raise self.error(key, f"expected a non-empty string, got {_show(value)}")
-
-    def choice(self, key: str, default: str, choices: Iterable[str]) -> str:
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        options = sorted(choices)
-        if isinstance(value, str) and value in options:
-            return value
-        listed = ", ".join(repr(c) for c in options)
-        message = f"expected one of {listed}, got {_show(value)}"
-        if isinstance(value, str):
-            message += _did_you_mean(value, options)
-        raise self.error(key, message)
-
-
-def _as_number(value: object) -> float | None:
-    """`value` as a float if it is a finite int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _unknown_key(key: str, allowed: tuple[str, ...]) -> str:
-    hint = _did_you_mean(key, allowed)
-    if hint:
-        return f"unknown key {key!r}{hint}"
-    return f"unknown key {key!r}; expected one of: {', '.join(allowed)}"
-
-
-def _probe(table: _Table, key: str, default: str | None) -> str | None:
-    if not table.has(key):
-        return default
-    value = table.data[key]
-    if value is False:
-        return None
-    if isinstance(value, str) and value and "\n" not in value and "\r" not in value:
-        return value
-    raise table.error(
-        key, f"expected a non-empty one-line string, or false to disable, got {_show(value)}"
-    )
-
-
-def _health(data: object, path: str, source: str, mode: str) -> HealthConfig:
-    defaults = HealthConfig()
-    t = _Table(data, path, source, _HEALTH_KEYS, what="a table of health check settings")
-    tcp = mode == "tcp"
-    send = _probe(t, "send", None if tcp else defaults.send)
-    expect_default = None if tcp or send is None else defaults.expect
-    expect = _probe(t, "expect", expect_default)
-    if send is None and expect is not None:
-        raise t.error(
-            "expect",
-            f"expected no reply check when send = false (there is no probe to reply to), "
-            f"got {expect!r}",
-        )
-    return HealthConfig(
-        interval=t.bounded("interval", defaults.interval, "health.interval"),
-        timeout=t.bounded("timeout", defaults.timeout, "health.timeout"),
-        rise=t.bounded_int("rise", defaults.rise, "health.rise"),
-        fall=t.bounded_int("fall", defaults.fall, "health.fall"),
-        jitter=t.bounded("jitter", defaults.jitter, "health.jitter"),
-        send=send,
-        expect=expect,
-        enabled=t.boolean("enabled", defaults.enabled),
-    )
-
-
-def _backend(item: object, where: str, source: str) -> BackendConfig:
-    if isinstance(item, str):
-        host, port = parse_address(item, where=where, source=source)
-        return BackendConfig(host, port)
-    t = _Table(
-        item,
-        where,
-        source,
-        _BACKEND_KEYS,
-        what='"host:port" or a table { address = "host:port", weight = N }',
-    )
-    if not t.has("address"):
-        raise ConfigError(source, t.where("address"), 'missing: expected "host:port"')
-    address = t.data["address"]
-    if not isinstance(address, str):
-        raise t.error("address", f'expected "host:port", got {_show(address)}')
-    host, port = parse_address(address, where=t.where("address"), source=source)
-    return BackendConfig(host, port, t.bounded_int("weight", 1))
-
-
-def _backends(value: object, where: str, source: str) -> tuple[BackendConfig, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(source, where, f'expected a list of "host:port", got {_show(value)}')
-    if not value:
-        raise ConfigError(source, where, "expected at least one backend, got []")
-    backends = [_backend(item, f"{where}[{i}]", source) for i, item in enumerate(value)]
-    _check_duplicates(backends, [f"{where}[{i}]" for i in range(len(backends))], source)
-    return tuple(backends)
-
-
-def _check_duplicates(backends: list[BackendConfig], wheres: list[str], source: str) -> None:
-    seen: dict[tuple[str, int], str] = {}
-    for backend, where in zip(backends, wheres, strict=True):
-        ident = (backend.host.lower(), backend.port)
-        if ident in seen:
-            raise ConfigError(
-                source,
-                where,
-                f"expected each backend once, got {backend.address!r} again "
-                f"(first at {seen[ident]})",
-            )
-        seen[ident] = where
-
-
-def _policy_options(value: object, where: str, source: str) -> dict[str, float]:
-    t = _Table(
-        value, where, source, tuple(value) if isinstance(value, dict) else (), what="a table"
-    )
-    options: dict[str, float] = {}
-    for key, number in t.data.items():
-        value = _as_number(number)
-        if value is None:
-            raise t.error(key, f"expected a number, got {_show(number)}")
-        options[key] = value
-    return options
-
-
-def _outlier(data: object, path: str, source: str) -> OutlierConfig:
-    t = _Table(data, path, source, _OUTLIER_KEYS, what="a table of outlier detection settings")
-    d = OutlierConfig()
-    base = t.bounded("base_ejection_time", d.base_ejection_time, "outlier.base_ejection_time")
-    longest = t.bounded(
-        "max_ejection_time", max(d.max_ejection_time, base), "outlier.max_ejection_time"
-    )
-    if longest < base:
-        raise t.error(
-            "max_ejection_time",
-            f"expected a number >= base_ejection_time ({base:g}), got {longest:g}",
-        )
-    return OutlierConfig(
-        consecutive_failures=t.bounded_int(
-            "consecutive_failures", d.consecutive_failures, "outlier.consecutive_failures"
-        ),
-        base_ejection_time=base,
-        max_ejection_time=longest,
-        max_ejection_percent=t.bounded(
-            "max_ejection_percent", d.max_ejection_percent, "outlier.max_ejection_percent"
-        ),
-        enabled=t.boolean("enabled", d.enabled),
-    )
-
-
-def _service(name: str, data: object, source: str, default_listen: str) -> ServiceConfig:
-    from balancer.policies import POLICIES
-
-    path = _key("services", name)
-    if not SERVICE_NAME_RE.fullmatch(name):
-        raise ConfigError(
-            source,
-            path,
-            f"expected a service name of letters, digits, '.', '-' and '_', got {name!r}",
-        )
-    t = _Table(data, path, source, _SERVICE_KEYS, what="a table of service settings")
-    defaults = ServiceConfig(name, "", 0, ())
-
-    listen = default_listen
-    if t.has("listen"):
-        value = t.data["listen"]
-        if not isinstance(value, str):
-            raise t.error("listen", f'expected "host:port", got {_show(value)}')
-        listen = value
-    default_host = parse_address(
-        default_listen, where="listen", source=source, allow_port_zero=True
-    )[0]
-    listen_host, listen_port = parse_address(
-        listen,
-        where=t.where("listen"),
-        source=source,
-        default_host=default_host,
-        allow_port_zero=True,
-    )
-
-    mode = t.choice("mode", defaults.mode, MODES)
-    algorithm = t.choice("algorithm", defaults.algorithm, POLICIES)
-    hash_key = t.choice("hash_key", defaults.hash_key, HASH_KEYS)
-    if hash_key == "message" and mode != "message":
-        raise t.error(
-            "hash_key",
-            f"expected 'source' in {mode} mode ('message' needs mode = \"message\"), "
-            f"got {hash_key!r}",
-        )
-    hash_balance_factor = defaults.hash_balance_factor
-    if t.has("hash_balance_factor"):
-        value = t.data["hash_balance_factor"]
-        factor = _as_number(value)
-        if factor is None or not BOUNDS["hash_balance_factor"].admits(factor):
-            raise t.error(
-                "hash_balance_factor",
-                f"expected {BOUNDS['hash_balance_factor'].expected(False)} (e.g. 1.25), "
-                f"got {_show(value)}",
-            )
-        hash_balance_factor = factor
-
-    slow_start = t.bounded("slow_start", defaults.slow_start)
-    if slow_start > 0 and algorithm in ("round_robin", "consistent_hash"):
-        raise t.error(
-            "slow_start",
-            f"expected 0 with algorithm {algorithm!r}, which ignores weights; slow start needs "
-            "weighted_round_robin, least_connections, random, power_of_two or peak_ewma, "
-            f"got {_show(t.data['slow_start'])}",
-        )
-    policy_options: dict[str, float] = {}
-    if t.has("policy_options"):
-        policy_options = _policy_options(
-            t.data["policy_options"], t.where("policy_options"), source
-        )
-    from balancer.policies import check_policy_options
-
-    try:
-        check_policy_options(algorithm, policy_options)
-    except ValueError as exc:
-        raise ConfigError(source, t.where("policy_options"), str(exc)) from None
-
-    if not t.has("backends"):
-        raise ConfigError(source, t.where("backends"), 'missing: expected a list of "host:port"')
-    backends = _backends(t.data["backends"], t.where("backends"), source)
-
-    backend_framing = t.choice("backend_framing", defaults.backend_framing, FRAMINGS)
-    # the tutorial's original programs speak raw: a service for them detects raw clients too
-    raw_backends = backend_framing == "raw" and mode == "message"
-    framing_default = "auto" if raw_backends else defaults.client_framing
-    client_framing = t.choice("client_framing", framing_default, CLIENT_FRAMINGS)
-    if t.has("client_framing") and mode != "message":
-        raise t.error(
-            "client_framing",
-            f"expected no client_framing in {mode} mode (it relays bytes as they come), "
-            f"got {_show(t.data['client_framing'])}",
-        )
-
-    return ServiceConfig(
-        name=name,
-        listen_host=listen_host,
-        listen_port=listen_port,
-        backends=backends,
-        mode=mode,
-        algorithm=algorithm,
-        backend_framing=backend_framing,
-        client_framing=client_framing,
-        max_line=t.bounded_int("max_line", defaults.max_line),
-        retries=t.bounded_int("retries", defaults.retries),
-        connect_timeout=t.bounded("connect_timeout", defaults.connect_timeout),
-        response_timeout=t.bounded("response_timeout", defaults.response_timeout),
-        backend_connections=t.bounded_int("backend_connections", defaults.backend_connections),
-        hash_key=hash_key,
-        hash_balance_factor=hash_balance_factor,
-        slow_start=slow_start,
-        policy_options=policy_options,
-        client_timeout=t.bounded("client_timeout", defaults.client_timeout),
-        idle_timeout=t.bounded("idle_timeout", defaults.idle_timeout),
-        max_connections=t.bounded_int("max_connections", defaults.max_connections),
-        max_backend_connections=t.bounded_int(
-            "max_backend_connections", defaults.max_backend_connections
-        ),
-        connect_buffer=t.bounded_int("connect_buffer", defaults.connect_buffer),
-        max_backend_requests=t.bounded_int("max_backend_requests", defaults.max_backend_requests),
-        queue_size=t.bounded_int("queue_size", defaults.queue_size),
-        queue_timeout=t.bounded("queue_timeout", defaults.queue_timeout),
-        retry_budget_percent=t.bounded("retry_budget_percent", defaults.retry_budget_percent),
-        retry_budget_min=t.bounded_int("retry_budget_min", defaults.retry_budget_min),
-        max_buffered=t.bounded_int("max_buffered", defaults.max_buffered),
-        outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), source),
-        health=_health(t.data.get("health", {}), t.where("health"), source, mode),
-    )
 
 
 def parse_admin(text: str, *, where: str, source: str) -> AdminConfig:
@@ -758,98 +417,6 @@ def parse_admin(text: str, *, where: str, source: str) -> AdminConfig:
         text, where=where, source=source, default_host=DEFAULT_ADMIN_HOST, allow_port_zero=True
     )
     return AdminConfig(host=host, port=port)
-
-
-def _admin(data: object, source: str) -> AdminConfig:
-    t = _Table(data, "admin", source, _ADMIN_KEYS, what="a table of admin settings")
-    admin = AdminConfig()
-    if t.has("listen"):
-        value = t.data["listen"]
-        if not isinstance(value, str):
-            raise t.error("listen", f'expected "host:port" or "off", got {_show(value)}')
-        admin = parse_admin(value, where=t.where("listen"), source=source)
-    enabled = t.boolean("enabled", admin.enabled) and admin.enabled
-    allowed: list[str] = []
-    if t.has("allowed_hosts"):
-        hosts = t.data["allowed_hosts"]
-        if not isinstance(hosts, list) or not all(
-            isinstance(h, str) and _ALLOWED_HOST_RE.fullmatch(h) for h in hosts
-        ):
-            raise t.error(
-                "allowed_hosts",
-                f'expected a list of host names (as "admin.example" or "admin.example:9100"), '
-                f"got {_show(hosts)}",
-            )
-        allowed = [h.lower() for h in hosts]
-    return replace(
-        admin,
-        enabled=enabled,
-        token=t.string("token"),
-        read_token=t.string("read_token"),
-        read_access=t.choice("read_access", admin.read_access, READ_ACCESS),
-        allowed_hosts=tuple(allowed),
-    )
-
-
-def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    if a[1] != b[1] or a[1] == 0:
-        return False
-    ha, hb = a[0].lower(), b[0].lower()
-    return ha == hb or ha in _WILDCARD_HOSTS or hb in _WILDCARD_HOSTS
-
-
-def _check_listeners(services: list[ServiceConfig], admin: AdminConfig, source: str) -> None:
-    taken: list[tuple[tuple[str, int], str]] = []
-    for svc in services:
-        here = (svc.listen_host, svc.listen_port)
-        for there, owner in taken:
-            if _overlaps(here, there):
-                raise ConfigError(
-                    source,
-                    _key(_key("services", svc.name), "listen"),
-                    f"expected an address no other service listens on, got {svc.listen!r} "
-                    f"(already used by {owner})",
-                )
-        taken.append((here, f"service {svc.name!r}"))
-    if admin.enabled:
-        here = (admin.host, admin.port)
-        for there, owner in taken:
-            if _overlaps(here, there):
-                raise ConfigError(
-                    source,
-                    "admin.listen",
-                    f"expected an address no service listens on, got {admin.listen!r} "
-                    f"(already used by {owner})",
-                )
-
-
-def _build(data: dict[str, Any], source: str, default_listen: str) -> Config:
-    """A Config from the TOML-shaped mapping (TOML, or the object form of JSON)."""
-    top = _Table(data, "", source, _TOP_KEYS, what="a table")
-    services_data = data.get("services")
-    if services_data is None:
-        raise ConfigError(
-            source, "services", "missing: expected at least one [services.NAME] table"
-        )
-    if not isinstance(services_data, dict):
-        raise ConfigError(
-            source, "services", f"expected a table of services, got {_show(services_data)}"
-        )
-    if not services_data:
-        raise ConfigError(
-            source, "services", "expected at least one [services.NAME] table, got none"
-        )
-    services = [_service(name, svc, source, default_listen) for name, svc in services_data.items()]
-    admin = _admin(data["admin"], source) if "admin" in data else AdminConfig()
-    _check_listeners(services, admin, source)
-    return Config(
-        services=tuple(services),
-        admin=admin,
-        drain_timeout=top.bounded("drain_timeout", 10.0),
-        drain_close_window=top.bounded("drain_close_window", 1.0),
-        access_log=top.boolean("access_log", False),
-        source=source,
-    )
 
 
 def config_from_backends(
@@ -879,138 +446,14 @@ def config_from_backends(
     return Config(services=(service,), source=source)
 
 
-def _parse_text(text: str, source: str, listen: str) -> Config:
-    """The tutorial's `config.txt`: `host port` (or `host:port`) per line, `#` comments."""
-    backends: list[BackendConfig] = []
-    wheres: list[str] = []
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"line {number}"
-        fields = line.split()
-        if len(fields) == 1:
-            host, port = parse_address(fields[0], where=where, source=source)
-        elif len(fields) == 2:
-            parsed_host = _parse_host(fields[0], bare_ipv6=True)
-            if parsed_host is None:
-                raise ConfigError(
-                    source,
-                    where,
-                    f"expected a host of letters, digits, '.', '-' and '_' (or an IPv6 "
-                    f"address), got {fields[0]!r}",
-                )
-            parsed_port = _parse_port(fields[1])
-            if parsed_port is None:
-                raise ConfigError(source, where, f"expected a port 1..65535, got {fields[1]!r}")
-            host, port = parsed_host, parsed_port
-        else:
-            raise ConfigError(source, where, f'expected "host port" or "host:port", got {line!r}')
-        backends.append(BackendConfig(host, port))
-        wheres.append(where)
-    if not backends:
-        raise ConfigError(source, "", 'no backends: expected at least one "host port" line')
-    _check_duplicates(backends, wheres, source)
-    return config_from_backends(backends, listen=listen, source=source)
-
-
-def _parse_servers(data: dict[str, Any], source: str, listen: str) -> Config:
-    """The tutorial's JSON form: `{"servers": [{"host": ..., "port": ...}, ...]}`."""
-    _Table(data, "", source, ("servers",), what="an object")
-    servers = data["servers"]
-    if not isinstance(servers, list):
-        raise ConfigError(
-            source,
-            "servers",
-            f'expected a list of {{"host", "port"}} objects, got {_show(servers)}',
-        )
-    if not servers:
-        raise ConfigError(source, "servers", "expected at least one server, got []")
-    backends: list[BackendConfig] = []
-    wheres: list[str] = []
-    for i, item in enumerate(servers):
-        where = f"servers[{i}]"
-        if isinstance(item, str):
-            backends.append(BackendConfig(*parse_address(item, where=where, source=source)))
-            wheres.append(where)
-            continue
-        t = _Table(item, where, source, _SERVER_KEYS, what='an object {"host": ..., "port": ...}')
-        for key in ("host", "port"):
-            if not t.has(key):
-                raise ConfigError(source, t.where(key), f"missing: expected the server's {key}")
-        raw_host = t.data["host"]
-        host = _parse_host(raw_host, bare_ipv6=True) if isinstance(raw_host, str) else None
-        if host is None:
-            raise t.error(
-                "host",
-                f"expected a host of letters, digits, '.', '-' and '_' (or an IPv6 address), "
-                f"got {_show(raw_host)}",
-            )
-        port = t.data["port"]
-        if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
-            raise t.error("port", f"expected an integer port 1..65535, got {_show(port)}")
-        backends.append(BackendConfig(host, port, t.bounded_int("weight", 1)))
-        wheres.append(where)
-    _check_duplicates(backends, wheres, source)
-    return config_from_backends(backends, listen=listen, source=source)
-
-
-def _read(path: str) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            path,
-            f"line {line}",
-            f"cannot read: expected UTF-8 text, got byte {data[exc.start]:#04x}",
-        ) from None
-
-
 def load_config(path: str | os.PathLike[str], *, default_listen: str = DEFAULT_LISTEN) -> Config:
-    """Read and validate a config file; raise ConfigError naming what is wrong and where.
+    """Read and validate a config file; raise one ConfigError listing every problem.
 
     `.toml` is the full format, `.json` is either the same structure or the
     tutorial's `{"servers": [...]}`, anything else is the tutorial's text
     format. Single-service formats listen on `default_listen`; so does a
     TOML service without `listen`.
     """
-    source = os.fspath(path)
-    parse_address(
-        default_listen,
-        where="listen",
-        source="<command line>",
-        default_host="localhost",
-        allow_port_zero=True,
-    )
-    text = _read(source)
-    suffix = Path(source).suffix.lower()
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            match = _TOML_POSITION_RE.match(str(exc))
-            where, message = (match["where"], match["msg"]) if match else ("", str(exc))
-            raise ConfigError(source, where, f"invalid TOML: {message}") from None
-        return _build(data, source, default_listen)
-    if suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                source, f"line {exc.lineno}, column {exc.colno}", f"invalid JSON: {exc.msg}"
-            ) from None
-        if isinstance(doc, dict) and "servers" in doc and "services" not in doc:
-            return _parse_servers(doc, source, default_listen)
-        if not isinstance(doc, dict):
-            raise ConfigError(
-                source,
-                "",
-                f'expected a JSON object with "services" or "servers", got {_show(doc)}',
-            )
-        return _build(doc, source, default_listen)
-    return _parse_text(text, source, default_listen)
+    from balancer.config_loader import load
+
+    return load(os.fspath(path), default_listen)

@@ -15,10 +15,12 @@ left after those rules.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, Self
+
+from balancer.bounds import Bound, as_number, is_integer, show_value
 
 if TYPE_CHECKING:
     from balancer.config import ServiceConfig
@@ -48,43 +50,22 @@ def usable(target: Target, exclude: Collection[Target]) -> bool:
     return target.effective_weight > 0 and not (exclude and target in exclude)
 
 
-def option(
-    options: Mapping[str, float],
-    key: str,
-    default: float,
-    *,
-    minimum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-) -> float:
-    """`options[key]` (or `default`), checked; ValueError names the key and what was expected."""
-    value = float(options.get(key, default))
-    ok = math.isfinite(value)
-    if minimum is not None and value < minimum:
-        ok = False
-    if above is not None and value <= above:
-        ok = False
-    if below is not None and value >= below:
-        ok = False
-    if not ok:
-        bounds = []
-        if minimum is not None:
-            bounds.append(f">= {minimum:g}")
-        if above is not None:
-            bounds.append(f"> {above:g}")
-        if below is not None:
-            bounds.append(f"< {below:g}")
-        expected = " and ".join(bounds) if bounds else "finite"
-        raise ValueError(f"policy option {key!r}: expected a number {expected}, got {value:g}")
-    return value
+@dataclass(frozen=True)
+class PolicyOption:
+    """One number a policy reads from `ServiceConfig.policy_options`."""
+
+    default: float
+    bound: Bound
+    integer: bool = False
+    doc: str = ""
 
 
 class Policy(ABC):
     """Chooses a target among the eligible ones."""
 
     name: ClassVar[str]
-    options: ClassVar[frozenset[str]] = frozenset()
-    """Keys this policy reads from `ServiceConfig.policy_options`."""
+    options: ClassVar[Mapping[str, PolicyOption]] = {}
+    """The options this policy reads from `ServiceConfig.policy_options`, with their bounds."""
 
     def __init__(self) -> None:
         self.targets: list[Target] = []
@@ -95,14 +76,33 @@ class Policy(ABC):
         return cls()
 
     @classmethod
-    def check_options(cls, options: Mapping[str, float]) -> None:
-        """Raise ValueError naming the first unknown or out-of-range option."""
-        unknown = sorted(set(options) - cls.options)
-        if unknown:
+    def option_error(cls, key: str, value: object) -> str | None:
+        """What is wrong with `value` for option `key` ("expected ..., got ..."), or None."""
+        spec = cls.options.get(key)
+        if spec is None:
             known = ", ".join(sorted(cls.options)) or "none"
-            raise ValueError(
-                f"policy option {unknown[0]!r} is not used by {cls.name} (it takes: {known})"
-            )
+            return f"not used by {cls.name} (it takes: {known})"
+        number = as_number(value)
+        if number is not None and spec.bound.admits(number):
+            if is_integer(value) or not spec.integer:
+                return None
+        return f"expected {spec.bound.expected(spec.integer)}, got {show_value(value)}"
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, object]) -> None:
+        """Raise ValueError naming the first unknown or out-of-range option."""
+        for key, value in options.items():
+            problem = cls.option_error(key, value)
+            if problem is None:
+                continue
+            if key not in cls.options:
+                raise ValueError(f"policy option {key!r} is {problem}")
+            raise ValueError(f"policy option {key!r}: {problem}")
+
+    @classmethod
+    def option(cls, options: Mapping[str, float], key: str) -> float:
+        """`options[key]`, or the option's default (options already checked)."""
+        return float(options.get(key, cls.options[key].default))
 
     def update(self, targets: Sequence[Target]) -> None:
         """Replace the eligible set (healthy, weight > 0), in config order."""

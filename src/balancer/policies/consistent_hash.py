@@ -1,7 +1,9 @@
 """Consistent hashing with a Maglev lookup table, with optional bounded load.
 
 How it works (Eisenbud et al., "Maglev", NSDI 2016; weighted as Envoy does):
-the table has M slots, M prime (65537 by default, `policy_options.table_size`).
+the table has M slots, M prime (65537 by default, `policy_options.table_size`, at
+most 524287: a build is about 0.4 s of Python at that size, and the table is
+rebuilt whenever a backend joins or leaves).
 Each target, by a hash of its address, gets an offset and a skip, which
 define its preference list offset, offset + skip, offset + 2 skip, ... mod M
 (a permutation of the slots, M being prime). Targets take turns claiming their
@@ -38,15 +40,18 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 from zlib import crc32
 
-from balancer.policies.base import Policy, Target, option
+from balancer.bounds import Bound, as_number, fmt_number, show_value
+from balancer.policies.base import Policy, PolicyOption, Target
 
 if TYPE_CHECKING:
     from balancer.config import ServiceConfig
 
 DEFAULT_TABLE_SIZE = 65537
+MAX_TABLE_SIZE = 524287
+"""The largest table (a prime, 2**19 - 1): about 100 slots for each of 5,000 backends."""
 
 
 def is_prime(n: int) -> bool:
@@ -109,14 +114,20 @@ def build_table(addresses: Sequence[str], weights: Sequence[float], size: int) -
 
 class ConsistentHash(Policy):
     name = "consistent_hash"
-    options = frozenset({"table_size"})
+    options: ClassVar[Mapping[str, PolicyOption]] = {
+        "table_size": PolicyOption(
+            DEFAULT_TABLE_SIZE,
+            Bound(2, MAX_TABLE_SIZE, unit="slots"),
+            integer=True,
+            doc="Maglev lookup table size, a prime",
+        )
+    }
 
     def __init__(self, table_size: int = DEFAULT_TABLE_SIZE, balance_factor: float = 0.0) -> None:
         super().__init__()
-        if not is_prime(table_size):
-            raise ValueError(
-                f"policy option 'table_size': expected a prime number, got {table_size}"
-            )
+        problem = self.option_error("table_size", table_size)
+        if problem is not None:
+            raise ValueError(f"policy option 'table_size': {problem}")
         if not (balance_factor == 0 or balance_factor > 1):
             raise ValueError(
                 f"hash_balance_factor: expected 0 (off) or a number > 1, got {balance_factor:g}"
@@ -135,18 +146,23 @@ class ConsistentHash(Policy):
 
     @classmethod
     def from_service(cls, service: ServiceConfig) -> Self:
-        options = service.policy_options
-        size = option(options, "table_size", DEFAULT_TABLE_SIZE, minimum=2)
-        if size != int(size):
-            raise ValueError(f"policy option 'table_size': expected a prime number, got {size:g}")
-        return cls(int(size), service.hash_balance_factor)
+        cls.check_options(service.policy_options)
+        size = int(cls.option(service.policy_options, "table_size"))
+        return cls(size, service.hash_balance_factor)
 
     @classmethod
-    def check_options(cls, options: Mapping[str, float]) -> None:
-        super().check_options(options)
-        size = option(options, "table_size", DEFAULT_TABLE_SIZE, minimum=2)
-        if size != int(size) or not is_prime(int(size)):
-            raise ValueError(f"policy option 'table_size': expected a prime number, got {size:g}")
+    def option_error(cls, key: str, value: object) -> str | None:
+        problem = super().option_error(key, value)
+        if key != "table_size":
+            return problem
+        number = as_number(value)
+        if problem is None and number is not None and is_prime(int(number)):
+            return None
+        bound = cls.options[key].bound
+        return (
+            f"expected a prime number from {fmt_number(bound.low)} to {fmt_number(bound.high)}, "
+            f"got {show_value(value)}"
+        )
 
     def update(self, targets: Sequence[Target]) -> None:
         super().update(targets)

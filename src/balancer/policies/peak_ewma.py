@@ -36,9 +36,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
-from balancer.policies.base import Policy, Target, option, usable
+from balancer.bounds import Bound
+from balancer.policies.base import Policy, PolicyOption, Target, usable
 
 if TYPE_CHECKING:
     from balancer.config import ServiceConfig
@@ -56,7 +57,20 @@ class _Estimate:
 
 class PeakEwma(Policy):
     name = "peak_ewma"
-    options = frozenset({"decay", "default_latency", "failure_penalty", "probe"})
+    options: ClassVar[Mapping[str, PolicyOption]] = {
+        "decay": PolicyOption(
+            10.0, Bound(0.01, 3600, unit="seconds"), doc="time constant of the moving average"
+        ),
+        "default_latency": PolicyOption(
+            0.001, Bound(1e-6, 60, unit="seconds"), doc="estimate of a target with no sample yet"
+        ),
+        "failure_penalty": PolicyOption(
+            0.5, Bound(0, 3600, unit="seconds"), doc="least sample a failed request counts as"
+        ),
+        "probe": PolicyOption(
+            0.02, Bound(0.001, 0.5, off=True), doc="share of picks given to the longest waiting"
+        ),
+    }
 
     def __init__(
         self,
@@ -92,19 +106,11 @@ class PeakEwma(Policy):
         options = service.policy_options
         cls.check_options(options)
         return cls(
-            decay=options.get("decay", 10.0),
-            default_latency=options.get("default_latency", 0.001),
-            failure_penalty=options.get("failure_penalty", 0.5),
-            probe=options.get("probe", 0.02),
+            decay=cls.option(options, "decay"),
+            default_latency=cls.option(options, "default_latency"),
+            failure_penalty=cls.option(options, "failure_penalty"),
+            probe=cls.option(options, "probe"),
         )
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, float]) -> None:
-        super().check_options(options)
-        option(options, "decay", 10.0, above=0)
-        option(options, "default_latency", 0.001, above=0)
-        option(options, "failure_penalty", 0.5, minimum=0)
-        option(options, "probe", 0.02, minimum=0, below=1)
 
     def update(self, targets: Sequence[Target]) -> None:
         super().update(targets)
