@@ -49,9 +49,8 @@ def test_check_config_names_file_key_and_expectation(tmp_path: Path) -> None:
     )
     result = run("check-config", str(cfg))
     assert result.returncode == 2
-    assert "bad.toml: services.numbers.health.rise: expected an integer from 1 to 1000, got -1" in (
-        result.stderr
-    )
+    expected = "bad.toml: line 5: services.numbers.health.rise: expected an integer from 1 to 1000"
+    assert f"{expected}, got -1" in result.stderr
 
 
 def test_serve_with_a_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
