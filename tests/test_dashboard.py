@@ -95,31 +95,3 @@ def test_dashboard_shows_backends_a_dead_one_and_drains_on_click(
             wait_until(lambda: admin_state(bal, b) == "ready", what="backend returned")
         finally:
             browser.close()
-
-
-def test_history_feeds_the_charts(setup: tuple[BalancerProc, list[ServiceProc]]) -> None:
-    """The charts' data source: one-second samples with the traffic actually sent."""
-    import json
-    import urllib.request
-
-    bal, _ = setup
-    url = f"http://127.0.0.1:{bal.admin_port}/api/history"
-
-    def samples() -> list[dict[str, object]]:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            doc: list[dict[str, object]] = json.loads(resp.read())["samples"]
-            return doc
-
-    wait_until(lambda: len(samples()) >= 1, what="a first sample")
-    client = LineClient(bal.port)
-    for i in range(200):
-        assert client.request(str(i)) == reply_for(i)
-    client.close()
-
-    def served() -> int:
-        return sum(s["services"]["numbers"]["requests"] for s in samples())  # type: ignore[index]
-
-    # the one-second samples add up to the requests sent
-    wait_until(lambda: served() == 200, what="the traffic to show in the history")
-    busy = [s["services"]["numbers"] for s in samples()]  # type: ignore[index]
-    assert all(x["p99_ms"] > 0 and x["rps"] > 0 for x in busy if x["requests"])
