@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.admin_support import running_with_admin, with_admin
 from tests.support import (
     PYTHON,
     BalancerProc,
@@ -35,8 +36,11 @@ def balancer(
     return balancers.start(write_toml(tmp_path / "b.toml", services.ports)), services
 
 
-def status_cmd(*args: str) -> Proc:
-    proc = Proc([PYTHON, "-m", "balancer", "status", *args], env={"COLUMNS": "200"})
+def status_cmd(*args: str, env: dict[str, str] | None = None) -> Proc:
+    proc = Proc(
+        [PYTHON, "-m", "balancer", "status", *args],
+        env={"COLUMNS": "200", "BALANCER_ADMIN_TOKEN": "", **(env or {})},
+    )
     proc.wait(timeout=30)
     return proc
 
@@ -80,6 +84,47 @@ def test_status_watch_json_follows_changes(
         states = {a: b["state"] for a, b in backend_rows(doc).items()}
         assert states[dead] == "down"
         assert states[f"127.0.0.1:{services[1].port}"] == "up"
+
+
+def test_status_says_why_a_backend_is_down(
+    balancer: tuple[BalancerProc, list[ServiceProc]],
+) -> None:
+    bal, services = balancer
+    services[0].stop()
+    dead = f"127.0.0.1:{services[0].port}"
+    wait_until(
+        lambda: backend_rows(bal.status())[dead]["state"] == "down", what="dead backend down"
+    )
+    proc = status_cmd("--admin", f"127.0.0.1:{bal.admin_port}")
+    assert proc.popen.returncode == 0, proc.output()
+    rows = {
+        next(word for word in line.split() if word.startswith("127.0.0.1:")): line
+        for line in proc.lines
+        if " numbers " in line and "127.0.0.1:" in line
+    }
+    assert "reason" in proc.output()
+    assert "refused" in rows[dead], proc.output()
+    assert "refused" not in rows[f"127.0.0.1:{services[1].port}"]
+
+
+def test_status_reads_with_a_token_where_reads_need_one(tmp_path: Path, services: Services) -> None:
+    up = f"127.0.0.1:{services.start().port}"
+    cfg = with_admin(write_toml(tmp_path / "b.toml", services.ports), read_access="token")
+    with running_with_admin(cfg, env={"BALANCER_ADMIN_TOKEN": "t0ken"}) as bal:
+        admin = f"127.0.0.1:{bal.admin_port}"
+        refused = status_cmd("--admin", admin)
+        assert refused.popen.returncode == 1, refused.output()
+        assert "needs a token" in refused.output()
+        assert "--token" in refused.output()
+        wrong = status_cmd("--admin", admin, "--token", "nope")
+        assert wrong.popen.returncode == 1, wrong.output()
+        assert "refused the token" in wrong.output()
+        for proc in (
+            status_cmd("--admin", admin, "--token", "t0ken"),
+            status_cmd("--admin", admin, env={"BALANCER_ADMIN_TOKEN": "t0ken"}),
+        ):
+            assert proc.popen.returncode == 0, proc.output()
+            assert up in proc.output()
 
 
 def test_status_exits_1_when_admin_does_not_answer() -> None:

@@ -7,12 +7,13 @@ itself at `/`.
 
 Write side (the runtime API): backend state and weight, adding and removing
 backends, reloading the config. Every write is validated in full before
-anything changes; errors come back as `{"error": "..."}` with a 4xx status.
-When a token is configured (`[admin] token` or `BALANCER_ADMIN_TOKEN`), every
-write needs `Authorization: Bearer <token>`; a non-loopback listener without
-a token is refused at start-up (`check_admin_security`). Writes that carry a
-browser `Origin` of another site are refused, so a web page cannot drive a
-loopback admin endpoint.
+anything changes; errors come back as `{"error": "..."}` (short, whatever the
+input) with a 4xx status, and client input never costs a traceback.
+
+Who may do what (Host, Origin, read and write tokens) is decided by
+`balancer.adminguard`; `guard_middleware` applies it to every request and
+`api_handler` to each route by its access ("open", "read" or "write"). Every
+response carries headers that keep it out of frames and stop content sniffing.
 
 How the history works: `TrafficHistory.sample` runs once a second, reads the
 plain counters (per-backend requests and failures, the service's
@@ -25,71 +26,76 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
+import json
 import logging
-import os
+import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from balancer.config import AdminConfig, BackendConfig, ConfigError, parse_address
+from balancer.adminguard import (
+    ACCESS,
+    OPEN,
+    READ,
+    TOKEN_ENV,
+    WRITE,
+    AdminGuard,
+    admin_token,
+    check_admin_security,
+    is_loopback,
+)
+from balancer.config import BOUNDS, BackendConfig, ConfigError, parse_address
+from balancer.loopguard import points_at, resolve
 from balancer.loops import listen_socket
 from balancer.metrics import LatencyHistogram, make_registry
+from balancer.openapi import BACKEND_STATES, MAX_BODY, OPENAPI
 from balancer.pool import Backend
 
 if TYPE_CHECKING:
     from balancer.server import Server
+
+__all__ = [
+    "TOKEN_ENV",
+    "AdminServer",
+    "admin_token",
+    "check_admin_security",
+    "is_loopback",
+    "quantile_of_counts",
+]
 
 log = logging.getLogger("balancer")
 
 SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 ADMIN_KEY: web.AppKey[AdminServer] = web.AppKey("admin")
+GUARD_KEY = web.AppKey("guard", AdminGuard)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-TOKEN_ENV = "BALANCER_ADMIN_TOKEN"
 HISTORY_SECONDS = 300
-STATES = ("up", "drain", "maint")
-
-
-# -- security -------------------------------------------------------------------------------
-
-
-def admin_token(config: AdminConfig) -> str | None:
-    """The token writes need: `[admin] token`, else $BALANCER_ADMIN_TOKEN, else None."""
-    token = config.token or os.environ.get(TOKEN_ENV) or None
-    return token
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_admin_security(config: AdminConfig) -> None:
-    """Refuse an admin listener reachable from other hosts unless writes need a token."""
-    if not config.enabled or is_loopback(config.host) or admin_token(config):
-        return
-    raise ConfigError(
-        "admin",
-        "listen",
-        f"the admin endpoint {config.listen} is reachable from other hosts, so its runtime "
-        f"API needs a token: set [admin] token in the config or the {TOKEN_ENV} environment "
-        "variable (or listen on 127.0.0.1)",
-    )
+STATES = BACKEND_STATES
+MAX_ERROR = 500
+"""Longest error message sent back, in characters."""
+SHOWN_KEYS = 5
+"""Unknown keys named in an error before "and N more"."""
+RESOLVE_TIMEOUT = 5.0
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 # -- documents ------------------------------------------------------------------------------
@@ -276,70 +282,145 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-def error_response(status: int, message: str) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return web.json_response({"error": message}, status=status, headers=headers)
+def show(value: object, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters: error messages stay short whatever the input."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def authorize_write(request: web.Request) -> None:
-    """Raise ApiError unless this write may change anything."""
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != "null":
-        if urlsplit(origin).netloc.lower() != request.host.lower():
-            raise ApiError(403, f"cross-site write refused (Origin {origin})")
-    elif origin == "null":
-        raise ApiError(403, "cross-site write refused (Origin null)")
-    config = request.app[SERVER_KEY].config.admin
-    token = admin_token(config)
-    if token is None:
-        if is_loopback(config.host):
-            return
-        raise ApiError(401, "writes need a token; none is configured")
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "missing 'Authorization: Bearer <token>' header")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(401, "wrong token")
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    if len(message) > MAX_ERROR:
+        message = message[: MAX_ERROR - 1] + "…"
+    extra = dict(headers or {})
+    if status == 401:
+        extra["WWW-Authenticate"] = "Bearer"
+    return web.json_response({"error": message}, status=status, headers=extra or None)
+
+
+def check_body_headers(request: web.Request) -> None:
+    """A write's body, if it has one, must be plain JSON in UTF-8 (a form post never is)."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415, f"unsupported Content-Encoding {show(encoding)}: send the body uncompressed"
+        )
+    if hdrs.CONTENT_TYPE not in request.headers and not request.body_exists:
+        return
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            f"writes take a JSON body: expected Content-Type application/json, got "
+            f"{show(request.headers.get(hdrs.CONTENT_TYPE, ''))}",
+        )
+    charset = request.charset
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise ApiError(415, f"unsupported charset {show(charset)}: JSON is UTF-8")
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        length = request.content_length
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length") from None
+    if length is not None and length > MAX_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"the body is larger than {MAX_BODY} bytes") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        raise ApiError(400, f"the body could not be read: {show(str(exc), 200)}") from None
 
 
 async def json_object(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    raw = await read_body(request)
     try:
-        body = await request.json()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     except ValueError as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"the body is not valid JSON: {show(str(exc), 200)}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"expected a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise ApiError(
-            400, f"unknown key(s) {', '.join(map(repr, unknown))}: expected {', '.join(allowed)}"
-        )
+        shown = ", ".join(show(k) for k in unknown[:SHOWN_KEYS])
+        more = f" and {len(unknown) - SHOWN_KEYS} more" if len(unknown) > SHOWN_KEYS else ""
+        raise ApiError(400, f"unknown key(s) {shown}{more}: expected {', '.join(allowed)}")
     return body
 
 
 def check_weight(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ApiError(400, f"invalid weight {value!r}: expected an integer >= 0")
+    bound = BOUNDS["weight"]
+    if isinstance(value, bool) or not isinstance(value, int) or not bound.admits(value):
+        raise ApiError(400, f"invalid weight {show(value)}: expected {bound.expected(True)}")
     return value
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def api_handler(handler: Handler, *, write: bool = False) -> Handler:
-    """Turn ApiError / RuntimeChangeError into a JSON error; check authorization of writes."""
+def api_handler(handler: Handler, *, access: str = READ) -> Handler:
+    """Check the route's access ("open", "read", "write"); ApiError and RuntimeChangeError
+    become a JSON error."""
     from balancer.server import RuntimeChangeError
 
+    if access not in ACCESS:
+        raise ValueError(f"access {access!r}: expected one of {', '.join(ACCESS)}")
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
+        refusal = request.app[GUARD_KEY].check_token(
+            access, request.headers.get(hdrs.AUTHORIZATION)
+        )
+        if refusal is not None:
+            return error_response(refusal.status, refusal.message)
         try:
-            if write:
-                authorize_write(request)
+            if access == WRITE:
+                check_body_headers(request)
             return await handler(request)
         except (ApiError, RuntimeChangeError) as exc:
             return error_response(exc.status, exc.message)
 
     return wrapped
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host and Origin for every request; errors of any route as short JSON, never a 500
+    with a traceback for what a client sent."""
+    refusal = request.app[GUARD_KEY].check_request(
+        request.headers.get(hdrs.HOST), request.headers.get(hdrs.ORIGIN)
+    )
+    if refusal is not None:
+        return error_response(refusal.status, refusal.message)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(
+            exc.status, f"{exc.reason}: {request.method} {show(request.path, 200)}", allow
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("admin: %s %s failed", request.method, show(request.path, 200))
+        return error_response(500, "internal error; see the balancer's log")
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -367,7 +448,11 @@ async def handle_history(request: web.Request) -> web.Response:
         try:
             since = float(since_text)
         except ValueError:
-            raise ApiError(400, f"invalid since {since_text!r}: expected a number") from None
+            since = math.nan
+        if not math.isfinite(since):
+            raise ApiError(
+                400, f"invalid since {show(since_text)}: expected a Unix time in seconds"
+            )
     return web.json_response(request.app[ADMIN_KEY].history.document(since))
 
 
@@ -380,11 +465,53 @@ async def handle_set_backend(request: web.Request) -> web.Response:
     if not body:
         raise ApiError(400, "nothing to change: give 'state' and/or 'weight'")
     state = body.get("state")
-    if state is not None and state not in STATES:
-        raise ApiError(400, f"invalid state {state!r}: expected one of {', '.join(STATES)}")
+    if state is not None and (not isinstance(state, str) or state not in STATES):
+        raise ApiError(400, f"invalid state {show(state)}: expected one of {', '.join(STATES)}")
     weight = check_weight(body["weight"]) if "weight" in body else None
     backend = server.set_backend(service, address, state=state, weight=weight)
     return web.json_response(backend_status(backend, time.time()))
+
+
+def listen_addresses(server: Server) -> list[tuple[str, int]]:
+    """Where this balancer listens: every service and the admin endpoint (bound ports)."""
+    method: Callable[[], Iterable[tuple[str, int]]] | None = getattr(
+        server, "listen_addresses", None
+    )
+    if method is not None:
+        return [(str(h), int(p)) for h, p in method()]
+    out = [runtime.bound for runtime in server.services.values()]
+    if server.admin_address is not None:
+        out.append(server.admin_address)
+    return out
+
+
+async def resolve_backend(host: str, port: int) -> set[tuple[str, int]]:
+    """The addresses a backend stands for; a name is resolved off the event loop."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, resolve, host, port), RESOLVE_TIMEOUT
+            )
+        except TimeoutError:
+            return set()
+    return resolve(host, port)
+
+
+async def check_not_self(server: Server, host: str, port: int, address: str) -> None:
+    """Refuse a backend that is this balancer itself: it would send requests to itself."""
+    resolved = await resolve_backend(host, port)
+    if not resolved:
+        return
+    for listen_host, listen_port in listen_addresses(server):
+        if points_at(resolved, listen_host, listen_port):
+            raise ApiError(
+                400,
+                f"backend {show(address, 80)} is this balancer itself (it listens on "
+                f"{listen_host}:{listen_port}); requests sent there would come back here",
+            )
 
 
 async def handle_add_backend(request: web.Request) -> web.Response:
@@ -396,7 +523,7 @@ async def handle_add_backend(request: web.Request) -> web.Response:
         raise ApiError(400, "missing 'address' (\"host:port\")")
     text = body["address"]
     if not isinstance(text, str):
-        raise ApiError(400, f'invalid address {text!r}: expected "host:port"')
+        raise ApiError(400, f'invalid address {show(text)}: expected "host:port"')
     try:
         host, port = parse_address(text, where="address", source="request")
     except ConfigError as exc:
@@ -405,6 +532,7 @@ async def handle_add_backend(request: web.Request) -> web.Response:
     config = BackendConfig(host, port, weight)
     if runtime.pool.get(config.address) is not None:
         raise ApiError(409, f"service {service!r} already has backend {config.address!r}")
+    await check_not_self(server, host, port, config.address)
     backend = server.add_backend(service, config)
     return web.json_response(backend_status(backend, time.time()), status=201)
 
@@ -413,10 +541,18 @@ async def handle_remove_backend(request: web.Request) -> web.Response:
     admin = request.app[ADMIN_KEY]
     service = request.match_info["service"]
     address = request.match_info["address"]
-    _, backend = admin.server.backend(service, address)
-    admin.start_removal(service, address)
-    # let the removal task take its first step: the backend is draining before we answer
-    await asyncio.sleep(0)
+    runtime, backend = admin.server.backend(service, address)
+    if not admin.removing(service, address):
+        staying = [b for b in runtime.pool if not admin.removing(service, b.address)]
+        if staying == [backend]:
+            raise ApiError(
+                409,
+                f"backend {address} is the last of service {service!r}, and a service needs "
+                "at least one: add another backend first",
+            )
+        admin.start_removal(service, address)
+        # let the removal task take its first step: the backend is draining before we answer
+        await asyncio.sleep(0)
     return web.json_response(
         {
             "service": service,
@@ -431,11 +567,8 @@ async def handle_remove_backend(request: web.Request) -> web.Response:
 
 async def handle_reload(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    reload: Callable[[], Awaitable[None]] | None = getattr(server, "reload", None)
-    if reload is None:
-        raise ApiError(501, "this balancer cannot reload its config at run time")
     try:
-        await reload()
+        await server.reload()
     except ConfigError as exc:
         raise ApiError(400, str(exc)) from None
     return web.json_response({"reloaded": True, **status_document(server)})
@@ -457,26 +590,35 @@ class AdminServer:
         self.server = server
         self.history = TrafficHistory()
         self.sample_interval = sample_interval
-        self.app = web.Application()
+        self.guard = AdminGuard(server.config.admin)
+        self.app = web.Application(middlewares=[guard_middleware], client_max_size=MAX_BODY)
         self.app[SERVER_KEY] = server
         self.app[REGISTRY_KEY] = make_registry(server)
         self.app[ADMIN_KEY] = self
+        self.app[GUARD_KEY] = self.guard
+        self.app.on_response_prepare.append(add_security_headers)
         r = self.app.router
-        r.add_get("/status", handle_status)
-        r.add_get("/metrics", handle_metrics)
+        r.add_get("/status", api_handler(handle_status, access=READ))
+        r.add_get("/metrics", api_handler(handle_metrics, access=READ))
         r.add_get("/", handle_index)
         r.add_static("/static/", STATIC_DIR)
-        r.add_get("/api/openapi.json", handle_openapi)
-        r.add_get("/api/services", api_handler(handle_services))
-        r.add_get("/api/history", api_handler(handle_history))
+        r.add_get("/api/openapi.json", api_handler(handle_openapi, access=OPEN))
+        r.add_get("/api/services", api_handler(handle_services, access=READ))
+        r.add_get("/api/history", api_handler(handle_history, access=READ))
         backend_path = "/api/services/{service}/backends/{address}"
-        r.add_put(backend_path, api_handler(handle_set_backend, write=True))
-        r.add_delete(backend_path, api_handler(handle_remove_backend, write=True))
-        r.add_post("/api/services/{service}/backends", api_handler(handle_add_backend, write=True))
-        r.add_post("/api/reload", api_handler(handle_reload, write=True))
+        r.add_put(backend_path, api_handler(handle_set_backend, access=WRITE))
+        r.add_delete(backend_path, api_handler(handle_remove_backend, access=WRITE))
+        r.add_post(
+            "/api/services/{service}/backends", api_handler(handle_add_backend, access=WRITE)
+        )
+        r.add_post("/api/reload", api_handler(handle_reload, access=WRITE))
         self.runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._removals: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def removing(self, service: str, address: str) -> bool:
+        """Is this backend's removal under way (it still serves what it holds)?"""
+        return (service, address) in self._removals
 
     def start_removal(self, service: str, address: str) -> None:
         key = (service, address)
@@ -511,7 +653,11 @@ class AdminServer:
     async def start(self) -> tuple[str, int]:
         cfg = self.server.config.admin
         check_admin_security(cfg)
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # auto_decompress off: a compressed body is refused with a 415 (check_body_headers)
+        # rather than inflated, or answered by the parser with a plain-text 400
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, auto_decompress=False
+        )
         await runner.setup()
         try:
             # A socket bound here keeps aiohttp (uvloop) off the resolver's thread pool.
@@ -531,6 +677,7 @@ class AdminServer:
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
+        self.guard.listening_on(str(host))
         return str(host), int(port)
 
     async def stop(self) -> None:
@@ -544,200 +691,3 @@ class AdminServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-
-
-# -- OpenAPI description --------------------------------------------------------------------
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-_SERVICE = {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
-_ADDRESS = {
-    "name": "address",
-    "in": "path",
-    "required": True,
-    "description": "the backend as host:port",
-    "schema": {"type": "string", "example": "127.0.0.1:8081"},
-}
-_BACKEND_REF = {"$ref": "#/components/schemas/Backend"}
-_WRITE_ERRORS = {
-    "400": _error("invalid request; nothing changed"),
-    "401": _error("missing or wrong bearer token"),
-    "403": _error("cross-site request refused"),
-    "404": _error("no such service or backend"),
-}
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {
-        "title": "balancer admin API",
-        "version": "1",
-        "description": (
-            "Status, metrics and runtime changes of a running balancer. Writes need "
-            "'Authorization: Bearer <token>' when a token is configured ([admin] token or "
-            "BALANCER_ADMIN_TOKEN); a non-loopback admin listener always needs one."
-        ),
-    },
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {"error": {"type": "string"}},
-            },
-            "Backend": {
-                "type": "object",
-                "properties": {
-                    "address": {"type": "string"},
-                    "state": {"type": "string", "enum": ["up", "down"]},
-                    "admin_state": {"type": "string", "enum": ["ready", "drain", "maint"]},
-                    "weight": {"type": "integer", "minimum": 0},
-                    "requests": {"type": "integer"},
-                    "in_flight": {"type": "integer"},
-                    "failures": {"type": "integer"},
-                    "last_check": {"type": "number", "nullable": True},
-                    "rps": {"type": "number"},
-                    "error_rate": {"type": "number"},
-                },
-            },
-            "Services": {
-                "type": "object",
-                "properties": {
-                    "services": {
-                        "type": "object",
-                        "additionalProperties": {
-                            "type": "object",
-                            "properties": {
-                                "listen": {"type": "string"},
-                                "mode": {"type": "string"},
-                                "algorithm": {"type": "string"},
-                                "rps": {"type": "number"},
-                                "error_rate": {"type": "number"},
-                                "p99_ms": {"type": "number"},
-                                "backends": {"type": "array", "items": _BACKEND_REF},
-                            },
-                        },
-                    }
-                },
-            },
-            "BackendChange": {
-                "type": "object",
-                "additionalProperties": False,
-                "minProperties": 1,
-                "properties": {
-                    "state": {"type": "string", "enum": list(STATES)},
-                    "weight": {"type": "integer", "minimum": 0},
-                },
-            },
-            "NewBackend": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["address"],
-                "properties": {
-                    "address": {"type": "string", "example": "127.0.0.1:8085"},
-                    "weight": {"type": "integer", "minimum": 0, "default": 1},
-                },
-            },
-        },
-    },
-    "paths": {
-        "/status": {
-            "get": {
-                "summary": "Services and backends with their counters",
-                "responses": {"200": _json({"$ref": "#/components/schemas/Services"}, "status")},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format"}},
-            }
-        },
-        "/api/services": {
-            "get": {
-                "summary": "Same as /status, plus the rates of the latest one-second sample",
-                "responses": {"200": _json({"$ref": "#/components/schemas/Services"}, "status")},
-            }
-        },
-        "/api/history": {
-            "get": {
-                "summary": "One-second samples (requests/s, error rate, p99) of the last minutes",
-                "parameters": [
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "required": False,
-                        "description": "only samples taken after this Unix time",
-                        "schema": {"type": "number"},
-                    }
-                ],
-                "responses": {"200": _json({"type": "object"}, "samples, oldest first")},
-            }
-        },
-        "/api/services/{service}/backends": {
-            "post": {
-                "summary": "Add a backend; it takes traffic once its health checks pass",
-                "security": [{"bearer": []}],
-                "parameters": [_SERVICE],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/NewBackend"}}
-                    },
-                },
-                "responses": {
-                    "201": _json(_BACKEND_REF, "added"),
-                    "409": _error("the service already has this backend"),
-                    **_WRITE_ERRORS,
-                },
-            }
-        },
-        "/api/services/{service}/backends/{address}": {
-            "put": {
-                "summary": "Set a backend's admin state (up, drain, maint) and/or weight",
-                "security": [{"bearer": []}],
-                "parameters": [_SERVICE, _ADDRESS],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/BackendChange"}
-                        }
-                    },
-                },
-                "responses": {"200": _json(_BACKEND_REF, "changed"), **_WRITE_ERRORS},
-            },
-            "delete": {
-                "summary": (
-                    "Remove a backend: answered at once with 202; the backend drains (no new "
-                    "requests) and is removed when its in-flight requests finish or the drain "
-                    "timeout passes"
-                ),
-                "security": [{"bearer": []}],
-                "parameters": [_SERVICE, _ADDRESS],
-                "responses": {"202": _json({"type": "object"}, "removal started"), **_WRITE_ERRORS},
-            },
-        },
-        "/api/reload": {
-            "post": {
-                "summary": "Re-read the config file and apply it",
-                "security": [{"bearer": []}],
-                "responses": {
-                    "200": _json({"type": "object"}, "reloaded"),
-                    "501": _error("reload is not available"),
-                    **_WRITE_ERRORS,
-                },
-            }
-        },
-    },
-}

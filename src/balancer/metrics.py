@@ -3,6 +3,8 @@
 The hot path only bumps plain integers (on `Backend`) and a bucket array
 (`LatencyHistogram`); a custom collector turns them into Prometheus families
 when `/metrics` is scraped, so serving a request costs no metric-library call.
+Shortages of the process's own resources (`balancer.resources`) are exported
+too: errors by kind, and the file-descriptor budget once the server has set it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from balancer import resources
 
 if TYPE_CHECKING:
     from balancer.server import Server
@@ -157,6 +161,7 @@ class BalancerCollector(Collector):
             refused.add_metric([name], proxy.refused)
             hist = runtime.histogram
             duration.add_metric([name], hist.cumulative(), hist.total)
+        yield from process_metrics()
         yield from (
             requests,
             failures,
@@ -173,6 +178,36 @@ class BalancerCollector(Collector):
             refused,
             duration,
         )
+
+
+def process_metrics() -> Iterator[Metric]:
+    """Local resource shortages by kind and, once set, the file-descriptor budget."""
+    errors = CounterMetricFamily(
+        "balancer_local_resource_errors",
+        "Connects and accepts that failed for want of the balancer's own resources "
+        "(file descriptors, kernel memory, local ports); never counted against a backend.",
+        labels=["kind"],
+    )
+    for kind, n in sorted(resources.ALARM.counts.items()):
+        errors.add_metric([kind], n)
+    yield errors
+    fds = resources.FDS
+    if fds is None:
+        return
+    yield GaugeMetricFamily("balancer_fd_limit", "The process's open-file limit.", value=fds.limit)
+    yield GaugeMetricFamily(
+        "balancer_fd_reserve",
+        "File descriptors kept for health checks, backend connections and the admin endpoint.",
+        value=fds.reserve,
+    )
+    yield GaugeMetricFamily(
+        "balancer_fd_clients", "Client connections open now, in every service.", value=fds.clients
+    )
+    yield CounterMetricFamily(
+        "balancer_fd_refused",
+        "Client connections refused because they would have used the reserve.",
+        value=fds.refused,
+    )
 
 
 def make_registry(server: Server) -> CollectorRegistry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -16,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 DEFAULT_ADMIN = "127.0.0.1:9100"
+TOKEN_ENV = "BALANCER_ADMIN_TOKEN"
 STATE_STYLES = {"up": "green", "down": "bold red", "ready": "green", "drain": "yellow"}
 
 
@@ -32,16 +34,31 @@ def admin_url(admin: str) -> str:
     return f"http://{admin}"
 
 
-def fetch(base: str, timeout: float = 3.0) -> dict[str, Any]:
+def _error_of(exc: urllib.error.HTTPError) -> str:
+    try:
+        message = json.loads(exc.read())["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(exc)
+    return f"{exc.code} {message}"
+
+
+def fetch(base: str, timeout: float = 3.0, token: str | None = None) -> dict[str, Any]:
     """The `/api/services` document (or `/status` from a balancer without the runtime API)."""
-    last: Exception | None = None
+    last: str = ""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for path in ("/api/services", "/status"):
         try:
-            with urllib.request.urlopen(base + path, timeout=timeout) as resp:
+            request = urllib.request.Request(base + path, headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 doc: dict[str, Any] = json.loads(resp.read())
                 return doc
         except urllib.error.HTTPError as exc:
-            last = exc
+            last = _error_of(exc)
+            if exc.code == 401:
+                what = "refused the token" if token else "needs a token to read"
+                raise AdminUnavailable(
+                    f"the admin endpoint {base} {what} ({last}): pass --token or set {TOKEN_ENV}"
+                ) from None
             if exc.code != 404:
                 break
         except (OSError, ValueError) as exc:
@@ -72,6 +89,7 @@ def render(doc: dict[str, Any]) -> Group:
         for column in ("weight", "in-flight", "requests", "failures"):
             table.add_column(column, justify="right")
         table.add_column("last check", justify="right")
+        table.add_column("reason")
         for b in svc.get("backends", []):
             table.add_row(
                 name,
@@ -83,6 +101,7 @@ def render(doc: dict[str, Any]) -> Group:
                 f"{b['requests']:,}",
                 f"{b['failures']:,}",
                 _age(b.get("last_check_age_s")),
+                "" if b["state"] == "up" else str(b.get("reason") or ""),
             )
         tables.append(table)
     return Group(*tables)
@@ -103,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=1.0, metavar="SECONDS", help=argparse.SUPPRESS
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON document")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token, where reads need one (default: ${TOKEN_ENV})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,14 +134,15 @@ def run(args: argparse.Namespace) -> int:
         print("error: --count must be >= 1", file=sys.stderr)
         return 2
     base = admin_url(args.admin)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     console = Console(highlight=False)
     updates = args.count if args.watch else 1
     done = 0
     try:
         if args.watch and not args.json and console.is_terminal:
-            return _live(console, base, args.interval, updates)
+            return _live(console, base, args.interval, updates, token)
         while True:
-            doc = fetch(base)
+            doc = fetch(base, token=token)
             if args.json:
                 print(json.dumps(doc), flush=True)
             else:
@@ -133,15 +158,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-def _live(console: Console, base: str, interval: float, updates: int | None) -> int:
+def _live(
+    console: Console, base: str, interval: float, updates: int | None, token: str | None
+) -> int:
     from rich.live import Live
 
     done = 0
-    with Live(render(fetch(base)), console=console, auto_refresh=False) as live:
+    with Live(render(fetch(base, token=token)), console=console, auto_refresh=False) as live:
         done += 1
         with contextlib.suppress(KeyboardInterrupt):
             while updates is None or done < updates:
                 time.sleep(interval)
-                live.update(render(fetch(base)), refresh=True)
+                live.update(render(fetch(base, token=token)), refresh=True)
                 done += 1
     return 0

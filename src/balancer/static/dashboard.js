@@ -1,5 +1,8 @@
 // Live dashboard of a running balancer: polls /api/services and /api/history once a
 // second, keeps one card per service (charts + backend table) and updates it in place.
+// A token (needed for writes, and for reads where the admin endpoint says so) comes from
+// the field in the header or from the page's fragment, `/#token=...`; it is kept in this
+// tab's sessionStorage and sent as `Authorization: Bearer`, never in a URL.
 "use strict";
 
 const POLL_MS = 1000;
@@ -19,9 +22,35 @@ const $ = (tag, attrs = {}, ...children) => {
   return el;
 };
 
+const TOKEN_KEY = "balancer-token";
+
 function tokenHeaders() {
   const token = document.getElementById("token").value.trim();
   return token ? { Authorization: "Bearer " + token } : {};
+}
+
+// `#token=...` in the address: take it, keep it for this tab, and drop it from the address.
+function tokenFromFragment() {
+  const params = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const token = params.get("token");
+  if (token === null) return;
+  sessionStorage.setItem(TOKEN_KEY, token.trim());
+  document.getElementById("token").value = token.trim();
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+async function getJson(url) {
+  const resp = await fetch(url, { cache: "no-store", headers: tokenHeaders() });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const why = body.error || `${resp.status} ${resp.statusText}`;
+    const err = new Error(resp.status === 401
+      ? `${why} (type the token above, or open this page as /#token=<token>)`
+      : why);
+    err.status = resp.status;
+    throw err;
+  }
+  return body;
 }
 
 function showMessage(text) {
@@ -113,8 +142,8 @@ function makeCard(name) {
   const tbody = $("tbody");
   const head = $("tr");
   for (const h of ["backend", "state", "admin", "weight", "in flight", "req/s", "errors",
-                   "requests", "failures", "last check", ""]) {
-    head.append($("th", { text: h }));
+                   "requests", "failures", "last check", "reason", ""]) {
+    head.append($("th", h === "reason" ? { text: h, class: "reason" } : { text: h }));
   }
   const root = $(
     "section",
@@ -134,7 +163,7 @@ function makeRow(card, service, address) {
   const cells = {};
   const row = $("tr", { "data-backend": address });
   for (const key of ["address", "state", "admin", "weight", "in_flight", "rps", "error_rate",
-                     "requests", "failures", "last_check"]) {
+                     "requests", "failures", "last_check", "reason"]) {
     cells[key] = $("td", { class: key });
     row.append(cells[key]);
   }
@@ -194,6 +223,8 @@ function render(doc) {
       r.cells.failures.textContent = fmt.int(b.failures);
       r.cells.last_check.textContent = fmt.age(b.last_check_age_s);
       r.cells.last_check.title = b.reason || "";
+      // why a backend is down: the reason of its last failed check
+      r.cells.reason.textContent = b.state === "up" ? "" : b.reason || "";
       r.buttons.drain.disabled = b.admin_state === "drain";
       r.buttons.maint.disabled = b.admin_state === "maint";
       r.buttons.up.disabled = b.admin_state === "ready";
@@ -221,6 +252,7 @@ function render(doc) {
 }
 
 let polling = false;
+let refused = false; // the last poll was refused (shown in the message line)
 async function poll() {
   if (polling) return;
   polling = true;
@@ -228,8 +260,8 @@ async function poll() {
   try {
     const since = lastSample === null ? "" : `?since=${lastSample}`;
     const [status, history] = await Promise.all([
-      fetch("/api/services", { cache: "no-store" }).then((r) => r.json()),
-      fetch("/api/history" + since, { cache: "no-store" }).then((r) => r.json()),
+      getJson("/api/services"),
+      getJson("/api/history" + since),
     ]);
     if (history.samples.length) {
       samples = samples.concat(history.samples);
@@ -240,17 +272,31 @@ async function poll() {
     render(status);
     conn.textContent = "live · " + new Date().toLocaleTimeString();
     conn.classList.remove("bad");
+    if (refused) showMessage("");
+    refused = false;
   } catch (err) {
-    conn.textContent = "admin endpoint not answering: " + err;
+    if (err.status) {
+      conn.textContent = "admin endpoint refused the request";
+      showMessage(err.message);
+      refused = true;
+    } else {
+      conn.textContent = "admin endpoint not answering: " + err;
+    }
     conn.classList.add("bad");
   } finally {
     polling = false;
   }
 }
 
-document.getElementById("token").value = sessionStorage.getItem("balancer-token") || "";
+document.getElementById("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
+tokenFromFragment();
+window.addEventListener("hashchange", () => {
+  tokenFromFragment();
+  poll();
+});
 document.getElementById("token").addEventListener("change", (e) => {
-  sessionStorage.setItem("balancer-token", e.target.value.trim());
+  sessionStorage.setItem(TOKEN_KEY, e.target.value.trim());
+  poll();
 });
 poll();
 setInterval(poll, POLL_MS);
