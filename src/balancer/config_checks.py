@@ -41,7 +41,6 @@ from balancer.keylines import join_key, line_of
 T = TypeVar("T")
 
 _LINE_WHERE_RE = re.compile(r"line (\d+)")
-_UNSPECIFIED_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class Problems:
@@ -180,11 +179,7 @@ def _check_loops(svc: ParsedService, listeners: list[_Listener], problems: Probl
     for backend, where in svc.backends:
         if backend.port not in ports:
             continue
-        # connecting to the unspecified address reaches this host's loopback address
-        resolved = {
-            (_UNSPECIFIED_TO_LOOPBACK.get(ip, ip), port)
-            for ip, port in loopguard.resolve(backend.host, backend.port)
-        }
+        resolved = loopguard.resolve(backend.host, backend.port)
         for lst in listeners:
             if loopguard.points_at(resolved, lst.host, lst.port):
                 problems.add(

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from typing import Any
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+_UNSPECIFIED_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+"""Connecting to the unspecified address reaches this host's loopback address."""
 
 Address = tuple[str, int]
 
@@ -72,14 +74,20 @@ def points_at(
     """Would connecting to any of `backend` (resolved addresses) reach this listener?
 
     `listen_port` 0 (not bound yet) never matches; pass the bound port once known.
+    A backend on the unspecified address (0.0.0.0, ::) reaches the loopback one.
     """
     if listen_port == 0:
         return False
     wildcard = listen_host in WILDCARD_HOSTS
-    own = set() if wildcard else {ip for ip, _ in resolve(listen_host, listen_port)}
+    own = (
+        set()
+        if wildcard
+        else {_UNSPECIFIED_TO_LOOPBACK.get(ip, ip) for ip, _ in resolve(listen_host, listen_port)}
+    )
     for ip, port in backend:
         if port != listen_port:
             continue
+        ip = _UNSPECIFIED_TO_LOOPBACK.get(ip, ip)
         if wildcard:
             if is_local_ip(ip):
                 return True
