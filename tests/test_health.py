@@ -4,6 +4,7 @@ and the probe and the checker against real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import random
@@ -334,9 +335,11 @@ class FakeProbe:
         self.in_flight = 0
         self.most_in_flight = 0
         self.gate: asyncio.Event | None = None
+        self.framings: list[str] = []
 
     async def __call__(self, backend: Backend, framing: str) -> ProbeResult:
         self.calls[backend.address] = self.calls.get(backend.address, 0) + 1
+        self.framings.append(framing)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -370,6 +373,33 @@ async def test_a_backend_in_maintenance_is_not_checked_until_it_is_back() -> Non
         assert fake.calls.get(maint.address, 0) == 0, "a probe reached a backend in maintenance"
         maint.admin_state = READY
         await poll(lambda: fake.calls.get(maint.address, 0) >= 2, "checks to resume")
+    finally:
+        await checker.stop()
+
+
+async def test_a_reload_that_changes_health_settings_goes_on_checking_with_them() -> None:
+    pool = make_pool(
+        2, health=HealthConfig(interval=0.02, jitter=0.0, rise=1, fall=1), backend_framing="auto"
+    )
+    fake = FakeProbe()
+    checker = HealthChecker(pool, probe=fake)
+    checker.start()
+    try:
+        await poll(lambda: len(fake.framings) >= 4, "checks")
+        assert set(fake.framings) == {""}, "auto: detect"
+        pool.service = dataclasses.replace(
+            pool.service, backend_framing="raw", health=HealthConfig(interval=0.02, rise=3)
+        )
+        checker.reconfigure()
+        assert [b.framing for b in pool] == ["raw", "raw"]
+        seen = len(fake.framings)
+        await poll(lambda: len(fake.framings) >= seen + 4, "checks after the reload")
+        assert set(fake.framings[seen + 2 :]) == {"raw"}
+        assert all(checker.states[b].rise == 3 for b in pool)
+        pool.service = dataclasses.replace(pool.service, health=HealthConfig(enabled=False))
+        checker.reconfigure()
+        assert len(checker.schedule) == 0, "nothing is due any more with health checks off"
+        assert "0 watched, 0 probing" in repr(checker)
     finally:
         await checker.stop()
 
@@ -580,7 +610,7 @@ async def test_probe_of_a_closed_port_is_refused() -> None:
 async def test_probe_of_a_name_that_does_not_resolve_says_so(host: str) -> None:
     r = await probe(host, 80, HealthConfig(timeout=2.0))
     assert not r.ok
-    assert r.reason.startswith(f"cannot resolve {host!r}: ")
+    assert r.reason.startswith(f"cannot resolve {host!r}")  # ": why" or " within 2s"
 
 
 async def test_auto_detects_a_line_backend_that_sees_one_complete_request() -> None:
