@@ -98,3 +98,57 @@ def test_the_fallback_prefers_the_backend_whose_ejection_ends_first() -> None:
         assert pool.report_failure(backend, "refused")
     b.ejected_until -= 1.0
     assert pool.fallback() is b
+
+
+def test_ejection_needs_consecutive_failures_in_a_row() -> None:
+    pool = make_pool(4, outlier=OutlierConfig(consecutive_failures=3))
+    a = pool.backends[0]
+    assert not pool.report_failure(a, "reset")
+    assert not pool.report_failure(a, "reset")
+    pool.report_success(a)  # a reply in between: the run is broken
+    assert not pool.report_failure(a, "reset")
+    assert not pool.report_failure(a, "reset")
+    assert a.state == UP
+    assert pool.report_failure(a, "reset")
+    assert a.state == DOWN
+
+
+def test_ejection_time_doubles_up_to_max_ejection_time_and_no_further() -> None:
+    pool = make_pool(4, outlier=OutlierConfig(base_ejection_time=1.0, max_ejection_time=3.0))
+    a = pool.backends[0]
+    times = []
+    for _ in range(5):
+        assert pool.report_failure(a, "reset")
+        times.append(round(pool.ejection_left(a)))
+        pool.mark_up(a, "checks pass")
+    assert times == [1, 2, 3, 3, 3]
+
+
+def test_no_more_than_max_ejection_percent_of_the_backends_are_ejected() -> None:
+    pool = make_pool(10, outlier=OutlierConfig(max_ejection_percent=30.0))
+    results = [pool.report_failure(b, "reset") for b in pool.backends]
+    assert results == [True] * 3 + [False] * 7
+    assert [b.state for b in pool.backends].count(DOWN) == 3
+
+
+def test_a_looped_backend_stays_down_whatever_marks_it_up() -> None:
+    pool = make_pool(2)
+    a = pool.backends[0]
+    pool.mark_loop(a, "accepted our own probe")
+    assert not pool.mark_up(a, "2 good check(s): reply ok")
+    assert a.state == DOWN
+    assert a.looped
+    assert pool.pick() is pool.backends[1]
+    assert pool.fallback() is None
+
+
+def test_backends_are_found_by_address_after_removes_and_adds() -> None:
+    pool = make_pool(3)
+    a, b, c = pool.backends
+    pool.remove(b)
+    assert pool.get(b.address) is None
+    again = pool.add(b.config)
+    assert again is not b
+    assert pool.get(b.address) is again
+    assert pool.get(a.address) is a
+    assert pool.get(c.address) is c

@@ -6,10 +6,30 @@ state ("ready", "drain", "maint"), its weight and its counters. The
 decides eligibility changes, hands the policy the eligible set: up, ready,
 effective weight above zero. All of it is plain synchronous bookkeeping; the
 proxy and the health checker call `mark_up` / `mark_down` and read `pick`.
+
+Handing the policy a new set costs O(backends) (a Maglev table is rebuilt), so
+the health checker marks with `defer=True`: the transitions of one turn of the
+event loop are handed over in one `refresh` at its end. Until then the pool is
+"stale"; a backend marked down meanwhile is never picked all the same, since
+its `effective_weight` is 0 from the moment it is down (policies never pick a
+target of weight 0), and `pick` / `fallback` refresh first when a stale set
+leaves nothing to pick.
+
+A backend that is this balancer itself (`mark_loop`) stays down for good:
+`mark_up` refuses it. Removing it and adding it again (a reload, the runtime
+API) makes a new `Backend`, which starts fresh.
+
+With `backend_framing = "auto"` and a probe to detect with (message mode,
+health checks on, `send` set), `Backend.framing` is "" until the health
+checker finds out, and goes back to "" whenever the backend goes down: a
+backend restarted as another kind is detected again, and the fallback does
+not pick a backend whose framing is not known.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -115,7 +135,13 @@ class Backend:
 
     @property
     def effective_weight(self) -> float:
-        """Weight after slow start: ramps linearly for `slow_start` seconds after coming up."""
+        """Weight after slow start: ramps linearly for `slow_start` seconds after coming up.
+
+        0 for a backend that may take no new work (down, drained, in maintenance): no
+        policy picks it, even from an eligible set handed over before it changed.
+        """
+        if self.state != UP or self.admin_state != READY:
+            return 0.0
         w = float(self._weight)
         if self.slow_start > 0 and self.up_since is not None and w > 0:
             elapsed = time.monotonic() - self.up_since
@@ -140,6 +166,33 @@ class Backend:
 
 TransitionHook = Callable[["Backend", str, str], None]
 
+LoopOwner = tuple["BackendPool", Backend]
+"""What the health checker registers with `loopguard.register` for each probe's connection:
+`loopguard.owner(peer)` returns `(pool, backend)`, and a listener that accepted it calls
+`pool.mark_loop(backend, reason)`."""
+
+
+def detects_framing(service: ServiceConfig) -> bool:
+    """Does the health checker find out each backend's framing (`backend_framing = "auto"`)?
+
+    It needs a probe to detect with: message mode, health checks on and `send` set.
+    Without one, `auto` means line framing.
+    """
+    health = service.health
+    return (
+        service.backend_framing == "auto"
+        and service.mode == "message"
+        and health.enabled
+        and health.send is not None
+    )
+
+
+def initial_framing(service: ServiceConfig) -> str:
+    """`Backend.framing` of a new backend: "" while it is to be detected."""
+    if service.backend_framing == "auto":
+        return "" if detects_framing(service) else "line"
+    return service.backend_framing
+
 
 class BackendPool:
     """The backends of one service, in config order, and the policy over the eligible ones."""
@@ -147,11 +200,16 @@ class BackendPool:
     def __init__(self, service: ServiceConfig, policy: Policy | None = None) -> None:
         self.service = service
         self.policy = policy if policy is not None else make_policy(service)
+        framing = initial_framing(service)
         self.backends: list[Backend] = [
-            Backend(b, i, service.slow_start, service.backend_framing)
-            for i, b in enumerate(service.backends)
+            Backend(b, i, service.slow_start, framing) for i, b in enumerate(service.backends)
         ]
+        self._by_address: dict[str, Backend] = {b.address: b for b in self.backends}
         self.on_transition: list[TransitionHook] = []
+        self._stale = False
+        """Eligibility changed since the policy was last handed the eligible set."""
+        self._refresh_handle: asyncio.Handle | None = None
+        self._batching = 0
         self.refresh()
 
     def __iter__(self) -> Iterator[Backend]:
@@ -161,18 +219,47 @@ class BackendPool:
         return len(self.backends)
 
     def get(self, address: str) -> Backend | None:
-        for b in self.backends:
-            if b.address == address:
-                return b
-        return None
+        return self._by_address.get(address)
 
     def refresh(self) -> None:
         """Recompute the eligible set and hand it to the policy."""
+        self._stale = False
         self.policy.update([b for b in self.backends if b.eligible])
 
+    def refresh_soon(self) -> None:
+        """Refresh at the end of this turn of the event loop (once, however many calls)."""
+        self._stale = True
+        if self._refresh_handle is not None or self._batching:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.refresh()
+            return
+        self._refresh_handle = loop.call_soon(self._deferred_refresh)
+
+    def _deferred_refresh(self) -> None:
+        self._refresh_handle = None
+        if self._stale:
+            self.refresh()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Deferred marks inside (even across awaits) make one refresh, at the end."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching and self._stale:
+                self.refresh()
+
     def pick(self, key: bytes | None = None, exclude: Collection[Backend] = ()) -> Backend | None:
-        target = self.policy.pick(key, exclude)
-        return target  # type: ignore[return-value]
+        target: Backend | None = self.policy.pick(key, exclude)  # type: ignore[assignment]
+        if target is None and self._stale:
+            self.refresh()  # a backend came up a moment ago
+            target = self.policy.pick(key, exclude)  # type: ignore[assignment]
+        return target
 
     def fallback(self, exclude: Collection[Backend] = ()) -> Backend | None:
         """With no eligible backend left to try, a down one that looks alive again.
@@ -185,12 +272,20 @@ class BackendPool:
         outlier-ejected ones. Drained, in maintenance and zero-weight backends are
         never chosen. Of several, the one whose ejection ends (or ended) first.
         """
+        if self._stale:
+            # the eligible set changed a moment ago: a backend that came up comes first
+            self.refresh()
+            fresh: Backend | None = self.policy.pick(None, exclude)  # type: ignore[assignment]
+            if fresh is not None:
+                return fresh
         now = time.monotonic()
+        unknown_framing = detects_framing(self.service)
         best: Backend | None = None
         for b in self.backends:
             if (
                 b.state == DOWN
                 and not b.looped
+                and not (unknown_framing and not b.framing)
                 and (b.last_check_ok or (b.last_check_ok is None and b.ejected_until > now))
                 and b.admin_state == READY
                 and b.weight > 0
@@ -202,9 +297,15 @@ class BackendPool:
 
     @property
     def any_eligible(self) -> bool:
+        if self._stale:
+            self.refresh()
         return bool(self.policy.targets)
 
-    def mark_down(self, backend: Backend, reason: str) -> None:
+    def mark_down(
+        self, backend: Backend, reason: str, *, defer: bool = False, quiet: bool = False
+    ) -> None:
+        """`backend` is down. `defer`: refresh at the end of this loop turn (see the header);
+        `quiet`: the caller logs it (the first check of many backends sums them up)."""
         if backend.state == DOWN:
             backend.last_reason = reason
             return
@@ -212,27 +313,38 @@ class BackendPool:
         backend.up_since = None
         backend.last_reason = reason
         backend.last_change = time.monotonic()
-        log.warning(
-            "backend %s of service %s is DOWN: %s", backend.address, self.service.name, reason
-        )
-        self.refresh()
+        if detects_framing(self.service):
+            backend.framing = ""
+        if not quiet:
+            log.warning(
+                "backend %s of service %s is DOWN: %s", backend.address, self.service.name, reason
+            )
+        if defer:
+            self.refresh_soon()
+        else:
+            self.refresh()
         for hook in self.on_transition:
             hook(backend, DOWN, reason)
 
-    def mark_up(self, backend: Backend, reason: str) -> None:
+    def mark_up(self, backend: Backend, reason: str, *, defer: bool = False) -> bool:
+        """`backend` is up again; False (nothing changed) when it is this balancer itself."""
+        if backend.looped:
+            return False
         if backend.state == UP:
             backend.last_reason = reason
-            return
+            return True
         backend.state = UP
         backend.up_since = time.monotonic()
         backend.last_reason = reason
         backend.last_change = time.monotonic()
-        log.warning(
-            "backend %s of service %s is UP: %s", backend.address, self.service.name, reason
-        )
-        self.refresh()
+        log.info("backend %s of service %s is UP: %s", backend.address, self.service.name, reason)
+        if defer:
+            self.refresh_soon()
+        else:
+            self.refresh()
         for hook in self.on_transition:
             hook(backend, UP, reason)
+        return True
 
     def mark_loop(self, backend: Backend, reason: str) -> None:
         """`backend` is this balancer itself: down for good (checks through it would pass).
@@ -301,16 +413,23 @@ class BackendPool:
         """Seconds until an ejected backend may be readmitted (0 when not ejected)."""
         return max(0.0, backend.ejected_until - time.monotonic())
 
+    def report_success(self, backend: Backend) -> None:
+        """A reply on live traffic: the run of consecutive failures is broken."""
+        backend.consecutive_failures = 0
+
     def add(self, config: BackendConfig) -> Backend:
         backend = Backend(
-            config, len(self.backends), self.service.slow_start, self.service.backend_framing
+            config, len(self.backends), self.service.slow_start, initial_framing(self.service)
         )
         self.backends.append(backend)
+        self._by_address[backend.address] = backend
         self.refresh()
         return backend
 
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)
+        if self._by_address.get(backend.address) is backend:
+            del self._by_address[backend.address]
         self.refresh()
 
     def __repr__(self) -> str:
