@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import subprocess
@@ -17,7 +16,15 @@ import pytest
 
 from balancer import client, demo
 from balancer.client import Client, Server
-from tests.support import PYTHON, ROOT, free_port, reply_for, start_service
+from tests.support import (
+    PYTHON,
+    ROOT,
+    Balancers,
+    Services,
+    free_port,
+    reply_for,
+    start_service,
+)
 
 REPORT_KEYS = {
     "requests",
@@ -203,6 +210,84 @@ def test_html_report_is_written(
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert client.main(["--client_count=0"]) == 2
     assert "--client_count" in capsys.readouterr().err
+
+
+# -- raw framing: the tutorial's original programs -------------------------------------------
+
+
+def test_raw_client_drives_the_raw_sample_service(
+    services: Services, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = services.start("--raw")
+    code, report = run_client(
+        capsys,
+        "--raw",
+        "--balancerIp=127.0.0.1",
+        f"--balancerPort={raw.port}",
+        "--requests_per_client=150",
+        "--client_count=2",
+        "--admin=off",
+    )
+    assert code == 0
+    assert report["ok"] == report["requests"] == 300
+    check_accounting(report)
+
+
+@pytest.mark.e2e
+def test_raw_client_through_a_balancer_in_front_of_raw_services(
+    services: Services, balancers: Balancers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backends = services.start_many(2, "--raw")
+    cfg = tmp_path / "raw.toml"
+    cfg.write_text(
+        "[services.numbers]\n"
+        'listen = "127.0.0.1:0"\n'
+        'backend_framing = "raw"\n'
+        "backends = [" + ", ".join(f'"127.0.0.1:{b.port}"' for b in backends) + "]\n"
+    )
+    bal = balancers.start(cfg)
+    code, report = run_client(
+        capsys,
+        "--raw",
+        "--balancerIp=127.0.0.1",
+        f"--balancerPort={bal.port}",
+        "--requests_per_client=100",
+        "--client_count=2",
+        f"--admin=127.0.0.1:{bal.admin_port}",
+    )
+    assert code == 0
+    assert report["ok"] == report["requests"] == 200
+    check_accounting(report)
+    assert sorted(report["backends"].values()) == [100, 100], "round robin over both"
+
+
+def test_raw_client_refuses_a_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert client.main(["--raw", "--pipeline=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--raw" in err
+    assert "--pipeline must be 1" in err
+
+
+def test_raw_client_counts_wrong_replies(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each raw reply is checked against its message like a line reply is."""
+
+    async def raw_off_by_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1024):
+                writer.write(reply_for(int(data) + 1).encode())
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    with fake_server(raw_off_by_one) as port:
+        code, report = run_client(
+            capsys, "--raw", f"--balancerPort={port}", "--requests_per_client=20", "--admin=off"
+        )
+    assert code == 1
+    assert report["errors"]["wrong_reply"] == 20
+    check_accounting(report)
 
 
 # -- against misbehaving servers -------------------------------------------------------------
@@ -420,10 +505,6 @@ def test_demo_reports_a_startup_failure(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(
-    importlib.util.find_spec("balancer.server") is None,
-    reason="the balancer (balancer.server) is not available",
-)
 def test_demo_runs_the_tutorial_scenario() -> None:
     result = subprocess.run(
         [PYTHON, "-m", "balancer", "demo", "--requests", "100", "--clients", "2"],

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import random
 import re
+import resource
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import psutil
 import pytest
 
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig
+from balancer import loopguard, resources
+from balancer.config import BackendConfig, HealthConfig, ServiceConfig, load_config
 from balancer.pool import DOWN, UP, BackendPool
+from balancer.proxy import loopcheck, tcp
 from balancer.proxy.tcp import TcpService
 from tests.peers import HOST, Peer, Resp, free_port, need, redis_server
 
@@ -341,15 +348,6 @@ async def test_an_ejected_backend_that_recovered_serves_when_the_other_is_dead(
     await client.close()
 
 
-async def test_idle_connection_is_closed(redis_pair: tuple[Peer, Peer], start: Starter) -> None:
-    svc, port = await start([redis_pair[0].address], idle_timeout=0.2)
-    client = await Resp.connect(port)
-    assert await client.command(b"PING") == "PONG"
-    assert await read_to_eof(client.reader) == b""
-    await client.close()
-    await wait_for_count(svc, 0)
-
-
 async def test_drain_closes_remaining_connections(
     redis_pair: tuple[Peer, Peer], start: Starter
 ) -> None:
@@ -417,28 +415,6 @@ async def test_client_reset_is_passed_to_backend(start: Starter) -> None:
     backend.close()
 
 
-async def test_one_way_stream_is_not_idle(start: Starter) -> None:
-    """Bytes flowing only from the backend keep the connection alive past the idle timeout."""
-    lines = 30
-
-    async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for i in range(lines):
-            writer.write(b"tick %d\n" % i)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        writer.close()
-
-    backend = await asyncio.start_server(ticker, HOST, 0)
-    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"], idle_timeout=0.2)
-    reader, writer = await asyncio.open_connection(HOST, port)
-    # The client never writes; 30 ticks 50 ms apart outlast the 0.2 s idle timeout.
-    received = await read_to_eof(reader)
-    writer.close()
-    backend.close()
-    assert received.splitlines() == [b"tick %d" % i for i in range(lines)]
-    assert svc.pool.backends[0].bytes_out == len(received)
-
-
 async def test_failover_and_no_backend_are_counted(start: Starter) -> None:
     svc, port = await start([f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"])
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -447,3 +423,472 @@ async def test_failover_and_no_backend_are_counted(start: Starter) -> None:
     await wait_for_count(svc, 0)
     assert svc.retries == 1  # the second backend was tried after the first refused
     assert svc.not_available == 1
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a condition reached through real I/O, failing after STEP seconds."""
+    try:
+        async with asyncio.timeout(STEP):
+            while not predicate():  # noqa: ASYNC110 - state of the relay, no event to wait on
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def only_conn(svc: TcpService) -> Any:
+    """The service's one relayed connection (its client side)."""
+    assert len(svc.conns) == 1, svc
+    return next(iter(svc.conns))
+
+
+# -- resets and closes are passed on as they came
+
+
+async def test_backend_reset_reaches_the_client_as_a_reset(start: Starter) -> None:
+    async def reply_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(b"world")
+        await writer.drain()
+        await reader.readexactly(3)  # the client has the reply: nothing unread is lost
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    backend = await asyncio.start_server(reply_then_reset, HOST, 0)
+    _, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"])
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"hello")
+    assert await asyncio.wait_for(reader.readexactly(5), STEP) == b"world"
+    writer.write(b"bye")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), STEP)
+    writer.close()
+    backend.close()
+
+
+async def test_backend_close_reaches_the_client_as_an_orderly_eof(start: Starter) -> None:
+    async def reply_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(b"world")
+        await writer.drain()
+        writer.close()
+
+    backend = await asyncio.start_server(reply_then_close, HOST, 0)
+    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"])
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"hello")
+    # An orderly EOF: read() returns what was sent and then b"", it does not raise.
+    assert await asyncio.wait_for(reader.read(), STEP) == b"world"
+    writer.close()
+    await wait_for_count(svc, 0)
+    backend.close()
+
+
+# -- idle timeout
+
+
+async def test_one_way_stream_is_not_idle_and_a_quiet_one_is_closed(start: Starter) -> None:
+    """Bytes flowing only from the backend keep a connection open however long the client
+    is quiet; once both ways are quiet for `idle_timeout`, the sweep closes it."""
+    ticks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (tick := await ticks.get()) is not None:
+            writer.write(tick)
+            await writer.drain()
+        await reader.read()
+        writer.close()
+
+    backend = await asyncio.start_server(ticker, HOST, 0)
+    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"], idle_timeout=1.0)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    sent = 0
+
+    async def tick() -> None:
+        nonlocal sent
+        line = b"tick %d\n" % sent
+        sent += 1
+        await ticks.put(line)
+        assert await asyncio.wait_for(reader.readline(), STEP) == line
+
+    await tick()
+    conn = only_conn(svc)
+    # The client never writes. Keep the backend talking until the kernel says the client
+    # side has been quiet for longer than the idle timeout (the periodic sweep runs all along).
+    async with asyncio.timeout(STEP):
+        while tcp._quiet_ms(conn.transport) < 1000:
+            await tick()
+            await asyncio.sleep(0.05)
+    await tick()
+    assert svc.sweep_idle() == 0, "a connection with bytes flowing one way is not idle"
+    assert conn in svc.conns
+    await tick()
+    # Now quiet both ways: the periodic sweep closes it, in order.
+    assert await asyncio.wait_for(reader.read(), STEP) == b""
+    await wait_for_count(svc, 0)
+    await ticks.put(None)
+    writer.close()
+    backend.close()
+
+
+async def test_tcp_service_without_idle_timeout_closes_after_the_default_hour(
+    redis_pair: tuple[Peer, Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default reaches the relay: a tcp service whose file sets no idle_timeout closes a
+    connection quiet both ways for an hour (the kernel's quiet times are made to say so)."""
+    path = tmp_path / "tcp.toml"
+    path.write_text(
+        f'[services.redis]\nlisten = "127.0.0.1:0"\nmode = "tcp"\n'
+        f'backends = ["{redis_pair[0].address}"]\n'
+    )
+    config = load_config(str(path)).services[0]
+    svc = TcpService(config, BackendPool(config))
+    assert svc.idle_timeout == 3600
+    _, port = await svc.start()
+    client = await Resp.connect(port)
+    try:
+        assert await client.command(b"PING") == "PONG"
+        monkeypatch.setattr(tcp, "_quiet_ms", lambda transport: 3600 * 1000 - 1)
+        assert svc.sweep_idle() == 0
+        assert await client.command(b"PING") == "PONG"
+        monkeypatch.setattr(tcp, "_quiet_ms", lambda transport: 3600 * 1000)
+        assert svc.sweep_idle() == 1
+        assert await asyncio.wait_for(client.reader.read(), STEP) == b""
+    finally:
+        await client.close()
+        await svc.drain(2.0)
+
+
+# -- flow control and the connect
+
+
+async def test_a_backend_that_does_not_read_pauses_the_client(start: Starter) -> None:
+    """Client -> backend flow control: what the relay holds stays bounded while the client
+    sends far more than the backend takes, and nothing is lost once the backend reads."""
+    total = 32 * 1024 * 1024
+    payload = os.urandom(1024 * 1024) * (total // (1024 * 1024))
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    done = asyncio.Event()
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cast(asyncio.Transport, writer.transport).pause_reading()
+        accepted.set_result((reader, writer))
+        await done.wait()
+        writer.close()
+
+    backend = await asyncio.start_server(stalled, HOST, 0, limit=total * 2)
+    svc, port = await start([f"{HOST}:{backend.sockets[0].getsockname()[1]}"])
+    _reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(payload)
+    backend_reader, backend_writer = await asyncio.wait_for(accepted, STEP)
+    await eventually(lambda: len(svc.conns) == 1 and only_conn(svc).upstream is not None, "relay")
+    conn = only_conn(svc)
+    bound = 1024 * 1024
+
+    def relay_buffered() -> int:
+        return int(conn.upstream.transport.get_write_buffer_size())
+
+    await eventually(
+        lambda: (
+            (conn.upstream_full and not conn.transport.is_reading()) or relay_buffered() > bound
+        ),
+        "the relay to pause reading from the client",
+    )
+    assert relay_buffered() <= bound, f"relay holds {relay_buffered()} bytes for the backend"
+    assert not conn.transport.is_reading()
+    assert writer.transport.get_write_buffer_size() > 0, "the client is held back"
+    cast(asyncio.Transport, backend_writer.transport).resume_reading()
+    got = await asyncio.wait_for(backend_reader.readexactly(total), STEP)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    done.set()
+    writer.close()
+    backend.close()
+
+
+@contextmanager
+def accept_queue_full() -> Iterator[socket.socket]:
+    """A listening socket whose accept queue is full: connects to it hang (SYNs dropped)."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())  # the queue's only place
+    try:
+        yield listener
+    finally:
+        filler.close()
+        listener.close()
+
+
+async def test_connect_timeout_ejects_and_the_next_backend_serves(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    live = redis_pair[0]
+    with accept_queue_full() as never:
+        never_port = never.getsockname()[1]
+        svc, port = await start([f"{HOST}:{never_port}", live.address], connect_timeout=0.3)
+        reader, writer = await asyncio.open_connection(HOST, port)
+        client = Resp(reader, writer)
+        writer.write(Resp.encode(b"SET", b"k", b"v") + Resp.encode(b"GET", b"k"))
+        async with asyncio.timeout(STEP):
+            assert await client.reply() == "OK"
+            assert await client.reply() == b"v"
+        await client.close()
+    hung, serving = svc.pool.backends
+    assert hung.connect_failures == 1
+    assert hung.state == DOWN
+    assert "connect timeout" in hung.last_reason
+    assert serving.total_connections == 1
+    assert svc.retries == 1
+
+
+async def test_connect_buffer_holds_early_bytes_then_pauses_the_client(start: Starter) -> None:
+    """Bytes sent before the backend accepted are held up to `connect_buffer`; beyond it the
+    client is not read (not dropped), and everything arrives once the backend accepts."""
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(1024 * 1024)
+    buffer = 64 * 1024
+    with accept_queue_full() as slow:
+        slow.setblocking(False)
+        slow_port = slow.getsockname()[1]
+        svc, port = await start([f"{HOST}:{slow_port}"], connect_buffer=buffer, connect_timeout=30)
+        _reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(payload)
+        await eventually(lambda: len(svc.conns) == 1, "the client to be accepted")
+        conn = only_conn(svc)
+        await eventually(
+            lambda: conn.held is None or len(conn.held) >= buffer, "the connect buffer to fill"
+        )
+        assert conn.upstream is None, "the backend has not accepted yet"
+        assert buffer <= len(conn.held) < buffer + 512 * 1024
+        assert not conn.transport.is_reading(), "a full connect buffer pauses the client"
+        assert not conn.closed
+        assert conn in svc.conns
+        # Make room in the backend's accept queue: the relay's connect goes through.
+        filler_end, _ = await loop.sock_accept(slow)
+        filler_end.close()
+        backend_end, _ = await asyncio.wait_for(loop.sock_accept(slow), STEP)
+        with backend_end:
+            got = bytearray()
+            async with asyncio.timeout(STEP):
+                while len(got) < len(payload):
+                    chunk = await loop.sock_recv(backend_end, 1024 * 1024)
+                    assert chunk, "the relay closed before delivering everything"
+                    got += chunk
+            assert bytes(got) == payload
+        writer.close()
+        await wait_for_count(svc, 0)
+
+
+# -- a backend that is the balancer itself
+
+
+async def watch_until_closed(svc: TcpService, reader: asyncio.StreamReader, most: int = 2) -> bytes:
+    """Read to EOF while checking the service never holds more than `most` connections."""
+    reading = asyncio.ensure_future(read_to_eof(reader))
+    try:
+        async with asyncio.timeout(STEP):
+            while not reading.done():
+                assert len(svc.conns) <= most, f"connection chain: {svc}"
+                await asyncio.sleep(0.002)
+    finally:
+        reading.cancel()
+    return reading.result()
+
+
+async def test_backend_that_is_its_own_listener_is_a_loop(start: Starter) -> None:
+    svc, port = await start([])
+    itself = svc.pool.add(BackendConfig(HOST, port))  # the port is known once bound
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"PING\r\n")
+    assert await watch_until_closed(svc, reader) == b""
+    writer.close()
+    await wait_for_count(svc, 0)
+    assert itself.looped
+    assert itself.state == DOWN
+    assert itself.connect_failures == 0, "a loop is not a connect failure"
+    assert svc.not_available == 1
+    assert loopcheck.open_count() == 0
+    assert loopguard.open_count() == 0
+    # It stays out: the next client is not sent into the loop again.
+    reader, writer = await asyncio.open_connection(HOST, port)
+    assert await watch_until_closed(svc, reader) == b""
+    writer.close()
+    assert itself.total_connections == 0
+
+
+async def test_loop_backend_is_skipped_and_the_client_served_elsewhere(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    live = redis_pair[0]
+    svc, port = await start([live.address])
+    itself = svc.pool.add(BackendConfig(HOST, port))
+    for _ in range(4):  # round robin sends one of the first two into the loop
+        client = await Resp.connect(port)
+        assert await client.command(b"PING") == "PONG"
+        assert await client.server_port() == live.port
+        await client.close()
+    assert itself.looped
+    assert itself.total_connections == 0
+    assert svc.pool.backends[0].total_connections == 4
+    assert svc.not_available == 0
+    await wait_for_count(svc, 0)
+    assert loopcheck.open_count() == 0
+
+
+def outgoing(local: Any, remote: Any, owner: loopcheck.Owner) -> loopcheck.Registration:
+    """Enter a socket as one of the balancer's own backend connections."""
+    return loopcheck.Registration(local, remote, owner, SimpleNamespace(loop_suspect=False))
+
+
+async def test_connection_from_our_own_backend_connection_is_cut_at_accept(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    """A connection whose source is one of our backend connections (a loop no address
+    comparison sees, e.g. through a port forward) is closed at accept, before it connects
+    anywhere, and the backend that connection was for is marked a loop."""
+    loop = asyncio.get_running_loop()
+    svc, port = await start([redis_pair[0].address])
+    other = make_service([f"{HOST}:{free_port()}"])
+    victim = other.pool.backends[0]
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        sock.setblocking(False)
+        registration = outgoing(sock.getsockname(), (HOST, port), (other.pool, victim))
+        try:
+            await loop.sock_connect(sock, (HOST, port))
+            assert await asyncio.wait_for(loop.sock_recv(sock, 100), STEP) == b""
+        finally:
+            registration.release()
+    assert victim.looped
+    assert victim.state == DOWN
+    assert svc.loops == 1
+    assert svc.pool.backends[0].total_connections == 0, "the loop went no further"
+    assert svc.client_connections == 0
+
+
+async def test_client_sharing_a_port_with_a_backend_connection_is_served(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    """Linux gives one local port to connections towards different destinations: a client
+    with the address of one of our backend connections is not a loop."""
+    loop = asyncio.get_running_loop()
+    live = redis_pair[1]
+    svc, port = await start([redis_pair[0].address])
+    other = make_service([live.address])
+    victim = other.pool.backends[0]
+    ours = socket.socket()
+    theirs = socket.socket()
+    registration: loopcheck.Registration | None = None
+    try:
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+        ours.bind((HOST, 0))
+        shared = ours.getsockname()
+        theirs.bind(shared)
+        await loop.sock_connect(ours, (HOST, live.port))
+        registration = outgoing(shared, (HOST, live.port), (other.pool, victim))
+        await loop.sock_connect(theirs, (HOST, port))
+        assert loopguard.owner(theirs.getsockname()) is not None, "the suspect case"
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        client = Resp(reader, writer)
+        assert await client.command(b"PING") == "PONG"
+        await client.close()
+    finally:
+        if registration is not None:
+            registration.release()
+        ours.close()
+        theirs.close()
+    assert not victim.looped
+    assert svc.loops == 0
+    assert svc.pool.backends[0].total_connections == 1
+
+
+# -- the balancer's own shortages
+
+
+@contextmanager
+def descriptors_left(count: int) -> Iterator[None]:
+    """Only `count` free file descriptors in this process until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                break
+        for _ in range(count):
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_out_of_descriptors_on_connect_is_not_blamed_on_the_backends(
+    redis_pair: tuple[Peer, Peer], start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, port = await start([p.address for p in redis_pair])
+    before = resources.ALARM.counts["file_descriptors"]
+    # The process runs out of descriptors between the accept and the backend connect (with
+    # none left at the accept itself, asyncio's accept loop would pause the listener).
+    original = tcp._ClientSide._connect
+    exhausted = ExitStack()
+
+    async def connect_out_of_descriptors(self: Any) -> None:
+        exhausted.enter_context(descriptors_left(0))
+        await original(self)
+
+    monkeypatch.setattr(tcp._ClientSide, "_connect", connect_out_of_descriptors)
+    with exhausted:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        assert await read_to_eof(reader) == b""
+    monkeypatch.undo()
+    writer.close()
+    await wait_for_count(svc, 0)
+    assert resources.ALARM.counts["file_descriptors"] == before + 1
+    assert svc.not_available == 1
+    assert svc.retries == 0, "no other backend is tried for a shortage of ours"
+    for backend in svc.pool:
+        assert backend.state == UP
+        failures = (backend.connect_failures, backend.failures, backend.consecutive_failures)
+        assert failures == (0, 0, 0)
+        assert backend.active_connections == 0
+        assert backend.in_flight == 0
+    client = await Resp.connect(port)
+    assert await client.command(b"PING") == "PONG"
+    await client.close()
+
+
+async def test_descriptor_budget_refuses_clients_beyond_it(
+    redis_pair: tuple[Peer, Peer], start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = resources.FdBudget(limit=40, reserve=36)  # 4 descriptors: 2 relayed connections
+    monkeypatch.setattr(resources, "FDS", budget)
+    svc, port = await start([redis_pair[0].address])
+    a = await Resp.connect(port)
+    b = await Resp.connect(port)
+    assert await a.command(b"PING") == "PONG"
+    assert await b.command(b"PING") == "PONG"
+    assert budget.clients == 4
+    reader, writer = await asyncio.open_connection(HOST, port)
+    assert await read_to_eof(reader) == b""
+    writer.close()
+    assert svc.refused == 1
+    assert budget.refused == 1
+    assert svc.pool.backends[0].total_connections == 2, "the refused one took no backend socket"
+    await a.close()
+    await wait_for_count(svc, 1)
+    c = await Resp.connect(port)
+    assert await c.command(b"PING") == "PONG"
+    await b.close()
+    await c.close()
+    await wait_for_count(svc, 0)
+    assert budget.clients == 0

@@ -18,6 +18,11 @@ unsent requests counted too) and `error_reply` (a line starting `Error`).
 A reply nobody asked for is counted as `wrong_reply`. Throughput counts
 successful replies per second; latencies are those of successful replies.
 
+With `--raw` the client speaks the tutorial's original framing, as its
+`client.py` did against its `server.py`: each message is sent unterminated and
+each read is one reply (the tutorial read one `recv(1024)` per message), so
+the connection runs in lockstep and `--pipeline` must be 1.
+
 Before and after the run the balancer's admin endpoint (`GET /status`) is read
 to show how the requests spread over the backends; an absent admin is fine.
 """
@@ -65,6 +70,8 @@ class LoadSettings:
     duration: float | None = None
     rate: float | None = None
     timeout: float = 5.0
+    raw: bool = False
+    """Unterminated messages, one read per reply (lockstep only)."""
 
 
 class LoadStats:
@@ -137,10 +144,13 @@ class ClientState:
 class LoadConnection(asyncio.Protocol):
     """One client connection: pipelined sends, replies matched in order."""
 
-    def __init__(self, state: ClientState, stats: LoadStats, pipeline: int) -> None:
+    def __init__(
+        self, state: ClientState, stats: LoadStats, pipeline: int, raw: bool = False
+    ) -> None:
         self.state = state
         self.stats = stats
         self.pipeline = pipeline
+        self.raw = raw
         self.pending: deque[tuple[bytes, float, float]] = deque()
         """(expected reply, latency start, send time) per request in flight."""
         self.replies = 0
@@ -198,13 +208,19 @@ class LoadConnection(asyncio.Protocol):
             if parts:
                 state.next_number = number
                 self.stats.requests += len(parts)
-                parts.append(b"")
-                transport.write(b"\n".join(parts))
+                if self.raw:
+                    transport.write(parts[0])  # one at a time: the pipeline is 1
+                else:
+                    parts.append(b"")
+                    transport.write(b"\n".join(parts))
         if not pending and state.finished(now):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
+        if self.raw:
+            self._raw_reply(data.rstrip(b"\r\n"), now)
+            return
         if self._buffer:
             data = self._buffer + data
         if b"\n" not in data:
@@ -237,6 +253,26 @@ class LoadConnection(asyncio.Protocol):
                 stats.error("wrong_reply")
         stats.ok += ok
         self.replies += len(lines)
+        self.fill()
+
+    def _raw_reply(self, reply: bytes, now: float) -> None:
+        """Raw framing: one read is one reply, to the one request in flight."""
+        stats = self.stats
+        self.replies += 1
+        if not self.pending:
+            stats.error("wrong_reply")
+            return
+        expected, start, _ = self.pending.popleft()
+        if reply == expected:
+            stats.ok += 1
+            us = int((now - start) * 1_000_000)
+            stats.histogram.record_value(min(max(us, LATENCY_MIN_US), LATENCY_MAX_US))
+        elif reply == SERVER_NOT_AVAILABLE:
+            stats.error("server_not_available")
+        elif reply.startswith(b"Error"):
+            stats.error("error_reply")
+        else:
+            stats.error("wrong_reply")
         self.fill()
 
     def check_timeout(self, now: float, timeout: float) -> None:
@@ -303,7 +339,9 @@ class LoadRun:
                 try:
                     _, conn = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: LoadConnection(state, self.stats, s.pipeline), s.host, s.port
+                            lambda: LoadConnection(state, self.stats, s.pipeline, s.raw),
+                            s.host,
+                            s.port,
                         ),
                         s.timeout,
                     )
@@ -529,6 +567,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests in flight per connection (default: 1, lockstep)",
     )
     parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="the tutorial's original framing: messages unterminated, one read per reply "
+        "(lockstep: --pipeline 1 only)",
+    )
+    parser.add_argument(
         "--duration",
         type=float,
         default=None,
@@ -576,6 +620,10 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         (args.client_count >= 1, "--client_count must be >= 1"),
         (0 < args.balancerPort < 65536, "--balancerPort must be 1..65535"),
         (args.pipeline >= 1, "--pipeline must be >= 1"),
+        (
+            not args.raw or args.pipeline == 1,
+            "--raw sends one message at a time and reads one reply: --pipeline must be 1",
+        ),
         (args.duration is None or args.duration > 0, "--duration must be > 0"),
         (args.rate is None or args.rate > 0, "--rate must be > 0"),
         (args.timeout > 0, "--timeout must be > 0"),
@@ -592,6 +640,7 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         duration=args.duration,
         rate=args.rate,
         timeout=args.timeout,
+        raw=args.raw,
     )
 
 

@@ -28,26 +28,54 @@ backend socket and the two sides relay to each other:
 
 Limits: `max_connections` per service and `max_backend_connections` per
 backend refuse excess connections cleanly (accepted, closed, counted in
-`refused`); a backend at its limit is skipped for the next one. `idle_timeout`
-closes a connection that moved no byte in either direction for that long,
-checked by one periodic sweep rather than a timer per connection, from the
-time since each socket last received data (`tcpi_last_data_recv`).
+`refused`); a backend at its limit is skipped for the next one. When the
+process's descriptor budget (`resources.FDS`) is set, each relayed connection
+takes two descriptors of it (the client's socket and the backend's) at
+accept, and one that would eat into the reserve kept for health checks,
+backend connects and the admin endpoint is refused the same way.
+`idle_timeout` closes a connection that moved no byte in either direction for
+that long, checked by one periodic sweep rather than a timer per connection,
+from the time since each socket last received data (`tcpi_last_data_recv`).
+
+Local shortages: a backend connect that fails because this process is out of
+descriptors, socket memory or local ports (`resources.is_local_shortage`) says
+nothing about the backend: no failure is counted against it, no other backend
+is tried, the alarm notes it and the client connection is closed (counted in
+`not_available`).
+
+Loops (a backend that is this balancer itself): a backend address that
+resolves to one of this process's listeners is marked a loop
+(`pool.mark_loop`: down for good) before any connect, and the next backend is
+tried. For loops no address comparison sees (address translation, probes of
+the health checker), the backend socket is made and its connect started here,
+not by `loop.create_connection`, so its local address is registered
+(`proxy.loopcheck`, which enters it in `balancer.loopguard` too) before the
+event loop can run the accept on the other end. An accepted connection that
+`loopcheck` finds to be one of our own backend connections is closed at once,
+before it picks a backend, and that backend is marked a loop. The connection
+that opened it goes on to the next backend if it is not relaying yet, and is
+closed if it is. The check is made again before each connect and when the
+backend side attaches, for sockets registered late by others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
-from balancer.config import ServiceConfig
+from balancer import loopguard, resources
+from balancer.config import ServiceConfig, format_address
 from balancer.loops import create_listener
 from balancer.pool import Backend, BackendPool
+from balancer.proxy import loopcheck
 
 log = logging.getLogger("balancer")
 
@@ -138,19 +166,65 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _numeric_addresses(host: str, port: int) -> list[Any] | None:
+    """`getaddrinfo` rows for a numeric host, without the resolver; None for a name."""
+    try:
+        return socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
+            flags=socket.AI_NUMERICHOST,
+        )  # fmt: skip
+    except (socket.gaierror, UnicodeError):
+        return None
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until a connecting socket is writable (its connect has ended, either way)."""
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_done, future)
+    try:
+        await future
+    finally:
+        loop.remove_writer(fd)
+
+
+def _ignore(data: bytes) -> None:
+    """What a backend side not attached to its client does with what it receives."""
+
+
+class _OwnListener(Exception):
+    """A backend address resolves to a listener of this process."""
+
+
 class _BackendSide(asyncio.Protocol):
     """The backend socket of one relayed connection."""
 
-    __slots__ = ("backend", "client", "counted", "data_received", "lost", "transport")
+    __slots__ = (
+        "backend",
+        "client",
+        "counted",
+        "data_received",
+        "lost",
+        "registration",
+        "transport",
+    )
 
     data_received: Callable[[bytes], None]  # type: ignore[assignment]
     """The client transport's write: what the backend sends goes straight to the client."""
 
-    def __init__(self, client: _ClientSide, backend: Backend) -> None:
+    def __init__(
+        self, client: _ClientSide, backend: Backend, registration: loopcheck.Registration
+    ) -> None:
         self.client = client
         self.backend = backend
+        self.registration = registration
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.data_received = client.transport.write
+        self.data_received = _ignore
         self.counted = 0
         """Bytes received from the backend and already added to `backend.bytes_out`."""
         self.lost = False
@@ -158,12 +232,18 @@ class _BackendSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        if self.client.closed:
-            self.transport.abort()
+        client = self.client
+        if client.closed or self.backend.looped or client.cut_if_loop():
+            # Not attached; the connector aborts it once the loop has handed it over
+            # (uvloop mishandles a socket given to create_connection whose transport
+            # is closed inside connection_made: it would later close a reused fd).
+            self.transport.pause_reading()
             return
         _set_nodelay(transport)
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
-        self.client.attach(self)
+        self.data_received = client.transport.write
+        self.transport.set_protocol(self)  # the loop looks data_received up again
+        client.attach(self)
 
     def account(self) -> None:
         """Add the bytes received from the backend since the last call to its counter."""
@@ -171,8 +251,9 @@ class _BackendSide(asyncio.Protocol):
         self.backend.bytes_out += _newly_received(self, client.server_eof, client.client_eof)
 
     def eof_received(self) -> bool:
-        self.client.backend_eof()
-        self.account()
+        if self.client.upstream is self:
+            self.client.backend_eof()
+            self.account()
         return True
 
     def pause_writing(self) -> None:
@@ -187,6 +268,10 @@ class _BackendSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The socket is still open here: the loop closes it after this call.
+        self.registration.release()
+        if self.client.upstream is not self:
+            self.lost = True
+            return  # never attached
         self.account()
         self.lost = True
         self.client.backend_lost(exc)
@@ -202,8 +287,11 @@ class _ClientSide(asyncio.Protocol):
         "connector",
         "counted",
         "data_received",
+        "fds",
         "held",
+        "loop_suspect",
         "lost",
+        "peer",
         "server_eof",
         "started",
         "svc",
@@ -232,22 +320,71 @@ class _ClientSide(asyncio.Protocol):
         self.lost = False
         """connection_lost has run: the socket is closed and its number may be reused."""
         self.started = 0.0
+        self.peer: Any = None
+        self.loop_suspect = False
+        """The peer's address is one of our own backend connections' (see `loopcheck`)."""
+        self.fds: resources.FdBudget | None = None
+        """The descriptor budget this connection holds two descriptors of."""
 
     # -- client transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         svc = self.svc
-        if not svc.accepting or (svc.max_connections and len(svc.conns) >= svc.max_connections):
-            svc.refused += 1
-            self.closed = True
-            self.transport.close()
+        if not svc.accepting:
+            self._refuse()
             return
+        self.peer = transport.get_extra_info("peername")
+        if self.cut_if_loop():
+            return
+        if svc.max_connections and len(svc.conns) >= svc.max_connections:
+            self._refuse()
+            return
+        fds = resources.FDS
+        if fds is not None:
+            # Two descriptors: this socket, and the backend's about to be opened.
+            if not fds.admit():
+                self._refuse()
+                return
+            if not fds.admit():
+                fds.release()
+                self._refuse()
+                return
+            self.fds = fds
         svc.conns.add(self)
         _set_nodelay(transport)
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         self.held = bytearray()
         self.connector = svc.loop.create_task(self._connect())
+
+    def _refuse(self) -> None:
+        self.svc.refused += 1
+        self.closed = True
+        self.transport.close()
+
+    def cut_if_loop(self) -> bool:
+        """Close this connection if it is one of our own backend connections; True if so."""
+        if self.closed or loopguard.owner(self.peer) is None:
+            return False
+        found = loopcheck.check(self.peer, self.transport.get_extra_info("sockname"))
+        if found is None:
+            return False
+        if not isinstance(found, loopcheck.Loop):
+            self.loop_suspect = True
+            return False
+        pool, backend = found.owner
+        svc = self.svc
+        svc.loops += 1
+        pool.mark_loop(
+            backend,
+            f"service {svc.config.name} accepted a connection from its own connection "
+            f"to {backend.address}",
+        )
+        self.abort()
+        origin = found.origin
+        if isinstance(origin, _ClientSide) and origin.upstream is not None:
+            origin.close()  # already relaying into the loop; one not attached tries the next
+        return True
 
     def _hold(self, data: bytes) -> None:
         held = self.held
@@ -301,6 +438,11 @@ class _ClientSide(asyncio.Protocol):
                 else:
                     upstream.transport.close()
         self._release(ok=True)
+        fds = self.fds
+        if fds is not None:
+            self.fds = None
+            fds.release()
+            fds.release()
         svc = self.svc
         svc.conns.discard(self)
         if svc.drained is not None and not svc.conns:
@@ -367,29 +509,85 @@ class _ClientSide(asyncio.Protocol):
             upstream.transport.abort()
         self.transport.abort()
 
-    def _release(self, ok: bool) -> None:
+    def _release(self, ok: bool | None) -> None:
+        """The backend no longer holds this connection; `ok` None: no verdict for the policy."""
         backend = self.backend
         if backend is None:
             return
         self.backend = None
         backend.active_connections -= 1
         backend.in_flight -= 1
-        self.svc.pool.policy.on_finish(backend, self.svc.loop.time() - self.started, ok)
+        if ok is not None:
+            self.svc.pool.policy.on_finish(backend, self.svc.loop.time() - self.started, ok)
+
+    async def _dial(self, backend: Backend) -> tuple[socket.socket, loopcheck.Registration]:
+        """A socket connected to `backend`, registered as ours from its first moment.
+
+        The connect is started here so that the socket's local address is known,
+        and registered, before the loop can run the accept of a connection to
+        ourselves.
+        """
+        loop = self.svc.loop
+        rows = _numeric_addresses(backend.host, backend.port)
+        if rows is None:
+            rows = await loop.getaddrinfo(
+                backend.host, backend.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        own = next((row[4] for row in rows if loopcheck.is_listener(row[4])), None)
+        if own is not None:
+            raise _OwnListener(loopcheck.address_of(own))
+        error: OSError = OSError(f"no address for {backend.address}")
+        owner = (self.svc.pool, backend)
+        for family, kind, proto, _, address in rows:
+            sock = socket.socket(family, kind, proto)
+            registration: loopcheck.Registration | None = None
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = sock.connect_ex(address)
+                if code not in (0, errno.EINPROGRESS):
+                    raise OSError(code, os.strerror(code))
+                registration = loopcheck.Registration(sock.getsockname(), address, owner, self)
+                if code:
+                    await _writable(loop, sock)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+            except OSError as exc:
+                if registration is not None:
+                    registration.release()
+                sock.close()
+                if resources.is_local_shortage(exc):
+                    raise
+                error = exc
+                continue
+            except BaseException:
+                if registration is not None:
+                    registration.release()
+                sock.close()
+                raise
+            return sock, registration
+        raise error
 
     async def _connect(self) -> None:
         svc = self.svc
         pool = svc.pool
         loop = svc.loop
-        peer = self.transport.get_extra_info("peername")
+        peer = self.peer
         key = peer[0].encode() if peer else None
         tried: list[Backend] = []
         failures = 0
         at_limit = False
-        while True:
+        shortage = False
+        while not self.closed:
+            if self.cut_if_loop():
+                break
             backend = pool.pick(key, tried) or pool.fallback(tried)
             if backend is None:
                 break
             tried.append(backend)
+            if backend.looped:
+                continue
             limit = svc.max_backend_connections
             if limit and backend.active_connections >= limit:
                 at_limit = True
@@ -401,12 +599,32 @@ class _ClientSide(asyncio.Protocol):
             backend.active_connections += 1
             backend.in_flight += 1
             pool.policy.on_start(backend)
-            factory = _side_factory(self, backend)
             try:
                 async with asyncio.timeout(svc.connect_timeout):
-                    await loop.create_connection(factory, backend.host, backend.port)
+                    sock, registration = await self._dial(backend)
+            except _OwnListener as exc:
+                self._release(ok=None)
+                host, port = exc.args[0]
+                pool.mark_loop(
+                    backend,
+                    f"{backend.address} is {format_address(host, port)}, where this "
+                    "balancer listens",
+                )
+                continue
             except (OSError, TimeoutError) as exc:
-                reason = f"connect failed: {exc}" if isinstance(exc, OSError) else "connect timeout"
+                if resources.is_local_shortage(exc):
+                    # Ours, not the backend's: no failure counted, no other backend tried.
+                    self._release(ok=None)
+                    resources.ALARM.note(
+                        exc, f"connecting to backend {backend.address} of service {svc.config.name}"
+                    )
+                    shortage = True
+                    break
+                reason = (
+                    f"connect timeout after {svc.connect_timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else f"connect failed: {exc.strerror or exc}"
+                )
                 self._release(ok=False)
                 backend.connect_failures += 1
                 backend.failures += 1
@@ -415,12 +633,25 @@ class _ClientSide(asyncio.Protocol):
                 if self.closed or failures > svc.retry_limit:
                     break
                 continue
+            side = _BackendSide(self, backend, registration)
+            try:
+                transport = await _adopt(loop, side, sock)
+            except OSError as exc:  # pragma: no cover - a connected socket the loop refused
+                registration.release()
+                self._release(ok=None)
+                log.warning("service %s: backend connection lost: %s", svc.config.name, exc)
+                break
+            if self.upstream is not side:
+                # Connected but not attached: a loop found at attach, or the client went.
+                transport.abort()
+                self._release(ok=None)
+                continue
             self.connector = None
             return
         self.connector = None
         if self.closed:
             return
-        if at_limit and not failures:
+        if at_limit and not failures and not shortage:
             svc.refused += 1
         else:
             svc.not_available += 1
@@ -428,8 +659,33 @@ class _ClientSide(asyncio.Protocol):
         self.close()
 
 
-def _side_factory(client: _ClientSide, backend: Backend) -> Callable[[], _BackendSide]:
-    return lambda: _BackendSide(client, backend)
+def _abort_adopted(task: asyncio.Task[tuple[asyncio.Transport, _BackendSide]]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].abort()
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop, side: _BackendSide, sock: socket.socket
+) -> asyncio.Transport:
+    """Hand a connected socket to the loop as `side`'s transport.
+
+    Not cancelled half-way (a client that goes meanwhile): the hand-over
+    finishes and its transport is aborted then, so that no loop is left with a
+    socket object whose descriptor it has already closed.
+    """
+    handover: asyncio.Task[tuple[asyncio.Transport, _BackendSide]] = loop.create_task(
+        loop.create_connection(lambda: side, sock=sock)
+    )
+    try:
+        transport, _ = await asyncio.shield(handover)
+    except asyncio.CancelledError:
+        handover.add_done_callback(_abort_adopted)
+        raise
+    except OSError:  # pragma: no cover - the loop refused a connected socket
+        if type(loop).__module__.startswith("uvloop"):
+            sock.detach()  # uvloop has closed the descriptor already
+        raise
+    return transport
 
 
 class TcpService:
@@ -443,12 +699,16 @@ class TcpService:
         """Connections closed because no backend could take them."""
         self.retries_made = 0
         """Connects tried again on another backend."""
+        self.loops = 0
+        """Accepted connections that were our own backend connections (closed at once)."""
         self._apply(config)
         self.conns: set[_ClientSide] = set()
         self.accepting = False
         self.drained: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._bound: list[Any] = []
+        """The listener's bound addresses, entered in `loopcheck` while it listens."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -500,6 +760,9 @@ class TcpService:
             self.config.listen_port,
             backlog=4096,
         )
+        self._bound = [sock.getsockname() for sock in self._server.sockets]
+        for address in self._bound:
+            loopcheck.listening(address)
         self.accepting = True
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
@@ -510,6 +773,9 @@ class TcpService:
         self.accepting = False
         if self._server is not None:
             self._server.close()
+        for address in self._bound:
+            loopcheck.not_listening(address)
+        self._bound = []
 
     async def drain(self, timeout: float) -> None:
         self.stop_accepting()
@@ -536,18 +802,22 @@ class TcpService:
         for conn in self.conns:
             conn.account()
 
+    def sweep_idle(self) -> int:
+        """Close the connections quiet both ways for `idle_timeout`; how many were closed."""
+        limit_ms = self.idle_timeout * 1000
+        expired = []
+        for conn in self.conns:
+            upstream = conn.upstream
+            if upstream is None or upstream.lost:
+                continue  # still connecting (the connect timeout applies), or closing
+            # Quiet both ways means idle: neither socket received data for that long.
+            if min(_quiet_ms(conn.transport), _quiet_ms(upstream.transport)) >= limit_ms:
+                expired.append(conn)
+        for conn in expired:
+            conn.close()
+        return len(expired)
+
     async def _sweep_idle(self) -> None:
-        period = self.idle_timeout / _IDLE_SWEEPS
         while True:
-            await asyncio.sleep(period)
-            limit_ms = self.idle_timeout * 1000
-            expired = []
-            for conn in self.conns:
-                upstream = conn.upstream
-                if upstream is None or upstream.lost:
-                    continue  # still connecting (the connect timeout applies), or closing
-                # Quiet both ways means idle: neither socket received data for that long.
-                if min(_quiet_ms(conn.transport), _quiet_ms(upstream.transport)) >= limit_ms:
-                    expired.append(conn)
-            for conn in expired:
-                conn.close()
+            await asyncio.sleep(self.idle_timeout / _IDLE_SWEEPS)
+            self.sweep_idle()
