@@ -14,8 +14,13 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 import pytest
 import uvloop
 from _pytest.reports import CollectReport, TestReport
+from hypothesis import settings
 
 from tests.support import OPEN_CLIENTS, Balancers, Services
+
+# `scripts/mutation` runs the fast tests with `--hypothesis-profile=mutation`: the same examples
+# for every mutant, and no example database carried from one mutant's run to the next.
+settings.register_profile("mutation", derandomize=True, database=None)
 
 
 def pytest_asyncio_loop_factories(
