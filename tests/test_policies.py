@@ -940,6 +940,8 @@ def test_consistent_hash_refuses_a_bad_table_size_or_balance_factor() -> None:
         ConsistentHash.from_service(
             service("consistent_hash", policy_options={"table_size": 101.5})
         )
+    with pytest.raises(ValueError, match=r"'table_size': expected a number >= 2, got 1"):
+        ConsistentHash.from_service(service("consistent_hash", policy_options={"table_size": 1}))
     assert (
         ConsistentHash.from_service(
             service("consistent_hash", policy_options={"table_size": 2})
