@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 class SlowlorisSwarm:
     """Connections that send one request, then a byte of an endless line every `period`.
 
-    `answered_from` is when the last connection sent its request (its reply came later), and
-    `closed_at` when each connection was seen closed by the balancer.
+    `sent_from` is the time just before the first request was sent (every connection's last
+    activity, as the balancer sees it, is later), and `closed_at` when each connection was
+    seen closed by the balancer.
     """
 
     def __init__(self, port: int, count: int, period: float = 0.3) -> None:
@@ -141,9 +142,9 @@ class SlowlorisSwarm:
         for _ in range(count):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.socks.append(s)
+        self.sent_from = time.monotonic()
         for s in self.socks:
             s.sendall(b"1\n")  # a complete request first, so the line framing is fixed
-        self.answered_from = time.monotonic()
         for s in self.socks:
             data = b""
             while b"\n" not in data:
