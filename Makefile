@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: demo test bench soak
+.PHONY: demo test bench soak mutation
 
 # The tutorial's scenario on built-in defaults (creates or reuses .venv).
 demo:
@@ -11,6 +11,11 @@ demo:
 test:
 	./scripts/test
 
+
+# Mutation testing of the pure core and the message dispatch with the fast tests (tens of
+# minutes; not part of `make test`); writes mutants/report.md, see docs/mutation.md.
+mutation:
+	./scripts/mutation $(MUTATION_ARGS)
 
 # Message mode: direct versus through the balancer; writes bench/results/message.{json,md}.
 bench:

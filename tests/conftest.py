@@ -1,12 +1,26 @@
+"""Fixtures shared by the suite, and its strict mode.
+
+Under `./scripts/test` (which exports BALANCER_STRICT=1) no test may skip: a skip, whether
+from `pytest.skip`, a `skipif` mark or a module-level `importorskip`, is reported as a
+failure with the skip's reason, so a missing peer or a stale condition cannot hide a test.
+"""
+
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Generator, Iterator, Mapping
 
 import pytest
 import uvloop
+from _pytest.reports import CollectReport, TestReport
+from hypothesis import settings
 
 from tests.support import OPEN_CLIENTS, Balancers, Services
+
+# `scripts/mutation` runs the fast tests with `--hypothesis-profile=mutation`: the same examples
+# for every mutant, and no example database carried from one mutant's run to the next.
+settings.register_profile("mutation", derandomize=True, database=None)
 
 
 def pytest_asyncio_loop_factories(
@@ -18,6 +32,52 @@ def pytest_asyncio_loop_factories(
     if item.nodeid.startswith("tests/test_tcp.py"):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+STRICT_VARIABLE = "BALANCER_STRICT"
+
+
+def strict() -> bool:
+    """True under ./scripts/test: a skip fails."""
+    return os.environ.get(STRICT_VARIABLE, "") not in ("", "0")
+
+
+def _skip_reason(report: TestReport | CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_a_skip(report: TestReport | CollectReport) -> None:
+    if strict() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped, and {STRICT_VARIABLE}=1 (./scripts/test) allows no skip: "
+            f"{_skip_reason(report)}"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, TestReport, TestReport]:
+    report = yield
+    _fail_a_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, CollectReport, CollectReport]:
+    report = yield
+    _fail_a_skip(report)
+    return report
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return f"strict: {STRICT_VARIABLE}=1, a skipped test fails" if strict() else None
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import cast
 
 from balancer.service import HEALTH_CHECK, reply_for
@@ -125,16 +126,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class SlowlorisSwarm:
-    """Connections that send one request, then a byte of an endless line every `period`."""
+    """Connections that send one request, then a byte of an endless line every `period`.
+
+    `sent_from` is the time just before the first request was sent (every connection's last
+    activity, as the balancer sees it, is later), and `closed_at` when each connection was
+    seen closed by the balancer.
+    """
 
     def __init__(self, port: int, count: int, period: float = 0.3) -> None:
         self.period = period
         self.socks: list[socket.socket] = []
         self.closed: set[int] = set()
+        self.closed_at: dict[int, float] = {}
         self.first_replies = 0
         for _ in range(count):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.socks.append(s)
+        self.sent_from = time.monotonic()
         for s in self.socks:
             s.sendall(b"1\n")  # a complete request first, so the line framing is fixed
         for s in self.socks:
@@ -169,6 +177,7 @@ class SlowlorisSwarm:
                 except OSError:
                     with self._lock:
                         self.closed.add(i)
+                        self.closed_at[i] = time.monotonic()
 
     @property
     def open_count(self) -> int:

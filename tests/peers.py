@@ -3,14 +3,13 @@
 `Resp` is a small RESP2 client for talking to redis through the balancer.
 
 Each starter is a context manager yielding a `Peer` (its process and port) and
-stops the process on exit. A missing binary skips the calling test with a
-message naming it; the test script installs them.
+stops the process on exit. A missing binary fails the calling test (never skips
+it) with the Debian package to install; ./scripts/test installs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import socket
@@ -46,16 +45,30 @@ class Peer:
             self.proc.wait(10)
 
 
-def need(binary: str) -> str:
-    """The path of `binary`, or skip the test saying which package is missing."""
+PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-benchmark": "redis-tools",
+    "redis-cli": "redis-tools",
+    "haproxy": "haproxy",
+    "nginx": "nginx-light",
+    "wrk": "wrk",
+    "chromium": "chromium",
+}
+"""The Debian package of each peer binary (scripts/env.sh installs the same list)."""
+
+
+def need(binary: str, dirs: Sequence[str] = ("/usr/sbin", "/usr/bin")) -> str:
+    """The path of `binary`; if it is missing, fail the test naming the package to install."""
     path = shutil.which(binary) or next(
-        (str(p) for p in (Path("/usr/sbin") / binary, Path("/usr/bin") / binary) if p.exists()),
-        None,
+        (str(p) for p in (Path(d) / binary for d in dirs) if p.exists()), None
     )
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{binary} is not installed; ./scripts/test installs it")
-        pytest.skip(f"{binary} is not installed (./scripts/test installs it)")
+        package = PACKAGES.get(binary, binary)
+        pytest.fail(
+            f"{binary} is not installed: apt-get install {package} "
+            "(./scripts/test installs the test peers)",
+            pytrace=False,
+        )
     return path
 
 

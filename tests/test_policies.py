@@ -6,6 +6,7 @@ import heapq
 import itertools
 import math
 import random
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from balancer.policies import (
     check_policy_options,
     make_policy,
 )
+from balancer.policies.base import option
 from balancer.policies.consistent_hash import build_table, is_prime
 from balancer.pool import BackendPool
 
@@ -604,3 +606,424 @@ def test_every_policy_obeys_the_rules_under_churn(kind: str, ops: list[tuple[obj
     text = repr(policy)
     for t in current:
         assert t.address in text
+
+
+# -- details a user or an operator sees ----------------------------------------------------
+#
+# Found by mutation testing (scripts/mutation): each test below pins a behaviour that the
+# tests above let change unnoticed.
+
+
+class ScriptedRandom(random.Random):
+    """A random source that returns the given numbers, in turn."""
+
+    def __init__(self, *values: float) -> None:
+        super().__init__(0)
+        self.values = list(values)
+        self.at = 0
+
+    def random(self) -> float:
+        value = self.values[self.at % len(self.values)]
+        self.at += 1
+        return value
+
+
+@dataclass(eq=False)
+class ConfiguredTarget(FakeTarget):
+    """A target with a configured weight apart from its effective (ramped) one."""
+
+    weight: int = 1
+
+
+def test_every_policy_explains_its_state_in_its_repr() -> None:
+    ts = targets(3, [1, 2, 1])
+    ts[0].in_flight = 4
+    addresses = "10.0.0.1:7000, 10.0.0.2:7000, 10.0.0.3:7000"
+    rr = RoundRobin()
+    rr.update(ts)
+    rr.pick()
+    assert repr(rr) == f"<RoundRobin 3 targets, next #1: {addresses}>"
+    wrr = WeightedRoundRobin()
+    wrr.update(ts)
+    wrr.pick()
+    assert repr(wrr) == (
+        "<WeightedRoundRobin 3 targets: 10.0.0.1:7000 w=1 cw=1, 10.0.0.2:7000 w=2 cw=-2, "
+        "10.0.0.3:7000 w=1 cw=1>"
+    )
+    loads = "10.0.0.1:7000 4/1, 10.0.0.2:7000 0/2, 10.0.0.3:7000 0/1"
+    lc = LeastConnections()
+    lc.update(ts)
+    assert repr(lc) == f"<LeastConnections 3 targets (in flight/weight): {loads}>"
+    p2 = PowerOfTwo(ScriptedRandom(0.0, 0.5))
+    p2.update(ts)
+    assert repr(p2) == f"<PowerOfTwo 3 targets (in flight/weight): {loads}>"
+    p2.pick()
+    assert repr(p2) == (
+        f"<PowerOfTwo 3 targets (in flight/weight): {loads}"
+        " | last pair 10.0.0.1:7000 vs 10.0.0.3:7000>"
+    )
+    wr = WeightedRandom()
+    wr.update(ts)
+    assert repr(wr) == (
+        "<WeightedRandom 3 targets: 10.0.0.1:7000 w=1, 10.0.0.2:7000 w=2, 10.0.0.3:7000 w=1>"
+    )
+    ch = ConsistentHash(table_size=7, balance_factor=1.5)
+    ch.update(ts)
+    assert repr(ch) == (
+        "<ConsistentHash maglev M=7, balance factor 1.5, 3 targets: "
+        "10.0.0.1:7000 2 slots 4 in flight, 10.0.0.2:7000 3 slots 0 in flight, "
+        "10.0.0.3:7000 2 slots 0 in flight>"
+    )
+    ch = ConsistentHash(table_size=7)
+    ch.update(ts[1:])
+    assert repr(ch).startswith("<ConsistentHash maglev M=7, 2 targets: ")
+    ewma = PeakEwma(clock=lambda: 0.0, probe=0)
+    ewma.update(ts)
+    ewma.on_finish(ts[0], 0.002, True)
+    ewma.on_finish(ts[0], 0.003, True)
+    ewma.pick()
+    assert repr(ewma) == (
+        "<PeakEwma 3 targets, pick #1: 10.0.0.1:7000 3ms x5 w=1 (2 samples), "
+        "10.0.0.2:7000 1ms x1 w=2 (0 samples), 10.0.0.3:7000 1ms x1 w=1 (0 samples)>"
+    )
+    base = Policy.__repr__(rr)
+    assert base == f"<RoundRobin 3 targets: {addresses}>"
+
+
+def test_option_bounds_are_inclusive_or_exclusive_as_documented() -> None:
+    check_policy_options("peak_ewma", {"failure_penalty": 0.0, "probe": 0.0})  # minimum=0: ok
+    check_policy_options("peak_ewma", {"default_latency": 0.002, "decay": 0.001})
+    check_policy_options("consistent_hash", {"table_size": 2.0})  # the smallest prime
+    with pytest.raises(ValueError, match=r"'failure_penalty': expected a number >= 0, got -1"):
+        check_policy_options("peak_ewma", {"failure_penalty": -1.0})
+    with pytest.raises(ValueError, match=r"'default_latency': expected a number > 0, got 0"):
+        check_policy_options("peak_ewma", {"default_latency": 0.0})
+    with pytest.raises(ValueError, match=r"'decay': expected a number > 0, got inf"):
+        check_policy_options("peak_ewma", {"decay": math.inf})
+    with pytest.raises(ValueError, match=r"'probe': expected a number >= 0 and < 1, got nan"):
+        check_policy_options("peak_ewma", {"probe": math.nan})
+    with pytest.raises(ValueError, match=r"'table_size': expected a number >= 2, got 1"):
+        check_policy_options("consistent_hash", {"table_size": 1.0})
+    with pytest.raises(
+        ValueError, match=r"it takes: decay, default_latency, failure_penalty, probe"
+    ):
+        check_policy_options("peak_ewma", {"table_size": 101.0})
+    with pytest.raises(ValueError, match=r"expected a number finite, got inf"):
+        option({"x": math.inf}, "x", 1.0)
+
+
+def test_peak_ewma_defaults_are_the_documented_ones_and_every_option_is_passed() -> None:
+    ewma = PeakEwma()
+    assert (ewma.decay, ewma.default_latency, ewma.failure_penalty, ewma.probe) == (
+        10.0,
+        0.001,
+        0.5,
+        0.02,
+    )
+    assert ewma.probe_every == 50  # README: one pick in 50
+    configured = make_policy(service("peak_ewma"))
+    assert isinstance(configured, PeakEwma)
+    assert (configured.decay, configured.default_latency, configured.failure_penalty) == (
+        10.0,
+        0.001,
+        0.5,
+    )
+    options = {"decay": 2.0, "default_latency": 0.004, "failure_penalty": 1.5, "probe": 0.25}
+    configured = make_policy(service("peak_ewma", policy_options=options))
+    assert isinstance(configured, PeakEwma)
+    assert (configured.default_latency, configured.failure_penalty, configured.probe) == (
+        0.004,
+        1.5,
+        0.25,
+    )
+    assert configured.probe_every == 4
+
+
+def test_peak_ewma_without_probes_never_sends_to_a_target_that_is_always_costlier() -> None:
+    ts = targets(3)
+    policy = PeakEwma(probe=0.0, rng=random.Random(9), clock=SimClock())
+    policy.update(ts)
+    assert policy.probe_every == 0
+    policy.on_finish(ts[1], 0.5, True)
+    chosen = Counter(names(picks(policy, 300), ts))
+    assert "b" not in chosen
+    assert chosen["a"] > 100
+    assert chosen["c"] > 100
+
+
+def test_peak_ewma_probes_the_target_that_waited_longest_on_schedule() -> None:
+    ts = targets(3)
+    policy = PeakEwma(probe=0.5, rng=ScriptedRandom(0.0, 0.0), clock=SimClock())
+    policy.update(ts)
+    policy.on_finish(ts[1], 0.5, True)
+    policy.on_finish(ts[2], 0.5, True)
+    # pick 1 compares a and b: a is cheaper; pick 2 is a probe: the first never picked (b)
+    assert names(picks(policy, 2), ts) == "ab"
+    # pick 3 is a and b again; pick 4 probes the longest waiting, c (never picked)
+    assert names(picks(policy, 2), ts) == "ac"
+
+
+def test_peak_ewma_keeps_estimates_while_the_set_is_stable_and_takes_a_zero_sample() -> None:
+    ts = targets(2)
+    clock = SimClock()
+    policy = PeakEwma(clock=clock)
+    policy.update(ts)
+    policy.on_finish(ts[0], 0.0, True)
+    assert policy.estimate(ts[0]) == 0.0  # a reply faster than the clock's resolution
+    policy.on_finish(ts[1], 0.2, True)
+    policy.update(list(ts))
+    assert policy.estimate(ts[1]) == 0.2
+    policy.on_finish(ts[1], -1.0, True)  # a clock step backwards is not a sample
+    assert policy.estimate(ts[1]) == 0.2
+
+
+def test_peak_ewma_cost_is_latency_times_load_over_weight() -> None:
+    ts = targets(2, [1, 4])
+    policy = PeakEwma(probe=0.0, rng=random.Random(4), clock=SimClock())
+    policy.update(ts)
+    # equal latency, nothing in flight: the heavier target is cheaper (1 ms / 4 < 1 ms / 1)
+    assert set(names(picks(policy, 40), ts)) == {"b"}
+    ts = targets(2)
+    policy = PeakEwma(probe=0.0, rng=random.Random(4), clock=SimClock())
+    policy.update(ts)
+    policy.on_finish(ts[0], 0.0016, True)
+    policy.on_finish(ts[1], 0.0010, True)
+    ts[1].in_flight = 1
+    # a: 1.6 ms x (0 + 1) = 1.6; b: 1.0 ms x (1 + 1) = 2.0: a wins, whichever is drawn first
+    assert set(names(picks(policy, 40), ts)) == {"a"}
+    ts[0].in_flight = 1
+    # a: 1.6 x 2 = 3.2; b: 2.0
+    assert set(names(picks(policy, 40), ts)) == {"b"}
+
+
+def test_peak_ewma_ties_go_to_the_heavier_target_then_to_the_first_drawn() -> None:
+    ts = targets(2, [1, 1])
+    first_then_second = ScriptedRandom(0.0, 0.0)  # draws a, then b
+    policy = PeakEwma(probe=0.0, rng=first_then_second, clock=SimClock())
+    policy.update(ts)
+    assert names(picks(policy, 3), ts) == "aaa"
+    ts = targets(2, [1, 2])
+    policy = PeakEwma(probe=0.0, rng=ScriptedRandom(0.0, 0.0), clock=SimClock())
+    policy.update(ts)
+    policy.on_finish(ts[0], 0.001, True)
+    policy.on_finish(ts[1], 0.002, True)  # cost 2 ms / 2 == 1 ms / 1: a tie, b is heavier
+    assert names(picks(policy, 3), ts) == "bbb"
+    ts = targets(2, [1, 2])
+    policy = PeakEwma(probe=0.0, rng=ScriptedRandom(0.0, 0.0), clock=SimClock())
+    policy.update(ts)
+    policy.on_finish(ts[0], 0.001, True)
+    policy.on_finish(ts[1], 0.004, True)  # b heavier but costlier: a
+    assert names(picks(policy, 3), ts) == "aaa"
+
+
+def test_peak_ewma_with_one_target_excluded_still_compares_the_other_two() -> None:
+    ts = targets(3)
+    policy = PeakEwma(probe=0.0, rng=random.Random(12), clock=SimClock())
+    policy.update(ts)
+    policy.on_finish(ts[1], 0.5, True)  # b is costly, c is cheap
+    chosen = {policy.pick(None, exclude=[ts[0]]) for _ in range(60)}
+    assert chosen == {ts[2]}
+
+
+@pytest.mark.parametrize("kind", ["power_of_two", "peak_ewma"])
+def test_two_choices_draw_every_pair_of_distinct_targets_equally(kind: str) -> None:
+    n = 5
+    pairs: Counter[tuple[int, int]] = Counter()
+    for i in range(n):
+        for k in range(n - 1):
+            rng = ScriptedRandom((i + 0.5) / n, (k + 0.5) / (n - 1))
+            policy: PowerOfTwo | PeakEwma
+            if kind == "power_of_two":
+                policy = PowerOfTwo(rng)
+                ts = targets(n)
+                policy.update(ts)
+                a, b = policy._draw(list(ts))
+                pairs[(ts.index(a), ts.index(b))] += 1  # type: ignore[arg-type]
+            else:
+                policy = PeakEwma(probe=0.0, rng=rng, clock=SimClock())
+                policy.update(targets(n))
+                pairs[policy._draw(n)] += 1
+    assert pairs == Counter({(i, j): 1 for i in range(n) for j in range(n) if i != j})
+
+
+def test_power_of_two_ties_go_to_either_in_proportion_to_the_weights() -> None:
+    ts = targets(2, [1, 2])
+    policy = PowerOfTwo(random.Random(21))
+    policy.update(ts)
+    counts = Counter(names(picks(policy, 4000), ts))
+    assert abs(counts["b"] / 4000 - 2 / 3) < 0.03, counts
+
+
+def test_weighted_random_draw_rounded_up_to_the_total_takes_the_last_usable_target() -> None:
+    ts = targets(4, [1, 2, 0, 0])
+    policy = WeightedRandom(ScriptedRandom(1.0))
+    policy.update(ts)
+    assert policy.pick() is ts[1]
+    ts = targets(4, [1, 0, 2, 0])
+    policy = WeightedRandom(ScriptedRandom(1.0))
+    policy.update(ts)
+    assert policy.pick() is ts[2]
+    assert policy.pick(exclude=[ts[2]]) is ts[0]
+
+
+def test_weighted_round_robin_keeps_its_place_in_the_cycle_across_set_changes() -> None:
+    ts = targets(4, [5, 1, 1, 2])
+    policy = WeightedRoundRobin()
+    policy.update(ts[:3])
+    assert names(picks(policy, 3), ts) == "aab"
+    policy.update(ts[:3])  # the same set: the cycle goes on where it was
+    assert names(picks(policy, 4), ts) == "acaa"
+    policy.update(ts[:3])
+    assert names(picks(policy, 3), ts) == "aab"
+    policy.update(ts)  # d joins at a current weight of 0; the others keep theirs
+    assert "cw=1, 10.0.0.2:7000 w=1 cw=-4, 10.0.0.3:7000 w=1 cw=3, 10.0.0.4:7000 w=2 cw=0>" in (
+        repr(policy)
+    )
+    assert names(picks(policy, 9), ts) == "acadaadab"
+    again = WeightedRoundRobin()
+    again.update(ts[:3])
+    picks(again, 3)
+    again.update(ts[:2])  # c leaves with a current weight of 3: the rest are re-centred on 0
+    assert repr(again).endswith("10.0.0.1:7000 w=5 cw=2.5, 10.0.0.2:7000 w=1 cw=-2.5>")
+    assert names(picks(again, 6), ts) == "aaaaab"
+
+
+def test_round_robin_keeps_its_turn_when_the_set_shrinks_and_restarts_when_it_empties() -> None:
+    ts = targets(4)
+    policy = RoundRobin()
+    policy.update(ts)
+    assert names(picks(policy, 3), ts) == "abc"
+    policy.update(ts[:2])  # the next turn (#3, d) wraps into the smaller set: #1, b
+    assert names(picks(policy, 3), ts) == "bab"
+    policy.update([])
+    policy.update(ts)
+    assert names(picks(policy, 2), ts) == "ab"
+
+
+def test_consistent_hash_tables_are_the_same_in_every_process_and_release() -> None:
+    """The table is a pure function of the addresses and weights: a restart, a second balancer
+    in front of the same backends, or an upgrade maps every key as before. Changing the hash
+    or the fill order breaks that for every client at once, so it is pinned."""
+    addresses = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+    table = build_table(addresses, [1.0, 2.0, 1.0], 101)
+    assert table[:24] == [1, 1, 1, 2, 0, 0, 0, 1, 1, 1, 1, 0, 2, 2, 2, 2, 0, 2, 2, 0, 1, 1, 1, 0]
+    assert zlib.crc32(bytes(table)) == 835767781
+
+
+def test_consistent_hash_tables_follow_the_configured_weight_not_the_ramp() -> None:
+    ts = [ConfiguredTarget(f"10.0.0.{i}:7000", 0, 1.0, weight=w) for i, w in enumerate((1, 3))]
+    policy = ConsistentHash(table_size=1009)
+    policy.update(ts)
+    share = Counter(policy.pick(k) for k in key_set(4000))
+    assert abs(share[ts[1]] / 4000 - 0.75) < 0.04, share
+    rebuilds = policy.rebuilds
+    ts[1].effective_weight = 0.3  # ramping up after a recovery: the table stays
+    policy.update(ts)
+    assert policy.rebuilds == rebuilds
+
+
+def test_consistent_hash_rebuilds_when_a_configured_weight_changes() -> None:
+    ts = [ConfiguredTarget(f"10.0.0.{i}:7000", 0, 1.0, weight=1) for i in range(2)]
+    policy = ConsistentHash(table_size=1009)
+    policy.update(ts)
+    ts[1].weight = 3
+    policy.update(ts)
+    assert policy.rebuilds == 2
+    share = Counter(policy.pick(k) for k in key_set(4000))
+    assert abs(share[ts[1]] / 4000 - 0.75) < 0.04, share
+
+
+def test_consistent_hash_rebuilds_when_a_target_is_replaced_by_one_of_the_same_weight() -> None:
+    ts = targets(3)
+    policy = ConsistentHash(table_size=101)
+    assert policy.rebuilds == 0
+    policy.update(ts[:2])
+    assert policy.rebuilds == 1
+    policy.update([ts[0], ts[2]])
+    assert policy.rebuilds == 2
+    assert ts[2] in {policy.pick(k) for k in key_set(200)}
+
+
+def test_consistent_hash_refuses_a_bad_table_size_or_balance_factor() -> None:
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number, got 100"):
+        ConsistentHash(table_size=100)
+    with pytest.raises(ValueError, match=r"expected 0 \(off\) or a number > 1, got 1"):
+        ConsistentHash(balance_factor=1.0)
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number, got 101.5"):
+        ConsistentHash.from_service(
+            service("consistent_hash", policy_options={"table_size": 101.5})
+        )
+    with pytest.raises(ValueError, match=r"'table_size': expected a number >= 2, got 1"):
+        ConsistentHash.from_service(service("consistent_hash", policy_options={"table_size": 1}))
+    assert (
+        ConsistentHash.from_service(
+            service("consistent_hash", policy_options={"table_size": 2})
+        ).table_size
+        == 2
+    )
+
+
+def test_consistent_hash_bounded_load_cap_counts_the_new_request() -> None:
+    ts = targets(4)
+    policy = ConsistentHash(table_size=1009, balance_factor=1.25)
+    policy.update(ts)
+    key = b"10.9.9.9:4444"
+    home = policy.pick(key)
+    assert isinstance(home, FakeTarget)
+    other = next(t for t in ts if t is not home)
+    home.in_flight = 1
+    other.in_flight = 1
+    # cap = ceil(1.25 * (2 + 1) / 4) = 1: home (1 in flight) is full
+    assert policy.pick(key) is not home
+    other.in_flight = 0
+    # cap = ceil(1.25 * (1 + 1) / 4) = 1 still; with the new request not counted it would be 0
+    assert policy.pick(key) is not home
+
+
+def test_consistent_hash_bounded_load_scales_the_cap_by_weight() -> None:
+    ts = targets(2, [3, 1])
+    policy = ConsistentHash(table_size=101, balance_factor=1.25)
+    policy.update(ts)
+    key = next(k for k in key_set(100) if policy.pick(k) is ts[0])
+    ts[0].in_flight = 2
+    # scale = 1.25 * 3 / 4; heavy cap = ceil(0.9375 * 3) = 3 > 2: stays home
+    assert policy.pick(key) is ts[0]
+
+
+def test_consistent_hash_bounded_load_walk_scales_each_cap_by_its_weight() -> None:
+    ts = targets(3, [3, 1, 1])
+    heavy, light = ts[0], ts[1]
+    policy = ConsistentHash(table_size=101, balance_factor=1.25)
+    policy.update(ts)
+    key = b"192.168.0.1:40001"  # home: light; next in its walk: heavy
+    assert policy.pick(key) is light
+    assert policy.pick(key, exclude=[light]) is heavy
+    heavy.in_flight = 2
+    # scale = 1.25 * (2 + 1) / 5 = 0.75: heavy's cap ceil(0.75 * 3) = 3 > 2, it still fits
+    # (the third target, with nothing in flight, would be next)
+    assert policy.pick(key, exclude=[light]) is heavy
+
+
+def test_consistent_hash_without_a_bound_ignores_load_when_walking_past_an_excluded_home() -> None:
+    ts = targets(4)
+    policy = ConsistentHash(table_size=101)
+    policy.update(ts)
+    key = b"10.1.2.3:5555"
+    home = policy.pick(key)
+    assert home is not None
+    second = policy.pick(key, exclude=[home])
+    assert isinstance(second, FakeTarget)
+    second.in_flight = 50
+    assert policy.pick(key, exclude=[home]) is second
+
+
+def test_consistent_hash_over_its_bound_everywhere_still_answers() -> None:
+    ts = targets(2)
+    policy = ConsistentHash(table_size=101, balance_factor=1.25)
+    policy.update(ts)
+    key = b"k"
+    home = policy.pick(key)
+    assert home is not None
+    other = next(t for t in ts if t is not home)
+    other.in_flight = 40  # cap = ceil(1.25 * 41 / 2) = 26: other is over it
+    assert policy.pick(key, exclude=[home]) is other  # over the bound beats no answer
