@@ -31,7 +31,6 @@ from balancer.policies import (
     check_policy_options,
     make_policy,
 )
-from balancer.policies.base import option
 from balancer.policies.consistent_hash import build_table, is_prime
 from balancer.pool import BackendPool
 
@@ -690,26 +689,29 @@ def test_every_policy_explains_its_state_in_its_repr() -> None:
     assert base == f"<RoundRobin 3 targets: {addresses}>"
 
 
-def test_option_bounds_are_inclusive_or_exclusive_as_documented() -> None:
-    check_policy_options("peak_ewma", {"failure_penalty": 0.0, "probe": 0.0})  # minimum=0: ok
-    check_policy_options("peak_ewma", {"default_latency": 0.002, "decay": 0.001})
-    check_policy_options("consistent_hash", {"table_size": 2.0})  # the smallest prime
-    with pytest.raises(ValueError, match=r"'failure_penalty': expected a number >= 0, got -1"):
+def test_option_bounds_are_inclusive_at_both_ends() -> None:
+    check_policy_options("peak_ewma", {"failure_penalty": 0.0, "probe": 0.0})  # 0 = off
+    check_policy_options("peak_ewma", {"default_latency": 1e-6, "decay": 0.01, "probe": 0.5})
+    check_policy_options("peak_ewma", {"failure_penalty": 3600.0, "decay": 3600.0})
+    check_policy_options("consistent_hash", {"table_size": 2})  # the smallest prime
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number .*got 2.0"):
+        check_policy_options("consistent_hash", {"table_size": 2.0})  # an integer, not a float
+    with pytest.raises(ValueError, match=r"'failure_penalty': expected a number from 0 to 3600"):
         check_policy_options("peak_ewma", {"failure_penalty": -1.0})
-    with pytest.raises(ValueError, match=r"'default_latency': expected a number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"'default_latency': expected a number from 1e-06 to 60"):
         check_policy_options("peak_ewma", {"default_latency": 0.0})
-    with pytest.raises(ValueError, match=r"'decay': expected a number > 0, got inf"):
+    with pytest.raises(ValueError, match=r"'decay': expected a number from 0.01 to 3600 .*inf"):
         check_policy_options("peak_ewma", {"decay": math.inf})
-    with pytest.raises(ValueError, match=r"'probe': expected a number >= 0 and < 1, got nan"):
+    with pytest.raises(ValueError, match=r"'probe': expected 0 \(off\) or a number .*nan"):
         check_policy_options("peak_ewma", {"probe": math.nan})
-    with pytest.raises(ValueError, match=r"'table_size': expected a number >= 2, got 1"):
-        check_policy_options("consistent_hash", {"table_size": 1.0})
+    with pytest.raises(ValueError, match=r"'probe': expected 0 \(off\) or a number .*0.0005"):
+        check_policy_options("peak_ewma", {"probe": 0.0005})
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number from 2 to"):
+        check_policy_options("consistent_hash", {"table_size": 1})
     with pytest.raises(
         ValueError, match=r"it takes: decay, default_latency, failure_penalty, probe"
     ):
         check_policy_options("peak_ewma", {"table_size": 101.0})
-    with pytest.raises(ValueError, match=r"expected a number finite, got inf"):
-        option({"x": math.inf}, "x", 1.0)
 
 
 def test_peak_ewma_defaults_are_the_documented_ones_and_every_option_is_passed() -> None:
@@ -945,15 +947,15 @@ def test_consistent_hash_rebuilds_when_a_target_is_replaced_by_one_of_the_same_w
 
 
 def test_consistent_hash_refuses_a_bad_table_size_or_balance_factor() -> None:
-    with pytest.raises(ValueError, match=r"'table_size': expected a prime number, got 100"):
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number .*got 100"):
         ConsistentHash(table_size=100)
     with pytest.raises(ValueError, match=r"expected 0 \(off\) or a number > 1, got 1"):
         ConsistentHash(balance_factor=1.0)
-    with pytest.raises(ValueError, match=r"'table_size': expected a prime number, got 101.5"):
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number .*got 101.5"):
         ConsistentHash.from_service(
             service("consistent_hash", policy_options={"table_size": 101.5})
         )
-    with pytest.raises(ValueError, match=r"'table_size': expected a number >= 2, got 1"):
+    with pytest.raises(ValueError, match=r"'table_size': expected a prime number from 2 .*got 1"):
         ConsistentHash.from_service(service("consistent_hash", policy_options={"table_size": 1}))
     assert (
         ConsistentHash.from_service(
