@@ -7,6 +7,8 @@ A line longer than `max_line` bytes (terminator excluded) raises `LineTooLong`
 as soon as it is known to be too long, even before its newline arrives, so a
 peer cannot make the buffer grow without bound; the error carries the
 complete lines that preceded the long one, so they can still be answered.
+At the end of the stream `finish()` hands over the unterminated rest as one
+last line; `clear()` drops what is held (a connection being cut).
 """
 
 from __future__ import annotations
@@ -74,6 +76,19 @@ class LineFramer:
                 raise LineTooLong(limit, lines)
             self._buf = bytearray(rest)
         return lines
+
+    def finish(self) -> bytes | None:
+        """The end of the stream: the unterminated rest as a last line (a trailing CR
+        removed), or None when nothing is held. The framer is empty after."""
+        if not self._buf:
+            return None
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        return rest[:-1] if rest.endswith(b"\r") else rest
+
+    def clear(self) -> None:
+        """Drop the incomplete line held (and its memory)."""
+        self._buf = bytearray()
 
     def __repr__(self) -> str:
         return f"<LineFramer max_line={self.max_line} buffered={len(self._buf)}>"
