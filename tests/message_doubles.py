@@ -249,6 +249,39 @@ async def answer_all(backends: TaggingBackends, rounds: int = 60) -> None:
     raise AssertionError("backends still being written to after many rounds")
 
 
+# -- the same over real sockets ----------------------------------------------------------
+
+
+class LineTagger(asyncio.Protocol):
+    """A real line backend that tags its replies, parsing as `TaggingBackends` does."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        out = [tag(p) + b"\n" for line in lines for p in line.split(b"\r") if p]
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+class RawTagger(asyncio.Protocol):
+    """A real raw backend that tags its replies, reading like recv(1024)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pieces = [data[i : i + RAW_RECV] for i in range(0, len(data), RAW_RECV)]
+        self.transport.write(b"".join(tag(p) for p in pieces))
+
+
 KNOWN_REPLIES = (
     b"Invalid message",
     b"Server not available",

@@ -122,9 +122,7 @@ def test_clear_drops_what_is_held() -> None:
 
 
 @given(
-    data=st.lists(st.sampled_from([b"1", b"22", b"\n", b"\r\n", b"\r"]), max_size=40).map(
-        b"".join
-    ),
+    data=st.lists(st.sampled_from([b"1", b"22", b"\n", b"\r\n", b"\r"]), max_size=40).map(b"".join),
     cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10),
 )
 def test_lines_then_finish_are_the_stream_s_lines_with_the_last_one_unterminated(

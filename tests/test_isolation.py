@@ -28,6 +28,8 @@ from balancer.proxy import message
 from tests.message_doubles import (
     FakeBackendsService,
     FakeTransport,
+    LineTagger,
+    RawTagger,
     TaggingBackends,
     answer_all,
     client,
@@ -338,36 +340,6 @@ def test_the_property_sees_the_raw_newline_attack() -> None:
 # -- over real sockets ---------------------------------------------------------------------
 
 
-class _LineDouble(asyncio.Protocol):
-    """A line backend as strict as the protocol tier's: lines end at LF or CR, blanks skipped."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        *lines, self.buf = (self.buf + data).split(b"\n")
-        out = [tag(p) + b"\n" for line in lines for p in line.split(b"\r") if p]
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-
-
-class _RawDouble(asyncio.Protocol):
-    """A raw backend that reads like recv(1024): each 1024 bytes of a read is one message."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        pieces = [data[i : i + 1024] for i in range(0, len(data), 1024)]
-        self.transport.write(b"".join(tag(p) for p in pieces))
-
-
 async def _line_victim(
     port: int, rng: random.Random, me: int, allowed: Callable[[bytes], set[bytes]]
 ) -> None:
@@ -435,8 +407,8 @@ async def test_isolation_over_real_sockets() -> None:
     from balancer.pool import BackendPool
 
     loop = asyncio.get_running_loop()
-    line_server = await loop.create_server(_LineDouble, "127.0.0.1", 0)
-    raw_server = await loop.create_server(_RawDouble, "127.0.0.1", 0)
+    line_server = await loop.create_server(LineTagger, "127.0.0.1", 0)
+    raw_server = await loop.create_server(RawTagger, "127.0.0.1", 0)
     ports = [s.sockets[0].getsockname()[1] for s in (line_server, raw_server)]
     cfg = ServiceConfig(
         name="iso",
