@@ -141,10 +141,13 @@ async def settle(turns: int = 4) -> None:
 
 
 def client(
-    service: MessageService, peer: tuple[str, int] = ("127.0.0.1", 5555)
+    service: MessageService,
+    peer: tuple[str, int] = ("127.0.0.1", 5555),
+    sockname: tuple[str, int] | None = None,
 ) -> tuple[ClientSession, FakeTransport]:
+    """A client connection from `peer` (to `sockname`, the listener's address)."""
     s = ClientSession(service)
-    t = FakeTransport(peer)
+    t = FakeTransport(peer, sockname)
     t.protocol = s
     s.connection_made(t)
     return s, t

@@ -389,25 +389,25 @@ def test_raw_newline_attack_gives_pipelining_clients_no_wrong_reply(
                     break
 
     threads = [threading.Thread(target=victim, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
     attacker_got = []
     try:
-        for _ in range(20):
-            with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
-                sock.sendall(b"x")
-                # the reply arrives once the quiet period made this connection raw
-                first = _read_exactly(sock, len(b"Invalid message"))
-                sock.sendall(b"1\n2\n3")
-                rest = _read_until_closed(sock)
-            attacker_got.append(first + b" | " + rest)
-            if rest != b"Error: newline on a raw connection":
-                break
-    finally:
-        attacks_done.set()
         for t in threads:
-            t.join(timeout=60)
-    try:
+            t.start()
+        try:
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+                    sock.sendall(b"x")
+                    # the reply arrives once the quiet period made this connection raw
+                    first = _read_exactly(sock, len(b"Invalid message"))
+                    sock.sendall(b"1\n2\n3")
+                    rest = _read_until_closed(sock)
+                attacker_got.append(first + b" | " + rest)
+                if rest != b"Error: newline on a raw connection":
+                    break
+        finally:
+            attacks_done.set()
+            for t in threads:
+                t.join(timeout=60)
         assert wrong == []
         assert attacker_got == [b"Invalid message | Error: newline on a raw connection"] * 20
         assert all(r >= 3 for r in rounds), rounds

@@ -27,6 +27,7 @@ from balancer.proxy.message import (
 from tests.message_doubles import (
     FakeBackendsService,
     FakeChannel,
+    FakeTransport,
     TaggingBackends,
     answer_all,
     client,
@@ -488,7 +489,7 @@ async def test_a_client_connection_from_our_own_backend_connection_is_a_loop(
     service, _opened = make_service(2)
     looped = service.pool.backends[0]
     own_address.append(loopguard.register(("127.0.0.1", 40001), (service.pool, looped)))
-    s, t = client(service, ("127.0.0.1", 40001))
+    s, t = client(service, ("127.0.0.1", 40001), sockname=("127.0.0.1", looped.port))
     assert t.aborted
     assert s not in service.sessions
     assert looped.looped
@@ -499,9 +500,10 @@ async def test_a_client_connection_from_our_own_backend_connection_is_a_loop(
 
 async def test_a_loop_seen_only_by_the_first_byte_is_caught(own_address: list[Any]) -> None:
     service, opened = make_service(2)
-    s, t = client(service, ("127.0.0.1", 40002))  # the connecting side has not registered yet
-    assert not t.aborted
     looped = service.pool.backends[1]
+    # the connecting side has not registered yet when the listener accepts
+    s, t = client(service, ("127.0.0.1", 40002), sockname=("127.0.0.1", looped.port))
+    assert not t.aborted
     own_address.append(loopguard.register(("127.0.0.1", 40002), (service.pool, looped)))
     s.data_received(b"1\n")
     await turn()
@@ -510,19 +512,55 @@ async def test_a_loop_seen_only_by_the_first_byte_is_caught(own_address: list[An
     assert all(tb.data() == b"" for conns in opened.values() for _c, tb in conns)
 
 
-async def test_backend_connections_are_registered_while_open() -> None:
-    service, _opened = make_service(1)
+async def test_a_client_sharing_a_port_number_with_our_connection_elsewhere_is_no_loop(
+    own_address: list[Any],
+) -> None:
+    """The kernel gives one ephemeral port to connections towards different places: a local
+    client may come from the address one of our connections to a backend uses. It is served,
+    and that backend stays in service."""
+    service, opened = make_service(2)
+    backend = service.pool.backends[0]
+    own_address.append(loopguard.register(("127.0.0.1", 40004), (service.pool, backend)))
+    s, t = client(service, ("127.0.0.1", 40004), sockname=("127.0.0.1", 8080))
+    s.data_received(b"1\n")
+    await turn()
+    assert not t.aborted
+    assert not backend.looped
+    assert backend.state == "up"
+    assert service.loops == 0
+    assert opened[9000][0][1].data() == b"1\n"
+
+
+def _own_connection(service: FakeBackendsService, local_port: int) -> FakeTransport:
+    """A backend connection of ours to 127.0.0.1:9000 from 127.0.0.1:`local_port`."""
     channel = service.channel(service.pool.backends[0])
     conn = message.BackendConnection(channel)
-    from tests.message_doubles import FakeTransport
-
-    tr = FakeTransport(peer=("127.0.0.1", 9000), sockname=("127.0.0.1", 40003))
+    tr = FakeTransport(peer=("127.0.0.1", 9000), sockname=("127.0.0.1", local_port))
     tr.protocol = conn
     conn.connection_made(tr)
+    return tr
+
+
+async def test_backend_connections_are_registered_while_open() -> None:
+    service, _opened = make_service(1)
+    tr = _own_connection(service, 40003)
     assert loopguard.owner(("127.0.0.1", 40003)) == (service.pool, service.pool.backends[0])
     tr.close()
     await settle()
     assert loopguard.owner(("127.0.0.1", 40003)) is None
+
+
+async def test_only_the_other_end_of_our_own_connection_is_a_loop() -> None:
+    service, _opened = make_service(1)
+    tr = _own_connection(service, 40005)
+    _s, elsewhere = client(service, ("127.0.0.1", 40005), sockname=("127.0.0.1", 8080))
+    assert not elsewhere.aborted
+    assert not service.pool.backends[0].looped
+    _s, itself = client(service, ("127.0.0.1", 40005), sockname=("127.0.0.1", 9000))
+    assert itself.aborted
+    assert service.pool.backends[0].looped
+    tr.close()
+    await settle()
 
 
 # -- our own shortages are not the backends' failures -----------------------------------------
