@@ -96,6 +96,7 @@ def test_one_byte_chunks_never_exceed_the_limit(chunks: list[bytes]) -> None:
         for c in chunks:
             f.feed(c)
             assert f.buffered <= 17
+            assert f.held == f.buffered
     except LineTooLong:
         pass
 
@@ -132,7 +133,9 @@ def test_lines_then_finish_are_the_stream_s_lines_with_the_last_one_unterminated
     lines: list[bytes] = []
     for chunk in split_at(data, cuts):
         lines.extend(f.feed(chunk))
+        assert f.held == f.buffered
     rest = f.finish()
+    assert f.held == 0
     if rest is not None:
         lines.append(rest)
     expected = [p[:-1] if p.endswith(b"\r") else p for p in data.split(b"\n")]

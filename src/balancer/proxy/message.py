@@ -325,13 +325,14 @@ class BackendConnection(asyncio.Protocol):
         out = self.out
         if out and self.connected and self.transport is not None:
             self.out = []
-            data = out[0] if len(out) == 1 else b"".join(out)
+            n = len(out)
+            data = out[0] if n == 1 else b"".join(out)
             # Every request to a line backend is exactly one line: as many newlines as
             # requests, none empty, no CR (many line parsers split there too).
             if not self._raw and (
-                data.count(b"\n") != len(out) or b"\r" in data or b"\n\n" in data or data[0] == 10
+                data.count(b"\n") != n or b"\r" in data or b"\n\n" in data or data[0] == 10
             ):
-                data = self._refuse_unsafe(len(out))
+                data = self._refuse_unsafe(n)
                 if not data:
                     return
             self.transport.write(data)
@@ -391,7 +392,8 @@ class BackendConnection(asyncio.Protocol):
             except LineTooLong:
                 self._fail("reply line too long")
                 return
-            if len(replies) > len(pending) - len(self.out):
+            written = len(pending) - len(self.out) if self.out else len(pending)
+            if len(replies) > written:
                 self._fail("more replies than requests")
                 return
         backend = channel.backend
@@ -929,7 +931,7 @@ class ClientSession(asyncio.Protocol):
             self.service.dispatch_batch(self, lines)
             if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
                 self._pause_for_replies()
-        held = framer.buffered
+        held = framer.held
         if held != self.held:
             self._hold(held)
 
