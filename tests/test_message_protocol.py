@@ -459,3 +459,16 @@ async def test_drain_closes_idle_clients_spread_over_the_close_window(
     clock[0] += 0.5
     await until(10)
     await asyncio.wait_for(drain, 10)
+
+
+async def test_at_the_drain_deadline_ready_replies_are_written_before_the_close() -> None:
+    """A reply that came in the same loop turn as the deadline is written, not dropped."""
+    service, _opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    s.complete(s.pending[0], b"one")  # answered; its write waits for the end of the turn
+    await asyncio.wait_for(service.drain(0.0), 10)
+    await settle()
+    assert t.data() == b"one\n"
+    assert t.closed

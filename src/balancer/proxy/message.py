@@ -1069,13 +1069,14 @@ class ClientSession(asyncio.Protocol):
             self._close_after_flush = True
 
     def cut_unanswered(self) -> int:
-        """The stop's deadline: answer what is still unanswered with STOPPING; how many."""
+        """The stop's deadline: answer what is still unanswered with STOPPING and write
+        every reply now (ready ones included, before the close); how many were cut."""
         cut = 0
         for req in self.pending:
             if req.reply is None:
                 req.reply = STOPPING
                 cut += 1
-        if cut:
+        if self.pending:
             self.try_flush()
         return cut
 
