@@ -323,7 +323,7 @@ def test_every_client_gets_exactly_its_own_replies(
 
 
 def test_the_property_sees_the_raw_newline_attack() -> None:
-    """The scenario of the reported attack, as the property runs it."""
+    """The raw-newline attack (a client made raw by a pause sends lines) as the property runs it."""
     ops: list[tuple[Any, ...]] = [
         ("send", 0, ["line", "line"]),
         ("hello", 1, None),

@@ -358,9 +358,9 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 def test_raw_newline_attack_gives_pipelining_clients_no_wrong_reply(
     tmp_path: Path, services: Services
 ) -> None:
-    """Defect: against 8 pipelining clients, 20 attacks (`x`, a pause that makes the
-    connection raw, then `1\\n2\\n3`) gave the victims 22 wrong replies and ejected the
-    backend. Now the attacker gets an error and is closed; no one else notices."""
+    """Against 8 pipelining clients, 20 attacks (`x`, a pause that makes the connection raw,
+    then `1\\n2\\n3`) used to give the victims 22 wrong replies and eject the backend. The
+    attacker gets an error and is closed; no one else notices."""
     services.start_many(2)
     cfg = write_toml(tmp_path / "b.toml", services.ports, client_framing="auto")
     bal = start_balancer(cfg)
@@ -421,7 +421,7 @@ def test_raw_newline_attack_gives_pipelining_clients_no_wrong_reply(
 def test_auto_framing_a_split_first_line_is_refused_not_glued(
     tmp_path: Path, services: Services
 ) -> None:
-    """Defect: `12`, then later `34\\n5\\n`, came back glued. With `auto`, the pause made the
+    """`12`, then later `34\\n5\\n`, used to come back glued. With `auto`, the pause made the
     connection raw; the newline that follows is refused with an error, never split."""
     services.start()
     cfg = write_toml(tmp_path / "b.toml", services.ports, client_framing="auto")
@@ -444,7 +444,7 @@ def test_auto_framing_a_split_first_line_is_refused_not_glued(
 def test_empty_lines_through_raw_backends_are_answered_and_eject_nothing(
     tmp_path: Path, original_service: int
 ) -> None:
-    """Defect: `echo > /dev/tcp/HOST/PORT` (an empty line) went to raw backends as zero bytes:
+    """`echo > /dev/tcp/HOST/PORT` (an empty line) used to go to raw backends as zero bytes:
     no reply, the client waited response_timeout, and each backend was ejected in turn."""
     cfg = write_toml(tmp_path / "b.toml", [original_service], backend_framing="raw")
     bal = start_balancer(cfg)

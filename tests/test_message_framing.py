@@ -59,7 +59,7 @@ def in_flight(service: FakeBackendsService) -> list[int]:
 
 
 async def test_raw_newline_attack_gives_the_attacker_an_error_and_no_one_a_wrong_reply() -> None:
-    """Defect: `x`, a pause (raw), then `1\\n2\\n3` went out as three lines; the extra replies
+    """`x`, a pause (raw), then `1\\n2\\n3` used to go out as three lines; the extra replies
     were matched to other clients' requests pipelined on the same backend connection."""
     service, opened = make_service(1, client_framing="auto")
     backends = TaggingBackends(opened)
@@ -188,8 +188,8 @@ async def test_a_backend_answering_a_request_it_was_not_sent_yet_is_failed() -> 
 
 
 async def test_line_framing_never_detects_raw_a_split_first_line_is_one_line() -> None:
-    """Defect: `12`, then 100 ms later `34\\n5\\n`, came back `It's instance number 12` glued to
-    `Server not available`. With client_framing = "line" (the default) there is no detection."""
+    """`12`, then 100 ms later `34\\n5\\n`, used to come back `It's instance number 12` glued
+    to `Server not available`. With client_framing = "line" (the default) nothing is detected."""
     service, opened = make_service(1)
     s, t = client(service)
     s.data_received(b"12")
@@ -246,7 +246,7 @@ async def test_raw_framing_takes_each_read_as_one_message_at_once() -> None:
 
 @pytest.mark.parametrize("framing", ["line", "raw"])
 async def test_empty_lines_are_answered_locally_for_every_backend_framing(framing: str) -> None:
-    """Defect: an empty line went to raw backends as zero bytes; no reply came, the client
+    """An empty line used to go to raw backends as zero bytes; no reply came, the client
     waited response_timeout and each backend was ejected in turn."""
     service, opened = make_service(2, framings=[framing, framing])
     backends = TaggingBackends(opened, raw_ports={9000, 9001} if framing == "raw" else ())
@@ -485,7 +485,7 @@ def own_address() -> Iterator[list[loopguard.Address | None]]:
 async def test_a_client_connection_from_our_own_backend_connection_is_a_loop(
     own_address: list[Any],
 ) -> None:
-    """Defect: a backend that was the balancer itself turned one request into 16,391."""
+    """A backend that was the balancer itself used to turn one request into 16,391."""
     service, _opened = make_service(2)
     looped = service.pool.backends[0]
     own_address.append(loopguard.register(("127.0.0.1", 40001), (service.pool, looped)))

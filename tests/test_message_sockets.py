@@ -13,9 +13,9 @@ from tests.support import free_port
 
 
 async def test_a_backend_that_is_the_balancer_itself_is_found_by_its_first_connection() -> None:
-    """Defect: in message mode one request to a backend that was the balancer's own
-    listener became 16,391 in flight. The address is given here as the listener's own on
-    purpose: the run-time check must catch what no address comparison was asked to."""
+    """One request to a backend that was the balancer's own listener used to become 16,391
+    in flight. The address is the listener's own on purpose: the run-time check must catch
+    what no address comparison was asked to."""
     loop = asyncio.get_running_loop()
     tagger = await loop.create_server(LineTagger, "127.0.0.1", 0)
     tagger_port = tagger.sockets[0].getsockname()[1]
