@@ -96,5 +96,49 @@ def test_one_byte_chunks_never_exceed_the_limit(chunks: list[bytes]) -> None:
         for c in chunks:
             f.feed(c)
             assert f.buffered <= 17
+            assert f.held == f.buffered
     except LineTooLong:
         pass
+
+
+def test_finish_hands_over_the_unterminated_rest_once() -> None:
+    f = LineFramer(100)
+    assert f.finish() is None
+    assert f.feed(b"1\n23") == [b"1"]
+    assert f.finish() == b"23"
+    assert f.buffered == 0
+    assert f.finish() is None
+    f.feed(b"4\r")
+    assert f.finish() == b"4"
+    f.feed(b"\r")
+    assert f.finish() == b""
+
+
+def test_clear_drops_what_is_held() -> None:
+    f = LineFramer(100)
+    f.feed(b"partial")
+    f.clear()
+    assert f.buffered == 0
+    assert f.feed(b"x\n") == [b"x"]
+
+
+@given(
+    data=st.lists(st.sampled_from([b"1", b"22", b"\n", b"\r\n", b"\r"]), max_size=40).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+)
+def test_lines_then_finish_are_the_stream_s_lines_with_the_last_one_unterminated(
+    data: bytes, cuts: list[int]
+) -> None:
+    f = LineFramer(1000)
+    lines: list[bytes] = []
+    for chunk in split_at(data, cuts):
+        lines.extend(f.feed(chunk))
+        assert f.held == f.buffered
+    rest = f.finish()
+    assert f.held == 0
+    if rest is not None:
+        lines.append(rest)
+    expected = [p[:-1] if p.endswith(b"\r") else p for p in data.split(b"\n")]
+    if expected[-1] == b"" and not data.endswith(b"\r"):
+        expected.pop()  # the stream ended with a newline: nothing left over
+    assert lines == expected

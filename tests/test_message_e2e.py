@@ -325,3 +325,187 @@ def test_tutorial_test_section_verbatim(tmp_path: Path) -> None:
     finally:
         for p in procs:
             p.stop()
+
+
+# -- one framed message is one request; replies reach only their own client --
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything until the balancer closes; `<left open>` appended if it does not."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        except TimeoutError:
+            return data + b" <left open>"
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_raw_newline_attack_gives_pipelining_clients_no_wrong_reply(
+    tmp_path: Path, services: Services
+) -> None:
+    """Against 8 pipelining clients, 20 attacks (`x`, a pause that makes the connection raw,
+    then `1\\n2\\n3`) used to give the victims 22 wrong replies and eject the backend. The
+    attacker gets an error and is closed; no one else notices."""
+    services.start_many(2)
+    cfg = write_toml(tmp_path / "b.toml", services.ports, client_framing="auto")
+    bal = start_balancer(cfg)
+    attacks_done = threading.Event()
+    wrong: list[str] = []
+    rounds = [0] * 8
+
+    def victim(k: int) -> None:
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            n = 0
+            while not attacks_done.is_set() or rounds[k] < 3:
+                batch = [k * 1_000_000 + n + i for i in range(20)]
+                n += 20
+                try:
+                    sock.sendall(b"".join(b"%d\n" % i for i in batch))
+                    for i in batch:
+                        line = f.readline().decode().rstrip("\n")
+                        if line != reply_for(i):
+                            wrong.append(f"victim {k} sent {i}, got {line!r}")
+                except OSError as exc:
+                    wrong.append(f"victim {k}: {exc!r}")
+                    return
+                rounds[k] += 1
+                if rounds[k] >= 2000:
+                    break
+
+    threads = [threading.Thread(target=victim, args=(k,)) for k in range(8)]
+    attacker_got = []
+    try:
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+                    sock.sendall(b"x")
+                    # the reply arrives once the quiet period made this connection raw
+                    first = _read_exactly(sock, len(b"Invalid message"))
+                    sock.sendall(b"1\n2\n3")
+                    rest = _read_until_closed(sock)
+                attacker_got.append(first + b" | " + rest)
+                if rest != b"Error: newline on a raw connection":
+                    break
+        finally:
+            attacks_done.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert wrong == []
+        assert attacker_got == [b"Invalid message | Error: newline on a raw connection"] * 20
+        assert all(r >= 3 for r in rounds), rounds
+        rows = backend_rows(bal.status())
+        assert [(b["state"], b["failures"]) for b in rows.values()] == [("up", 0), ("up", 0)]
+    finally:
+        bal.stop()
+    assert "more replies than requests" not in bal.output()
+
+
+def test_auto_framing_a_split_first_line_is_refused_not_glued(
+    tmp_path: Path, services: Services
+) -> None:
+    """`12`, then later `34\\n5\\n`, used to come back glued. With `auto`, the pause made the
+    connection raw; the newline that follows is refused with an error, never split."""
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports, client_framing="auto")
+    bal = start_balancer(cfg)
+    try:
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+            sock.sendall(b"12")
+            want = reply_for(12).encode()
+            assert _read_exactly(sock, len(want)) == want
+            sock.sendall(b"34\n5\n")
+            assert _read_until_closed(sock) == b"Error: newline on a raw connection"
+        c = LineClient(bal.port)
+        c.send_bytes(b"12")  # line framing is found as soon as the newline comes
+        c.send_bytes(b"34\n5\n")
+        assert [c.read_line(), c.read_line()] == [reply_for(1234), reply_for(5)]
+    finally:
+        bal.stop()
+
+
+def test_empty_lines_through_raw_backends_are_answered_and_eject_nothing(
+    tmp_path: Path, original_service: int
+) -> None:
+    """`echo > /dev/tcp/HOST/PORT` (an empty line) used to go to raw backends as zero bytes:
+    no reply, the client waited response_timeout, and each backend was ejected in turn."""
+    cfg = write_toml(tmp_path / "b.toml", [original_service], backend_framing="raw")
+    bal = start_balancer(cfg)
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+                sock.sendall(b"\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert _read_until_closed(sock) == b"Invalid message\n"
+        c = LineClient(bal.port)
+        assert c.request("7") == reply_for(7)
+        row = next(iter(backend_rows(bal.status()).values()))
+        assert (row["state"], row["failures"]) == ("up", 0)
+    finally:
+        bal.stop()
+
+
+def test_raw_messages_longer_than_the_original_service_reads_are_refused(
+    tmp_path: Path, original_service: int
+) -> None:
+    cfg = write_toml(tmp_path / "b.toml", [original_service], backend_framing="raw")
+    bal = start_balancer(cfg)
+    try:
+        c = LineClient(bal.port)
+        assert c.request("7" * 1100) == "Error: message too long"
+        assert c.request("7" * 1024) == reply_for("7" * 1024)
+    finally:
+        bal.stop()
+
+
+def test_a_last_line_without_newline_before_eof_is_answered(
+    tmp_path: Path, services: Services
+) -> None:
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports)
+    bal = start_balancer(cfg)
+    try:
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+            sock.sendall(b"1\n2")
+            sock.shutdown(socket.SHUT_WR)
+            assert _read_until_closed(sock) == f"{reply_for(1)}\n{reply_for(2)}\n".encode()
+    finally:
+        bal.stop()
+
+
+def test_max_buffered_cuts_the_client_holding_the_most_and_serves_the_others(
+    tmp_path: Path, services: Services
+) -> None:
+    """Partial lines had no overall cap (3,000 connections x 60 KB held 170 MB)."""
+    services.start()
+    cfg = write_toml(tmp_path / "b.toml", services.ports, max_line=60000, max_buffered=65536)
+    bal = start_balancer(cfg)
+    try:
+        holders = [LineClient(bal.port) for _ in range(3)]
+        whole = LineClient(bal.port)
+        for c, size in zip(holders, (20000, 25000, 30000), strict=True):
+            c.send_bytes(b"5" * size)
+        assert holders[2].read_until_closed() == b"Error: line too long\n"
+        assert whole.request("1") == reply_for(1)
+        for c, size in zip(holders[:2], (20000, 25000), strict=True):
+            c.send_bytes(b"\n")
+            assert c.read_line() == reply_for("5" * size)
+    finally:
+        bal.stop()

@@ -3,113 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig
-from balancer.metrics import LatencyHistogram
+from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
 from balancer.pool import Backend, BackendPool
-from balancer.proxy.message import (
-    BackendChannel,
-    BackendConnection,
-    ClientSession,
-    MessageService,
-)
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 5555)) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.closed = False
-        self.aborted = False
-        self.paused = False
-        self.peer = peer
-        self.protocol: asyncio.BaseProtocol | None = None
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self.peer
-        return default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "write after close"
-        self.written.append(bytes(data))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if isinstance(self.protocol, asyncio.Protocol):
-                asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    def abort(self) -> None:
-        self.aborted = True
-        if not self.closed:
-            self.closed = True
-            if isinstance(self.protocol, asyncio.Protocol):
-                asyncio.get_running_loop().call_soon(
-                    self.protocol.connection_lost, ConnectionResetError("aborted")
-                )
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def data(self) -> bytes:
-        return b"".join(self.written)
-
-
-def make_service(n_backends: int = 2, **kw: Any) -> tuple[MessageService, dict[int, list[Any]]]:
-    kw.setdefault("backend_connections", 1)
-    cfg = ServiceConfig(
-        name="t",
-        listen_host="127.0.0.1",
-        listen_port=0,
-        backends=tuple(BackendConfig("127.0.0.1", 9000 + i) for i in range(n_backends)),
-        health=HealthConfig(enabled=False),
-        **kw,
-    )
-    pool = BackendPool(cfg)
-    service = MessageService(cfg, pool, histogram=LatencyHistogram())
-    opened: dict[int, list[Any]] = {b.port: [] for b in pool}
-
-    def fake_open(self: BackendChannel) -> BackendConnection:
-        conn = BackendConnection(self)
-        self.connections.append(conn)
-        t = FakeTransport()
-        t.protocol = conn
-        conn.connection_made(t)
-        opened[self.backend.port].append((conn, t))
-        return conn
-
-    BackendChannel._open = fake_open  # type: ignore[method-assign]
-    return service, opened
-
-
-@pytest.fixture(autouse=True)
-def _restore_open() -> Any:
-    original = BackendChannel._open
-    yield
-    BackendChannel._open = original  # type: ignore[method-assign]
-
-
-async def turn() -> None:
-    """Let the loop run the end-of-turn flush."""
-    await asyncio.sleep(0)
-
-
-def client(service: MessageService) -> tuple[ClientSession, FakeTransport]:
-    s = ClientSession(service)
-    t = FakeTransport()
-    t.protocol = s
-    s.connection_made(t)
-    return s, t
+from balancer.proxy import message
+from balancer.proxy.message import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
+from tests.message_doubles import client, make_service, settle, turn
 
 
 async def test_replies_are_written_in_request_order_even_when_backends_answer_out_of_order() -> (
@@ -219,12 +120,16 @@ async def test_line_too_long_answers_earlier_requests_first_then_closes() -> Non
     assert t.closed
 
 
-async def test_raw_client_is_detected_after_a_quiet_period() -> None:
-    service, opened = make_service(1)
+async def test_raw_client_is_detected_after_a_quiet_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(message, "RAW_QUIET_PERIOD", 0.0)  # the timer fires on the next turns
+    service, opened = make_service(1, client_framing="auto")
     s, t = client(service)
     s.data_received(b"12")
     await turn()
-    await asyncio.sleep(0.15)
+    assert opened[9000] == []  # nothing sent before the quiet period
+    await settle()
     c0, t0 = opened[9000][0]
     assert t0.data() == b"12\n"
     c0.data_received(b"twelve\n")
@@ -305,3 +210,265 @@ async def test_drain_answers_accepted_requests_then_closes_and_takes_no_more() -
     assert t_busy.closed
     assert t_idle.closed
     assert t_idle.data() == b""
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+async def test_a_retry_never_goes_back_to_the_backend_that_failed_it() -> None:
+    """The failed backend stays eligible (one failure does not eject it here), and it is the
+    only one: the request is not sent to it again, the client is told no backend is left."""
+    service, opened = make_service(1, outlier=OutlierConfig(consecutive_failures=5))
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    opened[9000][0][1].abort()
+    await settle()
+    assert service.pool.backends[0].state == "up"
+    assert [tb.data() for _c, tb in opened[9000]] == [b"1\n"]
+    assert t.data() == NOT_AVAILABLE + b"\n"
+
+
+async def test_each_retry_excludes_every_backend_that_already_failed_the_request() -> None:
+    """consistent_hash maps one client to the same backend each time: without the list of
+    backends tried, the second retry would go back to the first one."""
+    service, opened = make_service(
+        3,
+        algorithm="consistent_hash",
+        retries=2,
+        outlier=OutlierConfig(consecutive_failures=5),
+    )
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    order: list[int] = []
+    for _ in range(2):
+        port = next(p for p, conns in opened.items() if conns and not conns[-1][1].closed)
+        order.append(port)
+        opened[port][-1][1].abort()
+        await settle()
+    last = next(p for p, conns in opened.items() if conns and not conns[-1][1].closed)
+    assert last not in order
+    assert sorted([*order, last]) == [9000, 9001, 9002]
+    assert all(len(conns) == 1 for conns in opened.values()), "each backend asked once"
+    opened[last][0][0].data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\n"
+
+
+async def test_the_retry_budget_stops_retries_beyond_its_share() -> None:
+    service, opened = make_service(2, retry_budget_percent=0, retry_budget_min=0)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    opened[9000][0][1].abort()
+    await settle()
+    assert t.data() == NOT_AVAILABLE + b"\n"
+    assert opened[9001] == []
+    assert service.retries_over_budget == 1
+    assert service.retries == 0
+
+
+async def test_the_retry_budget_allows_its_floor_per_second() -> None:
+    service, opened = make_service(2, retry_budget_percent=0, retry_budget_min=1)
+    s, _t = client(service)
+    s.data_received(b"".join(b"%d\n" % i for i in range(30)))
+    await turn()
+    opened[9000][0][1].abort()  # 15 requests to re-send; the floor allows 10 in the window
+    await settle()
+    assert service.retries == 10
+    assert service.retries_over_budget == 5
+
+
+async def test_a_kept_alive_connection_closed_by_the_backend_re_sends_to_the_same_backend() -> None:
+    service, opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    conn, _tb = opened[9000][0]
+    conn.data_received(b"one\n")
+    s.data_received(b"2\n")
+    await turn()
+    conn.eof_received()  # the backend let the idle-looking connection go
+    conn.connection_lost(None)
+    await settle()
+    backend = service.pool.backends[0]
+    assert backend.state == "up"
+    assert backend.failures == 0
+    assert len(opened[9000]) == 2
+    new, t_new = opened[9000][1]
+    assert t_new.data() == b"2\n"
+    new.data_received(b"two\n")
+    await turn()
+    assert t.data() == b"one\ntwo\n"
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+async def test_the_response_timeout_sweep_fails_a_backend_that_holds_a_request_too_long() -> None:
+    service, opened = make_service(2, response_timeout=5.0)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    conn, t0 = opened[9000][0]
+    service._sweep()
+    assert not t0.aborted, "not late yet"
+    conn.pending[0].sent -= 6.0
+    service._sweep()
+    await settle()
+    assert t0.aborted
+    assert service.pool.backends[0].state == "down"
+    c1, t1 = opened[9001][0]
+    assert t1.data() == b"1\n"
+    c1.data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\n"
+
+
+async def test_idle_clients_are_closed_after_client_timeout_and_busy_ones_are_not() -> None:
+    service, _opened = make_service(1, client_timeout=10.0)
+    idle, t_idle = client(service, ("127.0.0.1", 1))
+    busy, t_busy = client(service, ("127.0.0.1", 2))
+    busy.data_received(b"1\n")
+    await turn()
+    service._sweep()
+    assert not t_idle.closed
+    idle.last_active -= 11.0
+    busy.last_active -= 11.0
+    service._sweep()
+    assert t_idle.closed
+    assert not t_busy.closed, "a request is pending"
+    assert service.idle_closed == 1
+
+
+async def test_client_timeout_zero_never_closes_idle_clients() -> None:
+    service, _opened = make_service(1, client_timeout=0.0)
+    idle, t_idle = client(service)
+    idle.last_active -= 1e6
+    service._sweep()
+    assert not t_idle.closed
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+
+async def test_requests_beyond_max_backend_requests_queue_and_a_full_queue_answers_busy() -> None:
+    service, opened = make_service(1, max_backend_requests=1, queue_size=1)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n")
+    await turn()
+    conn, tb = opened[9000][0]
+    assert tb.data() == b"1\n"
+    assert len(service.queue) == 1
+    conn.data_received(b"one\n")
+    await turn()
+    assert tb.data() == b"1\n2\n", "the queued request goes once there is room"
+    conn.data_received(b"two\n")
+    await turn()
+    assert t.data() == b"one\ntwo\n" + QUEUE_FULL + b"\n"
+    assert service.queue_full == 1
+
+
+async def test_a_request_waiting_longer_than_queue_timeout_is_answered() -> None:
+    service, opened = make_service(1, max_backend_requests=1, queue_timeout=2.0)
+    s, t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    service._sweep()
+    assert len(service.queue) == 1
+    service.queue[0].queued_at -= 3.0
+    service._sweep()
+    await turn()
+    opened[9000][0][0].data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\n" + QUEUE_TIMEOUT + b"\n"
+    assert opened[9000][0][1].data() == b"1\n"
+    assert service.queue_timeouts == 1
+
+
+# -- writes ------------------------------------------------------------------------------------
+
+
+async def test_several_clients_requests_share_one_backend_connection_and_one_write() -> None:
+    service, opened = make_service(1, backend_connections=4)
+    sessions = [client(service, ("127.0.0.1", 100 + i)) for i in range(3)]
+    for i, (s, _t) in enumerate(sessions):
+        s.data_received(b"%d\n" % i)
+    await turn()
+    assert len(opened[9000]) == 1
+    conn, tb = opened[9000][0]
+    assert tb.written == [b"0\n1\n2\n"]
+    conn.data_received(b"zero\none\ntwo\n")
+    await turn()
+    assert [t.written for _s, t in sessions] == [[b"zero\n"], [b"one\n"], [b"two\n"]]
+
+
+async def test_replies_from_one_turn_go_to_a_client_in_one_write() -> None:
+    service, opened = make_service(2)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n4\n")
+    await turn()
+    opened[9001][0][0].data_received(b"two\nfour\n")
+    opened[9000][0][0].data_received(b"one\nthree\n")
+    await turn()
+    assert t.written == [b"one\ntwo\nthree\nfour\n"]
+
+
+# -- drain --------------------------------------------------------------------------------------
+
+
+async def test_drain_returns_at_its_timeout_when_a_backend_never_answers() -> None:
+    service, opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    await asyncio.wait_for(service.drain(0.05), 10)
+    await settle()
+    assert t.data() == STOPPING + b"\n"
+    assert t.closed
+    assert opened[9000][0][1].closed
+    assert service.drain_cut == 1
+    assert service.pool.backends[0].failures == 0, "a stop is not the backend's failure"
+
+
+async def test_drain_closes_idle_clients_spread_over_the_close_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, _opened = make_service(1)
+    service.drain_close_window = 1.0
+    transports = [client(service, ("127.0.0.1", 100 + i))[1] for i in range(10)]
+
+    def closed() -> int:
+        return sum(t.closed for t in transports)
+
+    async def until(n: int) -> None:
+        # the drain loop looks at the clock every 10 ms of real time; poll for its result
+        async with asyncio.timeout(10):
+            while closed() < n:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+
+    drain = asyncio.ensure_future(service.drain(30.0))
+    await turn()
+    assert closed() == 0
+    clock[0] += 0.5
+    await until(5)
+    assert closed() == 5, "half the window: half the idle clients"
+    clock[0] += 0.5
+    await until(10)
+    await asyncio.wait_for(drain, 10)
+
+
+async def test_at_the_drain_deadline_ready_replies_are_written_before_the_close() -> None:
+    """A reply that came in the same loop turn as the deadline is written, not dropped."""
+    service, _opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    s.complete(s.pending[0], b"one")  # answered; its write waits for the end of the turn
+    await asyncio.wait_for(service.drain(0.0), 10)
+    await settle()
+    assert t.data() == b"one\n"
+    assert t.closed

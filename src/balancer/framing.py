@@ -7,6 +7,8 @@ A line longer than `max_line` bytes (terminator excluded) raises `LineTooLong`
 as soon as it is known to be too long, even before its newline arrives, so a
 peer cannot make the buffer grow without bound; the error carries the
 complete lines that preceded the long one, so they can still be answered.
+At the end of the stream `finish()` hands over the unterminated rest as one
+last line; `clear()` drops what is held (a connection being cut).
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ class LineTooLong(FramingError):
 
 
 class LineFramer:
-    __slots__ = ("_buf", "max_line")
+    __slots__ = ("_buf", "held", "max_line")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
         self._buf = bytearray()
+        self.held = 0
+        """Bytes of an incomplete line held after the last `feed` (a plain attribute: read
+        once per chunk on the hot path)."""
 
     @property
     def buffered(self) -> int:
@@ -57,9 +62,11 @@ class LineFramer:
                     len(buf) > self.max_line and not buf.endswith(b"\r")
                 ):
                     raise LineTooLong(self.max_line)
+                self.held = len(buf)
                 return []
             data = bytes(buf)
             self._buf = bytearray()
+            self.held = 0
         lines = data.split(b"\n")
         rest = lines.pop()
         limit = self.max_line
@@ -73,7 +80,23 @@ class LineFramer:
             if len(rest) > limit + 1 or (len(rest) > limit and not rest.endswith(b"\r")):
                 raise LineTooLong(limit, lines)
             self._buf = bytearray(rest)
+            self.held = len(rest)
         return lines
+
+    def finish(self) -> bytes | None:
+        """The end of the stream: the unterminated rest as a last line (a trailing CR
+        removed), or None when nothing is held. The framer is empty after."""
+        if not self._buf:
+            return None
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        self.held = 0
+        return rest[:-1] if rest.endswith(b"\r") else rest
+
+    def clear(self) -> None:
+        """Drop the incomplete line held (and its memory)."""
+        self._buf = bytearray()
+        self.held = 0
 
     def __repr__(self) -> str:
         return f"<LineFramer max_line={self.max_line} buffered={len(self._buf)}>"

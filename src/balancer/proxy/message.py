@@ -6,19 +6,45 @@ How it works:
   a backend chosen by the service's policy; replies may come back from
   different backends in any order, and the session writes them to the client
   strictly in request order (a reply waits until every earlier one is there).
+- Client framing is the service's `client_framing`: `line` (one request per
+  line; an unterminated rest at EOF is one last request), `raw` (each read is
+  one message, each reply is written unterminated, as the tutorial's
+  original programs send), or `auto`: a first chunk without a newline
+  followed by a quiet period (RAW_QUIET_PERIOD, restarted by every chunk) means
+  raw; a connection found raw that later sends a newline was not raw after
+  all, and is answered with an error and closed.
 - Each backend has a `BackendChannel`: a few persistent connections
   (`BackendConnection`) over which requests are pipelined. Replies on one
   connection come back in the order its requests were sent, so each
-  connection holds a FIFO of the requests it carries. With raw backend
-  framing a connection carries one request at a time.
+  connection holds a FIFO of the requests it carries. A connection's framing
+  is the backend's (`Backend.framing`) when it is opened; when that changes,
+  the old connections take no more requests. A raw connection carries one
+  request at a time, and only one client's requests, so a reply that comes
+  back in two reads can never reach another client.
+- Isolation: every request written to a line backend is exactly one line.
+  This is checked once per write, where the bytes go out (`flush`): a batch
+  with an empty request, a line break or a bare CR inside a request is
+  answered locally, request by request, and never written. A backend that
+  answers more than it was sent is failed, so a reply is never matched to a
+  request the backend has not seen. Empty requests are answered locally
+  (`Invalid message`) for every framing.
 - When a backend connection fails while it holds requests, those requests
   are re-sent to another backend (at most `retries` times each, never to a
   backend that already failed them) and the backend is marked down. Only
-  when no backend is left does the client get `Server not available`.
-- Client framing is detected per connection: a first chunk with a newline
-  means lines; a first chunk without one, followed by a short quiet period,
-  means raw (each read is one message, each reply is written unterminated),
-  as the tutorial's original programs send.
+  when no backend is left does the client get `Server not available`. A
+  connect that fails for want of our own resources (file descriptors, local
+  ports, memory) is not the backend's fault: no failure is counted, and its
+  requests go elsewhere without using up their retries.
+- Memory: bytes of unfinished lines are counted per service; over
+  `max_buffered` the clients holding the most are cut (`shed_buffers`). When
+  much has been freed, the sweep asks the C allocator to return it
+  (`malloc_trim`), at most every TRIM_INTERVAL seconds.
+- Loops: every backend connection registers its addresses while open
+  (`loopguard`, and its local and remote address pair here); a client
+  connection whose peer and local address are one of those pairs reversed is
+  this balancer talking to itself, and the backend it was opened for is
+  marked as a loop. The peer address alone is not proof: a local client may
+  get the same ephemeral port as one of our connections to elsewhere.
 - Writes are coalesced: everything queued for a connection during one turn
   of the event loop (requests from all clients for a backend connection,
   replies from all backends for a client) goes out as one write at the end
@@ -30,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import socket
@@ -38,6 +65,7 @@ from collections.abc import Callable, Collection
 from time import monotonic
 from typing import TYPE_CHECKING, cast
 
+from balancer import loopguard, resources
 from balancer.framing import LineFramer, LineTooLong
 from balancer.loops import create_listener
 from balancer.policies.base import Policy
@@ -55,15 +83,34 @@ LINE_TOO_LONG = b"Error: line too long"
 QUEUE_FULL = b"Error: server busy"
 QUEUE_TIMEOUT = b"Error: queue timeout"
 TOO_MANY_CONNECTIONS = b"Error: too many connections"
+INVALID_MESSAGE = b"Invalid message"
+"""An empty request, answered locally as the sample service answers it."""
+LINE_BREAK = b"Error: line break inside a message"
+"""A request holding a newline or CR, which a line backend would read as two."""
+NEWLINE_ON_RAW = b"Error: newline on a raw connection"
+MESSAGE_TOO_LONG = b"Error: message too long"
+"""A request over RAW_BACKEND_MAX_MESSAGE bytes for a raw backend."""
+BAD_REPLY = b"Error: invalid reply from server"
+"""A raw backend's reply holding a newline, which a line client would read as two."""
+STOPPING = b"Error: balancer stopping"
 RAW_QUIET_PERIOD = 0.05
+RAW_BACKEND_MAX_MESSAGE = 1024
+"""The tutorial's original service reads with recv(1024): a longer message would be
+read as two and answered twice."""
 MAX_PENDING_PER_CLIENT = 4096
 """A client with this many unanswered requests is paused until replies drain."""
 BACKEND_MAX_REPLY = 16 * 1024 * 1024
 PIPELINE_OPEN_THRESHOLD = 8
+MAX_SHORTAGE_RETRIES = 2
+"""Re-sends of one request after local shortages (they do not use up `retries`)."""
+TRIM_AFTER_FREED = 1024 * 1024
+TRIM_INTERVAL = 2.0
+"""malloc_trim(0) took 0.3 ms after 180 MB of line buffers were freed (2-core machine)."""
 
-_UNDETECTED = 0
+_NEW = 0
 _LINE = 1
 _RAW = 2
+_DETECTING = 3
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -71,6 +118,77 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class HeapTrimmer:
+    """Asks glibc to give freed heap back to the system, at most every TRIM_INTERVAL seconds.
+
+    Freed bytes of many small buffers stay in the process's heap (RSS does not
+    drop) until the allocator is asked to trim it; that costs a walk of the
+    heap, so it is done rarely and only after a large release.
+    """
+
+    def __init__(self) -> None:
+        self.last = -1e9
+        self.runs = 0
+        self._trim: Callable[[int], int] | None = None
+        self._looked_up = False
+
+    def __call__(self, now: float) -> bool:
+        """Trim now unless done within TRIM_INTERVAL; True when it ran."""
+        if now - self.last < TRIM_INTERVAL:
+            return False
+        self.last = now
+        if not self._looked_up:
+            self._looked_up = True
+            import ctypes  # only once there is something to give back: it costs memory too
+
+            with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+                self._trim = ctypes.CDLL(None).malloc_trim
+        if self._trim is None:
+            return False
+        self._trim(0)
+        self.runs += 1
+        return True
+
+
+TRIM_HEAP = HeapTrimmer()
+"""One per process: the heap is the process's."""
+
+
+Address = tuple[str, int]
+
+
+def _address(sockaddr: object) -> Address | None:
+    """(host, port) of a socket address, IPv4-mapped IPv6 written as IPv4."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        host = str(sockaddr[0])
+        return (host[7:] if host.startswith("::ffff:") else host), int(sockaddr[1])
+    return None
+
+
+_OWN_CONNECTIONS: dict[tuple[Address, Address], tuple[BackendPool, Backend]] = {}
+"""(local, remote) address of every open backend connection -> the backend it serves.
+
+A loop is a client connection whose (peer, local) address pair is one of these. The
+local address alone is not enough: the kernel gives the same ephemeral port to
+connections towards different destinations, so a client on this host can come from
+the very address one of our backend connections uses without being that connection.
+"""
+
+
+def _points_here(owner: object, local: Address) -> bool:
+    """A connection another part registered with loopguard, `(pool, backend)`, came to
+    `local`: only a loop when its backend's address is that one (a name: its port)."""
+    if not (isinstance(owner, tuple) and len(owner) == 2 and isinstance(owner[1], Backend)):
+        return False
+    backend = owner[1]
+    if backend.port != local[1]:
+        return False
+    try:
+        return ipaddress.ip_address(backend.host.strip("[]")) == ipaddress.ip_address(local[0])
+    except ValueError:
+        return True  # a name: not resolved here (that could block); the port matched
 
 
 RETRY_WINDOW = 10
@@ -120,6 +238,7 @@ class Request:
         "reply",
         "sent",
         "session",
+        "shortages",
         "started",
         "tried",
     )
@@ -131,69 +250,152 @@ class Request:
         self.backend: Backend | None = None
         self.tried: list[Backend] | None = None
         self.attempts = 0
+        self.shortages = 0
         self.started = 0.0
         self.sent = 0.0
         self.queued_at = 0.0
 
 
 class BackendConnection(asyncio.Protocol):
-    """One persistent connection to a backend, carrying a FIFO of requests."""
+    """One persistent connection to a backend, carrying a FIFO of requests.
+
+    `out` holds the bytes of the requests queued since the last write, one item
+    per request: they are always the last `len(out)` entries of `pending`.
+    """
+
+    __slots__ = (
+        "_by_us",
+        "_eof",
+        "_error",
+        "_framer",
+        "_loop_key",
+        "_own_key",
+        "_raw",
+        "channel",
+        "closed",
+        "connected",
+        "out",
+        "owner",
+        "pending",
+        "retiring",
+        "scheduled",
+        "served",
+        "transport",
+        "usable",
+    )
 
     def __init__(self, channel: BackendChannel) -> None:
+        # fixed for the connection's life
         self.channel = channel
-        self.pending: deque[Request] = deque()
+        self._raw = channel.raw
+        """The backend's framing when this connection was opened."""
+        # connection state
         self.transport: asyncio.Transport | None = None
         self.connected = False
         self.closed = False
-        self.served = 0
-        self.out: list[bytes] = []
-        """Bytes queued for the next write (one write per loop turn)."""
-        self._framer = LineFramer(BACKEND_MAX_REPLY)
-        self._raw = channel.raw
+        self.usable = True
+        """Takes new requests."""
+        self.retiring = False
+        """Takes no new requests; closed once those it holds are answered."""
+        self.scheduled = False
+        self.owner: ClientSession | None = None
+        """Raw framing: the client whose requests this connection carries."""
+        self._loop_key: loopguard.Address | None = None
+        self._own_key: tuple[Address, Address] | None = None
         self._error: str | None = None
         self._eof = False
-        self.scheduled = False
-        self.usable = True
+        self._by_us = False
+        # requests
+        self.pending: deque[Request] = deque()
+        self.out: list[bytes] = []
+        """Bytes queued for the next write (one write per loop turn)."""
+        self.served = 0
+        self._framer = LineFramer(BACKEND_MAX_REPLY)
 
     # -- sending ------------------------------------------------------------
     def enqueue(self, req: Request) -> None:
         self.pending.append(req)
         if self._raw:
+            self.owner = req.session
             self.out.append(req.payload)
         else:
             self.out.append(req.payload + b"\n")
 
     def flush(self) -> None:
-        if self.out and self.connected and self.transport is not None:
-            out = self.out
+        out = self.out
+        if out and self.connected and self.transport is not None:
             self.out = []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            n = len(out)
+            data = out[0] if n == 1 else b"".join(out)
+            # Every request to a line backend is exactly one line: as many newlines as
+            # requests, none empty, no CR (many line parsers split there too).
+            if not self._raw and (
+                data.count(b"\n") != n or b"\r" in data or b"\n\n" in data or data[0] == 10
+            ):
+                data = self._refuse_unsafe(n)
+                if not data:
+                    return
+            self.transport.write(data)
+
+    def _refuse_unsafe(self, n: int) -> bytes:
+        """Answer locally the requests of this batch that are not exactly one line;
+        return the bytes of the others."""
+        pending = self.pending
+        batch = [pending.pop() for _ in range(n)]
+        batch.reverse()
+        keep: list[bytes] = []
+        channel = self.channel
+        for req in batch:
+            payload = req.payload
+            if payload and b"\n" not in payload and b"\r" not in payload:
+                pending.append(req)
+                keep.append(payload + b"\n")
+            else:
+                channel.refuse(req, LINE_BREAK if payload else INVALID_MESSAGE)
+        return b"".join(keep)
 
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.connected = True
+        if self._by_us or (self.retiring and not self.pending):
+            transport.close()
+            return
         _nodelay(transport)
+        channel = self.channel
+        # Registered before the first write, so a listener of ours that accepts this
+        # connection recognises it by the time the request arrives.
+        owner = (channel.service.pool, channel.backend)
+        sockname = transport.get_extra_info("sockname")
+        self._loop_key = loopguard.register(sockname, owner)
+        local, remote = _address(sockname), _address(transport.get_extra_info("peername"))
+        if local is not None and remote is not None:
+            self._own_key = (local, remote)
+            _OWN_CONNECTIONS[self._own_key] = owner
         self.flush()
 
     def data_received(self, data: bytes) -> None:
         channel = self.channel
+        pending = self.pending
         now = monotonic()
         if self._raw:
-            if not self.pending:
+            if len(pending) <= len(self.out):  # nothing written awaits a reply
                 self._fail("unsolicited data from backend")
                 return
-            replies = [data.rstrip(b"\r\n")]
+            reply = data.rstrip(b"\r\n")
+            if b"\n" in reply and pending[0].session.framing != _RAW:
+                reply = BAD_REPLY  # a line client would read it as two replies
+            replies = [reply]
         else:
             try:
                 replies = self._framer.feed(data)
             except LineTooLong:
                 self._fail("reply line too long")
                 return
-            if len(replies) > len(self.pending):
+            written = len(pending) - len(self.out) if self.out else len(pending)
+            if len(replies) > written:
                 self._fail("more replies than requests")
                 return
-        pending = self.pending
         backend = channel.backend
         service = channel.service
         on_finish = service.policy_finish
@@ -211,7 +413,7 @@ class BackendConnection(asyncio.Protocol):
         if service.queue:
             service.drain_queue()
         service.flush_sessions()
-        if self._raw and not pending:
+        if not pending and (self._raw or self.retiring):
             channel.connection_idle(self)
 
     def eof_received(self) -> bool | None:
@@ -222,7 +424,12 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False
         self.closed = True
-        if self._error is None:
+        loopguard.unregister(self._loop_key)
+        self._loop_key = None
+        if self._own_key is not None:
+            _OWN_CONNECTIONS.pop(self._own_key, None)
+            self._own_key = None
+        if self._error is None and not self._by_us:
             if exc is not None:
                 self._error = f"connection lost: {exc}"
             elif self._framer.buffered:
@@ -243,14 +450,29 @@ class BackendConnection(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         self._fail(reason)
 
+    def retire(self) -> None:
+        """No new requests; close once those held are answered (now, when none)."""
+        self.usable = False
+        self.retiring = True
+        if not self.pending:
+            self.close()
+
     def close(self) -> None:
+        """Closed by the balancer: what it held is not the backend's failure."""
+        self.usable = False
+        self._by_us = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    @property
+    def closed_by_us(self) -> bool:
+        return self._by_us
+
     def __repr__(self) -> str:
+        framing = "raw" if self._raw else "line"
         return (
-            f"<BackendConnection {self.channel.backend.address} pending={len(self.pending)} "
-            f"served={self.served} connected={self.connected}>"
+            f"<BackendConnection {self.channel.backend.address} {framing} "
+            f"pending={len(self.pending)} served={self.served} connected={self.connected}>"
         )
 
 
@@ -260,28 +482,35 @@ class BackendChannel:
     def __init__(self, service: MessageService, backend: Backend) -> None:
         self.service = service
         self.backend = backend
-        self.raw = service.config.backend_framing == "raw"
+        self.framing = backend.framing
+        """The backend's framing as last seen ("" = not known yet: line)."""
+        self.raw = self.framing == "raw"
         self.max_connections = max(1, service.config.backend_connections)
-        # Line framing pipelines: a new connection is opened only when every open one
-        # already carries this many requests (fewer connections, bigger writes).
-        self.open_threshold = 1 if self.raw else PIPELINE_OPEN_THRESHOLD
         self.connections: list[BackendConnection] = []
         # raw framing: requests waiting for a free connection
         self.waiting: deque[Request] = deque()
         self.retired = False
+        self.resend_on_close = True
 
     def send(self, req: Request) -> BackendConnection | None:
-        """Queue `req` on a connection; return it so the caller can flush, or None if waiting."""
+        """Queue `req` on a connection; return it so the caller can flush, or None if waiting
+        (or answered here)."""
+        if self.backend.framing != self.framing:
+            self._reframe()
+        if self.raw:
+            return self._send_raw(req)
         conns = self.connections
-        if len(conns) == 1 and not self.raw:
+        if len(conns) == 1:
             # the common case: one pipelined connection with room on it
             conn = conns[0]
             if conn.usable and (
-                len(conn.pending) < self.open_threshold or self.max_connections == 1
+                len(conn.pending) < PIPELINE_OPEN_THRESHOLD or self.max_connections == 1
             ):
                 conn.pending.append(req)
                 conn.out.append(req.payload + b"\n")
                 return conn
+        # Line framing pipelines: a new connection is opened only when every open one
+        # already carries PIPELINE_OPEN_THRESHOLD requests (fewer connections, bigger writes).
         best: BackendConnection | None = None
         best_n = 1 << 30
         for conn in conns:
@@ -293,14 +522,86 @@ class BackendChannel:
                 if n == 0:
                     break
         if best is None or (
-            best_n >= self.open_threshold and self._usable_count() < self.max_connections
+            best_n >= PIPELINE_OPEN_THRESHOLD and self._usable_count() < self.max_connections
         ):
             best = self._open()
-        elif best_n > 0 and self.raw:
-            self.waiting.append(req)
-            return None
         best.enqueue(req)
         return best
+
+    def _send_raw(self, req: Request) -> BackendConnection | None:
+        payload = req.payload
+        if not payload:
+            self.refuse(req, INVALID_MESSAGE)  # zero bytes: the backend would never answer
+            return None
+        if len(payload) > RAW_BACKEND_MAX_MESSAGE:
+            self.refuse(req, MESSAGE_TOO_LONG)
+            return None
+        conn = self._raw_connection(req.session)
+        if conn is None:
+            self.waiting.append(req)
+            return None
+        conn.enqueue(req)
+        return conn
+
+    def _raw_connection(self, session: ClientSession) -> BackendConnection | None:
+        """A free raw connection for `session`'s next request, or None: all are busy.
+
+        A raw connection serves one client: an idle one of another client is
+        closed and replaced rather than reused, so the late part of a reply that
+        came in two reads can never be taken for another client's reply.
+        """
+        usable = 0
+        other: BackendConnection | None = None
+        for conn in self.connections:
+            if not conn.usable:
+                continue
+            usable += 1
+            if not conn.pending:
+                if conn.owner is session:
+                    return conn
+                if other is None:
+                    other = conn
+        if usable >= self.max_connections:
+            if other is None:
+                return None
+            other.retire()
+        return self._open()
+
+    def _serve_waiting(self) -> None:
+        """Raw framing: hand waiting requests to free connections, in arrival order."""
+        waiting = self.waiting
+        while waiting and not self.retired:
+            conn = self._raw_connection(waiting[0].session)
+            if conn is None:
+                return
+            conn.enqueue(waiting.popleft())
+            conn.flush()
+
+    def refuse(self, req: Request, reply: bytes) -> None:
+        """Answer a request handed to this backend locally: it must not be sent."""
+        self.backend.in_flight -= 1
+        service = self.service
+        service.invalid += 1
+        req.session.complete(req, reply)
+        service.flush_sessions()
+
+    def _reframe(self) -> None:
+        """The backend's framing changed (found out by its checks, or a restart of another
+        kind): connections of the old framing finish what they hold and take no more."""
+        framing = self.backend.framing
+        raw = framing == "raw"
+        self.framing = framing
+        if raw == self.raw:
+            return
+        self.raw = raw
+        for old in list(self.connections):
+            old.retire()
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        for req in waiting:
+            conn = self.send(req)
+            if conn is not None:
+                self.service.schedule_flush(conn)
 
     def _usable_count(self) -> int:
         return sum(1 for c in self.connections if c.usable)
@@ -322,18 +623,43 @@ class BackendChannel:
         except TimeoutError:
             reason = f"connect timeout after {self.service.config.connect_timeout:g}s"
         except OSError as exc:
+            if resources.is_local_shortage(exc):
+                resources.ALARM.note(exc, f"connecting to backend {backend.address}")
+                conn.closed = True
+                self.connection_short(conn)
+                return
             reason = f"connect failed: {exc.strerror or exc}"
         else:
             return
         conn.closed = True
-        backend.connect_failures += 1
+        if not conn.closed_by_us:
+            backend.connect_failures += 1
         self.connection_closed(conn, reason, stale=False)
 
     def connection_idle(self, conn: BackendConnection) -> None:
-        """Raw framing: a connection finished its request; give it the next waiting one."""
-        if self.waiting and not conn.closed:
-            conn.enqueue(self.waiting.popleft())
-            conn.flush()
+        """A raw connection finished its request, or a retiring one its last."""
+        if not conn.usable or conn.closed:
+            conn.close()
+            return
+        waiting = self.waiting
+        if waiting:
+            if waiting[0].session is conn.owner:
+                conn.enqueue(waiting.popleft())
+                conn.flush()
+                return
+            self._serve_waiting()
+
+    def connection_short(self, conn: BackendConnection) -> None:
+        """A connect failed for want of our own resources: not the backend's fault."""
+        with contextlib.suppress(ValueError):
+            self.connections.remove(conn)
+        failed = list(conn.pending)
+        conn.pending.clear()
+        if self.waiting and not any(c.usable for c in self.connections):
+            failed.extend(self.waiting)
+            self.waiting.clear()
+        self.backend.in_flight -= len(failed)
+        self.service.retry_short(failed, self.backend)
 
     def connection_closed(self, conn: BackendConnection, error: str | None, stale: bool) -> None:
         with contextlib.suppress(ValueError):
@@ -341,16 +667,17 @@ class BackendChannel:
         failed = list(conn.pending)
         conn.pending.clear()
         if self.raw and not failed and self.waiting and not self.retired:
-            # the connection was closed while idle; keep serving the queue
-            nxt = self.waiting.popleft()
-            c = self.send(nxt)
-            if c is not None:
-                c.flush()
+            self._serve_waiting()  # the connection was closed while idle; keep serving
         if error is None and not failed:
             return
         service = self.service
         backend = self.backend
-        if not stale:
+        if conn.closed_by_us:
+            # closed by the balancer (the backend was removed): re-sent elsewhere, no fault
+            backend.in_flight -= len(failed)
+            if self.resend_on_close:
+                service.retry(failed, backend)
+        elif not stale:
             # a fresh connection failing, or a reset: the backend is in trouble
             failed.extend(self.waiting)
             self.waiting.clear()
@@ -369,8 +696,10 @@ class BackendChannel:
             backend.in_flight -= len(failed)
             service.retry(failed, backend, exclude=False)
 
-    def close(self) -> None:
+    def close(self, resend: bool = True) -> None:
+        """Close every connection; with `resend`, what they held goes to other backends."""
         self.retired = True
+        self.resend_on_close = resend
         for conn in list(self.connections):
             conn.close()
 
@@ -382,30 +711,66 @@ class BackendChannel:
 
     def __repr__(self) -> str:
         return (
-            f"<BackendChannel {self.backend.address} connections={len(self.connections)} "
-            f"waiting={len(self.waiting)}>"
+            f"<BackendChannel {self.backend.address} {'raw' if self.raw else 'line'} "
+            f"connections={len(self.connections)} waiting={len(self.waiting)}>"
         )
 
 
 class ClientSession(asyncio.Protocol):
     """One client connection: frames requests and writes replies in order."""
 
+    __slots__ = (
+        "_close_after_flush",
+        "_closing",
+        "_detected_raw",
+        "_dirty",
+        "_fds",
+        "_out",
+        "_paused_reading",
+        "_paused_writing",
+        "_peername",
+        "_raw_buf",
+        "_raw_timer",
+        "framer",
+        "framing",
+        "gone",
+        "held",
+        "last_active",
+        "peer",
+        "peer_key",
+        "pending",
+        "service",
+        "transport",
+    )
+
     def __init__(self, service: MessageService) -> None:
+        # the connection
         self.service = service
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.peer_key = b""
-        self.pending: deque[Request] = deque()
+        self._peername: object = None
+        self._fds: resources.FdBudget | None = None
+        # framing
+        self.framing = _NEW
         self.framer = LineFramer(service.config.max_line)
-        self.framing = _UNDETECTED
         self._raw_buf = bytearray()
         self._raw_timer: asyncio.TimerHandle | None = None
+        self._detected_raw = False
+        """`auto` found this client raw: a newline later means it was not."""
+        self.held = 0
+        """Bytes of an unfinished request held (counted in the service's `buffered`)."""
+        # requests and replies
+        self.pending: deque[Request] = deque()
         self._out: list[bytes] = []
         self._dirty = False
+        # flow control and lifetime
         self._paused_reading = False
         self._paused_writing = False
         self._closing = False
         self._close_after_flush = False
+        self.gone = False
+        """Closed, or being closed: nobody waits for its replies."""
         self.last_active = monotonic()
 
     # -- asyncio callbacks ----------------------------------------------------
@@ -413,21 +778,71 @@ class ClientSession(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         _nodelay(transport)
         peer = transport.get_extra_info("peername")
+        self._peername = peer
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
             self.peer_key = str(peer[0]).encode()
         service = self.service
-        limit = service.config.max_connections
         if service.draining:
-            transport.close()
-            return
-        if limit and len(service.sessions) >= limit:
-            service.refused += 1
             self._closing = True
-            transport.write(TOO_MANY_CONNECTIONS + b"\n")
             transport.close()
             return
+        owner = self._loop_owner()
+        if owner is not None:
+            self._loop_detected(owner)
+            return
+        limit = service.config.max_connections
+        if limit and len(service.sessions) >= limit:
+            self._refuse()
+            return
+        fds = resources.FDS
+        if fds is not None:
+            # a reserve of descriptors stays free for checks, backend connections and admin
+            if not fds.admit():
+                self._refuse()
+                return
+            self._fds = fds
         service.sessions.add(self)
+
+    def _loop_owner(self) -> object | None:
+        """The backend whose outgoing connection this client connection is, or None."""
+        if not _OWN_CONNECTIONS and not loopguard.open_count():
+            return None
+        transport = self.transport
+        peer = _address(self._peername)
+        local = _address(transport.get_extra_info("sockname")) if transport else None
+        if peer is None or local is None:
+            return None
+        mine = _OWN_CONNECTIONS.get((peer, local))
+        if mine is not None:
+            return mine
+        other = loopguard.owner(self._peername)
+        return other if other is not None and _points_here(other, local) else None
+
+    def _refuse(self) -> None:
+        assert self.transport is not None
+        self.service.refused += 1
+        self._closing = True
+        self.transport.write(TOO_MANY_CONNECTIONS + b"\n")
+        self.transport.close()
+
+    def _loop_detected(self, owner: object) -> None:
+        """The peer is one of our own backend connections: that backend is this balancer."""
+        service = self.service
+        service.loops += 1
+        self._closing = True
+        self._discard_buffers()
+        if isinstance(owner, tuple) and len(owner) == 2:
+            pool, backend = owner
+            mark_loop = getattr(pool, "mark_loop", None)
+            if mark_loop is not None and isinstance(backend, Backend):
+                host, port = service.bound
+                mark_loop(
+                    backend,
+                    f"its connection came back to service {service.config.name} on {host}:{port}",
+                )
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -437,23 +852,43 @@ class ClientSession(asyncio.Protocol):
             self._lines(data)
         elif framing == _RAW:
             self._raw_message(data)
+        elif framing == _DETECTING:
+            self._detect(data)
         else:
+            self._first_data(data)
+
+    def _first_data(self, data: bytes) -> None:
+        # Checked again now: the side that connects registers before it writes, so a
+        # loop that connection_made could not see yet is known by the first byte.
+        owner = self._loop_owner()
+        if owner is not None:
+            self._loop_detected(owner)
+            return
+        mode = self.service.client_framing
+        if mode == "line":
+            self.framing = _LINE
+            self._lines(data)
+        elif mode == "raw":
+            self.framing = _RAW
+            self._raw_message(data)
+        else:
+            self.framing = _DETECTING
             self._detect(data)
 
     def _detect(self, data: bytes) -> None:
         buf = self._raw_buf
         buf += data
+        self._cancel_raw_timer()
         if b"\n" in data:
             self.framing = _LINE
-            self._cancel_raw_timer()
             self._raw_buf = bytearray()
             self._lines(bytes(buf))
             return
         if len(buf) > self.service.config.max_line:
             self._too_long()
             return
-        if self._raw_timer is None:
-            self._raw_timer = self.service.loop.call_later(RAW_QUIET_PERIOD, self._raw_detected)
+        self._hold(len(buf))
+        self._raw_timer = self.service.loop.call_later(RAW_QUIET_PERIOD, self._raw_detected)
 
     def _cancel_raw_timer(self) -> None:
         if self._raw_timer is not None:
@@ -461,24 +896,32 @@ class ClientSession(asyncio.Protocol):
             self._raw_timer = None
 
     def _raw_detected(self) -> None:
+        """`auto`: what came so far had no newline and nothing followed: a raw client."""
         self._raw_timer = None
-        if self._closing or self.framing != _UNDETECTED:
+        if self._closing or self.framing != _DETECTING:
             return
         self.framing = _RAW
+        self._detected_raw = True
         data = bytes(self._raw_buf)
         self._raw_buf = bytearray()
+        self._hold(0)
         self._raw_message(data)
 
     def _raw_message(self, data: bytes) -> None:
+        if self._detected_raw and b"\n" in data:
+            self._cut(NEWLINE_ON_RAW)  # found raw by a pause, but it sends lines
+            return
         if len(data) > self.service.config.max_line:
             self._too_long()
             return
-        message = data.rstrip(b"\r\n")
-        self.service.dispatch_batch(self, [message])
+        self.service.dispatch_batch(self, [data.rstrip(b"\r\n")])
+        if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
+            self._pause_for_replies()
 
     def _lines(self, data: bytes) -> None:
+        framer = self.framer
         try:
-            lines = self.framer.feed(data)
+            lines = framer.feed(data)
         except LineTooLong as exc:
             if exc.lines:
                 self.service.dispatch_batch(self, exc.lines)
@@ -487,28 +930,61 @@ class ClientSession(asyncio.Protocol):
         if lines:
             self.service.dispatch_batch(self, lines)
             if len(self.pending) > MAX_PENDING_PER_CLIENT and not self._paused_reading:
-                self._paused_reading = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+                self._pause_for_replies()
+        held = framer.held
+        if held != self.held:
+            self._hold(held)
+
+    def _pause_for_replies(self) -> None:
+        self._paused_reading = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _hold(self, held: int) -> None:
+        """Now `held` bytes of an unfinished request are buffered (was `self.held`)."""
+        service = self.service
+        before = self.held
+        self.held = held
+        service.buffered += held - before
+        if held < before:
+            service.freed += before - held
+        elif service.buffered > service.max_buffered:
+            service.shed_buffers()
+
+    def _discard_buffers(self) -> None:
+        self.framer.clear()
+        self._raw_buf = bytearray()
+        if self.held:
+            self._hold(0)
 
     def _too_long(self) -> None:
-        """Answer the requests before it, then the error, then close."""
+        self.service.too_long += 1
+        self._cut(LINE_TOO_LONG)
+
+    def _cut(self, reply: bytes) -> None:
+        """Answer the requests before it, then `reply`, then close."""
         self._closing = True
         self._cancel_raw_timer()
+        self._discard_buffers()
         req = Request(self, b"")
+        req.reply = reply
         self.pending.append(req)
-        req.reply = LINE_TOO_LONG
         self._close_after_flush = True
-        self.service.too_long += 1
         if self.transport is not None:
             self.transport.pause_reading()
         self.try_flush()
 
     def eof_received(self) -> bool | None:
         # The client will send no more; answer what it sent, then close.
-        if self.framing == _UNDETECTED and self._raw_buf:
-            self._cancel_raw_timer()
-            self._raw_detected()
+        if not self._closing:
+            if self.framing == _DETECTING and self._raw_buf:
+                self._cancel_raw_timer()
+                self._raw_detected()
+            elif self.framing == _LINE:
+                rest = self.framer.finish()  # an unterminated last line is a request too
+                if rest is not None:
+                    self._hold(0)
+                    self.service.dispatch_batch(self, [rest])
         self._closing = True
         self._close_after_flush = True
         self.try_flush()
@@ -516,8 +992,13 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self.gone = True
         self._cancel_raw_timer()
+        self._discard_buffers()
         self.service.sessions.discard(self)
+        if self._fds is not None:
+            self._fds.release()
+            self._fds = None
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -587,13 +1068,27 @@ class ClientSession(asyncio.Protocol):
         if self.pending:
             self._close_after_flush = True
 
+    def cut_unanswered(self) -> int:
+        """The stop's deadline: answer what is still unanswered with STOPPING and write
+        every reply now (ready ones included, before the close); how many were cut."""
+        cut = 0
+        for req in self.pending:
+            if req.reply is None:
+                req.reply = STOPPING
+                cut += 1
+        if self.pending:
+            self.try_flush()
+        return cut
+
     def close(self) -> None:
         self._closing = True
+        self.gone = True
         if self.transport is not None:
             self.transport.close()
 
     def __repr__(self) -> str:
-        return f"<ClientSession {self.peer} pending={len(self.pending)}>"
+        framing = ("new", "line", "raw", "detecting")[self.framing]
+        return f"<ClientSession {self.peer} {framing} pending={len(self.pending)} held={self.held}>"
 
 
 class MessageService:
@@ -607,19 +1102,38 @@ class MessageService:
         histogram: LatencyHistogram,
         access_log: AccessLog | None = None,
     ) -> None:
+        # configuration
         self.config = config
         self.pool = pool
         self.histogram = histogram
         self.access_log = access_log
+        self.client_framing = config.client_framing
+        self.max_buffered = config.max_buffered
+        self.hash_by_message = config.hash_key == "message"
+        self.drain_close_window = 1.0
+        self.policy_start: Callable[[Backend], None] | None = None
+        self.policy_finish: Callable[[Backend, float, bool], None] | None = None
+        self._bind_policy_hooks()
+        # the event loop side
         self.loop = asyncio.get_running_loop()
+        self.servers: list[asyncio.Server] = []
+        self.bound: tuple[str, int] = (config.listen_host, config.listen_port)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.draining = False
+        # connections and requests
         self.sessions: set[ClientSession] = set()
+        self.channels: dict[Backend, BackendChannel] = {}
         self.dirty_sessions: list[ClientSession] = []
         self.dirty_conns: list[BackendConnection] = []
         self._flush_scheduled = False
-        self.channels: dict[Backend, BackendChannel] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.servers: list[asyncio.Server] = []
-        self.draining = False
+        self.queue: deque[Request] = deque()
+        self.budget = RetryBudget(monotonic())
+        self.buffered = 0
+        """Bytes of unfinished requests held for all clients (capped by max_buffered)."""
+        self.freed = 0
+        """Bytes of such buffers released since the heap was last trimmed."""
+        # counters
         self.too_long = 0
         self.not_available = 0
         self.retries = 0
@@ -628,14 +1142,15 @@ class MessageService:
         self.queue_full = 0
         self.queue_timeouts = 0
         self.idle_closed = 0
-        self.queue: deque[Request] = deque()
-        self.budget = RetryBudget(monotonic())
-        self.drain_close_window = 1.0
-        self.hash_by_message = config.hash_key == "message"
-        self.policy_start: Callable[[Backend], None] | None = None
-        self.policy_finish: Callable[[Backend, float, bool], None] | None = None
-        self._bind_policy_hooks()
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.invalid = 0
+        """Requests answered locally because no backend could take them as they are."""
+        self.buffer_cuts = 0
+        """Client connections cut because max_buffered was reached."""
+        self.loops = 0
+        """Connections that were this balancer talking to itself."""
+        self.drain_cut = 0
+        """Requests left unanswered at the stop's deadline (answered `Error: balancer stopping`)."""
+        self._shed_logged_at = -1e9
 
     def _bind_policy_hooks(self) -> None:
         """Call the policy's hooks only when it has them (most policies do not)."""
@@ -663,7 +1178,8 @@ class MessageService:
         self._schedule_sweep()
         sock = server.sockets[0]
         addr = sock.getsockname()
-        return str(addr[0]), int(addr[1])
+        self.bound = (str(addr[0]), int(addr[1]))
+        return self.bound
 
     def _schedule_sweep(self) -> None:
         cfg = self.config
@@ -673,7 +1189,7 @@ class MessageService:
         self._sweeper = self.loop.call_later(max(0.02, period), self._sweep)
 
     def _sweep(self) -> None:
-        """Timeouts: backend replies, queued requests, idle clients."""
+        """Timeouts: backend replies, queued requests, idle clients; and memory."""
         now = monotonic()
         cfg = self.config
         self.budget.advance(now)
@@ -691,8 +1207,41 @@ class MessageService:
             ]:
                 self.idle_closed += 1
                 session.close()
+        if self.freed >= TRIM_AFTER_FREED and TRIM_HEAP(now):
+            self.freed = 0
         self.flush_sessions()
         self._schedule_sweep()
+
+    def shed_buffers(self) -> None:
+        """Over `max_buffered`: cut the clients holding the most bytes of unfinished lines.
+
+        Cutting, rather than refusing new clients: the bytes are held by
+        connections already open, so refusing newcomers would not bring the total
+        down, and a few clients holding long partial lines would keep everyone
+        else out. The largest holders go first (they hold the memory; clients
+        that send whole lines hold nothing), down to three quarters of the cap so
+        the chunks that follow do not each come back here.
+        """
+        target = self.max_buffered * 3 // 4
+        holders = sorted((s for s in self.sessions if s.held), key=lambda s: s.held, reverse=True)
+        cut = 0
+        for session in holders:
+            if self.buffered <= target:
+                break
+            cut += 1
+            session._cut(LINE_TOO_LONG)
+        self.buffer_cuts += cut
+        now = monotonic()
+        if cut and now - self._shed_logged_at >= 10.0:
+            self._shed_logged_at = now
+            log.warning(
+                "service %s: unfinished request lines reached max_buffered (%d bytes); "
+                "%d client connection(s) holding the most were cut (%d so far)",
+                self.config.name,
+                self.max_buffered,
+                cut,
+                self.buffer_cuts,
+            )
 
     def channel(self, backend: Backend) -> BackendChannel:
         ch = self.channels.get(backend)
@@ -718,6 +1267,12 @@ class MessageService:
             req.started = now
             req.sent = now
             pending.append(req)
+            if not payload:
+                # answered here for every backend framing: a raw backend would wait for
+                # bytes that never come, a line backend might skip it and shift replies
+                self.invalid += 1
+                session.complete(req, INVALID_MESSAGE)
+                continue
             if self.queue:
                 self._enqueue(req, now)  # keep arrival order behind those already waiting
                 continue
@@ -770,6 +1325,13 @@ class MessageService:
             conn.scheduled = True
             self.dirty_conns.append(conn)
 
+    def schedule_flush(self, conn: BackendConnection) -> None:
+        """Write what `conn` has queued at the end of this loop turn."""
+        if not conn.scheduled:
+            conn.scheduled = True
+            self.dirty_conns.append(conn)
+        self.flush_sessions()
+
     def _enqueue(self, req: Request, now: float) -> None:
         if len(self.queue) >= self.config.queue_size:
             self.queue_full += 1
@@ -785,7 +1347,7 @@ class MessageService:
         now = monotonic()
         while queue:
             req = queue[0]
-            if req.session.transport is None or req.reply is not None:
+            if req.session.gone or req.reply is not None:
                 queue.popleft()
                 continue
             if not self.pool.any_eligible:
@@ -852,7 +1414,7 @@ class MessageService:
             if finish is not None and exclude:
                 finish(failed_backend, now - req.started, False)
             session = req.session
-            if session.transport is None:
+            if session.gone:
                 continue  # the client is gone; nobody waits for this reply
             if exclude:
                 if req.tried is None:
@@ -884,6 +1446,27 @@ class MessageService:
             self._assign(req, backend, now)
         self.flush_sessions()
 
+    def retry_short(self, failed: list[Request], short_at: Backend) -> None:
+        """Re-send requests whose backend connection could not be made for want of our own
+        resources. Not a backend fault: their retries, tried backends and the retry budget
+        are untouched; each may be re-sent MAX_SHORTAGE_RETRIES times this way."""
+        now = monotonic()
+        for req in failed:
+            session = req.session
+            if session.gone:
+                continue
+            req.shortages += 1
+            backend = None
+            if req.shortages <= MAX_SHORTAGE_RETRIES:
+                exclude = [short_at, *(req.tried or ())]
+                backend = self._pick_below_limit(req, exclude) or self.pool.fallback(exclude)
+            if backend is None:
+                self.not_available += 1
+                session.complete(req, NOT_AVAILABLE)
+                continue
+            self._assign(req, backend, now)
+        self.flush_sessions()
+
     # -- lifecycle ------------------------------------------------------------
     def stop_accepting(self) -> None:
         self.draining = True
@@ -896,6 +1479,8 @@ class MessageService:
         Idle client connections are closed spread over `drain_close_window`
         rather than all at once, so clients do not all reconnect in the same
         instant; busy ones are closed as soon as their last reply is written.
+        What is still unanswered at the deadline is answered
+        `Error: balancer stopping` before its connection is closed.
         """
         deadline = monotonic() + timeout
         window = min(self.drain_close_window, timeout)
@@ -916,20 +1501,37 @@ class MessageService:
             if not self.sessions or now >= deadline:
                 break
             await asyncio.sleep(0.01)
+        cut = 0
+        cut_sessions = 0
         for session in list(self.sessions):
+            n = session.cut_unanswered()
+            if n:
+                cut += n
+                cut_sessions += 1
             session.close()
+        if cut:
+            self.drain_cut += cut
+            log.warning(
+                "service %s: stop deadline reached; %d request(s) on %d client connection(s) "
+                "answered 'Error: balancer stopping'",
+                self.config.name,
+                cut,
+                cut_sessions,
+            )
         self.close_backends()
 
     def close_backends(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for channel in self.channels.values():
-            channel.close()
+            channel.close(resend=False)
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """New settings for this service (same listener and mode), from a reload."""
         self.config = config
         self.hash_by_message = config.hash_key == "message"
+        self.client_framing = config.client_framing
+        self.max_buffered = config.max_buffered
         self._bind_policy_hooks()
         for channel in self.channels.values():
             channel.max_connections = max(1, config.backend_connections)
