@@ -419,7 +419,8 @@ def test_junk_from_clients_gets_error_replies_and_memory_stays_bounded(
     bal = balancer(procs, write_config(tmp_path / "b.toml", [svc.port]))
     rng = random.Random(20240501)
     pieces = [b"\x00", b"\xe2\x82", b"7", b"\n", b"\r\n", b"\xff"]
-    # random bytes, invalid UTF-8, NUL bytes: every line gets the service's reply
+    # random bytes, invalid UTF-8, NUL bytes: every line gets the service's reply, except
+    # a line with a CR inside it, which never reaches a backend (some parsers split there)
     junk = b"".join(
         [
             bytes(rng.getrandbits(8) for _ in range(20_000)),
@@ -428,7 +429,10 @@ def test_junk_from_clients_gets_error_replies_and_memory_stays_bounded(
             b"42\n",
         ]
     )
-    expected = [service_reply(line) for line in LineFramer(1 << 20).feed(junk)]
+    expected = [
+        b"Error: line break inside a message" if b"\r" in line else service_reply(line)
+        for line in LineFramer(1 << 20).feed(junk)
+    ]
     c = LineClient(bal.port)
     for i in range(0, len(junk), 1000):
         c.send_bytes(junk[i : i + 1000])
