@@ -134,24 +134,20 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
-    from balancer.loops import loop_factory, loop_name
+    """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
+    2: a backend is the balancer itself)."""
+    from balancer.loops import loop_factory
     from balancer.server import ListenError, Server
 
-    async def main() -> int:
-        log.info(
-            "balancer starting: %d service(s) from %s, event loop %s",
-            len(config.services),
-            config.source,
-            loop_name(),
-        )
-        return await Server(config, reader).run()
-
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        try:
-            return runner.run(main())
-        except ListenError as exc:
-            log.error("%s", exc)
-            return 1
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(Server(config, reader).run())
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
