@@ -39,6 +39,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from balancer.framing import LineFramer, LineTooLong
+from balancer.lifecycle import DrainCut
 from balancer.loops import create_listener
 from balancer.policies.base import Policy
 from balancer.pool import Backend, BackendPool
@@ -55,6 +56,7 @@ LINE_TOO_LONG = b"Error: line too long"
 QUEUE_FULL = b"Error: server busy"
 QUEUE_TIMEOUT = b"Error: queue timeout"
 TOO_MANY_CONNECTIONS = b"Error: too many connections"
+STOPPING = b"Error: balancer stopping"
 RAW_QUIET_PERIOD = 0.05
 MAX_PENDING_PER_CLIENT = 4096
 """A client with this many unanswered requests is paused until replies drain."""
@@ -340,6 +342,11 @@ class BackendChannel:
             self.connections.remove(conn)
         failed = list(conn.pending)
         conn.pending.clear()
+        if self.service.stopped:
+            # the stop answered these requests with an error: not the backend's failure
+            self.backend.in_flight -= len(failed) + len(self.waiting)
+            self.waiting.clear()
+            return
         if self.raw and not failed and self.waiting and not self.retired:
             # the connection was closed while idle; keep serving the queue
             nxt = self.waiting.popleft()
@@ -592,6 +599,18 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def cut(self, reply: bytes) -> int:
+        """Answer every request still unanswered with `reply`, write, close; how many."""
+        cut = 0
+        for req in self.pending:
+            if req.reply is None:
+                req.reply = reply
+                cut += 1
+        self._closing = True
+        self._close_after_flush = True
+        self.try_flush()
+        return cut
+
     def __repr__(self) -> str:
         return f"<ClientSession {self.peer} pending={len(self.pending)}>"
 
@@ -620,6 +639,8 @@ class MessageService:
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.Server] = []
         self.draining = False
+        self.stopped = False
+        """The stop cut what was left: backend connections closing now are no failure."""
         self.too_long = 0
         self.not_available = 0
         self.retries = 0
@@ -890,12 +911,15 @@ class MessageService:
         for server in self.servers:
             server.close()
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> DrainCut:
         """Let in-flight requests be answered, then close every connection.
 
         Idle client connections are closed spread over `drain_close_window`
         rather than all at once, so clients do not all reconnect in the same
         instant; busy ones are closed as soon as their last reply is written.
+        Requests still unanswered after `timeout` get `Error: balancer stopping`
+        (the stop's doing, not a backend failure) and are returned as cut. A call
+        with 0 while a drain runs cuts at once.
         """
         deadline = monotonic() + timeout
         window = min(self.drain_close_window, timeout)
@@ -916,9 +940,16 @@ class MessageService:
             if not self.sessions or now >= deadline:
                 break
             await asyncio.sleep(0.01)
+        self.stopped = True
+        self.queue.clear()
+        connections = requests = 0
         for session in list(self.sessions):
-            session.close()
+            cut = session.cut(STOPPING)
+            if cut:
+                connections += 1
+                requests += cut
         self.close_backends()
+        return DrainCut(connections, requests)
 
     def close_backends(self) -> None:
         if self._sweeper is not None:
