@@ -464,3 +464,33 @@ async def test_a_takeover_after_a_rejected_one_still_finds_the_running_listener(
             assert await ask(extra, "9") == reply_for(9)
         finally:
             await server.shutdown()
+
+
+async def test_a_reload_during_start_up_waits_for_the_start() -> None:
+    async with backend_ports(1) as (b,):
+        with socket.socket() as silent:  # its first check waits for the check timeout
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            silent.setblocking(False)
+            (port,) = free_ports(1)
+            checks = HealthConfig(timeout=0.5, interval=60)
+            first = config(svc("numbers", port, b, silent.getsockname()[1], health=checks))
+            server = Server(first, Files(first).read)
+            start = asyncio.create_task(server.start())
+            try:
+                async with asyncio.timeout(10):
+                    while True:  # until the first health check connected: start-up under way
+                        try:
+                            check, _ = silent.accept()
+                        except BlockingIOError:
+                            await asyncio.sleep(0.01)
+                        else:
+                            break
+                    reload = asyncio.create_task(server.reload())
+                    await start
+                    await reload
+                check.close()
+                assert server.services["numbers"].bound == ("127.0.0.1", port)
+                assert await ask(port, "6") == reply_for(6)
+            finally:
+                await server.shutdown()

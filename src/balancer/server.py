@@ -408,9 +408,10 @@ class Server:
     # -- start-up ----------------------------------------------------------------------
     async def start(self) -> None:
         """Bind every listener, start the admin endpoint, check, then serve."""
-        plan = plan_reload({}, self.config)
-        prepared = await self._prepare(self.config, plan, admin=self.config.admin.enabled)
-        await self._commit(prepared)
+        async with self._reload_lock:  # a SIGHUP meanwhile reloads after the start
+            plan = plan_reload({}, self.config)
+            prepared = await self._prepare(self.config, plan, admin=self.config.admin.enabled)
+            await self._commit(prepared)
         log.info("balancer ready")
 
     async def _start_admin(self) -> None:
