@@ -494,3 +494,26 @@ async def test_a_reload_during_start_up_waits_for_the_start() -> None:
                 assert await ask(port, "6") == reply_for(6)
             finally:
                 await server.shutdown()
+
+
+async def test_a_background_step_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async with backend_ports(1) as (b,):
+        port, extra = free_ports(2)
+        numbers = svc("numbers", port, b, health=NO_CHECKS)
+        files = Files(config(numbers, svc("extra", extra, b, health=NO_CHECKS)))
+        server = Server(files.read(), files.read)
+        await server.start()
+        try:
+            retired = server.services["extra"]
+
+            async def broken(timeout: float) -> None:
+                raise RuntimeError("drain broke")
+
+            retired.proxy.drain = broken  # type: ignore[method-assign]
+            files.current = config(numbers)
+            await server.reload()
+            async with asyncio.timeout(5):
+                while "retire extra failed: RuntimeError('drain broke')" not in caplog.text:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        finally:
+            await server.shutdown()

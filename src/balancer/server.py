@@ -550,6 +550,7 @@ class Server:
                 del runtime.removals[address]
 
         task.add_done_callback(done)
+        task.add_done_callback(_log_failure)
         return removal
 
     async def _finish_removal(
@@ -601,6 +602,7 @@ class Server:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
         return task
 
     async def _reload_logged(self) -> None:
@@ -1000,6 +1002,12 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> set
         if numeric:
             out |= numeric
     return out
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task's error, logged (never "Task exception was never retrieved")."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
 
 
 def _result(task: asyncio.Task[DrainCut | None]) -> DrainCut | None:
