@@ -17,8 +17,8 @@ How it works:
   no new connections or requests, what is in flight is answered within
   `drain_timeout`, what is left then is cut by the proxies (in message mode each
   unanswered request gets an error line) and logged as cut by the stop, not as a
-  backend failure. A second signal cuts at once. A stop takes at most `drain_timeout`
-  and a grace of about a second for what is closed after the drain.
+  backend failure. A second signal cuts at once (`balancer.stop`). A stop takes at most
+  `drain_timeout` and a grace of about a second for what is closed after the drain.
 """
 
 from __future__ import annotations
@@ -26,190 +26,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import signal
-import socket
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Collection, Coroutine
+from typing import TYPE_CHECKING, Any
 
-from balancer import loopguard, resources
+from balancer import resources
 from balancer.accesslog import AccessLog
 from balancer.config import BackendConfig, Config, ConfigError, ServiceConfig, format_address
 from balancer.health import HealthChecker, probe
 from balancer.lifecycle import DrainCut, ReloadPlan, plan_backends, plan_reload
-from balancer.loops import ListenerBatch, listening_addresses, listening_socket
+from balancer.loops import listening_addresses, listening_socket
 from balancer.metrics import LatencyHistogram
 from balancer.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
+from balancer.runtime import (
+    Address,
+    ListenError,
+    Prepared,
+    Proxy,
+    Removal,
+    RuntimeChangeError,
+    ServiceRuntime,
+    build_proxy,
+    configure_proxy,
+    numeric_addresses,
+    own_listener,
+    resolve,
+)
+from balancer.stop import STOP_GRACE, drain_all, log_cut
 
 if TYPE_CHECKING:
     from balancer.admin import AdminServer
 
+__all__ = [
+    "ListenError",
+    "Proxy",
+    "RuntimeChangeError",
+    "Server",
+    "ServiceRuntime",
+    "build_proxy",
+    "configure_proxy",
+]
+
 log = logging.getLogger("balancer")
 
-STOP_GRACE = 1.0
-"""Seconds a stop gives what is left after `drain_timeout` (cut connections closing,
-health checks, the admin endpoint) before it stops waiting for it."""
-
-Address = tuple[str, int]
-
-
-class Proxy(Protocol):
-    """What the server needs of a service's listener (message or tcp mode)."""
-
-    refused: int
-    """Client connections refused by limits."""
-    not_available: int
-    """Requests (message mode) or connections (tcp mode) no backend could take."""
-
-    @property
-    def retries(self) -> int:
-        """Requests re-sent, or connects tried again, on another backend."""
-        ...
-
-    def reconfigure(self, config: ServiceConfig) -> None: ...
-
-    def remove_backend(self, backend: Backend) -> None: ...
-
-    def account(self) -> None:
-        """Bring counters kept outside the loop's callbacks up to date (before a read)."""
-        ...
-
-    async def start(self) -> tuple[str, int]: ...
-
-    def stop_accepting(self) -> None: ...
-
-    async def drain(self, timeout: float) -> DrainCut | None:
-        """Let what is in flight finish for at most `timeout` seconds, then cut the rest.
-
-        What it had to cut is returned (None: the proxy does not count it). It may be
-        called again, with 0, while a drain runs: the second call cuts at once.
-        """
-        ...
-
-    @property
-    def client_connections(self) -> int: ...
-
-
-@dataclass
-class Removal:
-    """A backend leaving its service once it has finished what it holds."""
-
-    backend: Backend
-    admin_state: str
-    """Its admin state before the drain, given back if a reload calls the removal off."""
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass(eq=False)
-class ServiceRuntime:
-    config: ServiceConfig
-    pool: BackendPool
-    proxy: Proxy
-    checker: HealthChecker
-    histogram: LatencyHistogram
-    access_log: AccessLog | None = None
-    bound: tuple[str, int] = ("", 0)
-    extra: dict[str, object] = field(default_factory=dict)
-    removals: dict[str, Removal] = field(default_factory=dict)
-    """Backends leaving, by address."""
-    api_added: set[str] = field(default_factory=set)
-    """Addresses of backends added through the runtime API (a reload removes them)."""
-
-    @property
-    def listen(self) -> str:
-        return format_address(*self.bound)
-
-
-def build_proxy(
-    config: ServiceConfig,
-    pool: BackendPool,
-    histogram: LatencyHistogram,
-    access_log: AccessLog | None,
-) -> Proxy:
-    if config.mode == "tcp":
-        from balancer.proxy.tcp import TcpService
-
-        return TcpService(config, pool)
-    from balancer.proxy.message import MessageService
-
-    return MessageService(config, pool, histogram=histogram, access_log=access_log)
-
-
-def configure_proxy(proxy: Proxy, config: Config) -> None:
-    """Settings of the whole process a proxy needs."""
-    if hasattr(proxy, "drain_close_window"):
-        proxy.drain_close_window = config.drain_close_window
-
-
-class ListenError(Exception):
-    """A service's listen address could not be bound (in use, not local, no permission)."""
-
-
-class RuntimeChangeError(Exception):
-    """A runtime change that cannot be made; `status` is the HTTP status that fits."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.message = message
-        super().__init__(message)
-
-
 ADMIN_STATES = {"up": READY, "ready": READY, "drain": DRAIN, "maint": MAINT}
-
-
-# -- connection loops: a backend that is one of our own listeners ----------------------------
-
-
-def numeric_addresses(host: str, port: int) -> set[Address] | None:
-    """`{(ip, port)}` for a numeric `host` (IPv4-mapped IPv6 as IPv4); None for a name."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return {(str(ip), port)}
-
-
-def own_listener(
-    resolved: Iterable[Address], listeners: Iterable[tuple[str, Address]]
-) -> str | None:
-    """Which of `listeners` ((what, bound address)) a connection to `resolved` would reach."""
-    targets = list(resolved)
-    for what, (host, port) in listeners:
-        if loopguard.points_at(targets, host, port):
-            return f"{what} listens on {format_address(host, port)}"
-    return None
-
-
-# -- a prepared start-up or reload -----------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Prepared:
-    """What a reload's prepare step built: bound listeners, new services, not serving yet."""
-
-    config: Config
-    plan: ReloadPlan
-    batch: ListenerBatch = field(default_factory=ListenerBatch)
-    runtimes: dict[str, ServiceRuntime] = field(default_factory=dict)
-    joining: dict[str, dict[str, Backend]] = field(default_factory=dict)
-    """Backends a service changed in place gains, first check done: service -> address ->."""
-
-    async def abandon(self) -> None:
-        """Close and stop everything prepared (it has served nothing)."""
-        self.batch.close()
-        for runtime in self.runtimes.values():
-            runtime.proxy.stop_accepting()
-            try:
-                await runtime.proxy.drain(0)
-            except Exception:
-                log.exception("closing prepared service %s failed", runtime.config.name)
-            await runtime.checker.stop()
-        self.runtimes.clear()
 
 
 class Server:
@@ -337,7 +199,7 @@ class Server:
                     continue
                 resolved = numeric_addresses(b.host, b.port)
                 if resolved is None:
-                    resolved = await _resolve(loop, b.host, b.port)
+                    resolved = await resolve(loop, b.host, b.port)
                 what = own_listener(resolved, listeners)
                 if what is not None:
                     raise ConfigError(
@@ -366,7 +228,7 @@ class Server:
             return
         resolved = numeric_addresses(host, port)
         if resolved is None:
-            resolved = await _resolve(asyncio.get_running_loop(), host, port)
+            resolved = await resolve(asyncio.get_running_loop(), host, port)
         what = own_listener(resolved, listeners)
         if what is not None:
             raise RuntimeChangeError(
@@ -701,7 +563,7 @@ class Server:
             try:
                 cut = await runtime.proxy.drain(self.config.drain_timeout)
                 if cut:
-                    _log_cut(f"retired service {name}", "drain_timeout reached", cut, "reload")
+                    log_cut(f"retired service {name}", "drain_timeout reached", cut, "reload")
             finally:
                 await runtime.checker.stop()
                 if runtime.access_log is not None:
@@ -831,69 +693,11 @@ class Server:
             loop.create_task(r.proxy.drain(timeout), name=f"drain {r.config.name}"): r
             for r in runtimes
         }
-        cuts = await self._drain_all(drains, timeout, end)
+        cuts = await drain_all(drains, self.draining, self._hurry, timeout, end)
         for runtime, (why, cut) in cuts.items():
-            _log_cut(f"stop: service {runtime.config.name}", why, cut, "stop")
+            log_cut(f"stop: service {runtime.config.name}", why, cut, "stop")
         await self._close_rest(runtimes, end)
         self.log_summary()
-
-    async def _drain_all(
-        self,
-        drains: dict[asyncio.Task[DrainCut | None], ServiceRuntime],
-        timeout: float,
-        end: float,
-    ) -> dict[ServiceRuntime, tuple[str, DrainCut]]:
-        """Wait for the drains until done, `timeout` or a second signal, then cut what is
-        left (by then at the latest: `end`); what each service's drain cut, and why."""
-        loop = asyncio.get_running_loop()
-        retired = {t: r for r, t in self.draining.items()}
-        hurry = loop.create_task(self._hurry.wait())
-        if drains or retired:
-            everything = loop.create_task(asyncio.wait({*drains, *retired}))
-            try:
-                await asyncio.wait(
-                    {hurry, everything}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                everything.cancel()
-        why = "a second stop signal" if hurry.done() else f"drain_timeout ({timeout:g}s) reached"
-        hurry.cancel()
-        late = [t for t in drains if not t.done()]
-        # what is open now is what gets cut, for a proxy that does not count it itself
-        seen = {
-            drains[t]: DrainCut(
-                drains[t].proxy.client_connections,
-                0 if drains[t].config.mode == "tcp" else sum(b.in_flight for b in drains[t].pool),
-            )
-            for t in late
-        }
-        cuts: dict[asyncio.Task[DrainCut | None], ServiceRuntime] = {}
-        left = [drains[t] for t in late] + [r for t, r in retired.items() if not t.done()]
-        if left:
-            # a second drain call cuts at once (the proxies' own deadlines are passing too)
-            for runtime in left:
-                cuts[loop.create_task(runtime.proxy.drain(0), name="cut")] = runtime
-            await asyncio.wait(
-                {*cuts, *(t for t in retired if not t.done())},
-                timeout=max(0.1, end - loop.time()),
-            )
-            await asyncio.wait(late, timeout=0.1)  # the first calls end once nothing is left
-            stuck = [t for t in (*late, *cuts, *retired) if not t.done()]
-            for task in stuck:
-                task.cancel()
-            if stuck:
-                await asyncio.wait(stuck, timeout=0.1)
-        counted: dict[ServiceRuntime, DrainCut] = {}
-        for task, runtime in [*drains.items(), *cuts.items()]:
-            result = _result(task)
-            if result is not None:
-                counted[runtime] = counted.get(runtime, DrainCut()) + result
-        out: dict[ServiceRuntime, tuple[str, DrainCut]] = {}
-        for runtime in drains.values():
-            cut = counted[runtime] if runtime in counted else seen.get(runtime, DrainCut())
-            if cut:
-                out[runtime] = (why, cut)
-        return out
 
     async def _close_rest(self, runtimes: list[ServiceRuntime], end: float) -> None:
         """After the drain: background work, health checks, access logs, the admin endpoint."""
@@ -991,42 +795,7 @@ class Server:
 _NO_CHANGE = ReloadPlan(order=())
 
 
-async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> set[Address]:
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return set()
-    out: set[Address] = set()
-    for info in infos:
-        numeric = numeric_addresses(str(info[4][0]), int(info[4][1]))
-        if numeric:
-            out |= numeric
-    return out
-
-
 def _log_failure(task: asyncio.Task[None]) -> None:
     """A background task's error, logged (never "Task exception was never retrieved")."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
-
-
-def _result(task: asyncio.Task[DrainCut | None]) -> DrainCut | None:
-    if not task.done() or task.cancelled():
-        return None
-    exc = task.exception()
-    if exc is not None:
-        log.error("draining failed: %r", exc)
-        return None
-    return task.result()
-
-
-def _log_cut(what: str, why: str, cut: DrainCut, by: str) -> None:
-    log.warning(
-        "%s: %s; cut %d client connection(s) with %d request(s) unanswered "
-        "(cut by the %s, not a backend failure)",
-        what,
-        why,
-        cut.connections,
-        cut.requests,
-        by,
-    )
