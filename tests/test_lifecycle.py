@@ -517,3 +517,32 @@ async def test_a_background_step_that_fails_is_logged(caplog: pytest.LogCaptureF
                     await asyncio.sleep(0.01)
         finally:
             await server.shutdown()
+
+
+async def test_a_stop_logs_the_tcp_connections_it_cut(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    silent = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)  # never answers
+    try:
+        (port,) = free_ports(1)
+        relay = svc("relay", port, silent.sockets[0].getsockname()[1], mode="tcp")
+        server = Server(config(dataclasses.replace(relay, health=NO_CHECKS), drain_timeout=0.2))
+        run = asyncio.create_task(server.run())
+        async with asyncio.timeout(10):
+            while True:  # until the relay listens
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.01)
+                else:
+                    break
+            writer.write(b"PING\r\n")
+            while server.services["relay"].proxy.client_connections == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            server.request_stop()
+            assert await run == 0
+            with contextlib.suppress(ConnectionResetError):  # closed (or reset) by the stop
+                assert await reader.read() == b""
+        writer.close()
+        assert "drain_timeout (0.2s) reached; cut 1 client connection(s)" in caplog.text
+    finally:
+        silent.close()
