@@ -634,7 +634,7 @@ class Server:
                     name,
                 )
             if backend.in_flight > 0:
-                self._start_removal(runtime, backend)
+                self._start_removal(runtime, backend, config.drain_timeout)
             else:
                 idle.append(backend)
         if idle:
