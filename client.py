@@ -14,4 +14,7 @@ except ImportError:
     from balancer.client import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: a quiet exit
+        sys.exit(130)

@@ -8,18 +8,29 @@ and prints every forwarded request to stdout.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import os
-import sys
+import signal
+
+# First of all: a Ctrl-C while the modules load ends the process quietly, by the signal.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from balancer.admin import check_admin_security
-from balancer.cli import run_server
-from balancer.config import AdminConfig, Config, ConfigError, load_config, parse_admin
-from balancer.logs import setup_logging
+from balancer.admin import check_admin_security  # noqa: E402
+from balancer.cli import run_server  # noqa: E402
+from balancer.config import (  # noqa: E402
+    AdminConfig,
+    Config,
+    ConfigError,
+    load_config,
+    parse_admin,
+)
+from balancer.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

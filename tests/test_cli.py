@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -154,3 +156,47 @@ def test_root_server_py_reads_the_tutorial_config_forms(tmp_path: Path, fmt: str
     finally:
         bal.stop()
         svc.stop()
+
+
+STALL_IMPORTS = '''
+import signal
+import sys
+
+
+class Stall:
+    """Stops the import of balancer.config until a signal comes: "loading modules"."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "balancer.config":
+            sys.meta_path.remove(self)
+            sys.stderr.write("loading balancer.config\\n")
+            sys.stderr.flush()
+            signal.pause()
+        return None
+
+
+sys.meta_path.insert(0, Stall())
+'''
+
+
+@pytest.mark.parametrize("entry", ["python -m balancer", "server.py"])
+def test_sigint_while_the_modules_load_exits_without_a_traceback(
+    tmp_path: Path, entry: str
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(STALL_IMPORTS)
+    (tmp_path / "config.txt").write_text("127.0.0.1 9\n")
+    args = (
+        [PYTHON, "-m", "balancer", "serve", "config.txt", "--admin", "off"]
+        if entry != "server.py"
+        else [PYTHON, str(ROOT / "server.py"), "-p", "0", "-admin", "off"]
+    )
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proc = Proc(args, cwd=tmp_path, env={"PYTHONPATH": path})
+    try:
+        proc.wait_for("loading balancer.config")
+        proc.signal(signal.SIGINT)
+        code = proc.wait(timeout=20)
+    finally:
+        proc.stop(signal.SIGKILL)
+    assert code in (130, -signal.SIGINT), proc.output()
+    assert "Traceback" not in proc.output(), proc.output()

@@ -1,5 +1,7 @@
+"""`python -m balancer`: the command line (see `balancer.cli`)."""
+
 import sys
 
-from balancer.cli import main
+from balancer.entry import main
 
 sys.exit(main())

@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from balancer.config import (
@@ -134,24 +136,22 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
-    from balancer.loops import loop_factory, loop_name
+    """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
+    2: a backend is the balancer itself, 130: interrupted before the loop took over)."""
+    from balancer.loops import loop_factory
     from balancer.server import ListenError, Server
 
-    async def main() -> int:
-        log.info(
-            "balancer starting: %d service(s) from %s, event loop %s",
-            len(config.services),
-            config.source,
-            loop_name(),
-        )
-        return await Server(config, reader).run()
-
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        try:
-            return runner.run(main())
-        except ListenError as exc:
-            log.error("%s", exc)
-            return 1
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(Server(config, reader).run())
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -221,10 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_interrupts() -> None:
+    """Until the event loop takes SIGINT over, a Ctrl-C ends the process by the signal,
+    without a traceback (imports, reading a large config)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
+    quiet_interrupts()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.func is not cmd_serve and threading.current_thread() is threading.main_thread():
+            # the tools clean up on KeyboardInterrupt (the demo stops its children)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

@@ -1,11 +1,28 @@
-"""Event loop selection: uvloop when installed, asyncio otherwise."""
+"""Event loop selection, and the listeners: bound without the resolver, switched together.
+
+How it works (listeners): `create_listener` binds a service's listening socket. Outside a
+`ListenerBatch` it serves at once. Inside one (`with batch.binding():`, the prepare step
+of a start-up or a reload) it binds and listens but accepts nothing yet: connections
+wait in the kernel's backlog, and the batch either serves every listener it holds
+(`serve()`, the commit) or closes them all (`close()`, a rejected reload), so a failed
+bind of one service changes nothing for any other. A listener may also take over the
+socket of a running one on the same address (a service whose mode changed, renamed or
+swapped ports with another): `listening_socket()` duplicates the running listener's
+socket, which is the same kernel socket, so not one connection in its backlog is lost
+when the old listener closes and the new one starts accepting.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import ipaddress
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+Address = tuple[str, int]
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -53,6 +70,101 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket | None:
     return sock
 
 
+class ListenerBatch:
+    """Listeners bound now and served later, all together (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.AbstractServer] = []
+        self.handover: dict[Address, socket.socket] = {}
+        """Requested (host, port) -> a listening socket the listener there takes over."""
+
+    @contextlib.contextmanager
+    def binding(self) -> Iterator[ListenerBatch]:
+        """Within this block (and the tasks it awaits), `create_listener` joins this batch."""
+        token = _BATCH.set(self)
+        try:
+            yield self
+        finally:
+            _BATCH.reset(token)
+
+    def hand_over(self, address: Address, sock: socket.socket) -> None:
+        self.handover[address] = sock
+
+    async def serve(self) -> None:
+        """Start accepting on every listener of the batch."""
+        for server in self.servers:
+            await server.start_serving()
+            _remember(server)
+
+    def close(self) -> None:
+        """Close every listener of the batch (they have accepted nothing)."""
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+        for sock in self.handover.values():
+            sock.close()
+        self.handover.clear()
+
+    def __repr__(self) -> str:
+        return f"<ListenerBatch {len(self.servers)} listener(s), {len(self.handover)} handed over>"
+
+
+_BATCH: contextvars.ContextVar[ListenerBatch | None] = contextvars.ContextVar(
+    "listener_batch", default=None
+)
+_SERVING: dict[Address, asyncio.AbstractServer] = {}
+"""Bound address of each serving listener made here -> its server (`listening_socket`)."""
+
+
+def _bound(sock: object) -> Address | None:
+    name = getattr(sock, "getsockname", None)
+    if name is None:
+        return None
+    addr = name()
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return None
+
+
+def _remember(server: asyncio.AbstractServer) -> None:
+    for gone in [k for k, s in _SERVING.items() if not _sockets(s)]:
+        del _SERVING[gone]
+    socks = _sockets(server)
+    bound = _bound(socks[0]) if socks else None
+    if bound is not None:
+        _SERVING[bound] = server
+
+
+def _sockets(server: asyncio.AbstractServer) -> list[object]:
+    return list(getattr(server, "sockets", None) or [])
+
+
+def listening_socket(bound: Address) -> socket.socket | None:
+    """A duplicate of the socket of the running listener bound at `bound`.
+
+    None when there is none, or when that listener holds several sockets (a name that
+    resolved to several addresses): it cannot be handed to one new listener.
+    """
+    server = _SERVING.get(bound)
+    if server is None:
+        return None
+    socks = _sockets(server)
+    if len(socks) != 1:
+        return None
+    fileno = getattr(socks[0], "fileno", None)
+    if fileno is None or fileno() < 0:
+        return None
+    return socket.socket(fileno=os.dup(fileno()))
+
+
+def listening_addresses(bound: Address) -> list[Address]:
+    """Every address the listener bound at `bound` listens on ([] when unknown)."""
+    server = _SERVING.get(bound)
+    if server is None:
+        return []
+    return [a for a in map(_bound, _sockets(server)) if a is not None]
+
+
 async def create_listener(
     loop: asyncio.AbstractEventLoop,
     factory: Callable[[], asyncio.BaseProtocol],
@@ -60,12 +172,30 @@ async def create_listener(
     port: int,
     backlog: int,
 ) -> asyncio.Server:
-    """`loop.create_server()` for (host, port), without the resolver for a numeric host."""
-    sock = listen_socket(host, port, backlog)
+    """`loop.create_server()` for (host, port), without the resolver for a numeric host.
+
+    Inside a `ListenerBatch` the listener is bound but does not accept until the batch
+    serves, and it takes over a socket handed over for (host, port) if there is one.
+    """
+    batch = _BATCH.get()
+    serve_now = batch is None
+    sock = batch.handover.pop((host, port), None) if batch is not None else None
     if sock is None:
-        return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
-    try:
-        return await loop.create_server(factory, sock=sock, backlog=backlog)
-    except BaseException:
-        sock.close()
-        raise
+        sock = listen_socket(host, port, backlog)
+    if sock is None:
+        server = await loop.create_server(
+            factory, host, port, backlog=backlog, reuse_address=True, start_serving=serve_now
+        )
+    else:
+        try:
+            server = await loop.create_server(
+                factory, sock=sock, backlog=backlog, start_serving=serve_now
+            )
+        except BaseException:
+            sock.close()
+            raise
+    if batch is not None:
+        batch.servers.append(server)
+    else:
+        _remember(server)
+    return server

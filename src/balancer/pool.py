@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from balancer.config import BackendConfig, ServiceConfig
 from balancer.policies import Policy, make_policy
@@ -425,6 +425,18 @@ class BackendPool:
         self._by_address[backend.address] = backend
         self.refresh()
         return backend
+
+    def new_backend(self, config: BackendConfig) -> Backend:
+        """A backend for this service, not yet in the pool (see `set_backends`)."""
+        return Backend(config, 0, self.service.slow_start, initial_framing(self.service))
+
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        """Make `backends` the pool's, in this order: one pass, one refresh."""
+        self.backends[:] = list(backends)
+        self._by_address = {b.address: b for b in self.backends}
+        for i, b in enumerate(self.backends):
+            b.index = i
+        self.refresh()
 
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)

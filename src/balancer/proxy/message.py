@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, cast
 
 from balancer import loopguard, resources
 from balancer.framing import LineFramer, LineTooLong
+from balancer.lifecycle import DrainCut
 from balancer.loops import create_listener
 from balancer.policies.base import Policy
 from balancer.pool import Backend, BackendPool
@@ -666,6 +667,11 @@ class BackendChannel:
             self.connections.remove(conn)
         failed = list(conn.pending)
         conn.pending.clear()
+        if self.service.stopped:
+            # the stop answered these requests with an error: not the backend's failure
+            self.backend.in_flight -= len(failed) + len(self.waiting)
+            self.waiting.clear()
+            return
         if self.raw and not failed and self.waiting and not self.retired:
             self._serve_waiting()  # the connection was closed while idle; keep serving
         if error is None and not failed:
@@ -1133,6 +1139,8 @@ class MessageService:
         """Bytes of unfinished requests held for all clients (capped by max_buffered)."""
         self.freed = 0
         """Bytes of such buffers released since the heap was last trimmed."""
+        self.stopped = False
+        """The stop cut what was left: backend connections closing now are no failure."""
         # counters
         self.too_long = 0
         self.not_available = 0
@@ -1473,14 +1481,15 @@ class MessageService:
         for server in self.servers:
             server.close()
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> DrainCut:
         """Let in-flight requests be answered, then close every connection.
 
         Idle client connections are closed spread over `drain_close_window`
         rather than all at once, so clients do not all reconnect in the same
         instant; busy ones are closed as soon as their last reply is written.
-        What is still unanswered at the deadline is answered
-        `Error: balancer stopping` before its connection is closed.
+        Requests still unanswered after `timeout` get `Error: balancer stopping`
+        (the stop's doing, not a backend failure) and are returned as cut. A call
+        with 0 while a drain runs cuts at once.
         """
         deadline = monotonic() + timeout
         window = min(self.drain_close_window, timeout)
@@ -1501,24 +1510,18 @@ class MessageService:
             if not self.sessions or now >= deadline:
                 break
             await asyncio.sleep(0.01)
-        cut = 0
-        cut_sessions = 0
+        self.stopped = True
+        self.queue.clear()
+        connections = requests = 0
         for session in list(self.sessions):
             n = session.cut_unanswered()
             if n:
-                cut += n
-                cut_sessions += 1
+                connections += 1
+                requests += n
             session.close()
-        if cut:
-            self.drain_cut += cut
-            log.warning(
-                "service %s: stop deadline reached; %d request(s) on %d client connection(s) "
-                "answered 'Error: balancer stopping'",
-                self.config.name,
-                cut,
-                cut_sessions,
-            )
+        self.drain_cut += requests
         self.close_backends()
+        return DrainCut(connections, requests)
 
     def close_backends(self) -> None:
         if self._sweeper is not None:
