@@ -475,11 +475,11 @@ def test_heap_trimmer_runs_at_most_once_per_interval() -> None:
 
 
 @pytest.fixture
-def own_address() -> Iterator[list[loopguard.Address | None]]:
-    keys: list[loopguard.Address | None] = []
-    yield keys
-    for key in keys:
-        loopguard.unregister(key)
+def own_address() -> Iterator[list[loopguard.Registration]]:
+    registrations: list[loopguard.Registration] = []
+    yield registrations
+    for registration in registrations:
+        registration.release()
 
 
 async def test_a_client_connection_from_our_own_backend_connection_is_a_loop(
@@ -488,7 +488,11 @@ async def test_a_client_connection_from_our_own_backend_connection_is_a_loop(
     """A backend that was the balancer itself used to turn one request into 16,391."""
     service, _opened = make_service(2)
     looped = service.pool.backends[0]
-    own_address.append(loopguard.register(("127.0.0.1", 40001), (service.pool, looped)))
+    own_address.append(
+        loopguard.Registration(
+            ("127.0.0.1", 40001), ("127.0.0.1", looped.port), (service.pool, looped)
+        )
+    )
     s, t = client(service, ("127.0.0.1", 40001), sockname=("127.0.0.1", looped.port))
     assert t.aborted
     assert s not in service.sessions
@@ -504,7 +508,11 @@ async def test_a_loop_seen_only_by_the_first_byte_is_caught(own_address: list[An
     # the connecting side has not registered yet when the listener accepts
     s, t = client(service, ("127.0.0.1", 40002), sockname=("127.0.0.1", looped.port))
     assert not t.aborted
-    own_address.append(loopguard.register(("127.0.0.1", 40002), (service.pool, looped)))
+    own_address.append(
+        loopguard.Registration(
+            ("127.0.0.1", 40002), ("127.0.0.1", looped.port), (service.pool, looped)
+        )
+    )
     s.data_received(b"1\n")
     await turn()
     assert t.aborted
@@ -520,7 +528,11 @@ async def test_a_client_sharing_a_port_number_with_our_connection_elsewhere_is_n
     and that backend stays in service."""
     service, opened = make_service(2)
     backend = service.pool.backends[0]
-    own_address.append(loopguard.register(("127.0.0.1", 40004), (service.pool, backend)))
+    own_address.append(
+        loopguard.Registration(
+            ("127.0.0.1", 40004), ("127.0.0.1", backend.port), (service.pool, backend)
+        )
+    )
     s, t = client(service, ("127.0.0.1", 40004), sockname=("127.0.0.1", 8080))
     s.data_received(b"1\n")
     await turn()

@@ -23,7 +23,7 @@ import pytest
 from balancer import loopguard, resources
 from balancer.config import BackendConfig, HealthConfig, ServiceConfig, load_config
 from balancer.pool import DOWN, UP, BackendPool
-from balancer.proxy import loopcheck, tcp
+from balancer.proxy import tcp
 from balancer.proxy.tcp import TcpService
 from tests.peers import HOST, Peer, Resp, free_port, need, redis_server
 
@@ -709,7 +709,7 @@ async def test_backend_that_is_its_own_listener_is_a_loop(start: Starter) -> Non
     assert itself.state == DOWN
     assert itself.connect_failures == 0, "a loop is not a connect failure"
     assert svc.not_available == 1
-    assert loopcheck.open_count() == 0
+    assert loopguard.open_count() == 0
     assert loopguard.open_count() == 0
     # It stays out: the next client is not sent into the loop again.
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -734,12 +734,12 @@ async def test_loop_backend_is_skipped_and_the_client_served_elsewhere(
     assert svc.pool.backends[0].total_connections == 4
     assert svc.not_available == 0
     await wait_for_count(svc, 0)
-    assert loopcheck.open_count() == 0
+    assert loopguard.open_count() == 0
 
 
-def outgoing(local: Any, remote: Any, owner: loopcheck.Owner) -> loopcheck.Registration:
+def outgoing(local: Any, remote: Any, owner: loopguard.Owner) -> loopguard.Registration:
     """Enter a socket as one of the balancer's own backend connections."""
-    return loopcheck.Registration(local, remote, owner, SimpleNamespace(loop_suspect=False))
+    return loopguard.Registration(local, remote, owner, SimpleNamespace(loop_suspect=False))
 
 
 async def test_connection_from_our_own_backend_connection_is_cut_at_accept(
@@ -780,7 +780,7 @@ async def test_client_sharing_a_port_with_a_backend_connection_is_served(
     victim = other.pool.backends[0]
     ours = socket.socket()
     theirs = socket.socket()
-    registration: loopcheck.Registration | None = None
+    registration: loopguard.Registration | None = None
     try:
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -167,9 +167,8 @@ class Backend:
 TransitionHook = Callable[["Backend", str, str], None]
 
 LoopOwner = tuple["BackendPool", Backend]
-"""What the health checker registers with `loopguard.register` for each probe's connection:
-`loopguard.owner(peer)` returns `(pool, backend)`, and a listener that accepted it calls
-`pool.mark_loop(backend, reason)`."""
+"""The owner of every outgoing connection in `loopguard`: a listener that finds it has
+accepted one of them calls `pool.mark_loop(backend, reason)`."""
 
 
 def detects_framing(service: ServiceConfig) -> bool:

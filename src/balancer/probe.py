@@ -103,7 +103,7 @@ class _Connection:
         self.loop = loop
         self.owner = owner
         self.sock: socket.socket | None = None
-        self.key: loopguard.Address | None = None
+        self.registration: loopguard.Registration | None = None
 
     async def _ready(self, write: bool, deadline: float) -> bool:
         """Wait until the socket is writable (readable); False when `deadline` came first."""
@@ -156,7 +156,7 @@ class _Connection:
         # The local address is bound now: register it before the loop runs anything else,
         # so that a listener of ours accepting this connection finds it.
         if self.owner is not None:
-            self.key = loopguard.register(sock.getsockname(), self.owner)
+            self.registration = loopguard.Registration(sock.getsockname(), address, self.owner)
         if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
             if not await self._ready(True, deadline):
                 raise _NoReply(b"")
@@ -202,8 +202,9 @@ class _Connection:
             return None
 
     def close(self) -> None:
-        loopguard.unregister(self.key)
-        self.key = None
+        if self.registration is not None:
+            self.registration.release()
+            self.registration = None
         if self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.close()

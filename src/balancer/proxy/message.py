@@ -39,8 +39,8 @@ How it works:
   `max_buffered` the clients holding the most are cut (`shed_buffers`). When
   much has been freed, the sweep asks the C allocator to return it
   (`malloc_trim`), at most every TRIM_INTERVAL seconds.
-- Loops: every backend connection registers its addresses while open
-  (`loopguard`, and its local and remote address pair here); a client
+- Loops: every backend connection registers its local and remote address
+  with `loopguard` while open (health checks do the same); a client
   connection whose peer and local address are one of those pairs reversed is
   this balancer talking to itself, and the backend it was opened for is
   marked as a loop. The peer address alone is not proof: a local client may
@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import socket
 from collections import deque
 from collections.abc import Callable, Collection
 from time import monotonic
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from balancer import loopguard, resources
 from balancer.framing import LineFramer, LineTooLong
@@ -157,41 +156,6 @@ TRIM_HEAP = HeapTrimmer()
 """One per process: the heap is the process's."""
 
 
-Address = tuple[str, int]
-
-
-def _address(sockaddr: object) -> Address | None:
-    """(host, port) of a socket address, IPv4-mapped IPv6 written as IPv4."""
-    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        host = str(sockaddr[0])
-        return (host[7:] if host.startswith("::ffff:") else host), int(sockaddr[1])
-    return None
-
-
-_OWN_CONNECTIONS: dict[tuple[Address, Address], tuple[BackendPool, Backend]] = {}
-"""(local, remote) address of every open backend connection -> the backend it serves.
-
-A loop is a client connection whose (peer, local) address pair is one of these. The
-local address alone is not enough: the kernel gives the same ephemeral port to
-connections towards different destinations, so a client on this host can come from
-the very address one of our backend connections uses without being that connection.
-"""
-
-
-def _points_here(owner: object, local: Address) -> bool:
-    """A connection another part registered with loopguard, `(pool, backend)`, came to
-    `local`: only a loop when its backend's address is that one (a name: its port)."""
-    if not (isinstance(owner, tuple) and len(owner) == 2 and isinstance(owner[1], Backend)):
-        return False
-    backend = owner[1]
-    if backend.port != local[1]:
-        return False
-    try:
-        return ipaddress.ip_address(backend.host.strip("[]")) == ipaddress.ip_address(local[0])
-    except ValueError:
-        return True  # a name: not resolved here (that could block); the port matched
-
-
 RETRY_WINDOW = 10
 
 
@@ -269,8 +233,7 @@ class BackendConnection(asyncio.Protocol):
         "_eof",
         "_error",
         "_framer",
-        "_loop_key",
-        "_own_key",
+        "_loop_registration",
         "_raw",
         "channel",
         "closed",
@@ -301,8 +264,7 @@ class BackendConnection(asyncio.Protocol):
         self.scheduled = False
         self.owner: ClientSession | None = None
         """Raw framing: the client whose requests this connection carries."""
-        self._loop_key: loopguard.Address | None = None
-        self._own_key: tuple[Address, Address] | None = None
+        self._loop_registration: loopguard.Registration | None = None
         self._error: str | None = None
         self._eof = False
         self._by_us = False
@@ -368,11 +330,8 @@ class BackendConnection(asyncio.Protocol):
         # connection recognises it by the time the request arrives.
         owner = (channel.service.pool, channel.backend)
         sockname = transport.get_extra_info("sockname")
-        self._loop_key = loopguard.register(sockname, owner)
-        local, remote = _address(sockname), _address(transport.get_extra_info("peername"))
-        if local is not None and remote is not None:
-            self._own_key = (local, remote)
-            _OWN_CONNECTIONS[self._own_key] = owner
+        peername = transport.get_extra_info("peername")
+        self._loop_registration = loopguard.Registration(sockname, peername, owner)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -425,11 +384,9 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False
         self.closed = True
-        loopguard.unregister(self._loop_key)
-        self._loop_key = None
-        if self._own_key is not None:
-            _OWN_CONNECTIONS.pop(self._own_key, None)
-            self._own_key = None
+        if self._loop_registration is not None:
+            self._loop_registration.release()
+            self._loop_registration = None
         if self._error is None and not self._by_us:
             if exc is not None:
                 self._error = f"connection lost: {exc}"
@@ -810,20 +767,13 @@ class ClientSession(asyncio.Protocol):
             self._fds = fds
         service.sessions.add(self)
 
-    def _loop_owner(self) -> object | None:
+    def _loop_owner(self) -> loopguard.Owner | None:
         """The backend whose outgoing connection this client connection is, or None."""
-        if not _OWN_CONNECTIONS and not loopguard.open_count():
-            return None
         transport = self.transport
-        peer = _address(self._peername)
-        local = _address(transport.get_extra_info("sockname")) if transport else None
-        if peer is None or local is None:
+        if transport is None:
             return None
-        mine = _OWN_CONNECTIONS.get((peer, local))
-        if mine is not None:
-            return mine
-        other = loopguard.owner(self._peername)
-        return other if other is not None and _points_here(other, local) else None
+        found = loopguard.check(self._peername, transport.get_extra_info("sockname"))
+        return found.owner if isinstance(found, loopguard.Loop) else None
 
     def _refuse(self) -> None:
         assert self.transport is not None
@@ -832,21 +782,18 @@ class ClientSession(asyncio.Protocol):
         self.transport.write(TOO_MANY_CONNECTIONS + b"\n")
         self.transport.close()
 
-    def _loop_detected(self, owner: object) -> None:
+    def _loop_detected(self, owner: loopguard.Owner) -> None:
         """The peer is one of our own backend connections: that backend is this balancer."""
         service = self.service
         service.loops += 1
         self._closing = True
         self._discard_buffers()
-        if isinstance(owner, tuple) and len(owner) == 2:
-            pool, backend = owner
-            mark_loop = getattr(pool, "mark_loop", None)
-            if mark_loop is not None and isinstance(backend, Backend):
-                host, port = service.bound
-                mark_loop(
-                    backend,
-                    f"its connection came back to service {service.config.name} on {host}:{port}",
-                )
+        pool, backend = owner
+        host, port = service.bound
+        pool.mark_loop(
+            backend,
+            f"its connection came back to service {service.config.name} on {host}:{port}",
+        )
         if self.transport is not None:
             self.transport.abort()
 
@@ -1124,6 +1071,8 @@ class MessageService:
         self.loop = asyncio.get_running_loop()
         self.servers: list[asyncio.Server] = []
         self.bound: tuple[str, int] = (config.listen_host, config.listen_port)
+        self._listening: list[Any] = []
+        """The listener's bound addresses, entered in `loopguard` while it listens."""
         self.tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.draining = False
@@ -1183,9 +1132,11 @@ class MessageService:
             self.loop, lambda: ClientSession(self), cfg.listen_host, cfg.listen_port, backlog=1024
         )
         self.servers.append(server)
+        self._listening = [sock.getsockname() for sock in server.sockets]
+        for address in self._listening:
+            loopguard.listening(address)  # a tcp service will not connect to it
         self._schedule_sweep()
-        sock = server.sockets[0]
-        addr = sock.getsockname()
+        addr = self._listening[0]
         self.bound = (str(addr[0]), int(addr[1]))
         return self.bound
 
@@ -1480,6 +1431,9 @@ class MessageService:
         self.draining = True
         for server in self.servers:
             server.close()
+        for address in self._listening:
+            loopguard.not_listening(address)
+        self._listening = []
 
     async def drain(self, timeout: float) -> DrainCut:
         """Let in-flight requests be answered, then close every connection.

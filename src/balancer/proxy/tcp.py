@@ -49,9 +49,9 @@ resolves to one of this process's listeners is marked a loop
 tried. For loops no address comparison sees (address translation, probes of
 the health checker), the backend socket is made and its connect started here,
 not by `loop.create_connection`, so its local address is registered
-(`proxy.loopcheck`, which enters it in `balancer.loopguard` too) before the
+(`balancer.loopguard`) before the
 event loop can run the accept on the other end. An accepted connection that
-`loopcheck` finds to be one of our own backend connections is closed at once,
+`loopguard` finds to be one of our own backend connections is closed at once,
 before it picks a backend, and that backend is marked a loop. The connection
 that opened it goes on to the next backend if it is not relaying yet, and is
 closed if it is. The check is made again before each connect and when the
@@ -75,7 +75,6 @@ from balancer import loopguard, resources
 from balancer.config import ServiceConfig, format_address
 from balancer.loops import create_listener
 from balancer.pool import Backend, BackendPool
-from balancer.proxy import loopcheck
 
 log = logging.getLogger("balancer")
 
@@ -218,7 +217,7 @@ class _BackendSide(asyncio.Protocol):
     """The client transport's write: what the backend sends goes straight to the client."""
 
     def __init__(
-        self, client: _ClientSide, backend: Backend, registration: loopcheck.Registration
+        self, client: _ClientSide, backend: Backend, registration: loopguard.Registration
     ) -> None:
         self.client = client
         self.backend = backend
@@ -322,7 +321,7 @@ class _ClientSide(asyncio.Protocol):
         self.started = 0.0
         self.peer: Any = None
         self.loop_suspect = False
-        """The peer's address is one of our own backend connections' (see `loopcheck`)."""
+        """The peer's address is one of our own backend connections' (see `loopguard`)."""
         self.fds: resources.FdBudget | None = None
         """The descriptor budget this connection holds two descriptors of."""
 
@@ -364,12 +363,12 @@ class _ClientSide(asyncio.Protocol):
 
     def cut_if_loop(self) -> bool:
         """Close this connection if it is one of our own backend connections; True if so."""
-        if self.closed or loopguard.owner(self.peer) is None:
+        if self.closed:
             return False
-        found = loopcheck.check(self.peer, self.transport.get_extra_info("sockname"))
+        found = loopguard.check(self.peer, self.transport.get_extra_info("sockname"))
         if found is None:
             return False
-        if not isinstance(found, loopcheck.Loop):
+        if not isinstance(found, loopguard.Loop):
             self.loop_suspect = True
             return False
         pool, backend = found.owner
@@ -520,7 +519,7 @@ class _ClientSide(asyncio.Protocol):
         if ok is not None:
             self.svc.pool.policy.on_finish(backend, self.svc.loop.time() - self.started, ok)
 
-    async def _dial(self, backend: Backend) -> tuple[socket.socket, loopcheck.Registration]:
+    async def _dial(self, backend: Backend) -> tuple[socket.socket, loopguard.Registration]:
         """A socket connected to `backend`, registered as ours from its first moment.
 
         The connect is started here so that the socket's local address is known,
@@ -533,21 +532,21 @@ class _ClientSide(asyncio.Protocol):
             rows = await loop.getaddrinfo(
                 backend.host, backend.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
             )
-        own = next((row[4] for row in rows if loopcheck.is_listener(row[4])), None)
+        own = next((row[4] for row in rows if loopguard.is_listener(row[4])), None)
         if own is not None:
-            raise _OwnListener(loopcheck.address_of(own))
+            raise _OwnListener(loopguard.address_of(own))
         error: OSError = OSError(f"no address for {backend.address}")
         owner = (self.svc.pool, backend)
         for family, kind, proto, _, address in rows:
             sock = socket.socket(family, kind, proto)
-            registration: loopcheck.Registration | None = None
+            registration: loopguard.Registration | None = None
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 code = sock.connect_ex(address)
                 if code not in (0, errno.EINPROGRESS):
                     raise OSError(code, os.strerror(code))
-                registration = loopcheck.Registration(sock.getsockname(), address, owner, self)
+                registration = loopguard.Registration(sock.getsockname(), address, owner, self)
                 if code:
                     await _writable(loop, sock)
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -708,7 +707,7 @@ class TcpService:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._bound: list[Any] = []
-        """The listener's bound addresses, entered in `loopcheck` while it listens."""
+        """The listener's bound addresses, entered in `loopguard` while it listens."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -762,7 +761,7 @@ class TcpService:
         )
         self._bound = [sock.getsockname() for sock in self._server.sockets]
         for address in self._bound:
-            loopcheck.listening(address)
+            loopguard.listening(address)
         self.accepting = True
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
@@ -774,7 +773,7 @@ class TcpService:
         if self._server is not None:
             self._server.close()
         for address in self._bound:
-            loopcheck.not_listening(address)
+            loopguard.not_listening(address)
         self._bound = []
 
     async def drain(self, timeout: float) -> None:

@@ -11,12 +11,11 @@ import pytest
 from balancer import loopguard
 from balancer.config import BackendConfig, HealthConfig, ServiceConfig
 from balancer.pool import BackendPool
-from balancer.proxy import loopcheck
 
 HOST = "127.0.0.1"
 
 
-def owner() -> loopcheck.Owner:
+def owner() -> loopguard.Owner:
     config = ServiceConfig(
         name="svc",
         listen_host=HOST,
@@ -29,8 +28,8 @@ def owner() -> loopcheck.Owner:
     return pool, pool.backends[0]
 
 
-def origin(suspect: bool = False) -> loopcheck.Origin:
-    opener: loopcheck.Origin = SimpleNamespace(loop_suspect=suspect)
+def origin(suspect: bool = False) -> loopguard.Origin:
+    opener: loopguard.Origin = SimpleNamespace(loop_suspect=suspect)
     return opener
 
 
@@ -48,7 +47,7 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def test_nothing_registered_is_no_suspect(pair: tuple[socket.socket, socket.socket]) -> None:
     _, accepted = pair
-    assert loopcheck.check(accepted.getpeername(), accepted.getsockname()) is None
+    assert loopguard.check(accepted.getpeername(), accepted.getsockname()) is None
 
 
 def test_our_own_connection_seen_from_the_other_end_is_a_loop(
@@ -57,15 +56,15 @@ def test_our_own_connection_seen_from_the_other_end_is_a_loop(
     client, accepted = pair
     who = owner()
     opener = origin()
-    registration = loopcheck.Registration(client.getsockname(), client.getpeername(), who, opener)
+    registration = loopguard.Registration(client.getsockname(), client.getpeername(), who, opener)
     try:
-        found = loopcheck.check(accepted.getpeername(), accepted.getsockname())
-        assert isinstance(found, loopcheck.Loop)
+        found = loopguard.check(accepted.getpeername(), accepted.getsockname())
+        assert isinstance(found, loopguard.Loop)
         assert found.owner == who
         assert found.origin is opener
     finally:
         registration.release()
-    assert loopcheck.check(accepted.getpeername(), accepted.getsockname()) is None
+    assert loopguard.check(accepted.getpeername(), accepted.getsockname()) is None
     assert loopguard.open_count() == 0
 
 
@@ -75,11 +74,11 @@ def test_another_socket_with_our_local_address_is_only_a_suspect(
     """Our connection from the same local address goes elsewhere: the kernel has a socket
     with the peer's exact addresses, and it is not ours."""
     client, accepted = pair
-    registration = loopcheck.Registration(
+    registration = loopguard.Registration(
         client.getsockname(), (HOST, 9), owner(), origin(suspect=True)
     )
     try:
-        assert loopcheck.check(accepted.getpeername(), accepted.getsockname()) == loopcheck.SUSPECT
+        assert loopguard.check(accepted.getpeername(), accepted.getsockname()) == loopguard.SUSPECT
     finally:
         registration.release()
 
@@ -94,48 +93,48 @@ def test_translated_connection_is_a_loop_at_its_second_link(
     """No socket has the peer's addresses (address translation, or a client already gone):
     a loop only when our connection from there was itself opened for a suspect."""
     client, accepted = pair
-    monkeypatch.setattr(loopcheck, "counterpart_exists", lambda local, remote: False)
-    registration = loopcheck.Registration(
+    monkeypatch.setattr(loopguard, "counterpart_exists", lambda local, remote: False)
+    registration = loopguard.Registration(
         client.getsockname(), (HOST, 9), owner(), origin(suspect=opener_suspect)
     )
     try:
-        found = loopcheck.check(accepted.getpeername(), accepted.getsockname())
+        found = loopguard.check(accepted.getpeername(), accepted.getsockname())
     finally:
         registration.release()
-    assert ("loop" if isinstance(found, loopcheck.Loop) else found) == verdict
+    assert ("loop" if isinstance(found, loopguard.Loop) else found) == verdict
 
 
 def test_counterpart_exists_asks_the_kernel(pair: tuple[socket.socket, socket.socket]) -> None:
     client, _ = pair
-    here = loopcheck.address_of(client.getsockname())
-    there = loopcheck.address_of(client.getpeername())
+    here = loopguard.address_of(client.getsockname())
+    there = loopguard.address_of(client.getpeername())
     assert here is not None
     assert there is not None
-    assert loopcheck.counterpart_exists(here, there) is True
-    assert loopcheck.counterpart_exists(there, here) is True  # the accepted end
-    assert loopcheck.counterpart_exists(here, (HOST, 9)) is False
+    assert loopguard.counterpart_exists(here, there) is True
+    assert loopguard.counterpart_exists(there, here) is True  # the accepted end
+    assert loopguard.counterpart_exists(here, (HOST, 9)) is False
 
 
 def test_release_keeps_a_newer_registration_of_the_same_address() -> None:
-    first = loopcheck.Registration((HOST, 40000), (HOST, 1), owner(), origin())
-    second = loopcheck.Registration((HOST, 40000), (HOST, 2), owner(), origin())
+    first = loopguard.Registration((HOST, 40000), (HOST, 1), owner(), origin())
+    second = loopguard.Registration((HOST, 40000), (HOST, 2), owner(), origin())
     first.release()
     first.release()
-    assert loopcheck.open_count() == 1
+    assert loopguard.open_count() == 1
     second.release()
-    assert loopcheck.open_count() == 0
+    assert loopguard.open_count() == 0
 
 
 def test_listeners_of_the_process() -> None:
-    loopcheck.listening((HOST, 7001))
-    loopcheck.listening(("0.0.0.0", 7002))
+    loopguard.listening((HOST, 7001))
+    loopguard.listening(("0.0.0.0", 7002))
     try:
-        assert loopcheck.is_listener((HOST, 7001))
-        assert loopcheck.is_listener(("::ffff:127.0.0.1", 7001, 0, 0))
-        assert not loopcheck.is_listener((HOST, 7003))
-        assert loopcheck.is_listener((HOST, 7002)), "a wildcard listener takes loopback"
-        assert not loopcheck.is_listener(("192.0.2.1", 7002)), "not an address of this host"
+        assert loopguard.is_listener((HOST, 7001))
+        assert loopguard.is_listener(("::ffff:127.0.0.1", 7001, 0, 0))
+        assert not loopguard.is_listener((HOST, 7003))
+        assert loopguard.is_listener((HOST, 7002)), "a wildcard listener takes loopback"
+        assert not loopguard.is_listener(("192.0.2.1", 7002)), "not an address of this host"
     finally:
-        loopcheck.not_listening((HOST, 7001))
-        loopcheck.not_listening(("0.0.0.0", 7002))
-    assert not loopcheck.is_listener((HOST, 7001))
+        loopguard.not_listening((HOST, 7001))
+        loopguard.not_listening(("0.0.0.0", 7002))
+    assert not loopguard.is_listener((HOST, 7001))
