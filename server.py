@@ -27,6 +27,7 @@ from balancer.config import (  # noqa: E402
     AdminConfig,
     Config,
     ConfigError,
+    check_bound,
     load_config,
     parse_admin,
 )
@@ -56,20 +57,19 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists("config.txt") or not os.path.exists("config.json")
             else "config.json"
         )
-    if args.refreshRate <= 0:
-        log.error("invalid -refreshRate %r: expected a positive number", args.refreshRate)
-        return 2
     admin: AdminConfig | None = None
-    if args.admin is not None:
-        try:
+    try:
+        rate = args.refreshRate
+        check_bound("health.interval", rate, source="command line", where="-refreshRate")
+        if args.admin is not None:
             admin = parse_admin(args.admin, where="-admin", source="command line")
-        except ConfigError as exc:
-            log.error("invalid -admin: %s", exc)
-            return 2
+    except ConfigError as exc:
+        log.error("invalid command line: %s", exc)
+        return 2
 
     def read() -> Config:
         """The config file, with the tutorial's health settings and the access log on."""
-        config = load_config(path, default_listen=f"localhost:{args.p}")
+        config = load_config(path, default_listen=f"localhost:{args.p}", admin_listen=admin)
         services = tuple(
             dataclasses.replace(
                 s,
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for s in config.services
         )
-        return dataclasses.replace(
-            config,
-            services=services,
-            admin=admin if admin is not None else config.admin,
-            access_log=True,
-        )
+        return dataclasses.replace(config, services=services, access_log=True)
 
     try:
         config = read()

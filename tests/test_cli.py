@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from balancer.config import Config, ConfigError
 from tests.support import (
     PYTHON,
     ROOT,
@@ -53,6 +54,71 @@ def test_check_config_names_file_key_and_expectation(tmp_path: Path) -> None:
     assert result.returncode == 2
     expected = "bad.toml: line 5: services.numbers.health.rise: expected an integer from 1 to 1000"
     assert f"{expected}, got -1" in result.stderr
+
+
+def test_check_config_lists_every_error_each_on_its_own_error_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:1"]\nretrys = 2\n'
+        "[services.numbers.health]\nrise = -1\ninterval = 1e-6\n"
+    )
+    result = run("check-config", str(cfg))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith("bad.toml: 3 errors"), lines
+    assert all(line.startswith("error: ") for line in lines), lines
+    assert [line.split(": ")[2] for line in lines[1:]] == ["line 4", "line 6", "line 7"]
+
+
+def command_line_config(*argv: str) -> Config:
+    from balancer.cli import build_config, build_parser
+
+    return build_config(build_parser().parse_args(["serve", *argv]))
+
+
+def test_command_line_numbers_have_the_config_s_bounds(tmp_path: Path) -> None:
+    cfg = write_toml(tmp_path / "b.toml", [8090])
+    for option, value, bound in [
+        ("--refresh-rate", "1e-6", "from 0.05 to 86400 seconds"),
+        ("--rise", "0", "from 1 to 1000"),
+        ("--fall", "100000", "from 1 to 1000"),
+        ("--drain-timeout", "-1", "from 0 to 3600 seconds"),
+    ]:
+        with pytest.raises(ConfigError, match=f"command line: {option}: expected .*{bound}"):
+            command_line_config(str(cfg), option, value)
+    result = run("serve", str(cfg), "--refresh-rate", "1e-6", "--admin", "off")
+    assert result.returncode == 2
+    assert "--refresh-rate: expected a number from 0.05 to 86400 seconds" in result.stderr
+
+
+def test_admin_on_the_command_line_replaces_only_the_listen_address(tmp_path: Path) -> None:
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(
+        '[admin]\ntoken = "w"\nread_token = "r"\nread_access = "token"\n'
+        'allowed_hosts = ["admin.example"]\n'
+        '[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:1"]\n'
+    )
+    admin = command_line_config(str(cfg), "--admin", "127.0.0.1:9555").admin
+    assert (admin.host, admin.port, admin.enabled) == ("127.0.0.1", 9555, True)
+    assert (admin.token, admin.read_token, admin.read_access) == ("w", "r", "token")
+    assert admin.allowed_hosts == ("admin.example",)
+    assert not command_line_config(str(cfg), "--admin", "off").admin.enabled
+
+
+def test_the_checks_across_the_file_judge_the_command_line_s_admin_listener(
+    tmp_path: Path,
+) -> None:
+    """A backend on the file's default admin address is fine when --admin moves the admin
+    endpoint elsewhere (or turns it off), and a loop when --admin puts it on that backend."""
+    cfg = tmp_path / "b.toml"
+    cfg.write_text('[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:9100"]\n')
+    with pytest.raises(ConfigError, match="which is the listener of the admin endpoint"):
+        command_line_config(str(cfg))
+    assert command_line_config(str(cfg), "--admin", "off").services[0].backends
+    assert command_line_config(str(cfg), "--admin", "127.0.0.1:9101").services[0].backends
+    cfg.write_text('[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:9200"]\n')
+    with pytest.raises(ConfigError, match="which is the listener of the admin endpoint"):
+        command_line_config(str(cfg), "--admin", "127.0.0.1:9200")
 
 
 def test_serve_with_a_bad_config_exits_2_before_listening(tmp_path: Path) -> None:

@@ -137,9 +137,9 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def error_of(path: Path, **kwargs: str) -> ConfigError:
+def error_of(path: Path, default_listen: str = "localhost:8080") -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_config(path, **kwargs)
+        load_config(path, default_listen=default_listen)
     return info.value
 
 

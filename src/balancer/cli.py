@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from balancer.config import (
     Config,
     ConfigError,
+    check_bound,
     load_config,
     parse_address,
     parse_admin,
@@ -62,9 +63,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(value: float | int | None, name: str) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError("command line", name, f"expected a positive number, got {value!r}")
+def _bounded(value: float | int | None, key: str, option: str) -> None:
+    """A command-line number within the bounds of the config key it stands for."""
+    if value is not None:
+        check_bound(key, value, source="command line", where=option)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -85,10 +87,15 @@ def build_config(args: argparse.Namespace) -> Config:
     default_listen = "localhost:8080"
     if args.port is not None:
         default_listen = f"localhost:{args.port}"
-    config = load_config(path, default_listen=default_listen)
-    _positive(args.refresh_rate, "--refresh-rate")
-    _positive(args.rise, "--rise")
-    _positive(args.fall, "--fall")
+    _bounded(args.refresh_rate, "health.interval", "--refresh-rate")
+    _bounded(args.rise, "health.rise", "--rise")
+    _bounded(args.fall, "health.fall", "--fall")
+    _bounded(args.drain_timeout, "drain_timeout", "--drain-timeout")
+    admin_listen = None
+    if args.admin is not None:
+        admin_listen = parse_admin(args.admin, where="--admin", source="command line")
+    # the file's checks across listeners judge the admin listener the command line asks for
+    config = load_config(path, default_listen=default_listen, admin_listen=admin_listen)
     services = list(config.services)
     if args.port is not None or args.listen is not None:
         if len(services) != 1:
@@ -122,15 +129,10 @@ def build_config(args: argparse.Namespace) -> Config:
             dataclasses.replace(s, health=dataclasses.replace(s.health, **health_changes))  # type: ignore[arg-type]
             for s in services
         ]
-    admin = config.admin
-    if args.admin is not None:
-        parsed = parse_admin(args.admin, where="--admin", source="command line")
-        admin = dataclasses.replace(parsed, token=admin.token)
-    changes: dict[str, object] = {"services": tuple(services), "admin": admin}
+    changes: dict[str, object] = {"services": tuple(services)}
     if args.access_log:
         changes["access_log"] = True
     if args.drain_timeout is not None:
-        _positive(args.drain_timeout, "--drain-timeout")
         changes["drain_timeout"] = args.drain_timeout
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
@@ -172,7 +174,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
     for svc in config.services:
         print(

@@ -446,14 +446,21 @@ def config_from_backends(
     return Config(services=(service,), source=source)
 
 
-def load_config(path: str | os.PathLike[str], *, default_listen: str = DEFAULT_LISTEN) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    default_listen: str = DEFAULT_LISTEN,
+    admin_listen: AdminConfig | None = None,
+) -> Config:
     """Read and validate a config file; raise one ConfigError listing every problem.
 
     `.toml` is the full format, `.json` is either the same structure or the
     tutorial's `{"servers": [...]}`, anything else is the tutorial's text
     format. Single-service formats listen on `default_listen`; so does a
-    TOML service without `listen`.
+    TOML service without `listen`. `admin_listen` (the command line's
+    `--admin`) replaces the file's admin listen address and `enabled` before
+    the checks across the file, so they judge the listeners that will be.
     """
     from balancer.config_loader import load
 
-    return load(os.fspath(path), default_listen)
+    return load(os.fspath(path), default_listen, admin_listen)

@@ -545,7 +545,12 @@ def _admin(data: object, problems: Problems) -> AdminConfig | None:
     return result if admin is not None and problems.clean("admin") else None
 
 
-def _build(data: dict[str, Any], problems: Problems, default_listen: str) -> Config:
+def _build(
+    data: dict[str, Any],
+    problems: Problems,
+    default_listen: str,
+    admin_listen: AdminConfig | None = None,
+) -> Config:
     """A Config from the TOML-shaped mapping (TOML, or the object form of JSON)."""
     source = problems.source
     listen = parse_address(
@@ -561,6 +566,8 @@ def _build(data: dict[str, Any], problems: Problems, default_listen: str) -> Con
     drain_close_window = top.bounded("drain_close_window", 1.0)
     access_log = top.boolean("access_log", False)
     admin = _admin(data["admin"], problems) if "admin" in data else AdminConfig()
+    if admin is not None and admin_listen is not None:
+        admin = _listen_on(admin, admin_listen)
 
     services: list[ParsedService] = []
     services_data = data.get("services")
@@ -589,13 +596,24 @@ def _build(data: dict[str, Any], problems: Problems, default_listen: str) -> Con
 # -- the tutorial's formats ------------------------------------------------------------------
 
 
+def _listen_on(admin: AdminConfig, listen: AdminConfig) -> AdminConfig:
+    """`admin` with the listen address and `enabled` of `listen` (the command line's)."""
+    return replace(admin, host=listen.host, port=listen.port, enabled=listen.enabled)
+
+
 def _tutorial_service(
-    backends: list[tuple[BackendConfig, str]], problems: Problems, listen: str, where: str
+    backends: list[tuple[BackendConfig, str]],
+    problems: Problems,
+    listen: str,
+    where: str,
+    admin_listen: AdminConfig | None,
 ) -> Config:
     _check_duplicates(backends, problems)
     config = config_from_backends(
         [backend for backend, _ in backends], listen=listen, source=problems.source
     )
+    if admin_listen is not None:
+        config = replace(config, admin=_listen_on(config.admin, admin_listen))
     parsed = ParsedService(
         config.services[0],
         path="",
@@ -618,7 +636,9 @@ def _host_message(value: object) -> str:
     )
 
 
-def _parse_text(text: str, problems: Problems, listen: str) -> Config:
+def _parse_text(
+    text: str, problems: Problems, listen: str, admin_listen: AdminConfig | None = None
+) -> Config:
     """The tutorial's `config.txt`: `host port` (or `host:port`) per line, `#` comments."""
     source = problems.source
     backends: list[tuple[BackendConfig, str]] = []
@@ -649,7 +669,7 @@ def _parse_text(text: str, problems: Problems, listen: str) -> Config:
             problems.add(where, f'expected "host port" or "host:port", got {line!r}')
     if not lines:
         problems.add("", 'no backends: expected at least one "host port" line')
-    return _tutorial_service(backends, problems, listen, "")
+    return _tutorial_service(backends, problems, listen, "", admin_listen)
 
 
 def _server(item: object, where: str, problems: Problems) -> BackendConfig | None:
@@ -677,7 +697,12 @@ def _server(item: object, where: str, problems: Problems) -> BackendConfig | Non
     return BackendConfig(host, port, weight)
 
 
-def _parse_servers(data: dict[str, Any], problems: Problems, listen: str) -> Config:
+def _parse_servers(
+    data: dict[str, Any],
+    problems: Problems,
+    listen: str,
+    admin_listen: AdminConfig | None = None,
+) -> Config:
     """The tutorial's JSON form: `{"servers": [{"host": ..., "port": ...}, ...]}`."""
     _Table.read(data, "", problems, ("servers",), what="an object")
     servers = data["servers"]
@@ -694,7 +719,7 @@ def _parse_servers(data: dict[str, Any], problems: Problems, listen: str) -> Con
             backend = _server(item, where, problems)
             if backend is not None:
                 backends.append((backend, where))
-    return _tutorial_service(backends, problems, listen, "servers")
+    return _tutorial_service(backends, problems, listen, "servers", admin_listen)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -751,7 +776,7 @@ def _parse_json(text: str, source: str) -> object:
         raise ConfigError(source, "", "invalid JSON: arrays or objects nested too deeply") from None
 
 
-def load(source: str, default_listen: str) -> Config:
+def load(source: str, default_listen: str, admin_listen: AdminConfig | None = None) -> Config:
     """`load_config`: read, parse and check `source`; one ConfigError lists every problem."""
     parse_address(
         default_listen,
@@ -764,7 +789,7 @@ def load(source: str, default_listen: str) -> Config:
     problems = Problems(source)
     suffix = Path(source).suffix.lower()
     if suffix == ".toml":
-        config = _build(_parse_toml(text, source), problems, default_listen)
+        config = _build(_parse_toml(text, source), problems, default_listen, admin_listen)
         problems.raise_if_any(lambda: toml_lines(text))
     elif suffix == ".json":
         doc = _parse_json(text, source)
@@ -775,11 +800,11 @@ def load(source: str, default_listen: str) -> Config:
                 f'expected a JSON object with "services" or "servers", got {show_value(doc)}',
             )
         if "servers" in doc and "services" not in doc:
-            config = _parse_servers(doc, problems, default_listen)
+            config = _parse_servers(doc, problems, default_listen, admin_listen)
         else:
-            config = _build(doc, problems, default_listen)
+            config = _build(doc, problems, default_listen, admin_listen)
         problems.raise_if_any(lambda: json_lines(text))
     else:
-        config = _parse_text(text, problems, default_listen)
+        config = _parse_text(text, problems, default_listen, admin_listen)
         problems.raise_if_any()
     return config
