@@ -261,6 +261,38 @@ def test_raw_client_through_a_balancer_in_front_of_raw_services(
     assert sorted(report["backends"].values()) == [100, 100], "round robin over both"
 
 
+@pytest.mark.e2e
+def test_spread_is_read_with_the_admin_token_where_reads_need_one(
+    services: Services,
+    balancers: Balancers,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backends = services.start_many(2)
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(
+        '[admin]\ntoken = "s3cret"\nread_access = "token"\n'
+        '[services.numbers]\nlisten = "127.0.0.1:0"\n'
+        "backends = [" + ", ".join(f'"127.0.0.1:{b.port}"' for b in backends) + "]\n"
+    )
+    bal = balancers.start(cfg)
+    args = (
+        "--balancerIp=127.0.0.1",
+        f"--balancerPort={bal.port}",
+        "--requests_per_client=50",
+        f"--admin=127.0.0.1:{bal.admin_port}",
+    )
+    monkeypatch.delenv("BALANCER_ADMIN_TOKEN", raising=False)
+    code, report = run_client(capsys, *args)
+    assert code == 0
+    assert not report.get("backends"), "without the token the status is not readable"
+    monkeypatch.setenv("BALANCER_ADMIN_TOKEN", "s3cret")
+    code, report = run_client(capsys, *args)
+    assert code == 0
+    assert sorted(report["backends"].values()) == [25, 25]
+
+
 def test_raw_client_refuses_a_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     assert client.main(["--raw", "--pipeline=2"]) == 2
     err = capsys.readouterr().err

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import sys
 import time
@@ -408,16 +409,22 @@ class LoadRun:
 
 
 async def fetch_status(admin: str, patience: float = 1.0) -> dict[str, Any] | None:
-    """GET http://ADMIN/status; None when the endpoint does not answer with JSON."""
+    """GET http://ADMIN/status; None when the endpoint does not answer with JSON.
+
+    Sends `Authorization: Bearer $BALANCER_ADMIN_TOKEN` when that is set (an admin
+    endpoint whose reads need a token).
+    """
     host, _, port = admin.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
+    token = os.environ.get("BALANCER_ADMIN_TOKEN")
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     try:
         async with asyncio.timeout(patience):
             reader, writer = await asyncio.open_connection(host, int(port))
             try:
                 writer.write(
                     f"GET /status HTTP/1.0\r\nHost: {admin}\r\nAccept: application/json\r\n"
-                    "Connection: close\r\n\r\n".encode()
+                    f"{auth}Connection: close\r\n\r\n".encode()
                 )
                 raw = await reader.read(16 * 1024 * 1024)
                 while chunk := await reader.read(65536):
