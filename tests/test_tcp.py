@@ -356,12 +356,30 @@ async def test_drain_closes_remaining_connections(
     assert await client.command(b"PING") == "PONG"
     svc.stop_accepting()
     assert await client.command(b"PING") == "PONG", "stop_accepting keeps open connections"
-    await svc.drain(0.1)
+    cut = await svc.drain(0.1)
+    assert (cut.connections, cut.requests) == (1, 0), "the open connection was cut"
     assert svc.client_connections == 0
     assert await read_to_eof(client.reader) == b""
     await client.close()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(HOST, port)
+
+
+async def test_a_second_drain_with_no_time_left_cuts_at_once(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    """A second stop signal: the drain waiting for a busy connection ends now."""
+    svc, port = await start([redis_pair[0].address])
+    client = await Resp.connect(port)
+    assert await client.command(b"PING") == "PONG"
+    first = asyncio.ensure_future(svc.drain(600))
+    await asyncio.sleep(0)
+    assert not first.done()
+    second = await asyncio.wait_for(svc.drain(0), STEP)
+    first_cut = await asyncio.wait_for(first, STEP)
+    assert (second.connections + first_cut.connections, second.requests) == (1, 0)
+    assert await read_to_eof(client.reader) == b""
+    await client.close()
 
 
 async def test_byte_counters_are_exact_when_the_backend_resets(start: Starter) -> None:

@@ -73,6 +73,7 @@ from typing import Any, cast
 
 from balancer import loopguard, resources
 from balancer.config import ServiceConfig, format_address
+from balancer.lifecycle import DrainCut
 from balancer.loops import create_listener
 from balancer.pool import Backend, BackendPool
 
@@ -776,25 +777,32 @@ class TcpService:
             loopguard.not_listening(address)
         self._bound = []
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> DrainCut:
+        """Stop accepting; wait up to `timeout` for the relayed connections to end, then
+        abort what is left and return it as cut. A call with 0 while a drain waits
+        cuts at once (the first call then returns too)."""
         self.stop_accepting()
+        cut = 0
         if self.conns:
-            self.drained = asyncio.Event()
+            if self.drained is None:
+                self.drained = asyncio.Event()
+            drained = self.drained
             try:
                 async with asyncio.timeout(timeout):
-                    await self.drained.wait()
+                    await drained.wait()
             except TimeoutError:
+                cut = len(self.conns)
                 for conn in list(self.conns):
                     conn.abort()
-                self.drained.clear()
                 if self.conns:
                     # Aborted transports report connection_lost on the next loop turns.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):
-                            await self.drained.wait()
+                            await drained.wait()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        return DrainCut(cut, 0)
 
     def account(self) -> None:
         """Bring the backends' byte counters up to date with the open connections."""
