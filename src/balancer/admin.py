@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,6 @@ from balancer.adminguard import (
     is_loopback,
 )
 from balancer.config import BOUNDS, BackendConfig, ConfigError, parse_address
-from balancer.loopguard import points_at, resolve
 from balancer.loops import listen_socket
 from balancer.metrics import LatencyHistogram, make_registry
 from balancer.openapi import BACKEND_STATES, MAX_BODY, OPENAPI
@@ -87,7 +85,6 @@ MAX_ERROR = 500
 """Longest error message sent back, in characters."""
 SHOWN_KEYS = 5
 """Unknown keys named in an error before "and N more"."""
-RESOLVE_TIMEOUT = 5.0
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": (
@@ -472,48 +469,6 @@ async def handle_set_backend(request: web.Request) -> web.Response:
     return web.json_response(backend_status(backend, time.time()))
 
 
-def listen_addresses(server: Server) -> list[tuple[str, int]]:
-    """Where this balancer listens: every service and the admin endpoint (bound ports)."""
-    method: Callable[[], Iterable[tuple[str, int]]] | None = getattr(
-        server, "listen_addresses", None
-    )
-    if method is not None:
-        return [(str(h), int(p)) for h, p in method()]
-    out = [runtime.bound for runtime in server.services.values()]
-    if server.admin_address is not None:
-        out.append(server.admin_address)
-    return out
-
-
-async def resolve_backend(host: str, port: int) -> set[tuple[str, int]]:
-    """The addresses a backend stands for; a name is resolved off the event loop."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(None, resolve, host, port), RESOLVE_TIMEOUT
-            )
-        except TimeoutError:
-            return set()
-    return resolve(host, port)
-
-
-async def check_not_self(server: Server, host: str, port: int, address: str) -> None:
-    """Refuse a backend that is this balancer itself: it would send requests to itself."""
-    resolved = await resolve_backend(host, port)
-    if not resolved:
-        return
-    for listen_host, listen_port in listen_addresses(server):
-        if points_at(resolved, listen_host, listen_port):
-            raise ApiError(
-                400,
-                f"backend {show(address, 80)} is this balancer itself (it listens on "
-                f"{listen_host}:{listen_port}); requests sent there would come back here",
-            )
-
-
 async def handle_add_backend(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     service = request.match_info["service"]
@@ -532,7 +487,7 @@ async def handle_add_backend(request: web.Request) -> web.Response:
     config = BackendConfig(host, port, weight)
     if runtime.pool.get(config.address) is not None:
         raise ApiError(409, f"service {service!r} already has backend {config.address!r}")
-    await check_not_self(server, host, port, config.address)
+    await server.check_backend_address(host, port)  # 400: the balancer itself
     backend = server.add_backend(service, config)
     return web.json_response(backend_status(backend, time.time()), status=201)
 
@@ -567,10 +522,7 @@ async def handle_remove_backend(request: web.Request) -> web.Response:
 
 async def handle_reload(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    try:
-        await server.reload()
-    except ConfigError as exc:
-        raise ApiError(400, str(exc)) from None
+    await server.reload()  # a rejected file: RuntimeChangeError 400 or 409, nothing changed
     return web.json_response({"reloaded": True, **status_document(server)})
 
 

@@ -261,8 +261,13 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _json({"type": "object"}, "reloaded"),
                     **{code: doc for code, doc in _WRITE.items() if code != "404"},
-                    "400": _error("the config file is invalid; the running config is kept"),
-                    "409": _error("the balancer is stopping"),
+                    "400": _error(
+                        "the config file is invalid, or a backend in it is the balancer "
+                        "itself; nothing changed"
+                    ),
+                    "409": _error(
+                        "a new listen address is busy, or the balancer is stopping; nothing changed"
+                    ),
                 },
             }
         },
