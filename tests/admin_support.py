@@ -4,7 +4,6 @@ and plain HTTP calls that return the status, the headers and the JSON body."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,23 +12,14 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from balancer.demo import ADMIN_RE, SERVICE_RE
-from tests.support import PYTHON, BalancerProc
+from tests.support import BalancerProc, free_ports, start_balancer
 
 READ_ROUTES = ("/status", "/metrics", "/api/services", "/api/history")
 """Every route that shows the balancer's state (guarded by read_access)."""
 
 
-def closed_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports nothing listens on (bound at once, then closed)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+closed_ports = free_ports
+"""Distinct loopback ports nothing listens on."""
 
 
 def with_admin(cfg: Path, **settings: object) -> Path:
@@ -42,17 +32,7 @@ def with_admin(cfg: Path, **settings: object) -> Path:
 
 def start_with_admin(cfg: Path, *extra: str, env: dict[str, str] | None = None) -> BalancerProc:
     """`balancer serve CFG` with the file's own `[admin]` table (no --admin flag) and `env`."""
-    proc = BalancerProc([PYTHON, "-m", "balancer", "serve", str(cfg), *extra], env=env)
-    try:
-        proc.wait_for("balancer ready")
-    except BaseException:
-        proc.stop()
-        raise
-    proc.ports = {m.group(1): int(m.group(3)) for m in map(SERVICE_RE.search, proc.lines) if m}
-    proc.admin_port = next(
-        (int(m.group(2)) for m in map(ADMIN_RE.search, proc.lines) if m is not None), None
-    )
-    return proc
+    return start_balancer(cfg, *extra, admin=None, env=env)
 
 
 @contextmanager

@@ -148,6 +148,18 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports nothing listens on (each held until all are picked)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class ServiceProc(Proc):
     port: int
 
@@ -191,19 +203,33 @@ class BalancerProc(Proc):
 def start_balancer(
     config: Path | str,
     *extra: str,
-    admin: bool | str = True,
+    admin: bool | str | None = True,
     cwd: Path | str | None = None,
     stdout_to: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> BalancerProc:
-    """Start `balancer serve CONFIG`; admin True: on a free port, False: off, str: that address."""
+    """Start `balancer serve CONFIG`; admin True: on a free port, False: off, str: that
+    address, None: as the file says (no --admin flag)."""
     args = [PYTHON, "-m", "balancer", "serve", str(config), *extra]
     if isinstance(admin, str):
         args += ["--admin", admin]
     elif admin:
         args += ["--admin", "127.0.0.1:0"]
-    else:
+    elif admin is not None:
         args += ["--admin", "off"]
-    proc = BalancerProc(args, cwd=cwd, stdout_to=stdout_to)
+    return ready_balancer(args, cwd=cwd, stdout_to=stdout_to, env=env)
+
+
+def ready_balancer(
+    args: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    stdout_to: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> BalancerProc:
+    """A balancer started with `args`, once it said "balancer ready"; its ports read from
+    what it printed (services by name, and the admin endpoint's if any)."""
+    proc = BalancerProc(args, cwd=cwd, stdout_to=stdout_to, env=env)
     try:
         proc.wait_for("balancer ready")
     except BaseException:

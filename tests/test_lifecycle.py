@@ -22,7 +22,7 @@ from balancer.config import AdminConfig, BackendConfig, Config, HealthConfig, Se
 from balancer.lifecycle import DrainCut, plan_backends, plan_reload
 from balancer.loops import ListenerBatch, create_listener, listening_socket
 from balancer.server import RuntimeChangeError, Server
-from tests.support import reply_for
+from tests.support import free_ports, reply_for
 
 # -- the plans ----------------------------------------------------------------------------------
 
@@ -220,18 +220,6 @@ def busy_port(port: int) -> Iterator[int]:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         yield port
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different ports nothing listens on (each held until all are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 async def ask(port: int, line: str) -> str:

@@ -34,6 +34,7 @@ from tests.support import (
     Services,
     backend_rows,
     free_port,
+    free_ports,
     reply_for,
     wait_until,
 )
@@ -97,18 +98,6 @@ def call(bal: BalancerProc, method: str, path: str, body: object = None) -> tupl
 def count(bal: Proc, pattern: str) -> int:
     regex = re.compile(pattern)
     return sum(1 for line in list(bal.lines) if regex.search(line))
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different ports nothing listens on (each held until all are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def reload_by_signal(bal: BalancerProc) -> tuple[bool, str]:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from balancer.demo import ADMIN_RE, SERVICE_RE
 from tests.peers import HOST, Peer, Resp, free_port, need, redis_server, wait_connectable
 from tests.support import (
     PYTHON,
     BalancerProc,
     LineClient,
     backend_rows,
+    ready_balancer,
     reply_for,
     start_balancer,
     start_service,
@@ -214,16 +214,9 @@ SET_NOFILE = (
 
 def start_with_nofile_limit(config: Path) -> BalancerProc:
     """`balancer serve CONFIG` in a child whose RLIMIT_NOFILE is NOFILE (soft and hard)."""
-    proc = BalancerProc([PYTHON, "-c", SET_NOFILE, "serve", str(config), "--admin", "127.0.0.1:0"])
-    try:
-        proc.wait_for("balancer ready")
-    except BaseException:
-        proc.stop()
-        raise
-    proc.ports = {m.group(1): int(m.group(3)) for m in map(SERVICE_RE.search, proc.lines) if m}
-    admin = [int(m.group(2)) for m in map(ADMIN_RE.search, proc.lines) if m]
-    proc.admin_port = admin[0]
-    return proc
+    return ready_balancer(
+        [PYTHON, "-c", SET_NOFILE, "serve", str(config), "--admin", "127.0.0.1:0"]
+    )
 
 
 def test_more_clients_than_descriptors_are_refused_and_the_backend_stays_up(
