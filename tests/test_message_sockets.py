@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from balancer.config import BackendConfig, HealthConfig, ServiceConfig
 from balancer.metrics import LatencyHistogram
@@ -55,3 +56,49 @@ async def test_a_backend_that_is_the_balancer_itself_is_found_by_its_first_conne
         service.stop_accepting()
         service.close_backends()
         tagger.close()
+
+
+async def test_a_backend_that_never_accepts_costs_its_request_nothing_but_connect_timeout() -> None:
+    """A connect that hangs (the backend's accept queue is full: its SYNs are dropped) fails
+    after `connect_timeout`; the backend is ejected and its request answered by the other."""
+    loop = asyncio.get_running_loop()
+    tagger = await loop.create_server(LineTagger, "127.0.0.1", 0)
+    tagger_port = tagger.sockets[0].getsockname()[1]
+    never = socket.socket()
+    never.bind(("127.0.0.1", 0))
+    never.listen(0)
+    filler = socket.create_connection(never.getsockname())  # the accept queue's only place
+    cfg = ServiceConfig(
+        name="hang",
+        listen_host="127.0.0.1",
+        listen_port=0,
+        backends=(
+            BackendConfig("127.0.0.1", never.getsockname()[1]),
+            BackendConfig("127.0.0.1", tagger_port),
+        ),
+        connect_timeout=0.3,
+        health=HealthConfig(enabled=False),
+    )
+    pool = BackendPool(cfg)
+    hung, live = pool.backends
+    service = MessageService(cfg, pool, histogram=LatencyHistogram())
+    _, port = await service.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"1\n")  # round robin: the first request goes to the hung backend
+            async with asyncio.timeout(20):
+                assert await reader.readline() == tag(b"1") + b"\n"
+        finally:
+            writer.close()
+        assert hung.connect_failures == 1
+        assert hung.state == "down"
+        assert "connect timeout after 0.3s" in hung.last_reason
+        assert live.requests == 1
+        assert service.retries == 1
+    finally:
+        service.stop_accepting()
+        service.close_backends()
+        tagger.close()
+        filler.close()
+        never.close()
