@@ -534,3 +534,33 @@ async def test_a_stop_logs_the_tcp_connections_it_cut(caplog: pytest.LogCaptureF
         assert "drain_timeout (0.2s) reached; cut 1 client connection(s)" in caplog.text
     finally:
         silent.close()
+
+
+async def test_the_stop_summary_sums_up_a_service_with_many_backends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per backend for a few; one line for the service when there are many (a
+    stop of 100,000 backends used to log 100,000 lines)."""
+    from balancer.server import SUMMARY_BACKENDS
+
+    (port, few_port) = free_ports(2)
+    many = svc("many", port, *range(20000, 20001 + SUMMARY_BACKENDS), health=NO_CHECKS)
+    few = svc("few", few_port, 20000, 20001, health=NO_CHECKS)
+    server = Server(config(many, few))
+    await server.start()
+    try:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="balancer"):
+            server.log_summary()
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:")]
+        assert lines[0] == (
+            f"summary: service many: {SUMMARY_BACKENDS + 1} backends "
+            f"({SUMMARY_BACKENDS + 1} up), 0 requests, 0 failures, 0 connect failures"
+        )
+        assert lines[1:] == [
+            f"summary: service few backend 127.0.0.1:{p}: up, 0 requests, 0 failures, "
+            "0 connect failures"
+            for p in (20000, 20001)
+        ]
+    finally:
+        await server.shutdown()

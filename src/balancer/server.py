@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import time
@@ -78,6 +79,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("balancer")
+
+SUMMARY_BACKENDS = 100
+"""A service with more backends is summed up in one line at the stop."""
 
 ADMIN_STATES = {"up": READY, "ready": READY, "drain": DRAIN, "maint": MAINT}
 
@@ -297,6 +301,10 @@ class Server:
             plan = plan_reload({}, self.config)
             prepared = await self._prepare(self.config, plan, admin=self.config.admin.enabled)
             await self._commit(prepared)
+        # What start-up built lives as long as the process: keep it out of every later
+        # collection (a full collection of 100,000 backends took 100-200 ms of the loop).
+        gc.collect()
+        gc.freeze()
         log.info("balancer ready")
 
     async def _start_admin(self) -> None:
@@ -745,8 +753,23 @@ class Server:
                 log.warning("admin endpoint not closed in time; left to the exit")
 
     def log_summary(self) -> None:
+        """One line per backend at the stop, or per service beyond SUMMARY_BACKENDS."""
         for name, runtime in self.services.items():
-            for b in runtime.pool:
+            backends = list(runtime.pool)
+            if len(backends) > SUMMARY_BACKENDS:
+                up = sum(1 for b in backends if b.is_up)
+                log.info(
+                    "summary: service %s: %d backends (%d up), %d requests, %d failures, "
+                    "%d connect failures",
+                    name,
+                    len(backends),
+                    up,
+                    sum(b.requests for b in backends),
+                    sum(b.failures for b in backends),
+                    sum(b.connect_failures for b in backends),
+                )
+                continue
+            for b in backends:
                 log.info(
                     "summary: service %s backend %s: %s, %d requests, %d failures, "
                     "%d connect failures",
