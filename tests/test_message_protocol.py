@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
-from balancer.pool import Backend, BackendPool
+from balancer.pool import BackendPool
 from balancer.proxy import message
 from balancer.proxy.message import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
 from tests.message_doubles import client, make_service, settle, turn
@@ -176,8 +176,10 @@ def test_backend_repr_and_pool_repr_explain_state() -> None:
     )
     pool = BackendPool(cfg)
     pool.mark_down(pool.backends[0], "test")
-    assert "2 backends: 1 up, 1 down" in repr(pool)
-    assert isinstance(pool.backends[0], Backend)
+    assert repr(pool) == "<BackendPool t: 2 backends: 1 up, 1 down | 0 in flight>"
+    assert repr(pool.backends[0]) == (
+        "<Backend h:1 down/ready w=1 in_flight=0 requests=0 failures=0>"
+    )
 
 
 async def test_busy_backend_gets_more_connections_up_to_the_limit() -> None:
