@@ -178,10 +178,17 @@ class _Snapshot:
 
 @dataclass
 class TrafficHistory:
-    """One-second samples of every service's traffic, the last `seconds` of them."""
+    """One-second samples of every service's traffic, the last `seconds` of them.
+
+    The ring keeps each service's totals (what the charts draw); the rates of each
+    backend are kept for the latest second only (what the table shows), so memory and
+    `/api/history` stay the same size however many backends a service has.
+    """
 
     seconds: int = HISTORY_SECONDS
     samples: deque[dict[str, Any]] = field(default_factory=deque)
+    backends: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """service -> backend address -> its rates over the latest second."""
     _last: dict[str, _Snapshot] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -231,10 +238,11 @@ class TrafficHistory:
                 "rps": round(served / dt, 2),
                 "error_rate": round(failed / (served + failed), 4) if served + failed else 0.0,
                 "p99_ms": round(p99 * 1000.0, 3),
-                "backends": per_backend,
             }
+            self.backends[name] = per_backend
         for gone in set(self._last) - set(server.services):
             del self._last[gone]
+            self.backends.pop(gone, None)
         if not services:
             return None
         entry = {"t": round(now_wall, 3), "services": services}
@@ -260,7 +268,7 @@ def services_document(server: Server, history: TrafficHistory) -> dict[str, Any]
         svc["rps"] = svc_rates.get("rps", 0.0)
         svc["error_rate"] = svc_rates.get("error_rate", 0.0)
         svc["p99_ms"] = svc_rates.get("p99_ms", 0.0)
-        backend_rates = svc_rates.get("backends", {})
+        backend_rates = history.backends.get(name, {})
         for b in svc["backends"]:
             r = backend_rates.get(b["address"], {})
             b["rps"] = r.get("rps", 0.0)
