@@ -34,18 +34,24 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from balancer.pool import Backend, BackendPool
+from typing import Any, Protocol
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 _UNSPECIFIED_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 """Connecting to the unspecified address reaches this host's loopback address."""
 
 Address = tuple[str, int]
-Owner = tuple["BackendPool", "Backend"]
-"""What an outgoing connection is for: the pool and the backend."""
+
+
+class Pool(Protocol):
+    """What an outgoing connection's pool can do when it turns out to be a loop."""
+
+    def mark_loop(self, backend: Any, reason: str) -> None: ...
+
+
+Owner = tuple[Pool, Any]
+"""What an outgoing connection is for: the pool (a `balancer.pool.BackendPool`) and the
+backend."""
 
 
 def address_of(address: Any) -> Address | None:
