@@ -55,9 +55,10 @@ backend."""
 
 
 def address_of(address: Any) -> Address | None:
-    """`(host, port)` of a socket address, IPv4-mapped IPv6 written as IPv4."""
+    """`(host, port)` of a socket address, IPv4-mapped IPv6 written as IPv4 (the host
+    string interned: thousands of connections share a handful of addresses)."""
     if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0])
+        host = sys.intern(str(address[0]))
         if host.startswith("::ffff:"):
             host = host[7:]
         return host, int(address[1])
@@ -145,33 +146,33 @@ class Loop:
 SUSPECT = "suspect"
 """`check`: the peer's address is one of ours, but the loop is not proven."""
 
-_Entry = tuple[Owner, "Origin | None"]
-_BY_PAIR: dict[tuple[Address, Address], _Entry] = {}
-"""(local, remote) of each open backend connection -> its owner and origin."""
-_BY_LOCAL: dict[Address, _Entry] = {}
-"""local address of each open backend connection -> the same (the latest, if shared)."""
+_BY_PAIR: dict[tuple[str, int, str, int], Registration] = {}
+"""(local host, local port, remote host, remote port) of each open outgoing connection."""
+_BY_LOCAL: dict[Address, Registration] = {}
+"""local address of each open outgoing connection (the latest one, if shared)."""
 
 
 class Registration:
     """One open outgoing connection (to a backend, or a health check), entered here."""
 
-    __slots__ = ("_entry", "_local", "_pair")
+    __slots__ = ("_local", "_pair", "origin", "owner")
 
     def __init__(self, local: Any, remote: Any, owner: Owner, origin: Origin | None = None) -> None:
-        self._entry: _Entry = (owner, origin)
+        self.owner = owner
+        self.origin = origin
         here, there = address_of(local), address_of(remote)
         self._local = here
-        self._pair = (here, there) if here is not None and there is not None else None
+        self._pair = here + there if here is not None and there is not None else None
         if self._pair is not None:
-            _BY_PAIR[self._pair] = self._entry
+            _BY_PAIR[self._pair] = self
         if here is not None:
-            _BY_LOCAL[here] = self._entry
+            _BY_LOCAL[here] = self
 
     def release(self) -> None:
         """The connection is closing (idempotent)."""
-        if self._pair is not None and _BY_PAIR.get(self._pair) is self._entry:
+        if self._pair is not None and _BY_PAIR.get(self._pair) is self:
             del _BY_PAIR[self._pair]
-        if self._local is not None and _BY_LOCAL.get(self._local) is self._entry:
+        if self._local is not None and _BY_LOCAL.get(self._local) is self:
             del _BY_LOCAL[self._local]
         self._pair = self._local = None
 
@@ -184,15 +185,15 @@ def check(peer: Any, local: Any) -> Loop | str | None:
     remote, here = address_of(peer), address_of(local)
     if remote is None or here is None:
         return None
-    found = _BY_PAIR.get((remote, here))
+    found = _BY_PAIR.get(remote + here)
     if found is not None:
-        return Loop(*found)
+        return Loop(found.owner, found.origin)
     mine = _BY_LOCAL.get(remote)
     if mine is None:
         return None
-    origin = mine[1]
+    origin = mine.origin
     if origin is not None and origin.loop_suspect and counterpart_exists(remote, here) is False:
-        return Loop(*mine)
+        return Loop(mine.owner, origin)
     return SUSPECT
 
 
@@ -200,7 +201,7 @@ def owner(peer: Any) -> Owner | None:
     """The owner of our open connection whose local address `peer` is (a suspect at most)."""
     key = address_of(peer)
     found = _BY_LOCAL.get(key) if key is not None else None
-    return found[0] if found is not None else None
+    return found.owner if found is not None else None
 
 
 def open_count() -> int:

@@ -334,7 +334,7 @@ class _ClientSide(asyncio.Protocol):
         if not svc.accepting:
             self._refuse()
             return
-        self.peer = transport.get_extra_info("peername")
+        self.peer = loopguard.address_of(transport.get_extra_info("peername"))
         if self.cut_if_loop():
             return
         if svc.max_connections and len(svc.conns) >= svc.max_connections:
@@ -537,7 +537,7 @@ class _ClientSide(asyncio.Protocol):
         if own is not None:
             raise _OwnListener(loopguard.address_of(own))
         error: OSError = OSError(f"no address for {backend.address}")
-        owner = (self.svc.pool, backend)
+        owner = self.svc.owner(backend)
         for family, kind, proto, _, address in rows:
             sock = socket.socket(family, kind, proto)
             registration: loopguard.Registration | None = None
@@ -709,6 +709,7 @@ class TcpService:
         self._sweeper: asyncio.Task[None] | None = None
         self._bound: list[Any] = []
         """The listener's bound addresses, entered in `loopguard` while it listens."""
+        self._owners: dict[Backend, loopguard.Owner] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -730,8 +731,16 @@ class TcpService:
             self._sweeper.cancel()
             self._sweeper = None
 
+    def owner(self, backend: Backend) -> loopguard.Owner:
+        """What this service's connections to `backend` are registered for (one per backend)."""
+        owner = self._owners.get(backend)
+        if owner is None:
+            owner = self._owners[backend] = (self.pool, backend)
+        return owner
+
     def remove_backend(self, backend: Backend) -> None:
         """Close what is still relayed to a backend being removed (after its drain)."""
+        self._owners.pop(backend, None)
         for conn in list(self.conns):
             if conn.backend is backend:
                 conn.close()
