@@ -72,7 +72,11 @@ SCOPES: dict[str, list[Scope]] = {
         ),
         Scope("health (HealthState)", "src/balancer/health.py", ("xǁHealthStateǁ*",)),
         Scope("pool", "src/balancer/pool.py"),
-        Scope("config", "src/balancer/config.py"),
+        Scope("config: model", "src/balancer/config.py"),
+        Scope("config: loader", "src/balancer/config_loader.py"),
+        Scope("config: checks across the file", "src/balancer/config_checks.py"),
+        Scope("config: bounds", "src/balancer/bounds.py"),
+        Scope("config: line numbers", "src/balancer/keylines.py"),
     ],
     DISPATCH: [
         Scope("message: retry budget", "src/balancer/proxy/message.py", ("xǁRetryBudgetǁ*",)),
@@ -88,23 +92,48 @@ SCOPES: dict[str, list[Scope]] = {
                 "drain_queue",
                 "retry_allowed",
                 "retry",
+                "retry_short",
                 "_sweep",
+                "shed_buffers",
             )
-            + _methods("BackendChannel", "send", "connection_closed", "expire")
-            + _methods("BackendConnection", "data_received", "connection_lost", "_fail")
-            + _methods("ClientSession", "complete", "try_flush", "_lines", "_too_long"),
+            + _methods(
+                "BackendChannel",
+                "send",
+                "_send_raw",
+                "_raw_connection",
+                "refuse",
+                "connection_closed",
+                "expire",
+            )
+            + _methods(
+                "BackendConnection", "flush", "_refuse_unsafe", "data_received", "connection_lost"
+            )
+            + _methods(
+                "ClientSession",
+                "data_received",
+                "_first_data",
+                "_detect",
+                "_raw_message",
+                "_lines",
+                "_hold",
+                "_too_long",
+                "eof_received",
+                "complete",
+                "try_flush",
+            ),
         ),
+        Scope("admin: guard", "src/balancer/adminguard.py"),
         Scope(
-            "admin: security",
+            "admin: request checks",
             "src/balancer/admin.py",
             (
-                "x_admin_token",
-                "x_is_loopback",
-                "x_check_admin_security",
-                "x_authorize_write",
-                "x_api_handler",
+                "x_check_body_headers",
+                "x_read_body",
                 "x_json_object",
                 "x_check_weight",
+                "x_api_handler",
+                "x_guard_middleware",
+                "x_add_security_headers",
             ),
         ),
     ],

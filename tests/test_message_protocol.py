@@ -389,6 +389,42 @@ async def test_a_request_waiting_longer_than_queue_timeout_is_answered() -> None
     assert service.queue_timeouts == 1
 
 
+async def test_when_the_only_backend_fails_its_queue_is_answered_at_once_not_at_queue_timeout() -> (
+    None
+):
+    service, opened = make_service(1, max_backend_requests=1, queue_timeout=60.0)
+    s, t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    assert len(service.queue) == 1
+    opened[9000][0][1].abort()
+    await settle()
+    assert t.data() == NOT_AVAILABLE + b"\n" + NOT_AVAILABLE + b"\n"
+    assert not service.queue
+    assert service.queue_timeouts == 0
+
+
+async def test_a_backend_that_comes_up_takes_queued_requests_at_the_next_sweep() -> None:
+    service, opened = make_service(2, max_backend_requests=1, queue_timeout=60.0)
+    b0, b1 = service.pool.backends
+    service.pool.mark_down(b1, "test")
+    s, t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    assert len(service.queue) == 1
+    assert service.pool.mark_up(b1, "test")
+    service._sweep()
+    await turn()
+    assert not service.queue
+    conn, tb = opened[9001][0]
+    assert tb.data() == b"2\n"
+    conn.data_received(b"two\n")
+    opened[9000][0][0].data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\ntwo\n"
+    assert [b0.in_flight, b1.in_flight] == [0, 0]
+
+
 # -- writes ------------------------------------------------------------------------------------
 
 

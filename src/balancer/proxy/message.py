@@ -658,6 +658,10 @@ class BackendChannel:
             )
             backend.in_flight -= len(failed)
             service.retry(failed, backend, exclude=False)
+        if service.queue:
+            # room freed or a backend lost: the queue is served (or answered) now, not at
+            # the next reply or its queue_timeout
+            service.drain_queue()
 
     def close(self, resend: bool = True) -> None:
         """Close every connection; with `resend`, what they held goes to other backends."""
@@ -1159,6 +1163,8 @@ class MessageService:
             req = queue.popleft()
             self.queue_timeouts += 1
             req.session.complete(req, QUEUE_TIMEOUT)
+        if queue:
+            self.drain_queue()  # a backend that came up or was added since takes its share
         if cfg.client_timeout > 0:
             limit = cfg.client_timeout
             for session in [
