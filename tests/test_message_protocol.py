@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -282,6 +283,44 @@ async def test_the_retry_budget_allows_its_floor_per_second() -> None:
     assert service.retries_over_budget == 5
 
 
+async def test_the_retry_budget_allows_its_percentage_of_recent_requests() -> None:
+    service, opened = make_service(2, retry_budget_percent=20, retry_budget_min=0)
+    s, _t = client(service)
+    s.data_received(b"".join(b"%d\n" % i for i in range(30)))
+    await turn()
+    opened[9000][0][1].abort()  # 15 to re-send; 20 % of the 30 requests received is 6
+    await settle()
+    assert service.retries == 6
+    assert service.retries_over_budget == 9
+
+
+def test_the_retry_budget_window_slides_one_second_at_a_time() -> None:
+    window = message.RETRY_WINDOW
+    budget = message.RetryBudget(100.0)
+    budget.received += 5
+    budget.advance(100.5)
+    budget.advance(100.9)  # counted once, however often it advances
+    assert budget.requests_total() == 5
+    budget.advance(101.0)
+    budget.received += 3
+    budget.retries[-1] += 2
+    budget.advance(101.5)
+    assert budget.requests[-2:] == [5, 3], "each second has its own bucket"
+    assert budget.retries[-2:] == [0, 2]
+    budget.advance(100.0 + window - 0.01)
+    assert (budget.requests_total(), budget.retries_total()) == (8, 2), "still in the window"
+    budget.advance(100.0 + window)
+    assert (budget.requests_total(), budget.retries_total()) == (3, 2), "the first second left"
+    budget.advance(101.0 + window)
+    assert (budget.requests_total(), budget.retries_total()) == (0, 0)
+    budget.retries[-1] += 1
+    budget.advance(1000.0)  # a jump longer than the window empties it
+    assert budget.retries == budget.requests == [0] * window
+    budget.received += 1
+    budget.advance(999.0)  # a clock that steps back moves nothing
+    assert budget.requests == [0] * (window - 1) + [1]
+
+
 async def test_a_kept_alive_connection_closed_by_the_backend_re_sends_to_the_same_backend() -> None:
     service, opened = make_service(1)
     s, t = client(service)
@@ -510,3 +549,284 @@ async def test_at_the_drain_deadline_ready_replies_are_written_before_the_close(
     await settle()
     assert t.data() == b"one\n"
     assert t.closed
+
+
+# -- the sweep, the queue and shortages: counts and edges an operator sees ------------------
+
+
+async def test_a_backend_that_holds_a_request_longer_than_response_timeout_is_failed() -> None:
+    service, opened = make_service(2, response_timeout=2.0)
+    s, _t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    b0 = service.pool.backends[0]
+    channel = service.channels[b0]
+    conn, tb = opened[9000][0]
+    sent = conn.pending[0].sent
+    channel.expire(sent + 2.0, 2.0)
+    assert not tb.closed, "exactly the timeout: not yet"
+    channel.expire(sent + 2.001, 2.0)
+    await settle()
+    assert tb.closed
+    assert b0.state == "down"
+    assert b0.last_reason.startswith("no reply within 2s")
+    assert opened[9001][0][1].data() == b"1\n", "re-sent to the other backend"
+
+
+async def test_every_queue_timeout_and_idle_close_is_counted() -> None:
+    service, opened = make_service(1, max_backend_requests=1, queue_timeout=2.0, client_timeout=0.5)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n")
+    await turn()
+    assert len(service.queue) == 2
+    for req in service.queue:
+        req.queued_at -= 3.0
+    idle = [client(service, ("127.0.0.1", 100 + i)) for i in range(2)]
+    for session, _t in idle:
+        session.last_active -= 0.6
+    service._sweep()
+    await turn()
+    assert service.queue_timeouts == 2
+    assert service.idle_closed == 2, "a client_timeout under a second closes idle clients too"
+    assert all(t_idle.closed for _s, t_idle in idle)
+    assert not t.closed, "a request is pending"
+    opened[9000][0][0].data_received(b"one\n")
+    await turn()
+    assert t.data() == b"one\n" + QUEUE_TIMEOUT + b"\n" + QUEUE_TIMEOUT + b"\n"
+
+
+async def test_every_full_queue_answer_is_counted() -> None:
+    service, _opened = make_service(1, max_backend_requests=1, queue_size=1)
+    s, _t = client(service)
+    s.data_received(b"1\n2\n3\n4\n")
+    await turn()
+    assert service.queue_full == 2
+
+
+async def test_a_queue_left_without_backends_is_answered_and_counted_in_full() -> None:
+    service, opened = make_service(1, max_backend_requests=1, queue_timeout=60.0, retries=0)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n")
+    await turn()
+    assert len(service.queue) == 2
+    opened[9000][0][1].abort()
+    await settle()
+    assert t.data() == (NOT_AVAILABLE + b"\n") * 3
+    assert service.not_available == 3
+
+
+async def test_a_queued_request_of_a_client_that_left_is_skipped_and_the_next_one_sent() -> None:
+    service, opened = make_service(1, max_backend_requests=1, queue_timeout=60.0)
+    first, _t_first = client(service, ("127.0.0.1", 1))
+    gone, t_gone = client(service, ("127.0.0.1", 2))
+    stays, t_stays = client(service, ("127.0.0.1", 3))
+    first.data_received(b"1\n")
+    gone.data_received(b"2\n")
+    stays.data_received(b"3\n")
+    await turn()
+    assert len(service.queue) == 2
+    t_gone.close()
+    await settle()
+    conn, tb = opened[9000][0]
+    conn.data_received(b"one\n")
+    await settle()
+    assert tb.data() == b"1\n3\n", "the departed client's request is never sent"
+    conn.data_received(b"three\n")
+    await settle()
+    assert t_stays.data() == b"three\n"
+
+
+async def test_a_request_sent_from_the_queue_is_still_timed() -> None:
+    service, opened = make_service(1, max_backend_requests=1, response_timeout=2.0)
+    s, _t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    conn, tb = opened[9000][0]
+    conn.data_received(b"one\n")
+    await turn()
+    assert tb.data() == b"1\n2\n"
+    queued = conn.pending[0]
+    assert queued.sent >= queued.queued_at
+    service.channels[service.pool.backends[0]].expire(queued.sent + 2.5, 2.0)
+    await settle()
+    assert tb.closed, "the request that waited in the queue timed out at the backend"
+
+
+async def test_a_shortage_re_sends_a_few_times_then_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, _opened = make_service(2)
+    gone, t_gone = client(service, ("127.0.0.1", 1))
+    s, t = client(service, ("127.0.0.1", 2))
+    gone.data_received(b"0\n")
+    s.data_received(b"1\n")
+    await turn()
+    b0, b1 = service.pool.backends
+    req_gone, req = gone.pending[0], s.pending[0]
+    t_gone.close()
+    await settle()
+    assert req_gone.session.gone
+    before = (b0.failures, b1.failures, service.retries)
+    for shortage in range(1, message.MAX_SHORTAGE_RETRIES + 1):
+        service.retry_short([req_gone, req], b0)
+        assert req.shortages == shortage
+        assert req.reply is None, "re-sent, not answered"
+    assert req_gone.shortages == 0, "a departed client's request is dropped"
+    assert req.sent > 0
+    service.retry_short([req], b0)
+    await settle()
+    assert t.data().endswith(NOT_AVAILABLE + b"\n")
+    assert service.not_available == 1
+    assert (b0.failures, b1.failures, service.retries) == before, "a shortage is ours"
+
+
+async def test_a_shortage_never_re_sends_to_the_backend_it_was_short_at_or_one_tried() -> None:
+    service, opened = make_service(3)
+    s, _t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    b0, _b1, b2 = service.pool.backends
+    req = s.pending[0]
+    req.tried = [b2]
+    service.retry_short([req], b0)
+    await settle()
+    assert opened[9001][-1][1].data().endswith(b"1\n")
+    assert all(not conn_t.data().endswith(b"1\n") for _c, conn_t in opened[9002])
+
+
+async def test_a_client_with_too_many_requests_unanswered_is_paused_until_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 3)
+    service, opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n")
+    await turn()
+    assert not t.paused, "at the limit: still reading"
+    s.data_received(b"4\n")
+    await turn()
+    assert t.paused
+    opened[9000][0][0].data_received(b"one\ntwo\nthree\nfour\n")
+    await settle()
+    assert not t.paused
+    assert t.data() == b"one\ntwo\nthree\nfour\n"
+
+
+async def test_a_raw_client_with_too_many_requests_unanswered_is_paused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 1)
+    service, _opened = make_service(1, client_framing="raw")
+    s, t = client(service)
+    s.data_received(b"1")
+    await turn()
+    assert not t.paused
+    s.data_received(b"2")
+    await turn()
+    assert t.paused
+
+
+async def test_a_raw_message_of_max_line_bytes_is_sent_and_one_more_byte_refused() -> None:
+    service, opened = make_service(1, client_framing="raw", max_line=10)
+    s, _t = client(service)
+    s.data_received(b"x" * 10)
+    await turn()
+    assert opened[9000][0][1].data() == b"x" * 10 + b"\n"
+    s2, t2 = client(service, ("127.0.0.1", 2))
+    s2.data_received(b"y" * 11)
+    await settle()
+    assert t2.data() == message.LINE_TOO_LONG, "unterminated, as a raw client reads replies"
+    assert t2.closed
+
+
+async def test_a_raw_message_loses_only_its_trailing_line_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, opened = make_service(1, client_framing="raw")
+    s, _t = client(service)
+    s.data_received(b"X12\r\n")
+    await turn()
+    assert opened[9000][0][1].data() == b"X12\n"
+
+
+async def test_auto_detection_holds_max_line_bytes_and_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, opened = make_service(1, client_framing="auto", max_line=10)
+    s, t = client(service)
+    s.data_received(b"x" * 10)
+    await turn()
+    assert not t.closed
+    assert service.buffered == 10
+    s.data_received(b"\n")
+    await turn()
+    assert opened[9000][0][1].data() == b"x" * 10 + b"\n"
+    assert service.buffered == 0
+    s2, t2 = client(service, ("127.0.0.1", 2))
+    s2.data_received(b"y" * 6)
+    s2.data_received(b"y" * 5)
+    await settle()
+    assert t2.data() == message.LINE_TOO_LONG + b"\n"
+    s3, _t3 = client(service, ("127.0.0.1", 3))
+    s3.data_received(b"z" * 4)
+    s3.data_received(b"z\n")  # the detection buffer starts empty again after a line
+    s3.data_received(b"w" * 9)
+    await turn()
+    assert not _t3.closed
+
+
+async def test_freed_bytes_count_only_what_was_released() -> None:
+    service, _opened = make_service(1, max_line=5000)
+    s, _t = client(service)
+    s.data_received(b"x" * 300)
+    s.data_received(b"x" * 200)
+    assert (service.buffered, service.freed) == (500, 0)
+    s.data_received(b"\n")
+    assert (service.buffered, service.freed) == (0, 500)
+
+
+async def test_the_buffer_cap_cuts_down_to_three_quarters_and_counts_and_logs_each_round(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, _opened = make_service(1, max_line=5000, max_buffered=1000)
+    holders = [client(service, ("127.0.0.1", 10 + i)) for i in range(5)]
+    with caplog.at_level(logging.WARNING, logger="balancer"):
+        for session, _t in holders[:4]:
+            session.data_received(b"x" * 200)
+        assert service.buffered == 800
+        holders[4][0].data_received(b"x" * 201)  # 1001 held: over the cap
+        # cut to 750 or less: the largest holder (201), then one of 200, leaves 600
+        assert service.buffered == 600
+        assert service.buffer_cuts == 2
+        assert holders[4][1].closed
+        logged = [r.getMessage() for r in caplog.records]
+        assert logged == [
+            "service t: unfinished request lines reached max_buffered (1000 bytes); "
+            "2 client connection(s) holding the most were cut (2 so far)"
+        ]
+        more = [client(service, ("127.0.0.1", 100 + i)) for i in range(2)]
+        more[0][0].data_received(b"x" * 200)
+        more[1][0].data_received(b"x" * 201)  # 1001 again: cut 2 more, within 10 s: no log
+        assert service.buffer_cuts == 4
+        assert len(caplog.records) == 1
+        clock[0] += 10.0
+        again = [client(service, ("127.0.0.1", 200 + i)) for i in range(2)]
+        again[0][0].data_received(b"x" * 200)
+        again[1][0].data_received(b"x" * 201)
+        assert service.buffer_cuts == 6
+        assert len(caplog.records) == 2, "ten seconds later it is said again"
+        assert caplog.records[1].getMessage().endswith("were cut (6 so far)")
+
+
+async def test_exactly_at_max_buffered_nothing_is_cut() -> None:
+    service, _opened = make_service(1, max_line=5000, max_buffered=1000)
+    a, t_a = client(service, ("127.0.0.1", 1))
+    b, t_b = client(service, ("127.0.0.1", 2))
+    a.data_received(b"x" * 500)
+    b.data_received(b"x" * 500)
+    assert service.buffered == 1000
+    assert service.buffer_cuts == 0
+    assert not t_a.closed
+    assert not t_b.closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -152,3 +153,97 @@ def test_backends_are_found_by_address_after_removes_and_adds() -> None:
     assert pool.get(b.address) is again
     assert pool.get(a.address) is a
     assert pool.get(c.address) is c
+
+
+# -- transitions: what the log, the hooks, /status and the policy see ------------------------
+
+
+def test_mark_up_tells_the_log_the_hooks_and_the_policy_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool(2)
+    a, b = pool.backends
+    seen: list[tuple[object, str, str]] = []
+    pool.on_transition.append(lambda backend, state, reason: seen.append((backend, state, reason)))
+    pool.mark_down(a, "3 failed check(s): refused")
+    assert a.last_reason == "3 failed check(s): refused"
+    assert pool.policy.targets == [b]
+    down_at = a.last_change
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="balancer"):
+        assert pool.mark_up(a, "2 good check(s)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "backend 127.0.0.1:9000 of service svc is UP: 2 good check(s)"
+    ]
+    assert caplog.records[0].levelno == logging.INFO, "a recovery is good news"
+    assert seen == [(a, DOWN, "3 failed check(s): refused"), (a, UP, "2 good check(s)")]
+    assert (a.state, a.last_reason) == (UP, "2 good check(s)")
+    assert a.last_change >= down_at
+    assert a.up_since is not None
+    assert pool.policy.targets == [a, b]
+    assert pool.mark_up(a, "still fine"), "already up: True, and only the reason changes"
+    assert a.last_reason == "still fine"
+    assert len(seen) == 2
+
+
+async def test_marks_refresh_the_policy_at_once_unless_deferred() -> None:
+    pool = make_pool(3)
+    a, b, c = pool.backends
+    pool.mark_down(a, "refused")
+    assert pool.policy.targets == [b, c], "not deferred: at once, even inside a loop"
+    pool.mark_up(a, "checks pass")
+    assert pool.policy.targets == [a, b, c]
+    pool.mark_down(a, "refused", defer=True)
+    pool.mark_down(b, "refused", defer=True)
+    assert pool.policy.targets == [a, b, c], "deferred: at the end of this turn"
+    await asyncio.sleep(0)
+    assert pool.policy.targets == [c]
+    pool.mark_up(a, "checks pass", defer=True)
+    await asyncio.sleep(0)
+    assert pool.policy.targets == [a, c], "a second deferred refresh is scheduled too"
+
+
+def test_a_loop_is_logged_as_an_error_naming_the_backend_and_shown_as_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool(2)
+    a = pool.backends[0]
+    with caplog.at_level(logging.WARNING, logger="balancer"):
+        pool.mark_loop(a, "it accepted our own probe")
+        pool.mark_loop(a, "it accepted our own probe")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "backend 127.0.0.1:9000 of service svc is this balancer itself "
+        "(it accepted our own probe); it will not be used"
+    ], "said once"
+    assert a.last_reason == "connection loop: it accepted our own probe"
+
+
+def test_an_added_backend_comes_last_with_the_services_slow_start_and_framing() -> None:
+    pool = make_pool(2, slow_start=5.0, backend_framing="raw")
+    new = pool.add(BackendConfig("127.0.0.1", 9100))
+    assert pool.backends[-1] is new
+    assert (new.index, new.slow_start, new.framing) == (2, 5.0, "raw")
+    assert new in pool.policy.targets
+
+
+def test_set_backends_makes_the_new_list_the_pools_in_order_and_finds_them_by_address() -> None:
+    pool = make_pool(3, slow_start=2.0, backend_framing="raw")
+    a, _b, c = pool.backends
+    fresh = pool.new_backend(BackendConfig("127.0.0.1", 9100, weight=3))
+    assert fresh not in pool.backends
+    assert (fresh.slow_start, fresh.framing, fresh.weight) == (2.0, "raw", 3)
+    pool.set_backends([c, fresh, a])
+    assert pool.backends == [c, fresh, a]
+    assert [x.index for x in pool.backends] == [0, 1, 2]
+    assert pool.get(fresh.address) is fresh
+    assert pool.get("127.0.0.1:9001") is None
+    assert set(pool.policy.targets) == {c, fresh, a}
+
+
+def test_the_pools_repr_counts_up_down_and_in_flight() -> None:
+    pool = make_pool(3)
+    a, b, _c = pool.backends
+    pool.mark_down(a, "refused")
+    b.in_flight = 4
+    assert repr(pool) == "<BackendPool svc: 3 backends: 2 up, 1 down | 4 in flight>"

@@ -373,6 +373,14 @@ def check_weight(value: object) -> int:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+RUNNER_OPTIONS: dict[str, Any] = {
+    "access_log": None,
+    "handle_signals": False,
+    # a compressed body is refused with a 415 (check_body_headers) rather than inflated,
+    # or answered by aiohttp's parser with a plain-text 400 and a traceback in the log
+    "auto_decompress": False,
+}
+
 
 def api_handler(handler: Handler, *, access: str = READ) -> Handler:
     """Check the route's access ("open", "read", "write"); ApiError and RuntimeChangeError
@@ -613,11 +621,7 @@ class AdminServer:
     async def start(self) -> tuple[str, int]:
         cfg = self.server.config.admin
         check_admin_security(cfg)
-        # auto_decompress off: a compressed body is refused with a 415 (check_body_headers)
-        # rather than inflated, or answered by the parser with a plain-text 400
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, auto_decompress=False
-        )
+        runner = web.AppRunner(self.app, **RUNNER_OPTIONS)
         await runner.setup()
         try:
             # A socket bound here keeps aiohttp (uvloop) off the resolver's thread pool.
