@@ -1,0 +1,219 @@
+"""What a user reads when a file is wrong: the whole message, file, line and key included,
+for the inputs whose errors are written by hand (nesting, huge numbers, admin hosts, the
+JSON servers list, policy options) and what the command line's --admin keeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from balancer import config_checks
+from balancer.config import AdminConfig, ConfigError
+from balancer.config_loader import load
+
+SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"
+
+
+def error_of(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), "127.0.0.1:8080")
+    return str(caught.value).replace(str(path), name)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        (
+            "a.toml",
+            "x = " + "[" * 1000 + "]" * 1000 + "\n",
+            "a.toml: invalid TOML: arrays or tables nested too deeply",
+        ),
+        (
+            "a.json",
+            "[" * 100_000 + "]" * 100_000,
+            "a.json: invalid JSON: arrays or objects nested too deeply",
+        ),
+        (
+            "a.toml",
+            SERVICE + "[services.a.health]\ninterval = " + "9" * 5000 + "\n",
+            "a.toml: line 5: invalid TOML: expected a number of at most 4300 digits, "
+            "got a longer one",
+        ),
+        (
+            "a.json",
+            '{\n"servers": [\n{"host": "127.0.0.1", "port": ' + "9" * 5000 + "}]}",
+            "a.json: line 3: invalid JSON: expected a number of at most 4300 digits, "
+            "got a longer one",
+        ),
+        ("a.toml", SERVICE + "x = \n", "a.toml: line 4, column 5: invalid TOML: Invalid value"),
+    ],
+)
+def test_unreadable_files_say_why_and_where(
+    tmp_path: Path, name: str, text: str, error: str
+) -> None:
+    assert error_of(tmp_path, name, text) == error
+
+
+@pytest.mark.parametrize("hosts", ["['a b', 'ok.example']", "'ok.example'", "[1]"])
+def test_allowed_hosts_must_be_a_list_of_host_names(tmp_path: Path, hosts: str) -> None:
+    shown = hosts.replace("'", "'")
+    assert error_of(tmp_path, "a.toml", f"[admin]\nallowed_hosts = {hosts}\n" + SERVICE) == (
+        "a.toml: line 2: admin.allowed_hosts: expected a list of host names "
+        f'(as "admin.example" or "admin.example:9100"), got {shown}'
+    )
+
+
+def test_allowed_hosts_names_with_ports_load(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[admin]\nallowed_hosts = ['ok.example:81', 'lb.example']\n" + SERVICE)
+    assert load(str(path), "127.0.0.1:8080").admin.allowed_hosts == (
+        "ok.example:81",
+        "lb.example",
+    )
+
+
+def test_the_json_servers_list_names_every_bad_entry(tmp_path: Path) -> None:
+    text = (
+        '{"servers": [{"host": "127.0.0.1", "port": 65536}, {"host": "127.0.0.1", "port": 65535},'
+        ' {"host": "::1", "port": 80}, {"host": "256.1.1.1", "port": 80}, "127.0.0.1:99999",'
+        ' {"host": "127.0.0.1", "port": 5, "wat": 1}, {"host": "127.0.0.1", "port": 0}]}'
+    )
+    assert error_of(tmp_path, "a.json", text) == "\n".join(
+        [
+            "a.json: 5 errors",
+            "a.json: line 1: servers[0].port: expected an integer port 1..65535, got 65536",
+            "a.json: line 1: servers[3].host: expected a host of letters, digits, '.', '-' "
+            "and '_' (or an IPv6 address); 256.1.1.1 is not a valid IPv4 address, "
+            "got '256.1.1.1'",
+            'a.json: line 1: servers[4]: expected "host:port" with a port 1..65535, '
+            "got '127.0.0.1:99999'",
+            "a.json: line 1: servers[5].wat: unknown key 'wat'; expected one of: host, port, "
+            "weight",
+            "a.json: line 1: servers[6].port: expected an integer port 1..65535, got 0",
+        ]
+    )
+
+
+def test_the_json_servers_list_takes_ipv6_and_the_highest_port(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    path.write_text(
+        '{"servers": [{"host": "127.0.0.1", "port": 65535}, {"host": "::1", "port": 80,'
+        ' "weight": 3}, "127.0.0.1:7"]}'
+    )
+    (service,) = load(str(path), "127.0.0.1:8080").services
+    assert [(b.host, b.port, b.weight) for b in service.backends] == [
+        ("127.0.0.1", 65535, 1),
+        ("::1", 80, 3),
+        ("127.0.0.1", 7, 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"servers": []}', "a.json: line 1: servers: expected at least one server, got []"),
+        ("[1]", 'a.json: expected a JSON object with "services" or "servers", got [1]'),
+        (
+            '{"servers": [], "x": 1}',
+            "a.json: 2 errors\n"
+            "a.json: line 1: x: unknown key 'x'; expected one of: servers\n"
+            "a.json: line 1: servers: expected at least one server, got []",
+        ),
+    ],
+)
+def test_a_json_servers_file_that_is_not_a_list_of_servers(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    assert error_of(tmp_path, "a.json", text) == error
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            "algorithm = 'peak_ewma'\n[services.a.policy_options]\ndecy = 2\nprobe_every = 'x'\n",
+            "a.toml: 2 errors\n"
+            "a.toml: line 6: services.a.policy_options.decy: unknown key 'decy' for algorithm "
+            "'peak_ewma' (did you mean 'decay'?)\n"
+            "a.toml: line 7: services.a.policy_options.probe_every: unknown key 'probe_every' "
+            "for algorithm 'peak_ewma' (did you mean 'probe'?)",
+        ),
+        (
+            "algorithm = 'round_robin'\n[services.a.policy_options]\nzzz = 1\n",
+            "a.toml: line 6: services.a.policy_options.zzz: unknown key 'zzz' for algorithm "
+            "'round_robin'; it takes: none",
+        ),
+        (
+            "algorithm = 'consistent_hash'\n[services.a.policy_options]\nsize = 7\n",
+            "a.toml: line 6: services.a.policy_options.size: unknown key 'size' for algorithm "
+            "'consistent_hash'; it takes: table_size",
+        ),
+        (
+            "algorithm = 'round_robin'\npolicy_options = 5\n",
+            "a.toml: line 5: services.a.policy_options: expected a table, got 5",
+        ),
+    ],
+)
+def test_policy_options_are_checked_against_the_algorithm(
+    tmp_path: Path, options: str, error: str
+) -> None:
+    assert error_of(tmp_path, "a.toml", SERVICE + options) == error
+
+
+def test_policy_options_keep_integers_as_integers(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(
+        SERVICE + "algorithm = 'peak_ewma'\n[services.a.policy_options]\ndecay = 2\n"
+        "failure_penalty = 1.5\n"
+    )
+    (service,) = load(str(path), "127.0.0.1:8080").services
+    assert service.policy_options == {"decay": 2, "failure_penalty": 1.5}
+    assert type(service.policy_options["decay"]) is int
+
+
+def test_the_command_lines_admin_address_replaces_only_where_it_listens(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(
+        "[admin]\nlisten = '127.0.0.1:9100'\ntoken = 'w'\nread_token = 'r'\n"
+        "allowed_hosts = ['lb.example']\n" + SERVICE
+    )
+    given = AdminConfig(host="127.0.0.2", port=9999, enabled=False)
+    admin = load(str(path), "127.0.0.1:8080", admin_listen=given).admin
+    assert admin == AdminConfig(
+        host="127.0.0.2",
+        port=9999,
+        enabled=False,
+        token="w",
+        read_token="r",
+        allowed_hosts=("lb.example",),
+    )
+    txt = tmp_path / "config.txt"
+    txt.write_text("127.0.0.1:5001\n")
+    assert load(str(txt), "127.0.0.1:8080", admin_listen=given).admin == given
+
+
+@pytest.mark.parametrize(
+    ("ip", "family"),
+    [("127.0.0.1", 4), ("::1", 6), ("fe80::1%lo", 6), ("a b", 0)],
+)
+def test_the_family_of_a_resolved_address(ip: str, family: int) -> None:
+    assert config_checks._family(ip) == family
+
+
+def test_a_wildcard_listener_overlaps_only_addresses_of_its_family(tmp_path: Path) -> None:
+    def services(a: str, b: str) -> str:
+        return (
+            f"[services.a]\nlisten = '{a}'\nbackends = ['127.0.0.1:2']\n"
+            f"[services.b]\nlisten = '{b}'\nbackends = ['127.0.0.1:3']\n"
+        )
+
+    assert error_of(tmp_path, "a.toml", services("0.0.0.0:7001", "127.0.0.1:7001")) == (
+        "a.toml: line 5: services.b.listen: expected an address no other service listens on, "
+        "got '127.0.0.1:7001' (already used by service 'a', listening on '0.0.0.0:7001')"
+    )
+    path = tmp_path / "ok.toml"
+    path.write_text(services("[::]:7001", "127.0.0.1:7001"))
+    assert len(load(str(path), "127.0.0.1:8080").services) == 2
