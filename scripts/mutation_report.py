@@ -132,7 +132,6 @@ SCOPES: dict[str, list[Scope]] = {
                 "x_json_object",
                 "x_check_weight",
                 "x_api_handler",
-                "x_guard_middleware",
                 "x_add_security_headers",
             ),
         ),

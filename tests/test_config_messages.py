@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from balancer import config_checks
-from balancer.config import AdminConfig, ConfigError
+from balancer.config import BOUNDS, AdminConfig, ConfigError, check_bound, parse_admin
 from balancer.config_loader import load
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"
@@ -217,3 +217,32 @@ def test_a_wildcard_listener_overlaps_only_addresses_of_its_family(tmp_path: Pat
     path = tmp_path / "ok.toml"
     path.write_text(services("[::]:7001", "127.0.0.1:7001"))
     assert len(load(str(path), "127.0.0.1:8080").services) == 2
+
+
+def test_command_line_numbers_are_bounded_and_integers_where_the_key_takes_integers() -> None:
+    assert check_bound("retries", 2, source="command line", where="--retries") == 2
+    with pytest.raises(ConfigError) as fraction:
+        check_bound("retries", 1.5, source="command line", where="--retries")
+    assert str(fraction.value) == (
+        f"command line: --retries: expected {BOUNDS['retries'].expected(True)}, got 1.5"
+    )
+    with pytest.raises(ConfigError):
+        check_bound("retries", -1, source="command line", where="--retries")
+    assert check_bound("connect_timeout", 0.5, source="command line", where="-t") == 0.5
+
+
+def test_the_admin_address_of_the_command_line() -> None:
+    assert parse_admin("127.0.0.2:9200", where="--admin", source="command line") == AdminConfig(
+        host="127.0.0.2", port=9200
+    )
+    assert parse_admin("off", where="--admin", source="command line").enabled is False
+
+
+def test_asking_a_config_for_a_service_it_lacks_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(SERVICE)
+    config = load(str(path), "127.0.0.1:8080")
+    assert config.service("a").name == "a"
+    with pytest.raises(KeyError) as missing:
+        config.service("b")
+    assert missing.value.args == ("b",)

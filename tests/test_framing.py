@@ -64,6 +64,8 @@ def test_too_long_carries_the_lines_before_it() -> None:
     with pytest.raises(LineTooLong) as info:
         f.feed(b"1\n22\n333333\n4\n")
     assert info.value.lines == [b"1", b"22"]
+    assert info.value.limit == 4
+    assert str(info.value) == "line longer than 4 bytes"
 
 
 def test_exact_limit_is_allowed_with_crlf() -> None:
