@@ -9,7 +9,20 @@ from pathlib import Path
 import pytest
 
 from balancer import config_checks
-from balancer.config import BOUNDS, AdminConfig, ConfigError, check_bound, parse_admin
+from balancer.bounds import as_number, show_value
+from balancer.config import (
+    BOUNDS,
+    AdminConfig,
+    BackendConfig,
+    ConfigError,
+    check_bound,
+    config_from_backends,
+    host_problem,
+    load_config,
+    parse_address,
+    parse_admin,
+    parse_host,
+)
 from balancer.config_loader import load
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"
@@ -246,3 +259,121 @@ def test_asking_a_config_for_a_service_it_lacks_names_it(tmp_path: Path) -> None
     with pytest.raises(KeyError) as missing:
         config.service("b")
     assert missing.value.args == ("b",)
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [(3, 3.0), (2.5, 2.5), (True, None), ("1", None), (float("inf"), None), (float("nan"), None)],
+)
+def test_what_counts_as_a_number(value: object, number: float | None) -> None:
+    got = as_number(value)
+    assert got == number or (got is None and number is None)
+
+
+def test_values_in_messages_are_short_whatever_their_size() -> None:
+    assert show_value(10**30 - 1) == repr(10**30 - 1)
+    assert show_value(10**30) == "an integer of 31 digits"
+    assert show_value(-(10**45) + 1) == "an integer of 45 digits"
+    assert show_value(2**100) == "an integer of 31 digits"
+    assert show_value(10**5000) == "an integer of 5001 digits"
+    assert show_value("x" * 78) == repr("x" * 78)  # 80 characters with the quotes
+    assert show_value("x" * 79) == repr("x" * 79)[:77] + "..."
+    nested: list[object] = []
+    for _ in range(100_000):
+        nested = [nested]
+    assert show_value(nested) == "a value too large to show"
+
+
+@pytest.mark.parametrize(
+    ("text", "bare_ipv6", "problem"),
+    [
+        ("[::1]", False, None),
+        ("[10.0.0.1]", False, "the part in brackets must be an IPv6 address"),
+        ("[::1", False, "an IPv6 address needs brackets, as in [::1]:8080"),
+        ("::1]", False, "an IPv6 address needs brackets, as in [::1]:8080"),
+        ("::1", False, "an IPv6 address needs brackets, as in [::1]:8080"),
+        ("::1", True, None),
+        ("a:b", True, "an IPv6 address needs brackets, as in [::1]:8080"),
+        ("a b", False, "the host may hold letters, digits, '.', '-' and '_'"),
+        ("256.1.1.1", False, "256.1.1.1 is not a valid IPv4 address"),
+        ("backend-1.example", False, None),
+    ],
+)
+def test_why_a_host_is_not_one(text: str, bare_ipv6: bool, problem: str | None) -> None:
+    assert host_problem(text, bare_ipv6=bare_ipv6) == problem
+
+
+def test_hosts_lose_their_brackets_and_bare_ipv6_is_taken_only_when_asked() -> None:
+    assert parse_host("[fe80::1]") == "fe80::1"
+    assert parse_host("fe80::1") is None
+    assert parse_host("fe80::1", bare_ipv6=True) == "fe80::1"
+    assert parse_host("example.org") == "example.org"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("[::1]:8080", ("::1", 8080)),
+        ("localhost:0", ("localhost", 0)),
+        (":9000", ("localhost", 9000)),
+        ("9000", ("localhost", 9000)),
+        (" 127.0.0.1:1 ", ("127.0.0.1", 1)),
+    ],
+)
+def test_listen_addresses(text: str, parsed: tuple[str, int]) -> None:
+    got = parse_address(
+        text, where="listen", source="t", default_host="localhost", allow_port_zero=True
+    )
+    assert got == parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[::1]8080", "t: listen: expected \"host:port\" with a port 1..65535, got '[::1]8080'"),
+        (
+            "]:80",
+            't: listen: expected "host:port" with a port 1..65535; the host may hold '
+            "letters, digits, '.', '-' and '_', got ']:80'",
+        ),
+        (
+            "::1:80",
+            't: listen: expected "host:port" with a port 1..65535; an IPv6 address '
+            "needs brackets, as in [::1]:8080, got '::1:80'",
+        ),
+        (
+            "a:b:c",
+            't: listen: expected "host:port" with a port 1..65535; an IPv6 address '
+            "needs brackets, as in [::1]:8080, got 'a:b:c'",
+        ),
+        ("9000", "t: listen: expected \"host:port\" with a port 1..65535, got '9000'"),
+        (":9000", "t: listen: expected \"host:port\" with a port 1..65535, got ':9000'"),
+        ("[]]:80", "t: listen: expected \"host:port\" with a port 1..65535, got '[]]:80'"),
+    ],
+)
+def test_addresses_without_a_default_host(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_address(text, where="listen", source="t")
+    assert str(caught.value) == error
+
+
+def test_the_built_in_service_listens_where_it_is_told_and_names_its_source() -> None:
+    config = config_from_backends([BackendConfig("127.0.0.1", 5001)], listen="9090")
+    (service,) = config.services
+    assert (service.listen_host, service.listen_port) == ("localhost", 9090)
+    assert config.source == "<built-in>"
+    with pytest.raises(ConfigError) as caught:
+        config_from_backends([], listen="a b:1")
+    assert str(caught.value).startswith("<built-in>: listen: expected")
+
+
+def test_a_config_errors_args_are_where_it_is_and_what_it_says() -> None:
+    error = ConfigError("f.toml", "services.a", "bad", line=3)
+    assert error.args == ("f.toml", "services.a", "bad")
+
+
+def test_load_config_passes_the_command_lines_admin_address(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(SERVICE)
+    given = AdminConfig(host="127.0.0.2", port=9999)
+    assert load_config(path, admin_listen=given).admin == given

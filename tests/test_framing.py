@@ -144,3 +144,44 @@ def test_lines_then_finish_are_the_stream_s_lines_with_the_last_one_unterminated
     if expected[-1] == b"" and not data.endswith(b"\r"):
         expected.pop()  # the stream ended with a newline: nothing left over
     assert lines == expected
+
+
+def test_one_read_of_exactly_one_line_at_the_limit_and_one_byte_over() -> None:
+    assert LineFramer(4).feed(b"abcd\n") == [b"abcd"]
+    with pytest.raises(LineTooLong) as info:
+        LineFramer(4).feed(b"abcde\n")
+    assert (info.value.limit, info.value.lines) == (4, [])
+
+
+def test_a_held_line_may_end_in_the_cr_of_a_crlf_at_the_limit() -> None:
+    f = LineFramer(4)
+    assert f.feed(b"ab") == []
+    assert f.feed(b"cd\r") == []
+    assert f.held == 5
+    assert f.feed(b"\n") == [b"abcd"]
+    assert f.held == 0
+
+
+@pytest.mark.parametrize("second", [b"cd\r\r", b"cde", b"cdef\r"])
+def test_a_held_line_over_the_limit_is_refused_before_its_newline(second: bytes) -> None:
+    f = LineFramer(4)
+    f.feed(b"ab")
+    with pytest.raises(LineTooLong) as info:
+        f.feed(second)
+    assert info.value.limit == 4
+
+
+@pytest.mark.parametrize("data", [b"abcd\r\r", b"1\nabcde"])
+def test_an_unfinished_rest_over_the_limit_is_refused(data: bytes) -> None:
+    with pytest.raises(LineTooLong) as info:
+        LineFramer(4).feed(data)
+    assert info.value.limit == 4
+    assert info.value.lines == ([b"1"] if data.startswith(b"1\n") else [])
+
+
+def test_clear_forgets_what_was_held() -> None:
+    f = LineFramer(10)
+    f.feed(b"abc")
+    f.clear()
+    assert (f.held, f.buffered) == (0, 0)
+    assert f.feed(b"d\n") == [b"d"]
