@@ -424,3 +424,63 @@ def test_json_locator_finds_every_member_and_item(
             assert json.dumps(key) in source[lines[path] - 1], (path, text)
         elif indent is None:
             assert lines[path] == 1
+
+
+EDGES = '''s = """a""""" 
+t = 1
+u = \'\'\'x\'\'\'\'\'
+v = 2
+w = """
+q""x""" \t
+x = [ # c
+  1 , [ 2 ] ,
+  { a = 1 , b = [ 3 ] } ,
+]
+y . z = 3
+[ tbl . "q k" ]
+k = 1 # the last line ends without a newline'''
+
+
+def test_toml_edges_quotes_closing_a_string_spaces_and_no_final_newline() -> None:
+    tomllib.loads(EDGES)
+    assert toml_lines(EDGES) == {
+        "s": 1,
+        "t": 2,
+        "u": 3,
+        "v": 4,
+        "w": 5,
+        "x": 7,
+        "x[0]": 8,
+        "x[1]": 8,
+        "x[1][0]": 8,
+        "x[2]": 9,
+        "x[2].a": 9,
+        "x[2].b": 9,
+        "x[2].b[0]": 9,
+        "y": 11,
+        "y.z": 11,
+        "tbl": 12,
+        'tbl."q k"': 12,
+        'tbl."q k".k': 13,
+    }
+
+
+def test_json_edges_spaces_empty_containers_and_escaped_quotes() -> None:
+    text = (
+        '{ "a" : [ 1 , { "b" : 2 } , [ 3 ] ] ,\n "c" :\n {\n "d" : [ ] , "e": {} },\n'
+        ' "f" : "x\\"y" , "g" : 1 }'
+    )
+    json.loads(text)
+    assert json_lines(text) == {
+        "a": 1,
+        "a[0]": 1,
+        "a[1]": 1,
+        "a[1].b": 1,
+        "a[2]": 1,
+        "a[2][0]": 1,
+        "c": 2,
+        "c.d": 4,
+        "c.e": 4,
+        "f": 5,
+        "g": 5,
+    }
