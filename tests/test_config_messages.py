@@ -377,3 +377,120 @@ def test_load_config_passes_the_command_lines_admin_address(tmp_path: Path) -> N
     path.write_text(SERVICE)
     given = AdminConfig(host="127.0.0.2", port=9999)
     assert load_config(path, admin_listen=given).admin == given
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        (
+            "[services.a.outlier]\nbase_ejection_time = 10\nmax_ejection_time = 5\n",
+            "line 6: services.a.outlier.max_ejection_time: expected a number >= "
+            "base_ejection_time (10), got 5",
+        ),
+        (
+            "outlier = 5\n",
+            "line 4: services.a.outlier: expected a table of outlier detection settings, got 5",
+        ),
+        (
+            "[services.a.health]\nsend = false\nexpect = 'x'\n",
+            "line 6: services.a.health.expect: expected no reply check when send = false "
+            "(there is no probe to reply to), got 'x'",
+        ),
+        (
+            "[services.a.health]\nsend = ''\n",
+            "line 5: services.a.health.send: expected a non-empty one-line string, or false "
+            "to disable, got ''",
+        ),
+        (
+            "mode = 'tcp'\nhash_key = 'message'\nalgorithm = 'consistent_hash'\n",
+            "line 5: services.a.hash_key: expected 'source' in tcp mode ('message' needs "
+            "mode = \"message\"), got 'message'",
+        ),
+        (
+            "slow_start = 5\nalgorithm = 'round_robin'\n",
+            "line 4: services.a.slow_start: expected 0 with algorithm 'round_robin', which "
+            "ignores weights; slow start needs weighted_round_robin, least_connections, "
+            "random, power_of_two or peak_ewma, got 5",
+        ),
+        (
+            "mode = 'tcp'\nclient_framing = 'line'\n",
+            "line 5: services.a.client_framing: expected no client_framing in tcp mode (it "
+            "relays bytes as they come), got 'line'",
+        ),
+        (
+            "max_line = 100000\nmax_buffered = 65536\n",
+            "line 5: services.a.max_buffered: expected at least max_line (100000 bytes), got 65536",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_are_named(
+    tmp_path: Path, extra: str, error: str
+) -> None:
+    assert error_of(tmp_path, "a.toml", SERVICE + extra) == f"a.toml: {error}"
+
+
+def test_backend_entries_are_addresses_or_tables(tmp_path: Path) -> None:
+    text = (
+        "[services.a]\nlisten = '127.0.0.1:1'\nbackends = [{address = '127.0.0.1:2', "
+        "weight = 2000}, {address = '127.0.0.1:3', weight = 0}, 5]\n"
+    )
+    assert error_of(tmp_path, "a.toml", text) == "\n".join(
+        [
+            "a.toml: 2 errors",
+            "a.toml: line 3: services.a.backends[0].weight: expected an integer from 0 to "
+            "1000, got 2000",
+            'a.toml: line 3: services.a.backends[2]: expected "host:port" or a table '
+            '{ address = "host:port", weight = N }, got 5',
+        ]
+    )
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        "[services.a]\nlisten = '127.0.0.1:1'\nbackends = [{address = '127.0.0.1:2', "
+        "weight = 7}, '127.0.0.1:3']\n"
+    )
+    (service,) = load(str(path), "127.0.0.1:8080").services
+    assert [(b.port, b.weight) for b in service.backends] == [(2, 7), (3, 1)]
+
+
+def test_the_tutorials_text_format_skips_comments_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "config.txt"
+    path.write_text("# c\n\n127.0.0.1 5001 # first\n  \n127.0.0.1:5002\nlocalhost 5003\n")
+    (service,) = load(str(path), "127.0.0.1:8080").services
+    assert [(b.host, b.port) for b in service.backends] == [
+        ("127.0.0.1", 5001),
+        ("127.0.0.1", 5002),
+        ("localhost", 5003),
+    ]
+    assert error_of(tmp_path, "b.txt", "# c\n\n127.0.0.1 5001\n  \nbad line\n") == (
+        "b.txt: line 5: expected a port 1..65535, got 'line'"
+    )
+    assert error_of(tmp_path, "c.txt", "# only comments\n\n") == (
+        'c.txt: no backends: expected at least one "host port" line'
+    )
+
+
+def test_the_default_listen_address_comes_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.txt"
+    path.write_text("127.0.0.1:5001\n")
+    (service,) = load(str(path), ":7000").services
+    assert (service.listen_host, service.listen_port) == ("localhost", 7000)
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), "nope nope")
+    assert str(caught.value) == (
+        '<command line>: listen: expected "host:port" with a port 0..65535 (or just a port), '
+        "got 'nope nope'"
+    )
+
+
+def test_a_json_services_file_keeps_its_admin_token_under_the_command_lines_address(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.json"
+    path.write_text(
+        '{"services": {"a": {"listen": "127.0.0.1:1", "backends": ["127.0.0.1:2"]}},'
+        ' "admin": {"token": "w"}}'
+    )
+    given = AdminConfig(host="127.0.0.3", port=1)
+    assert load(str(path), "127.0.0.1:8080", admin_listen=given).admin == AdminConfig(
+        host="127.0.0.3", port=1, token="w"
+    )
