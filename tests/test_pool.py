@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
 from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
-from balancer.pool import DOWN, DRAIN, MAINT, UP, BackendPool
+from balancer.pool import DOWN, DRAIN, MAINT, UP, Backend, BackendPool
 
 
 def make_pool(n: int, **options: object) -> BackendPool:
@@ -247,3 +248,138 @@ def test_the_pools_repr_counts_up_down_and_in_flight() -> None:
     pool.mark_down(a, "refused")
     b.in_flight = 4
     assert repr(pool) == "<BackendPool svc: 3 backends: 2 up, 1 down | 4 in flight>"
+
+
+def test_a_new_backend_starts_up_ready_and_with_nothing_counted() -> None:
+    b = Backend(BackendConfig("127.0.0.1", 9000, weight=3))
+    assert (b.index, b.slow_start, b.framing) == (0, 0.0, "line")
+    assert b.address_bytes == b"127.0.0.1:9000"
+    assert (b.state, b.admin_state, b.weight, b.looped) == (UP, "ready", 3, False)
+    counted = (b.in_flight, b.requests, b.failures, b.active_connections, b.total_connections)
+    assert counted == (0, 0, 0, 0, 0)
+    assert (b.bytes_in, b.bytes_out, b.connect_failures, b.ejections) == (0, 0, 0, 0)
+    assert (b.last_reason, b.ejected_until, b.last_check_ok) == ("", 0.0, None)
+    assert b.last_change <= time.monotonic()
+    assert Backend(BackendConfig("h", 1), framing="auto").framing == "", "to be detected"
+    assert Backend(BackendConfig("h", 1), 4, 2.5, "raw").framing == "raw"
+
+
+def test_the_pools_backends_keep_their_config_order_as_their_index() -> None:
+    pool = make_pool(3, slow_start=1.5)
+    assert [(b.index, b.port, b.slow_start) for b in pool.backends] == [
+        (0, 9000, 1.5),
+        (1, 9001, 1.5),
+        (2, 9002, 1.5),
+    ]
+
+
+def test_the_pool_passes_the_key_and_the_exclusions_to_the_policy() -> None:
+    pool = make_pool(8, algorithm="consistent_hash")
+    keys = [b"k%d" % i for i in range(50)]
+    homes = {key: pool.pick(key) for key in keys}
+    assert len(set(homes.values())) > 1, "keys spread over backends"
+    for key, home in homes.items():
+        assert home is not None
+        assert pool.pick(key) is home, "the same key, the same backend"
+        assert pool.pick(key, [home]) not in (home, None)
+
+
+def test_a_stale_pool_refreshes_before_it_says_nothing_is_eligible() -> None:
+    pool = make_pool(2, algorithm="consistent_hash")
+    a, b = pool.backends
+    pool.mark_down(a, "refused")
+    pool.mark_down(b, "refused")
+    a.state = UP  # as a deferred mark_up leaves it until the end of the turn
+    pool._stale = True
+    assert pool.pick(b"key", [b]) is a
+    pool.mark_down(a, "refused")
+    b.state = UP
+    pool._stale = True
+    assert pool.fallback([a]) is b
+
+
+def test_mark_down_tells_the_log_and_the_hooks_once_and_keeps_the_latest_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool(2)
+    a = pool.backends[0]
+    seen: list[tuple[object, str, str]] = []
+    pool.on_transition.append(lambda backend, state, reason: seen.append((backend, state, reason)))
+    before = a.last_change
+    with caplog.at_level(logging.WARNING, logger="balancer"):
+        pool.mark_down(a, "connect refused")
+        pool.mark_down(a, "still refused")
+    assert [r.getMessage() for r in caplog.records] == [
+        "backend 127.0.0.1:9000 of service svc is DOWN: connect refused"
+    ]
+    assert seen == [(a, DOWN, "connect refused")]
+    assert a.last_reason == "still refused"
+    assert a.last_change >= before
+    assert a.up_since is None
+
+
+def test_without_outlier_detection_a_live_failure_marks_the_backend_down_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool(4, outlier=OutlierConfig(enabled=False))
+    a = pool.backends[0]
+    assert pool.report_failure(a, "reset by peer")
+    assert (a.state, a.last_reason, a.ejected_until) == (DOWN, "reset by peer", 0.0)
+    assert not pool.report_failure(a, "reset by peer"), "already down: nothing new"
+
+
+def test_the_ejection_cap_counts_only_backends_that_are_ejected_now() -> None:
+    pool = make_pool(4, outlier=OutlierConfig(max_ejection_percent=25.0))
+    a, b, c, _d = pool.backends
+    pool.mark_down(c, "3 failed check(s)")  # down by its checks, not ejected
+    assert pool.report_failure(a, "reset"), "c is down but not ejected: a may go"
+    assert not pool.report_failure(b, "reset"), "a is ejected: 25 % of 4 is one"
+    a.ejected_until = time.monotonic() - 1  # its ejection is over (still down)
+    assert pool.report_failure(b, "reset")
+
+
+def test_the_ejection_cap_is_said_once_per_base_ejection_time(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    pool = make_pool(2, outlier=OutlierConfig(base_ejection_time=2.0))
+    a, b = pool.backends
+    assert pool.report_failure(a, "refused")
+    a.ejected_until = clock[0] + 60.0  # still ejected throughout
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="balancer"):
+        assert not pool.report_failure(b, "refused")
+        clock[0] += 1.99
+        assert not pool.report_failure(b, "refused")
+        clock[0] += 0.01
+        assert not pool.report_failure(b, "refused")
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        messages
+        == [
+            "backend 127.0.0.1:9001 of service svc not ejected (refused): 1 of 2 backends "
+            "already ejected, max_ejection_percent 50"
+        ]
+        * 2
+    )
+
+
+def test_a_backend_whose_framing_is_unknown_is_no_fallback() -> None:
+    pool = make_pool(2, backend_framing="auto")
+    a, b = pool.backends
+    assert a.framing == "", "health checks on with a probe: detected by the first check"
+    for backend in (a, b):
+        pool.mark_down(backend, "3 failed check(s)")
+        backend.last_check_ok = True
+    b.framing = "line"
+    assert pool.fallback() is b
+
+
+def test_the_fallback_takes_the_first_of_equal_ejections() -> None:
+    pool = make_pool(3, outlier=OutlierConfig(max_ejection_percent=100.0))
+    for backend in pool.backends:
+        assert pool.report_failure(backend, "refused")
+    a, b, c = pool.backends
+    b.ejected_until = c.ejected_until = a.ejected_until - 1.0
+    assert pool.fallback() is b
