@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
+from typing import Any
 
 import pytest
 
 from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
+from balancer.policies.peak_ewma import PeakEwma
 from balancer.pool import BackendPool
 from balancer.proxy import message
 from balancer.proxy.message import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
@@ -830,3 +833,142 @@ async def test_exactly_at_max_buffered_nothing_is_cut() -> None:
     assert service.buffer_cuts == 0
     assert not t_a.closed
     assert not t_b.closed
+
+
+# -- what a backend's failure is called, and what a reply feeds ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"one\ntwo\n", "more replies than requests"),
+        (b"x" * (message.BACKEND_MAX_REPLY + 2), "reply line too long"),
+        (None, "connection closed by backend"),
+        (b"half a rep", "connection closed in the middle of a reply"),
+    ],
+)
+async def test_a_backend_failure_is_named_in_its_reason(reply: bytes | None, reason: str) -> None:
+    service, opened = make_service(2)
+    s, _t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    conn, _tb = opened[9000][0]
+    if reply is not None:
+        conn.data_received(reply)
+    if reason.startswith("connection closed"):
+        conn.eof_received()
+        conn.connection_lost(None)
+    await settle()
+    b0 = service.pool.backends[0]
+    assert b0.state == "down"
+    assert b0.last_reason.startswith(reason), b0.last_reason
+    assert opened[9001][0][1].data() == b"1\n", "re-sent to the other backend"
+
+
+async def test_a_reset_is_named_with_its_error() -> None:
+    service, opened = make_service(2)
+    s, _t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    opened[9000][0][1].abort()
+    await settle()
+    assert service.pool.backends[0].last_reason.startswith("connection lost: aborted")
+
+
+async def test_data_from_a_raw_backend_that_was_asked_nothing_fails_it() -> None:
+    service, opened = make_service(2, framings=["raw", "raw"], client_framing="raw")
+    s, t = client(service)
+    s.data_received(b"1")
+    await turn()
+    conn, _tb = opened[9000][0]
+    conn.data_received(b"one")
+    await turn()
+    assert t.data() == b"one"
+    s.data_received(b"2")
+    await turn()
+    conn2 = opened[9001][-1][0] if opened[9001] else opened[9000][-1][0]
+    conn2.data_received(b"two")
+    conn2.data_received(b"surprise")
+    await settle()
+    failed = [b for b in service.pool.backends if b.state == "down"]
+    assert [b.last_reason.split(" (")[0] for b in failed] == ["unsolicited data from backend"]
+    assert t.data() == b"onetwo", "the client saw only its own replies"
+
+
+async def test_a_reply_feeds_the_policy_its_latency_and_clears_the_failure_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, opened = make_service(1, algorithm="peak_ewma")
+    b0 = service.pool.backends[0]
+    b0.consecutive_failures = 1
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    clock[0] += 0.25
+    opened[9000][0][0].data_received(b"one\r\n")
+    await turn()
+    policy = service.pool.policy
+    assert isinstance(policy, PeakEwma)
+    assert policy.estimate(b0) == pytest.approx(0.25)
+    assert b0.consecutive_failures == 0
+    assert t.data() == b"one\n", "the CR of a CRLF reply is not passed on"
+    assert service.histogram.counts[bisect_left(service.histogram.bounds, 0.25)] == 1
+    assert service.histogram.total == pytest.approx(0.25)
+
+
+async def test_the_access_log_gets_each_written_reply_with_its_backend() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.batches: list[tuple[object, list[tuple[bytes, bytes | None, str]], float]] = []
+
+        def record_batch(self, session: object, reqs: list[Any], now: float) -> None:
+            rows = [(r.payload, r.reply, r.backend.address if r.backend else "") for r in reqs]
+            self.batches.append((session, rows, now))
+
+    service, opened = make_service(2)
+    recorder = Recorder()
+    service.access_log = recorder  # type: ignore[assignment]
+    s, t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    opened[9001][0][0].data_received(b"two\n")
+    opened[9000][0][0].data_received(b"one\n")
+    await turn()
+    assert t.written == [b"one\ntwo\n"]
+    assert len(recorder.batches) == 1
+    session, rows, now = recorder.batches[0]
+    assert session is s
+    assert rows == [(b"1", b"one", "127.0.0.1:9000"), (b"2", b"two", "127.0.0.1:9001")]
+    assert now > 0
+
+
+async def test_a_paused_client_resumes_below_half_the_pending_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 4)
+    service, opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n4\n5\n")
+    await turn()
+    assert t.paused
+    conn = opened[9000][0][0]
+    conn.data_received(b"a\nb\nc\n")
+    await settle()
+    assert len(s.pending) == 2
+    assert t.paused, "two left of a limit of four: not yet"
+    conn.data_received(b"d\n")
+    await settle()
+    assert len(s.pending) == 1
+    assert not t.paused
+
+
+async def test_a_stop_leaves_nothing_counted_in_flight() -> None:
+    service, _opened = make_service(1)
+    s, _t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    await asyncio.wait_for(service.drain(0.0), 10)
+    await settle()
+    assert service.pool.backends[0].in_flight == 0
