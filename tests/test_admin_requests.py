@@ -5,6 +5,7 @@ test_admin_api.py, and these tests see the same checks at the cost of millisecon
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -365,3 +366,58 @@ def test_long_error_messages_are_cut() -> None:
     resp = admin.error_response(400, "x" * 10_000)
     assert resp.body is not None
     assert len(json.loads(bytes(resp.body))["error"]) == MAX_ERROR  # type: ignore[arg-type]
+
+
+# -- bodies that arrive in pieces, or not at all -------------------------------------------
+
+
+async def _chunks(n: int) -> AsyncIterator[bytes]:
+    for _ in range(n):
+        yield b" " * 1024
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_as_it_comes(api: Admin) -> None:
+    async with api.session.put(api.base + "/echo", data=_chunks(70), headers=JSON) as resp:
+        assert resp.status == 413
+        assert await resp.json() == {"error": f"the body is larger than {MAX_BODY} bytes"}
+
+
+async def test_a_client_that_leaves_in_the_middle_of_its_body_costs_no_traceback(
+    api: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(api.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"PUT /echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nab"
+    )
+    await writer.drain()
+    with caplog.at_level(logging.DEBUG, logger="balancer"):
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # the next request is served, and the one that was cut logged nothing of ours
+        assert (await api.call("GET", "/open"))[0] == 200
+    assert [r for r in caplog.records if r.name == "balancer"] == []
+
+
+async def test_the_errors_of_a_body_say_exactly_what_was_wrong(api: Admin) -> None:
+    status, body, _ = await api.call("PUT", "/echo", data=b'{"weight": 1}')
+    assert (status, body["error"]) == (
+        415,
+        "writes take a JSON body: expected Content-Type application/json, got ''",
+    )
+    status, body, _ = await api.call("PUT", "/echo", data=b'{"weight": ', **JSON)
+    assert body == {
+        "error": "the body is not valid JSON: 'Expecting value: line 1 column 12 (char 11)'"
+    }
+    status, body, _ = await api.call("PUT", "/echo", data=b"[" * 30_000, **JSON)
+    assert body == {"error": "the body is not valid JSON: nested too deeply"}
+    assert await api.put_json({"weight": -1}) == (
+        400,
+        {"error": "invalid weight -1: expected an integer from 0 to 1000"},
+    )
+    assert await api.put_json({f"k{i}": i for i in range(SHOWN_KEYS)}) == (
+        400,
+        {"error": "unknown key(s) 'k0', 'k1', 'k2', 'k3', 'k4': expected weight, state"},
+    )

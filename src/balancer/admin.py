@@ -340,6 +340,11 @@ async def read_body(request: web.Request) -> bytes:
         raise ApiError(413, f"the body is larger than {MAX_BODY} bytes") from None
     except (RequestPayloadError, HttpProcessingError) as exc:
         raise ApiError(400, f"the body could not be read: {show(str(exc), 200)}") from None
+    except ConnectionResetError:
+        # the client left in the middle of its body: nobody to answer, nothing of ours failed
+        raise ApiError(
+            400, "the body could not be read: the client closed the connection"
+        ) from None
 
 
 async def json_object(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
