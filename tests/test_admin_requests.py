@@ -421,3 +421,23 @@ async def test_the_errors_of_a_body_say_exactly_what_was_wrong(api: Admin) -> No
         400,
         {"error": "unknown key(s) 'k0', 'k1', 'k2', 'k3', 'k4': expected weight, state"},
     )
+
+
+async def test_a_request_the_http_parser_refuses_is_a_400_and_one_line_in_the_log(
+    api: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(api.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    with caplog.at_level(logging.INFO):
+        writer.write(
+            b"PUT /echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request")
+    records = [r for r in caplog.records if r.name.startswith("balancer")]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    message = records[0].getMessage()
+    assert message.startswith("admin: refused a malformed request from 127.0.0.1: ")
+    assert "chunk size" in message

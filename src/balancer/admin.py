@@ -378,12 +378,34 @@ def check_weight(value: object) -> int:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses (an invalid chunk size, a bad header) as an
+    error with a traceback; it is the client's fault, answered with a 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "admin: refused a malformed request from %s: %s"
+            args = record.args if isinstance(record.args, tuple) else ()
+            record.args = (args[0] if args else "?", show(exc.message, 200))
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.INFO
+            record.levelname = "INFO"
+        return True
+
+
+HTTP_LOG = logging.getLogger("balancer.admin.http")
+HTTP_LOG.addFilter(_MalformedRequests())
+
 RUNNER_OPTIONS: dict[str, Any] = {
     "access_log": None,
     "handle_signals": False,
     # a compressed body is refused with a 415 (check_body_headers) rather than inflated,
     # or answered by aiohttp's parser with a plain-text 400 and a traceback in the log
     "auto_decompress": False,
+    "logger": HTTP_LOG,
 }
 
 
