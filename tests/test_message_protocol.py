@@ -122,6 +122,7 @@ async def test_line_too_long_answers_earlier_requests_first_then_closes() -> Non
     await turn()
     assert t.data() == b"one\nError: line too long\n"
     assert t.closed
+    assert service.too_long == 1
 
 
 async def test_raw_client_is_detected_after_a_quiet_period(
@@ -747,9 +748,9 @@ async def test_a_raw_message_loses_only_its_trailing_line_end(
 ) -> None:
     service, opened = make_service(1, client_framing="raw")
     s, _t = client(service)
-    s.data_received(b"X12\r\n")
+    s.data_received(b"X12 \r\n")
     await turn()
-    assert opened[9000][0][1].data() == b"X12\n"
+    assert opened[9000][0][1].data() == b"X12 \n", "a trailing space is part of the message"
 
 
 async def test_auto_detection_holds_max_line_bytes_and_no_more(
@@ -972,3 +973,98 @@ async def test_a_stop_leaves_nothing_counted_in_flight() -> None:
     await asyncio.wait_for(service.drain(0.0), 10)
     await settle()
     assert service.pool.backends[0].in_flight == 0
+
+
+async def test_a_partly_released_buffer_frees_what_it_released() -> None:
+    service, _opened = make_service(1, max_line=5000)
+    s, _t = client(service)
+    s.data_received(b"x" * 300)
+    s.data_received(b"\n" + b"y" * 100)
+    assert (service.buffered, service.freed) == (100, 200), "300 held, then 100"
+
+
+async def test_timeouts_are_over_only_once_their_time_has_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, _opened = make_service(
+        1, max_backend_requests=1, queue_timeout=2.0, client_timeout=5.0
+    )
+    s, _t = client(service)
+    s.data_received(b"1\n2\n")
+    await turn()
+    idle, t_idle = client(service, ("127.0.0.1", 9))
+    idle.last_active = clock[0]
+    clock[0] += 2.0
+    service._sweep()
+    assert service.queue_timeouts == 0, "exactly queue_timeout: not yet"
+    clock[0] += 3.0
+    service._sweep()
+    assert service.queue_timeouts == 1
+    assert not t_idle.closed, "exactly client_timeout: not yet"
+    clock[0] += 0.01
+    service._sweep()
+    assert t_idle.closed
+
+
+async def test_the_buffer_cap_stops_cutting_at_three_quarters_exactly() -> None:
+    service, _opened = make_service(1, max_line=5000, max_buffered=1000)
+    holders = [client(service, ("127.0.0.1", 10 + i)) for i in range(4)]
+    for session, _t in holders[:3]:
+        session.data_received(b"x" * 250)
+    holders[3][0].data_received(b"x" * 251)
+    assert service.buffered == 750
+    assert service.buffer_cuts == 1
+
+
+async def test_a_full_home_backend_sends_the_request_where_its_key_goes_next() -> None:
+    service, opened = make_service(6, algorithm="consistent_hash", max_backend_requests=1)
+    s, _t = client(service, ("127.0.0.7", 1))
+    policy = service.pool.policy
+    home = policy.pick(b"127.0.0.7", ())
+    assert home is not None
+    following = policy.pick(b"127.0.0.7", [home])
+    assert following is not None
+    s.data_received(b"1\n2\n")
+    await turn()
+    assert opened[home.port][0][1].data() == b"1\n"
+    assert opened[following.port][0][1].data() == b"2\n"
+    assert not service.queue
+
+
+async def test_a_retry_counts_in_the_current_second_of_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, _opened = make_service(2, retry_budget_percent=0, retry_budget_min=1)
+    allowed = [service.retry_allowed() for _ in range(message.RETRY_WINDOW + 1)]
+    assert allowed == [True] * message.RETRY_WINDOW + [False]
+    clock[0] += message.RETRY_WINDOW - 1
+    assert not service.retry_allowed(), "every retry is still inside the window"
+    clock[0] += 1
+    assert service.retry_allowed(), "the second they were made has left the window"
+
+
+async def test_a_failed_request_costs_its_backend_the_failure_penalty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    service, opened = make_service(
+        2, algorithm="peak_ewma", outlier=OutlierConfig(consecutive_failures=3)
+    )
+    s, _t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    (port,) = [p for p, conns in opened.items() if conns]
+    failed = service.pool.get(f"127.0.0.1:{port}")
+    assert failed is not None
+    clock[0] += 0.1
+    opened[port][0][1].abort()
+    await settle()
+    assert failed.state == "up", "one failure of three: not ejected"
+    policy = service.pool.policy
+    assert isinstance(policy, PeakEwma)
+    assert policy.estimate(failed) == pytest.approx(policy.failure_penalty)
