@@ -383,3 +383,43 @@ def test_the_fallback_takes_the_first_of_equal_ejections() -> None:
     a, b, c = pool.backends
     b.ejected_until = c.ejected_until = a.ejected_until - 1.0
     assert pool.fallback() is b
+
+
+def test_a_long_good_spell_forgives_earlier_ejections(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    outlier = OutlierConfig(base_ejection_time=1.0, max_ejection_time=4.0)
+    pool = make_pool(4, outlier=outlier)
+    a = pool.backends[0]
+    for _ in range(3):
+        assert pool.report_failure(a, "reset")
+        pool.mark_up(a, "checks pass")
+    assert a.ejections == 3
+    clock[0] = a.ejected_until + 10 * 4.0  # ten maximum ejections later: not yet
+    assert pool.report_failure(a, "reset")
+    assert (a.ejections, pool.ejection_left(a)) == (4, 4.0)
+    pool.mark_up(a, "checks pass")
+    clock[0] = a.ejected_until + 10 * 4.0 + 0.5
+    assert pool.report_failure(a, "reset")
+    assert (a.ejections, pool.ejection_left(a)) == (1, 1.0), "forgiven: a first offence again"
+
+
+def test_a_stale_pool_picks_by_key_among_what_came_up() -> None:
+    pool = make_pool(6, algorithm="consistent_hash")
+    for backend in pool.backends:
+        pool.mark_down(backend, "refused")
+    for backend in pool.backends:
+        backend.state = UP  # deferred mark_ups: the policy has not been told yet
+    keys = [b"k%d" % i for i in range(20)]
+    picks = []
+    for key in keys:
+        pool._stale = True
+        picks.append(pool.pick(key))
+    assert picks == [pool.policy.pick(key, ()) for key in keys]
+    home = picks[0]
+    assert home is not None
+    for backend in pool.backends:
+        pool.mark_down(backend, "refused")
+        backend.state = UP
+    pool._stale = True
+    assert pool.pick(keys[0], [home]) not in (home, None)
