@@ -1068,3 +1068,72 @@ async def test_a_failed_request_costs_its_backend_the_failure_penalty(
     policy = service.pool.policy
     assert isinstance(policy, PeakEwma)
     assert policy.estimate(failed) == pytest.approx(policy.failure_penalty)
+
+
+# -- counters and the paths of a retry -------------------------------------------------------
+
+
+async def test_empty_lines_and_unavailable_requests_are_each_counted() -> None:
+    service, _opened = make_service(1)
+    service.pool.mark_down(service.pool.backends[0], "test")
+    s, t = client(service)
+    s.data_received(b"\n\n1\n2\n")
+    await settle()
+    assert t.data() == (message.INVALID_MESSAGE + b"\n") * 2 + (NOT_AVAILABLE + b"\n") * 2
+    assert (service.invalid, service.not_available) == (2, 2)
+
+
+async def test_a_retry_waits_in_the_queue_when_every_other_backend_is_full() -> None:
+    service, opened = make_service(2, max_backend_requests=1, queue_timeout=60.0)
+    s, t = client(service)
+    s.data_received(b"1\n2\n3\n")
+    await turn()
+    assert [r.payload for r in service.queue] == [b"3"]
+    opened[9000][0][1].abort()
+    await settle()
+    assert [r.payload for r in service.queue] == [b"3", b"1"], "the retry waits its turn"
+    assert service.retries == 1
+    conn, tb = opened[9001][0]
+    conn.data_received(b"two\n")
+    await settle()
+    conn.data_received(b"three\n")
+    await settle()
+    conn.data_received(b"one\n")
+    await settle()
+    assert tb.data() == b"2\n3\n1\n"
+    assert t.data() == b"one\ntwo\nthree\n"
+    assert not service.queue
+
+
+async def test_a_retry_with_nothing_eligible_goes_to_a_backend_whose_checks_pass_again() -> None:
+    service, opened = make_service(2)
+    _b0, b1 = service.pool.backends
+    service.pool.mark_down(b1, "3 failed check(s)")
+    b1.last_check_ok = True  # back, but waiting for `rise` good checks
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    opened[9000][0][1].abort()
+    await settle()
+    conn, tb = opened[9001][0]
+    assert tb.data() == b"1\n"
+    conn.data_received(b"one\n")
+    await settle()
+    assert t.data() == b"one\n"
+
+
+async def test_a_removed_backend_hands_what_it_held_to_another_without_blame() -> None:
+    service, opened = make_service(2)
+    b0, _b1 = service.pool.backends
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    service.remove_backend(b0)
+    await settle()
+    assert (b0.in_flight, b0.failures, b0.state) == (0, 0, "up")
+    conn, tb = opened[9001][0]
+    assert tb.data() == b"1\n"
+    conn.data_received(b"one\n")
+    await settle()
+    assert t.data() == b"one\n"
+    assert service.retries == 1
