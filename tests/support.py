@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from balancer.config import DEFAULT_LISTEN, ConfigError, load_config
 from balancer.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -414,3 +417,20 @@ def running(*procs: Proc) -> Iterator[None]:
 
 def reply_for(n: int | str) -> str:
     return f"It\u2019s instance number {n}"
+
+
+# -- config files -----------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, name: str, text: str) -> Path:
+    """`text` written as `tmp_path/name` (the name's extension picks the format)."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path, default_listen: str = DEFAULT_LISTEN) -> ConfigError:
+    """The ConfigError that loading `path` raises (the test fails if it loads)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, default_listen=default_listen)
+    return info.value

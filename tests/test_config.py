@@ -30,6 +30,7 @@ from balancer.config import (
 )
 from balancer.config_loader import TABLE_KEYS
 from balancer.policies import POLICIES
+from tests.support import config_error, write_config
 
 FULL_TOML = """\
 drain_timeout = 10          # optional, seconds
@@ -131,18 +132,6 @@ TUTORIAL_BACKENDS = tuple(BackendConfig("localhost", p) for p in (8090, 8091, 80
 MINIMAL = '[services.numbers]\nlisten = "127.0.0.1:8080"\nbackends = ["localhost:8090"]\n'
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def error_of(path: Path, default_listen: str = "localhost:8080") -> ConfigError:
-    with pytest.raises(ConfigError) as info:
-        load_config(path, default_listen=default_listen)
-    return info.value
-
-
 def assert_error(err: ConfigError, path: Path, where: str, *fragments: str) -> None:
     """The (first) message names the file, the location, and each expected fragment."""
     text = err.describe()
@@ -160,7 +149,7 @@ def assert_error(err: ConfigError, path: Path, where: str, *fragments: str) -> N
 
 
 def test_full_toml_loads_every_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.toml", FULL_TOML)
+    path = write_config(tmp_path, "config.toml", FULL_TOML)
     expected = Config(
         services=(
             ServiceConfig(
@@ -301,7 +290,7 @@ def test_every_number_of_the_config_model_is_bounded() -> None:
 
 
 def test_toml_defaults_come_from_the_dataclasses(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "config.toml", MINIMAL))
+    config = load_config(write_config(tmp_path, "config.toml", MINIMAL))
     assert config == Config(
         services=(
             ServiceConfig("numbers", "127.0.0.1", 8080, (BackendConfig("localhost", 8090),)),
@@ -314,7 +303,7 @@ def test_toml_defaults_come_from_the_dataclasses(tmp_path: Path) -> None:
 
 def test_ipv6_addresses_print_with_brackets(tmp_path: Path) -> None:
     text = '[services.v6]\nlisten = "[::1]:0"\nbackends = ["[::1]:8090"]\n'
-    svc = load_config(write(tmp_path, "config.toml", text)).service("v6")
+    svc = load_config(write_config(tmp_path, "config.toml", text)).service("v6")
     assert svc.listen == "[::1]:0"
     assert svc.backends[0].address == "[::1]:8090"
 
@@ -324,7 +313,7 @@ def test_tcp_health_table_without_probe_is_a_connect_check(tmp_path: Path) -> No
         '[services.db]\nlisten = "127.0.0.1:6380"\nmode = "tcp"\nbackends = ["127.0.0.1:6379"]\n'
         "[services.db.health]\nrise = 1\n"
     )
-    health = load_config(write(tmp_path, "config.toml", text)).service("db").health
+    health = load_config(write_config(tmp_path, "config.toml", text)).service("db").health
     assert (health.send, health.expect, health.rise) == (None, None, 1)
 
 
@@ -333,31 +322,35 @@ def test_tcp_service_may_still_set_a_probe(tmp_path: Path) -> None:
         '[services.db]\nlisten = "127.0.0.1:6380"\nmode = "tcp"\nbackends = ["127.0.0.1:6379"]\n'
         '[services.db.health]\nsend = "PING"\nexpect = "+PONG"\n'
     )
-    health = load_config(write(tmp_path, "config.toml", text)).service("db").health
+    health = load_config(write_config(tmp_path, "config.toml", text)).service("db").health
     assert (health.send, health.expect) == ("PING", "+PONG")
 
 
 def test_send_false_disables_the_probe_and_reply_check(tmp_path: Path) -> None:
     text = MINIMAL + "[services.numbers.health]\nsend = false\n"
-    health = load_config(write(tmp_path, "config.toml", text)).service("numbers").health
+    health = load_config(write_config(tmp_path, "config.toml", text)).service("numbers").health
     assert (health.send, health.expect) == (None, None)
 
 
 def test_expect_false_accepts_any_reply(tmp_path: Path) -> None:
     text = MINIMAL + "[services.numbers.health]\nexpect = false\n"
-    health = load_config(write(tmp_path, "config.toml", text)).service("numbers").health
+    health = load_config(write_config(tmp_path, "config.toml", text)).service("numbers").health
     assert (health.send, health.expect) == ("!HEALTH_CHECK", None)
 
 
 def test_service_without_listen_uses_default_listen(tmp_path: Path) -> None:
     text = '[services.numbers]\nbackends = ["localhost:8090"]\n'
-    config = load_config(write(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000")
+    config = load_config(
+        write_config(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000"
+    )
     assert config.service("numbers").listen == "127.0.0.1:7000"
 
 
 def test_listen_port_only_takes_the_default_host(tmp_path: Path) -> None:
     text = '[services.numbers]\nlisten = "9000"\nbackends = ["localhost:8090"]\n'
-    config = load_config(write(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000")
+    config = load_config(
+        write_config(tmp_path, "config.toml", text), default_listen="127.0.0.1:7000"
+    )
     assert config.service("numbers").listen == "127.0.0.1:9000"
 
 
@@ -372,12 +365,12 @@ def test_listen_port_only_takes_the_default_host(tmp_path: Path) -> None:
     ],
 )
 def test_admin_table(tmp_path: Path, admin: str, expected: AdminConfig) -> None:
-    path = write(tmp_path, "config.toml", f"[admin]\n{admin}\n" + MINIMAL)
+    path = write_config(tmp_path, "config.toml", f"[admin]\n{admin}\n" + MINIMAL)
     assert load_config(path).admin == expected
 
 
 def test_tutorial_config_txt(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.txt", TUTORIAL_TXT)
+    path = write_config(tmp_path, "config.txt", TUTORIAL_TXT)
     tutorial = ServiceConfig(
         "default",
         "localhost",
@@ -394,7 +387,9 @@ def test_text_format_comments_colons_crlf_and_ipv6(tmp_path: Path) -> None:
         "# backends\r\n\r\nlocalhost 8090   # first\r\n\tlocalhost:8091\r\n"
         "::1 8092\r\n[::1]:8093\r\n   # indented comment\r\n"
     )
-    config = load_config(write(tmp_path, "backends.conf", text), default_listen="127.0.0.1:0")
+    config = load_config(
+        write_config(tmp_path, "backends.conf", text), default_listen="127.0.0.1:0"
+    )
     svc = config.service("default")
     assert svc.listen == "127.0.0.1:0"
     assert [b.address for b in svc.backends] == [
@@ -407,26 +402,26 @@ def test_text_format_comments_colons_crlf_and_ipv6(tmp_path: Path) -> None:
 
 def test_json_servers_form_equals_the_text_form(tmp_path: Path) -> None:
     servers = [{"host": "localhost", "port": p} for p in (8090, 8091, 8092, 8093)]
-    path = write(tmp_path, "config.json", json.dumps({"servers": servers}))
-    expected = load_config(write(tmp_path, "config.txt", TUTORIAL_TXT))
+    path = write_config(tmp_path, "config.json", json.dumps({"servers": servers}))
+    expected = load_config(write_config(tmp_path, "config.txt", TUTORIAL_TXT))
     assert load_config(path) == Config(services=expected.services, source=str(path))
 
 
 def test_json_servers_form_with_weight(tmp_path: Path) -> None:
     doc = {"servers": [{"host": "localhost", "port": 8090, "weight": 3}, "localhost:8091"]}
-    svc = load_config(write(tmp_path, "config.json", json.dumps(doc))).service("default")
+    svc = load_config(write_config(tmp_path, "config.json", json.dumps(doc))).service("default")
     assert svc.backends == (BackendConfig("localhost", 8090, 3), BackendConfig("localhost", 8091))
 
 
 def test_json_services_form_equals_toml(tmp_path: Path) -> None:
     doc = tomllib.loads(FULL_TOML)
-    from_json = load_config(write(tmp_path, "config.json", json.dumps(doc, indent=2)))
-    from_toml = load_config(write(tmp_path, "config.toml", FULL_TOML))
+    from_json = load_config(write_config(tmp_path, "config.json", json.dumps(doc, indent=2)))
+    from_toml = load_config(write_config(tmp_path, "config.toml", FULL_TOML))
     assert from_json == Config(**{**vars(from_toml), "source": from_json.source})
 
 
 def test_json_servers_form_with_every_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.json", json.dumps(FULL_SERVERS_JSON))
+    path = write_config(tmp_path, "config.json", json.dumps(FULL_SERVERS_JSON))
     (svc,) = load_config(path).services
     assert svc.backends == (BackendConfig("localhost", 8090, 2), BackendConfig("localhost", 8091))
 
@@ -438,7 +433,7 @@ def test_utf8_bom_is_tolerated(tmp_path: Path) -> None:
 
 
 def test_extension_is_case_insensitive(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "CONFIG.TOML", MINIMAL))
+    config = load_config(write_config(tmp_path, "CONFIG.TOML", MINIMAL))
     assert config.service("numbers").listen == "127.0.0.1:8080"
 
 
@@ -869,8 +864,8 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
     ],
 )
 def test_toml_errors(tmp_path: Path, text: str, where: str, fragments: list[str]) -> None:
-    path = write(tmp_path, "config.toml", text)
-    assert_error(error_of(path), path, where, *fragments)
+    path = write_config(tmp_path, "config.toml", text)
+    assert_error(config_error(path), path, where, *fragments)
 
 
 def test_listen_port_zero_never_conflicts(tmp_path: Path) -> None:
@@ -880,33 +875,33 @@ def test_listen_port_zero_never_conflicts(tmp_path: Path) -> None:
         + '[services.b]\nlisten = "127.0.0.1:0"\n'
         + BACKENDS
     )
-    config = load_config(write(tmp_path, "config.toml", text))
+    config = load_config(write_config(tmp_path, "config.toml", text))
     assert [s.listen for s in config.services] == ["127.0.0.1:0", "127.0.0.1:0"]
 
 
 def test_two_services_without_listen_conflict_on_default_listen(tmp_path: Path) -> None:
     text = "[services.a]\n" + BACKENDS + "[services.b]\n" + BACKENDS
-    path = write(tmp_path, "config.toml", text)
-    assert_error(error_of(path), path, "services.b.listen", "got 'localhost:8080'")
+    path = write_config(tmp_path, "config.toml", text)
+    assert_error(config_error(path), path, "services.b.listen", "got 'localhost:8080'")
 
 
 def test_same_backend_in_two_services_is_fine(tmp_path: Path) -> None:
     text = SVC + BACKENDS + '[services.b]\nlisten = "127.0.0.1:8081"\n' + BACKENDS
-    config = load_config(write(tmp_path, "config.toml", text))
+    config = load_config(write_config(tmp_path, "config.toml", text))
     assert config.service("b").backends == config.service("numbers").backends
 
 
 def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.toml", SVC + 'backends = ["localhost:8090"\nretries = \n')
-    err = error_of(path)
+    path = write_config(tmp_path, "config.toml", SVC + 'backends = ["localhost:8090"\nretries = \n')
+    err = config_error(path)
     assert_error(err, path, err.where, "invalid TOML: ")
     assert err.where.startswith("line "), err.where
     assert ", column " in err.where
 
 
 def test_toml_duplicate_key_is_a_syntax_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.toml", SVC + BACKENDS + 'listen = "127.0.0.1:1"\n')
-    err = error_of(path)
+    path = write_config(tmp_path, "config.toml", SVC + BACKENDS + 'listen = "127.0.0.1:1"\n')
+    err = config_error(path)
     assert err.where.startswith("line 4, column "), err.where
     assert_error(err, path, err.where, "invalid TOML: Cannot overwrite a value")
 
@@ -934,8 +929,8 @@ def test_toml_duplicate_key_is_a_syntax_error(tmp_path: Path) -> None:
     ],
 )
 def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]) -> None:
-    path = write(tmp_path, "config.txt", text)
-    assert_error(error_of(path), path, where, *fragments)
+    path = write_config(tmp_path, "config.txt", text)
+    assert_error(config_error(path), path, where, *fragments)
 
 
 # ---------------------------------------------------------------- JSON errors
@@ -1016,13 +1011,17 @@ def test_text_errors(tmp_path: Path, text: str, where: str, fragments: list[str]
     ],
 )
 def test_json_errors(tmp_path: Path, doc: object, where: str, fragments: list[str]) -> None:
-    path = write(tmp_path, "config.json", json.dumps(doc))
-    assert_error(error_of(path), path, where, *fragments)
+    path = write_config(tmp_path, "config.json", json.dumps(doc))
+    assert_error(config_error(path), path, where, *fragments)
 
 
 def test_json_syntax_error_names_line_and_column(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.json", '{"servers": [\n  {"host": "a", "port": 80}\n  {"host"')
-    assert_error(error_of(path), path, "line 3, column 3", "invalid JSON: Expecting ',' delimiter")
+    path = write_config(
+        tmp_path, "config.json", '{"servers": [\n  {"host": "a", "port": 80}\n  {"host"'
+    )
+    assert_error(
+        config_error(path), path, "line 3, column 3", "invalid JSON: Expecting ',' delimiter"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -1030,7 +1029,7 @@ def test_json_syntax_error_names_line_and_column(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "config.txt"
-    err = error_of(path)
+    err = config_error(path)
     assert str(err) == f"{path}: cannot read: No such file or directory"
 
 
@@ -1042,18 +1041,18 @@ def test_missing_file_relative_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_directory_is_not_a_config(tmp_path: Path) -> None:
-    err = error_of(tmp_path)
+    err = config_error(tmp_path)
     assert str(err) == f"{tmp_path}: cannot read: Is a directory"
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "config.txt"
     path.write_bytes(b"localhost 8090\nlocalhost \xff8091\n")
-    assert_error(error_of(path), path, "line 2", "expected UTF-8 text, got byte 0xff")
+    assert_error(config_error(path), path, "line 2", "expected UTF-8 text, got byte 0xff")
 
 
 def test_bad_default_listen(tmp_path: Path) -> None:
-    path = write(tmp_path, "config.txt", TUTORIAL_TXT)
+    path = write_config(tmp_path, "config.txt", TUTORIAL_TXT)
     with pytest.raises(ConfigError) as info:
         load_config(path, default_listen="localhost:http")
     assert str(info.value).startswith('<command line>: listen: expected "host:port"')
@@ -1136,7 +1135,7 @@ def test_policy_options_are_checked_against_the_algorithm(tmp_path: Path) -> Non
         '[services.a]\nlisten = "127.0.0.1:0"\nalgorithm = "consistent_hash"\n'
         'backends = ["127.0.0.1:1"]\n[services.a.policy_options]\ntable_size = 100\n'
     )
-    err = error_of(path)
+    err = config_error(path)
     assert str(err) == (
         f"{path}: line 6: services.a.policy_options.table_size: "
         "expected a prime number from 2 to 524287, got 100"
@@ -1149,9 +1148,9 @@ def test_slow_start_needs_a_weight_aware_algorithm(tmp_path: Path) -> None:
         '[services.a]\nlisten = "127.0.0.1:0"\nslow_start = 5\nbackends = ["127.0.0.1:1"]\n'
     )
     assert_error(
-        error_of(path), path, "services.a.slow_start", "expected 0 with algorithm 'round_robin'"
+        config_error(path), path, "services.a.slow_start", "expected 0 with algorithm 'round_robin'"
     )
-    assert error_of(path).line == 3
+    assert config_error(path).line == 3
     path.write_text(
         '[services.a]\nlisten = "127.0.0.1:0"\nslow_start = 5\n'
         'algorithm = "least_connections"\nbackends = ["127.0.0.1:1"]\n'

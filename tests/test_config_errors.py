@@ -10,18 +10,7 @@ from pathlib import Path
 import pytest
 
 from balancer.config import ConfigError, check_bound, load_config, parse_address
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def errors_of(path: Path) -> ConfigError:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return info.value
+from tests.support import config_error, write_config
 
 
 def located(err: ConfigError) -> list[tuple[int | None, str]]:
@@ -58,8 +47,8 @@ mode = "udp"
 
 
 def test_every_error_is_reported_each_with_its_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "bad.toml", MANY)
-    err = errors_of(path)
+    path = write_config(tmp_path, "bad.toml", MANY)
+    err = config_error(path)
     assert located(err) == [
         (1, "drain_timeout"),
         (4, "services.a.backends[1].weight"),
@@ -89,7 +78,7 @@ def test_every_error_is_reported_each_with_its_line(tmp_path: Path) -> None:
 
 
 def test_check_config_prints_every_error_and_exits_2(tmp_path: Path) -> None:
-    path = write(tmp_path, "bad.toml", MANY)
+    path = write_config(tmp_path, "bad.toml", MANY)
     result = subprocess.run(
         [sys.executable, "-m", "balancer", "check-config", str(path)],
         capture_output=True,
@@ -108,7 +97,7 @@ def test_check_config_prints_every_error_and_exits_2(tmp_path: Path) -> None:
 
 def test_a_key_that_is_not_written_points_at_its_table(tmp_path: Path) -> None:
     text = '[services.a]\nlisten = "127.0.0.1:7001"\n\n[services.a.health]\nrise = 1\n'
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(1, "services.a.backends")]
     assert str(err).endswith(
         ': line 1: services.a.backends: missing: expected a list of "host:port"'
@@ -129,7 +118,7 @@ address = "127.0.0.1:1"
 address = "127.0.0.1:2"
 weight = -1
 """
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [
         (3, "services.a.health.rise"),
         (4, "services.a.outlier.consecutive_failures"),
@@ -139,7 +128,7 @@ weight = -1
 
 def test_an_error_in_one_service_does_not_hide_the_next(tmp_path: Path) -> None:
     text = service("a", 7001, "retries = 99") + service("b", 7002, "max_line = 0")
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert [e.where for e in err.errors] == ["services.a.retries", "services.b.max_line"]
 
 
@@ -147,7 +136,7 @@ def test_a_table_that_is_not_a_table_stops_only_the_checks_under_it(tmp_path: Pa
     text = service("a", 7001, "health = 3", "retries = -1") + (
         "[services.b]\nlisten = 7\nbackends = 5\n[services.b.outlier]\nmax_ejection_percent = 101\n"
     )
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [
         (3, "services.a.health"),
         (4, "services.a.retries"),
@@ -166,7 +155,7 @@ def test_a_mistake_is_not_reported_again_as_its_consequences(tmp_path: Path) -> 
         + '[services.e]\nbackends = ["127.0.0.1:1"]\n'
         + '[services.f]\nbackends = ["127.0.0.1:1"]\n'
     )
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     # the bad mode does not make hash_key or client_framing wrong, the bad algorithm does
     # not make slow_start wrong, the bad listen of c conflicts with nothing, d's bad weight
     # does not make "all weights 0"; e and f do share the default listen
@@ -181,7 +170,7 @@ def test_a_mistake_is_not_reported_again_as_its_consequences(tmp_path: Path) -> 
 
 def test_text_format_reports_every_bad_line(tmp_path: Path) -> None:
     text = "localhost 8090\nlocalhost eighty\n# fine\n256.1.1.1 80\nlocalhost:8090\na b c\n"
-    err = errors_of(write(tmp_path, "config.txt", text))
+    err = config_error(write_config(tmp_path, "config.txt", text))
     assert located(err) == [(2, "line 2"), (4, "line 4"), (5, "line 5"), (6, "line 6")]
     lines = str(err).splitlines()
     assert lines[1] == f"{tmp_path / 'config.txt'}: line 2: expected a port 1..65535, got 'eighty'"
@@ -196,8 +185,8 @@ def test_json_errors_have_lines(tmp_path: Path) -> None:
             "b": {"listen": "127.0.0.1:7002", "backends": [{"address": "h:1", "weight": 1.5}]},
         }
     }
-    path = write(tmp_path, "c.json", json.dumps(doc, indent=2))
-    err = errors_of(path)
+    path = write_config(tmp_path, "c.json", json.dumps(doc, indent=2))
+    err = config_error(path)
     text = path.read_text().splitlines()
     assert [e.where for e in err.errors] == ["services.a.retries", "services.b.backends[0].weight"]
     for e in err.errors:
@@ -207,8 +196,8 @@ def test_json_errors_have_lines(tmp_path: Path) -> None:
 
 def test_json_servers_form_reports_every_bad_server(tmp_path: Path) -> None:
     doc = {"servers": [{"host": "a", "port": 0}, {"host": "256.0.0.1", "port": 80}, "a:1"]}
-    path = write(tmp_path, "config.json", json.dumps(doc, indent=1))
-    err = errors_of(path)
+    path = write_config(tmp_path, "config.json", json.dumps(doc, indent=1))
+    err = config_error(path)
     assert [e.where for e in err.errors] == ["servers[0].port", "servers[1].host"]
     assert "256.0.0.1 is not a valid IPv4 address" in err.errors[1].message
 
@@ -232,7 +221,7 @@ def test_any_json_number_at_a_weight_is_an_error_naming_the_key(
     tmp_path: Path, raw: str, shown: str
 ) -> None:
     text = '{"servers": [{"host": "localhost", "port": 8090, "weight": ' + raw + "}]}"
-    err = errors_of(write(tmp_path, "config.json", text))
+    err = config_error(write_config(tmp_path, "config.json", text))
     assert located(err) == [(1, "servers[0].weight")]
     assert err.message == f"expected an integer from 0 to 1000, got {shown}"
 
@@ -240,7 +229,7 @@ def test_any_json_number_at_a_weight_is_an_error_naming_the_key(
 @pytest.mark.parametrize("key", ["connect_timeout", "hash_balance_factor", "max_line"])
 def test_a_huge_json_number_anywhere_is_an_error_naming_the_key(tmp_path: Path, key: str) -> None:
     doc = '{"services": {"a": {"backends": ["h:1"], "' + key + '": ' + "7" * 400 + "}}}"
-    err = errors_of(write(tmp_path, "c.json", doc))
+    err = config_error(write_config(tmp_path, "c.json", doc))
     assert [e.where for e in err.errors] == [f"services.a.{key}"]
     assert "got an integer of 400 digits" in err.message
 
@@ -254,13 +243,13 @@ def test_a_number_too_long_to_read_is_a_config_error_with_its_line(
         text = '{"services": {"a": {\n"backends": ["h:1"],\n"retries": ' + digits + "}}}"
     else:
         text = '[services.a]\nbackends = ["h:1"]\nretries = ' + digits + "\n"
-    err = errors_of(write(tmp_path, name, text))
+    err = config_error(write_config(tmp_path, name, text))
     assert err.where == "line 3"
     assert "expected a number of at most 4300 digits" in err.message
 
 
 def test_nesting_too_deep_is_a_config_error(tmp_path: Path) -> None:
-    err = errors_of(write(tmp_path, "c.json", "[" * 100_000 + "]" * 100_000))
+    err = config_error(write_config(tmp_path, "c.json", "[" * 100_000 + "]" * 100_000))
     assert "nested too deeply" in err.message
 
 
@@ -280,7 +269,7 @@ def test_a_huge_policy_option_is_an_error_naming_the_option(tmp_path: Path) -> N
             },
         }
     }
-    err = errors_of(write(tmp_path, "c.json", json.dumps(doc)))
+    err = config_error(write_config(tmp_path, "c.json", json.dumps(doc)))
     assert [(e.where, e.message) for e in err.errors] == [
         (
             "services.a.policy_options.table_size",
@@ -323,7 +312,7 @@ def test_an_invalid_ipv4_address_is_refused_in_every_format(tmp_path: Path) -> N
         '[admin]\nlisten = "300.0.0.1:9100"\n[services.a]\nlisten = "1.2.3:7001"\n'
         'backends = ["256.1.1.1:80", { address = "10.0.0.256:80" }]\n'
     )
-    err = errors_of(write(tmp_path, "c.toml", toml))
+    err = config_error(write_config(tmp_path, "c.toml", toml))
     assert located(err) == [
         (2, "admin.listen"),
         (4, "services.a.listen"),
@@ -332,10 +321,10 @@ def test_an_invalid_ipv4_address_is_refused_in_every_format(tmp_path: Path) -> N
     ]
     assert all("is not a valid IPv4 address" in e.message for e in err.errors)
     for text in ("256.1.1.1 80\n", "256.1.1.1:80\n"):
-        err = errors_of(write(tmp_path, "config.txt", text))
+        err = config_error(write_config(tmp_path, "config.txt", text))
         assert "256.1.1.1 is not a valid IPv4 address" in err.message
     doc = {"servers": [{"host": "256.1.1.1", "port": 80}]}
-    err = errors_of(write(tmp_path, "config.json", json.dumps(doc)))
+    err = config_error(write_config(tmp_path, "config.json", json.dumps(doc)))
     assert "256.1.1.1 is not a valid IPv4 address" in err.message
 
 
@@ -358,7 +347,7 @@ def test_listeners_that_overlap_once_resolved(tmp_path: Path, first: str, second
         f'[services.a]\nlisten = "{first}"\nbackends = ["h:1"]\n'
         f'[services.b]\nlisten = "{second}"\nbackends = ["h:1"]\n'
     )
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(5, "services.b.listen")]
     assert err.message == (
         f"expected an address no other service listens on, got {second!r} "
@@ -381,12 +370,12 @@ def test_listeners_that_do_not_overlap(tmp_path: Path, first: str, second: str) 
         f'[services.a]\nlisten = "{first}"\nbackends = ["h:1"]\n'
         f'[services.b]\nlisten = "{second}"\nbackends = ["h:1"]\n'
     )
-    assert len(load_config(write(tmp_path, "c.toml", text)).services) == 2
+    assert len(load_config(write_config(tmp_path, "c.toml", text)).services) == 2
 
 
 def test_the_admin_listener_overlapping_a_service(tmp_path: Path) -> None:
     text = '[admin]\nlisten = "localhost:7100"\n' + service("a", 7100)
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(2, "admin.listen")]
     assert "already used by service 'a'" in err.message
 
@@ -410,7 +399,7 @@ def test_a_backend_that_is_the_balancer_itself(
     tmp_path: Path, listen: str, backend: str, other: int, owner: str
 ) -> None:
     text = f'[services.a]\nlisten = "{listen}"\nbackends = ["127.0.0.1:1", "{backend}"]\n'
-    err = errors_of(write(tmp_path, "c.toml", text + service("b", other)))
+    err = config_error(write_config(tmp_path, "c.toml", text + service("b", other)))
     assert located(err) == [(3, "services.a.backends[1]")]
     assert err.message == (
         f"expected a backend other than this balancer, got {backend!r}, which is the "
@@ -422,22 +411,22 @@ def test_no_loop_without_a_listener_there(tmp_path: Path) -> None:
     backends = ["127.0.0.1:9100", "127.0.0.2:7100", "no-such-host.invalid:7100", "127.0.0.1:7101"]
     text = '[admin]\nlisten = "off"\n' + service("a", 7100, "backends = " + json.dumps(backends))
     text += '[services.b]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:7101"]\n'
-    config = load_config(write(tmp_path, "c.toml", text))
+    config = load_config(write_config(tmp_path, "c.toml", text))
     assert [b.address for b in config.service("a").backends] == backends
 
 
 def test_the_tutorial_formats_refuse_a_loop_too(tmp_path: Path) -> None:
-    txt = write(tmp_path, "config.txt", "localhost 8090\nlocalhost 8080\n")
-    err = errors_of(txt)
+    txt = write_config(tmp_path, "config.txt", "localhost 8090\nlocalhost 8080\n")
+    err = config_error(txt)
     assert located(err) == [(2, "line 2")]
     assert "got 'localhost:8080', which is the listener of service 'default'" in err.message
     with pytest.raises(ConfigError):
         load_config(
-            write(tmp_path, "other.txt", "localhost 9000\n"), default_listen="localhost:9000"
+            write_config(tmp_path, "other.txt", "localhost 9000\n"), default_listen="localhost:9000"
         )
     assert load_config(txt, default_listen="localhost:9000").services[0].listen == "localhost:9000"
     doc = {"servers": [{"host": "127.0.0.1", "port": 8080}]}
-    err = errors_of(write(tmp_path, "config.json", json.dumps(doc)))
+    err = config_error(write_config(tmp_path, "config.json", json.dumps(doc)))
     assert err.where == "servers[0]"
 
 
@@ -446,16 +435,16 @@ def test_the_tutorial_formats_refuse_a_loop_too(tmp_path: Path) -> None:
 
 def test_a_service_whose_backends_all_weigh_0_could_never_serve(tmp_path: Path) -> None:
     body = 'backends = [{ address = "h:1", weight = 0 }, { address = "h:2", weight = 0 }]'
-    err = errors_of(write(tmp_path, "c.toml", service("a", 7001, body)))
+    err = config_error(write_config(tmp_path, "c.toml", service("a", 7001, body)))
     assert located(err) == [(3, "services.a.backends")]
     assert err.message == (
         "expected at least one backend with a weight above 0, got weight 0 for all 2 backends: "
         "the service could never serve"
     )
     one = 'backends = [{ address = "h:1", weight = 0 }, { address = "h:2", weight = 1 }]'
-    assert load_config(write(tmp_path, "ok.toml", service("a", 7001, one)))
+    assert load_config(write_config(tmp_path, "ok.toml", service("a", 7001, one)))
     doc = {"servers": [{"host": "a", "port": 1, "weight": 0}]}
-    err = errors_of(write(tmp_path, "config.json", json.dumps(doc)))
+    err = config_error(write_config(tmp_path, "config.json", json.dumps(doc)))
     assert (err.where, "the only backend" in err.message) == ("servers", True)
 
 
@@ -473,7 +462,7 @@ def test_auto_framing_needs_a_probe_to_detect_with(
     text = service("a", 7001, 'backend_framing = "auto"', *body)
     if health:
         text += f"[services.a.health]\n{health}\n"
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(3, "services.a.backend_framing")]
     assert err.message == (
         "expected 'line' or 'raw' without a health probe, got 'auto': auto needs a check to "
@@ -483,13 +472,13 @@ def test_auto_framing_needs_a_probe_to_detect_with(
 
 def test_auto_framing_with_a_probe_loads(tmp_path: Path) -> None:
     text = service("a", 7001, 'backend_framing = "auto"') + "[services.a.health]\nexpect = false\n"
-    svc = load_config(write(tmp_path, "c.toml", text)).service("a")
+    svc = load_config(write_config(tmp_path, "c.toml", text)).service("a")
     assert (svc.backend_framing, svc.health.send) == ("auto", "!HEALTH_CHECK")
 
 
 def test_max_buffered_must_hold_a_line_of_max_line(tmp_path: Path) -> None:
     text = service("a", 7001, "max_line = 1048576", "max_buffered = 65536")
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(4, "services.a.max_buffered")]
     assert err.message == "expected at least max_line (1048576 bytes), got 65536"
 
@@ -511,13 +500,13 @@ def test_max_buffered_must_hold_a_line_of_max_line(tmp_path: Path) -> None:
 def test_client_framing_default_follows_backend_framing_in_message_mode(
     tmp_path: Path, body: list[str], framing: str
 ) -> None:
-    svc = load_config(write(tmp_path, "c.toml", service("a", 7001, *body))).service("a")
+    svc = load_config(write_config(tmp_path, "c.toml", service("a", 7001, *body))).service("a")
     assert svc.client_framing == framing
 
 
 def test_client_framing_is_for_message_mode_only(tmp_path: Path) -> None:
     text = service("a", 7001, 'mode = "tcp"', 'client_framing = "auto"')
-    err = errors_of(write(tmp_path, "c.toml", text))
+    err = config_error(write_config(tmp_path, "c.toml", text))
     assert located(err) == [(4, "services.a.client_framing")]
     assert "expected no client_framing in tcp mode" in err.message
 

@@ -24,16 +24,15 @@ from balancer.config import (
     parse_host,
 )
 from balancer.config_loader import load
+from tests.support import config_error, write_config
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"
 
 
 def error_of(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ConfigError) as caught:
-        load(str(path), "127.0.0.1:8080")
-    return str(caught.value).replace(str(path), name)
+    """The whole error of a file `name` holding `text`, with the file named as `name`."""
+    path = write_config(tmp_path, name, text)
+    return str(config_error(path, "127.0.0.1:8080")).replace(str(path), name)
 
 
 @pytest.mark.parametrize(
