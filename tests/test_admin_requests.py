@@ -17,16 +17,14 @@ from aiohttp import ClientResponse, ClientSession, web
 
 from balancer import admin
 from balancer.admin import (
-    GUARD_KEY,
     MAX_ERROR,
     RUNNER_OPTIONS,
     SECURITY_HEADERS,
     SHOWN_KEYS,
     ApiError,
-    add_security_headers,
     api_handler,
     check_weight,
-    guard_middleware,
+    guarded_app,
     json_object,
 )
 from balancer.adminguard import OPEN, READ, WRITE, AdminGuard
@@ -59,9 +57,7 @@ async def _refuse(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(config: AdminConfig) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware], client_max_size=MAX_BODY)
-    app[GUARD_KEY] = AdminGuard(config, hostname="")
-    app.on_response_prepare.append(add_security_headers)
+    app = guarded_app(AdminGuard(config, hostname=""))
     app.router.add_put("/echo", api_handler(_echo, access=WRITE))
     app.router.add_post("/nobody", api_handler(_no_body, access=WRITE))
     app.router.add_get("/read", api_handler(_no_body, access=READ))

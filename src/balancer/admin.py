@@ -463,6 +463,15 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         response.headers.setdefault(name, value)
 
 
+def guarded_app(guard: AdminGuard) -> web.Application:
+    """An application whose every request passes `guard` (Host, Origin; the routes add the
+    token check through `api_handler`), with the body limit and the security headers."""
+    app = web.Application(middlewares=[guard_middleware], client_max_size=MAX_BODY)
+    app[GUARD_KEY] = guard
+    app.on_response_prepare.append(add_security_headers)
+    return app
+
+
 # -- handlers -------------------------------------------------------------------------------
 
 
@@ -586,12 +595,10 @@ class AdminServer:
         self.history = TrafficHistory()
         self.sample_interval = sample_interval
         self.guard = AdminGuard(server.config.admin)
-        self.app = web.Application(middlewares=[guard_middleware], client_max_size=MAX_BODY)
+        self.app = guarded_app(self.guard)
         self.app[SERVER_KEY] = server
         self.app[REGISTRY_KEY] = make_registry(server)
         self.app[ADMIN_KEY] = self
-        self.app[GUARD_KEY] = self.guard
-        self.app.on_response_prepare.append(add_security_headers)
         r = self.app.router
         r.add_get("/status", api_handler(handle_status, access=READ))
         r.add_get("/metrics", api_handler(handle_metrics, access=READ))
