@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 try:
-    from balancer.client import main
+    from balancer.tools.client import main
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from balancer.client import main
+    from balancer.tools.client import main
 
 if __name__ == "__main__":
     try:

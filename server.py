@@ -21,9 +21,9 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from balancer.admin import check_admin_security  # noqa: E402
+from balancer.admin.app import check_admin_security  # noqa: E402
 from balancer.cli import run_server  # noqa: E402
-from balancer.config import (  # noqa: E402
+from balancer.config.model import (  # noqa: E402
     AdminConfig,
     Config,
     ConfigError,
@@ -31,7 +31,7 @@ from balancer.config import (  # noqa: E402
     load_config,
     parse_admin,
 )
-from balancer.logs import setup_logging  # noqa: E402
+from balancer.observe.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

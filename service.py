@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 try:
-    from balancer.service import main
+    from balancer.tools.service import main
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from balancer.service import main
+    from balancer.tools.service import main
 
 if __name__ == "__main__":
     try:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from balancer.policies import (
+from balancer.core.policies import (
     ConsistentHash,
     LeastConnections,
     PeakEwma,
@@ -30,7 +30,7 @@ from balancer.policies import (
     WeightedRandom,
     WeightedRoundRobin,
 )
-from balancer.policies.consistent_hash import build_table
+from balancer.core.policies.consistent_hash import build_table
 from harness import save_results
 
 SIZES = (4, 64)

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, ChildError
+from balancer.tools.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, ChildError
 
 RESULTS = Path(__file__).parent / "results"
 

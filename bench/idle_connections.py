@@ -30,8 +30,8 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import start_service
-from balancer.loops import loop_name
+from balancer.net.loops import loop_name
+from balancer.tools.demo import start_service
 from harness import rss_mb, save_results, start_balancer
 
 BATCH = 500

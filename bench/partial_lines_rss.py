@@ -32,8 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from balancer.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, start_service
 from balancer.proxy.message import TRIM_INTERVAL
+from balancer.tools.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, start_service
 from harness import rss_mb, save_results
 
 BATCH = 250

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from balancer.report import ComparisonTable, write_html_report
+from balancer.tools.report import ComparisonTable, write_html_report
 
 HERE = Path(__file__).resolve().parent
 

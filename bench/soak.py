@@ -33,8 +33,8 @@ from typing import Any
 
 import psutil
 
-from balancer.demo import Child, start_service
-from balancer.loops import loop_name
+from balancer.net.loops import loop_name
+from balancer.tools.demo import Child, start_service
 from harness import load_result, rss_mb, rss_summary, save_results, start_balancer, start_load
 
 BACKENDS = 4

@@ -73,7 +73,7 @@ def raise_nofile() -> int:
 
 
 async def _serve(count: int) -> None:
-    from balancer.service import protocol_factory
+    from balancer.tools.service import protocol_factory
 
     loop = asyncio.get_running_loop()
     factory = protocol_factory()
@@ -89,7 +89,7 @@ async def _serve(count: int) -> None:
 
 def serve_main(count: int) -> int:
     raise_nofile()
-    from balancer.loops import loop_factory
+    from balancer.net.loops import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(count))

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.peers import HOST, Resp, free_port, need, wait_connectable  # noqa: E402
 
-from balancer.loops import loop_name  # noqa: E402
+from balancer.net.loops import loop_name  # noqa: E402
 from harness import rss_mb, rss_summary, save_results  # noqa: E402
 
 OUTAGE = 1.0

@@ -56,9 +56,9 @@ DISPATCH = "dispatch and admin security"
 
 SCOPES: dict[str, list[Scope]] = {
     PURE_CORE: [
-        Scope("framing", "src/balancer/framing.py"),
+        Scope("framing", "src/balancer/core/framing.py"),
         *(
-            Scope(f"policies/{p}", f"src/balancer/policies/{p}.py")
+            Scope(f"policies/{p}", f"src/balancer/core/policies/{p}.py")
             for p in (
                 "base",
                 "round_robin",
@@ -70,13 +70,13 @@ SCOPES: dict[str, list[Scope]] = {
                 "peak_ewma",
             )
         ),
-        Scope("health (HealthState)", "src/balancer/health.py", ("xǁHealthStateǁ*",)),
-        Scope("pool", "src/balancer/pool.py"),
-        Scope("config: model", "src/balancer/config.py"),
-        Scope("config: loader", "src/balancer/config_loader.py"),
-        Scope("config: checks across the file", "src/balancer/config_checks.py"),
-        Scope("config: bounds", "src/balancer/bounds.py"),
-        Scope("config: line numbers", "src/balancer/keylines.py"),
+        Scope("health (HealthState)", "src/balancer/runtime/health.py", ("xǁHealthStateǁ*",)),
+        Scope("pool", "src/balancer/core/pool.py"),
+        Scope("config: model", "src/balancer/config/model.py"),
+        Scope("config: loader", "src/balancer/config/loader.py"),
+        Scope("config: checks across the file", "src/balancer/config/checks.py"),
+        Scope("config: bounds", "src/balancer/config/bounds.py"),
+        Scope("config: line numbers", "src/balancer/config/keylines.py"),
     ],
     DISPATCH: [
         Scope("message: retry budget", "src/balancer/proxy/message.py", ("xǁRetryBudgetǁ*",)),
@@ -122,10 +122,10 @@ SCOPES: dict[str, list[Scope]] = {
                 "try_flush",
             ),
         ),
-        Scope("admin: guard", "src/balancer/adminguard.py"),
+        Scope("admin: guard", "src/balancer/admin/security.py"),
         Scope(
             "admin: request checks",
-            "src/balancer/admin.py",
+            "src/balancer/admin/app.py",
             (
                 "x_check_body_headers",
                 "x_read_body",

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import cast
 
-from balancer.service import HEALTH_CHECK, reply_for
+from balancer.tools.service import HEALTH_CHECK, reply_for
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from balancer.config import DEFAULT_LISTEN, ConfigError, load_config
-from balancer.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
+from balancer.config.model import DEFAULT_LISTEN, ConfigError, load_config
+from balancer.tools.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -168,7 +168,7 @@ class ServiceProc(Proc):
 
 
 def start_service(*extra: str, port: int = 0, cwd: Path | str | None = None) -> ServiceProc:
-    proc = ServiceProc([PYTHON, "-m", "balancer.service", "-p", str(port), *extra], cwd=cwd)
+    proc = ServiceProc([PYTHON, "-m", "balancer.tools.service", "-p", str(port), *extra], cwd=cwd)
     try:
         m = proc.wait_for(INSTANCE_RE)
     except BaseException:

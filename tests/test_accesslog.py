@@ -10,7 +10,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from balancer.accesslog import AccessLog
+from balancer.observe.accesslog import AccessLog
 
 
 class CountingStream(io.BytesIO):

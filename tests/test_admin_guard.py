@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from balancer.adminguard import (
+from balancer.admin.security import (
     OPEN,
     READ,
     WRITE,
@@ -16,7 +16,7 @@ from balancer.adminguard import (
     is_loopback,
     split_host,
 )
-from balancer.config import AdminConfig, ConfigError
+from balancer.config.model import AdminConfig, ConfigError
 
 
 def guard(**settings: object) -> AdminGuard:

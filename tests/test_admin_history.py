@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from balancer.admin import TrafficHistory, services_document
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig
-from balancer.metrics import LatencyHistogram
-from balancer.pool import BackendPool
+from balancer.admin.app import TrafficHistory, services_document
+from balancer.admin.metrics import LatencyHistogram
+from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
+from balancer.core.pool import BackendPool
 
 
 def fake_server(backends: int) -> Any:

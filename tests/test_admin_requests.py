@@ -15,8 +15,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import ClientResponse, ClientSession, web
 
-from balancer import admin
-from balancer.admin import (
+from balancer.admin import app as admin
+from balancer.admin.app import (
     MAX_ERROR,
     RUNNER_OPTIONS,
     SECURITY_HEADERS,
@@ -27,9 +27,9 @@ from balancer.admin import (
     guarded_app,
     json_object,
 )
-from balancer.adminguard import OPEN, READ, WRITE, AdminGuard
-from balancer.config import MAX_WEIGHT, AdminConfig
-from balancer.openapi import MAX_BODY
+from balancer.admin.openapi import MAX_BODY
+from balancer.admin.security import OPEN, READ, WRITE, AdminGuard
+from balancer.config.model import MAX_WEIGHT, AdminConfig
 
 TOKEN = "s3cret-write"
 READ_TOKEN = "s3cret-read"

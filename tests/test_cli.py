@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config import Config, ConfigError
+from balancer.config.model import Config, ConfigError
 from tests.support import (
     PYTHON,
     ROOT,
@@ -230,12 +230,12 @@ import sys
 
 
 class Stall:
-    """Stops the import of balancer.config until a signal comes: "loading modules"."""
+    """Stops the import of balancer.config.model until a signal comes: "loading modules"."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "balancer.config":
+        if name == "balancer.config.model":
             sys.meta_path.remove(self)
-            sys.stderr.write("loading balancer.config\\n")
+            sys.stderr.write("loading balancer.config.model\\n")
             sys.stderr.flush()
             signal.pause()
         return None
@@ -259,7 +259,7 @@ def test_sigint_while_the_modules_load_exits_without_a_traceback(
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     proc = Proc(args, cwd=tmp_path, env={"PYTHONPATH": path})
     try:
-        proc.wait_for("loading balancer.config")
+        proc.wait_for("loading balancer.config.model")
         proc.signal(signal.SIGINT)
         code = proc.wait(timeout=20)
     finally:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from balancer import client, demo
-from balancer.client import Client, Server
+from balancer.tools import client, demo
+from balancer.tools.client import Client, Server
 from tests.support import (
     PYTHON,
     ROOT,

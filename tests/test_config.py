@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.config import (
+from balancer.config.loader import TABLE_KEYS
+from balancer.config.model import (
     BOUNDS,
     INTEGER_KEYS,
     AdminConfig,
@@ -28,8 +29,7 @@ from balancer.config import (
     parse_address,
     parse_admin,
 )
-from balancer.config_loader import TABLE_KEYS
-from balancer.policies import POLICIES
+from balancer.core.policies import POLICIES
 from tests.support import config_error, write_config
 
 FULL_TOML = """\

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.config import BOUNDS, INTEGER_KEYS, Bound, Config, ConfigError, load_config
-from balancer.config_doc import BEGIN, END, bounds_table
-from balancer.config_loader import TABLE_KEYS
-from balancer.policies import POLICIES
+from balancer.config.doc import BEGIN, END, bounds_table
+from balancer.config.loader import TABLE_KEYS
+from balancer.config.model import BOUNDS, INTEGER_KEYS, Bound, Config, ConfigError, load_config
+from balancer.core.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,7 +236,7 @@ def readme() -> str:
 
 
 def test_the_readme_table_of_bounds_is_the_generated_one() -> None:
-    """Regenerate with `python -m balancer.config_doc --write README.md`."""
+    """Regenerate with `python -m balancer.config.doc --write README.md`."""
     text = readme()
     start = text.index(BEGIN) + len(BEGIN)
     assert text[start : text.index(END, start)].strip("\n") == bounds_table()

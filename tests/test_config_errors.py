@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config import ConfigError, check_bound, load_config, parse_address
+from balancer.config.model import ConfigError, check_bound, load_config, parse_address
 from tests.support import config_error, write_config
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from balancer import config_checks
-from balancer.bounds import as_number, show_value
-from balancer.config import (
+from balancer.config import checks as config_checks
+from balancer.config.bounds import as_number, show_value
+from balancer.config.loader import load
+from balancer.config.model import (
     BOUNDS,
     AdminConfig,
     BackendConfig,
@@ -23,7 +24,6 @@ from balancer.config import (
     parse_admin,
     parse_host,
 )
-from balancer.config_loader import load
 from tests.support import config_error, write_config
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"

@@ -22,9 +22,9 @@ from typing import Any
 import psutil
 import pytest
 
-from balancer.demo import INSTANCE_RE
-from balancer.framing import LineFramer
-from balancer.service import reply_for as service_reply
+from balancer.core.framing import LineFramer
+from balancer.tools.demo import INSTANCE_RE
+from balancer.tools.service import reply_for as service_reply
 from tests.faulty_backends import SlowlorisSwarm
 from tests.support import (
     PYTHON,
@@ -70,7 +70,7 @@ def start_backends(procs: list[Proc], *argvs: list[str]) -> list[Backend]:
 
 
 def sample(port: int = 0, *extra: str) -> list[str]:
-    return ["-m", "balancer.service", "-p", str(port), *extra]
+    return ["-m", "balancer.tools.service", "-p", str(port), *extra]
 
 
 def faulty(mode: str, *extra: str) -> list[str]:

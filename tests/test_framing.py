@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balancer.framing import LineFramer, LineTooLong
+from balancer.core.framing import LineFramer, LineTooLong
 
 
 def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes]:

@@ -18,11 +18,11 @@ import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balancer import loopguard, resources
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig
-from balancer.health import CheckSchedule, HealthChecker, HealthState, first_wait, next_wait
-from balancer.pool import DOWN, MAINT, READY, UP, Backend, BackendPool
-from balancer.probe import LATE, ProbeResult, probe
+from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
+from balancer.core.pool import DOWN, MAINT, READY, UP, Backend, BackendPool
+from balancer.net import loopguard, resources
+from balancer.runtime.health import CheckSchedule, HealthChecker, HealthState, first_wait, next_wait
+from balancer.runtime.probe import LATE, ProbeResult, probe
 
 OK = ProbeResult(True, "reply ok")
 REFUSED = ProbeResult(False, "connection refused")

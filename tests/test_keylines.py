@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.keylines import join_key, json_lines, line_of, parent_of, toml_lines
+from balancer.config.keylines import join_key, json_lines, line_of, parent_of, toml_lines
 
 # ---------------------------------------------------------------- examples
 

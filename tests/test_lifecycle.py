@@ -1,6 +1,6 @@
 """Start-up, reload and stop of the server: the pure plans, listener handover, in process.
 
-The plans (`balancer.lifecycle`) are checked without I/O; listener handover and the
+The plans (`balancer.core.lifecycle`) are checked without I/O; listener handover and the
 server's start-up, reload and stop run in this process on real loopback sockets.
 End-to-end paths (signals, the admin API, a load client) are in `tests/test_reload.py`.
 """
@@ -17,11 +17,11 @@ from typing import cast
 import pytest
 import uvloop
 
-from balancer import resources
-from balancer.config import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
-from balancer.lifecycle import DrainCut, plan_backends, plan_reload
-from balancer.loops import ListenerBatch, create_listener, listening_socket
-from balancer.server import RuntimeChangeError, Server
+from balancer.config.model import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
+from balancer.core.lifecycle import DrainCut, plan_backends, plan_reload
+from balancer.net import resources
+from balancer.net.loops import ListenerBatch, create_listener, listening_socket
+from balancer.runtime.server import RuntimeChangeError, Server
 from tests.support import free_ports, reply_for
 
 # -- the plans ----------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ async def test_the_stop_summary_sums_up_a_service_with_many_backends(
 ) -> None:
     """One line per backend for a few; one line for the service when there are many (a
     stop of 100,000 backends used to log 100,000 lines)."""
-    from balancer.server import SUMMARY_BACKENDS
+    from balancer.runtime.server import SUMMARY_BACKENDS
 
     (port, few_port) = free_ports(2)
     many = svc("many", port, *range(20000, 20001 + SUMMARY_BACKENDS), health=NO_CHECKS)

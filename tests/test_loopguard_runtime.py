@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from balancer import loopguard
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig
-from balancer.pool import BackendPool
+from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
+from balancer.core.pool import BackendPool
+from balancer.net import loopguard
 
 HOST = "127.0.0.1"
 

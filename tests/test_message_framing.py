@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from balancer import loopguard, resources
-from balancer.config import OutlierConfig
-from balancer.pool import Backend
+from balancer.config.model import OutlierConfig
+from balancer.core.pool import Backend
+from balancer.net import loopguard, resources
 from balancer.proxy import message
 from balancer.proxy.message import (
     INVALID_MESSAGE,

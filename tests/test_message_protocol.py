@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
-from balancer.policies.peak_ewma import PeakEwma
-from balancer.pool import Backend, BackendPool
+from balancer.config.model import BackendConfig, OutlierConfig, ServiceConfig
+from balancer.core.policies.peak_ewma import PeakEwma
+from balancer.core.pool import Backend, BackendPool
 from balancer.proxy import message
 from balancer.proxy.message import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
 from tests.message_doubles import client, make_service, settle, turn

@@ -7,10 +7,10 @@ import errno
 import pytest
 from prometheus_client import generate_latest
 
-from balancer import resources
-from balancer.config import Config
-from balancer.metrics import make_registry
-from balancer.server import Server
+from balancer.admin.metrics import make_registry
+from balancer.config.model import Config
+from balancer.net import resources
+from balancer.runtime.server import Server
 
 
 def scrape() -> str:

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.config import BackendConfig, ServiceConfig
-from balancer.policies import (
+from balancer.config.model import BackendConfig, ServiceConfig
+from balancer.core.policies import (
     POLICIES,
     ConsistentHash,
     LeastConnections,
@@ -31,8 +31,8 @@ from balancer.policies import (
     check_policy_options,
     make_policy,
 )
-from balancer.policies.consistent_hash import build_table, is_prime
-from balancer.pool import BackendPool
+from balancer.core.policies.consistent_hash import build_table, is_prime
+from balancer.core.pool import BackendPool
 
 
 @dataclass(eq=False)

@@ -20,10 +20,10 @@ from zlib import crc32
 
 import pytest
 
-from balancer.config import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
-from balancer.policies.consistent_hash import DEFAULT_TABLE_SIZE, build_table
-from balancer.server import Server
-from balancer.service import protocol_factory
+from balancer.config.model import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
+from balancer.core.policies.consistent_hash import DEFAULT_TABLE_SIZE, build_table
+from balancer.runtime.server import Server
+from balancer.tools.service import protocol_factory
 from tests.support import (
     BalancerProc,
     Balancers,

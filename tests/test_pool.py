@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from balancer.config import BackendConfig, OutlierConfig, ServiceConfig
-from balancer.pool import DOWN, DRAIN, MAINT, UP, Backend, BackendPool
+from balancer.config.model import BackendConfig, OutlierConfig, ServiceConfig
+from balancer.core.pool import DOWN, DRAIN, MAINT, UP, Backend, BackendPool
 
 
 def make_pool(n: int, **options: object) -> BackendPool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.report import ReportData, write_html_report
+from balancer.tools.report import ReportData, write_html_report
 from tests.support import Balancers, Services, load_summary, start_load, write_toml
 
 VOID = {"meta", "link", "br", "img", "input", "hr", "col", "area", "base", "wbr", "source"}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.service import LineServiceProtocol, RawServiceProtocol, reply_for
+from balancer.tools.service import LineServiceProtocol, RawServiceProtocol, reply_for
 from tests.support import PYTHON, ROOT, LineClient, Proc, start_service
 from tests.support import reply_for as expected
 
@@ -258,7 +258,7 @@ def test_max_line_option_closes_after_error_reply() -> None:
 
 def test_busy_port_is_reported_with_exit_code_1(service: Any) -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "balancer.service", "-p", str(service.port)],
+        [PYTHON, "-m", "balancer.tools.service", "-p", str(service.port)],
         capture_output=True,
         text=True,
         timeout=30,

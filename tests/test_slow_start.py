@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import balancer.pool
-from balancer.config import BackendConfig, ServiceConfig
-from balancer.pool import Backend, BackendPool
+import balancer.core.pool
+from balancer.config.model import BackendConfig, ServiceConfig
+from balancer.core.pool import Backend, BackendPool
 from tests.support import (
     BalancerProc,
     LineClient,
@@ -34,9 +34,9 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """`time.monotonic` as balancer.pool sees it, set by the test."""
+    """`time.monotonic` as balancer.core.pool sees it, set by the test."""
     fake = FakeClock(100.0)
-    monkeypatch.setattr(balancer.pool, "time", SimpleNamespace(monotonic=fake))
+    monkeypatch.setattr(balancer.core.pool, "time", SimpleNamespace(monotonic=fake))
     return fake
 
 

@@ -20,9 +20,9 @@ from typing import Any, cast
 import psutil
 import pytest
 
-from balancer import loopguard, resources
-from balancer.config import BackendConfig, HealthConfig, ServiceConfig, load_config
-from balancer.pool import DOWN, UP, BackendPool
+from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig, load_config
+from balancer.core.pool import DOWN, UP, BackendPool
+from balancer.net import loopguard, resources
 from balancer.proxy import tcp
 from balancer.proxy.tcp import TcpService
 from tests.peers import HOST, Peer, Resp, free_port, need, redis_server

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from balancer.config import (
+from balancer.config.model import (
     Config,
     ConfigError,
     check_bound,
@@ -140,8 +140,8 @@ def build_config(args: argparse.Namespace) -> Config:
 def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
     """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
     2: a backend is the balancer itself, 130: interrupted before the loop took over)."""
-    from balancer.loops import loop_factory
-    from balancer.server import ListenError, Server
+    from balancer.net.loops import loop_factory
+    from balancer.runtime.server import ListenError, Server
 
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -157,8 +157,8 @@ def run_server(config: Config, reader: Callable[[], Config] | None = None) -> in
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from balancer.admin import check_admin_security
-    from balancer.logs import setup_logging
+    from balancer.admin.app import check_admin_security
+    from balancer.observe.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)
     try:
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     # the tools are imported here so that `serve` does not load them
-    from balancer import client, demo, service, status
+    from balancer.tools import client, demo, service, status
 
     svc = sub.add_parser("service", help="run the sample backend service")
     service.add_arguments(svc)

@@ -64,17 +64,17 @@ from collections.abc import Callable, Collection
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
-from balancer import loopguard, resources
-from balancer.framing import LineFramer, LineTooLong
-from balancer.lifecycle import DrainCut
-from balancer.loops import create_listener
-from balancer.policies.base import Policy
-from balancer.pool import Backend, BackendPool
+from balancer.core.framing import LineFramer, LineTooLong
+from balancer.core.lifecycle import DrainCut
+from balancer.core.policies.base import Policy
+from balancer.core.pool import Backend, BackendPool
+from balancer.net import loopguard, resources
+from balancer.net.loops import create_listener
 
 if TYPE_CHECKING:
-    from balancer.accesslog import AccessLog
-    from balancer.config import ServiceConfig
-    from balancer.metrics import LatencyHistogram
+    from balancer.admin.metrics import LatencyHistogram
+    from balancer.config.model import ServiceConfig
+    from balancer.observe.accesslog import AccessLog
 
 log = logging.getLogger("balancer")
 

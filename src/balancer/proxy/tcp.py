@@ -49,7 +49,7 @@ resolves to one of this process's listeners is marked a loop
 tried. For loops no address comparison sees (address translation, probes of
 the health checker), the backend socket is made and its connect started here,
 not by `loop.create_connection`, so its local address is registered
-(`balancer.loopguard`) before the
+(`balancer.net.loopguard`) before the
 event loop can run the accept on the other end. An accepted connection that
 `loopguard` finds to be one of our own backend connections is closed at once,
 before it picks a backend, and that backend is marked a loop. The connection
@@ -71,11 +71,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from balancer import loopguard, resources
-from balancer.config import ServiceConfig, format_address
-from balancer.lifecycle import DrainCut
-from balancer.loops import create_listener
-from balancer.pool import Backend, BackendPool
+from balancer.config.model import ServiceConfig, format_address
+from balancer.core.lifecycle import DrainCut
+from balancer.core.pool import Backend, BackendPool
+from balancer.net import loopguard, resources
+from balancer.net.loops import create_listener
 
 log = logging.getLogger("balancer")
 

@@ -1,0 +1,216 @@
+"""Prometheus metrics, read from the balancer's own counters at scrape time.
+
+The hot path only bumps plain integers (on `Backend`) and a bucket array
+(`LatencyHistogram`); a custom collector turns them into Prometheus families
+when `/metrics` is scraped, so serving a request costs no metric-library call.
+Shortages of the process's own resources (`balancer.net.resources`) are exported
+too: errors by kind, and the file-descriptor budget once the server has set it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from balancer.net import resources
+
+if TYPE_CHECKING:
+    from balancer.runtime.server import Server
+
+BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class LatencyHistogram:
+    """Cumulative-at-scrape histogram of request durations in seconds."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), float(running)))
+        running += self.counts[-1]
+        out.append(("+Inf", float(running)))
+        return out
+
+
+class BalancerCollector(Collector):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "balancer_requests",
+            "Replies served by each backend (message mode) or connections (tcp mode).",
+            labels=["service", "backend"],
+        )
+        failures = CounterMetricFamily(
+            "balancer_backend_failures",
+            "Requests or connections that failed on each backend.",
+            labels=["service", "backend"],
+        )
+        up = GaugeMetricFamily(
+            "balancer_backend_up", "1 when the backend is up.", labels=["service", "backend"]
+        )
+        in_flight = GaugeMetricFamily(
+            "balancer_backend_in_flight",
+            "Requests (message mode) or connections (tcp mode) held by each backend.",
+            labels=["service", "backend"],
+        )
+        weight = GaugeMetricFamily(
+            "balancer_backend_weight", "Configured weight.", labels=["service", "backend"]
+        )
+        connect_failures = CounterMetricFamily(
+            "balancer_backend_connect_failures",
+            "Failed connection attempts to each backend.",
+            labels=["service", "backend"],
+        )
+        active = GaugeMetricFamily(
+            "balancer_backend_connections",
+            "Open proxied connections per backend (tcp mode).",
+            labels=["service", "backend"],
+        )
+        bytes_in = CounterMetricFamily(
+            "balancer_backend_bytes_sent",
+            "Bytes relayed from clients to each backend (tcp mode).",
+            labels=["service", "backend"],
+        )
+        bytes_out = CounterMetricFamily(
+            "balancer_backend_bytes_received",
+            "Bytes relayed from each backend to clients (tcp mode).",
+            labels=["service", "backend"],
+        )
+        clients = GaugeMetricFamily(
+            "balancer_client_connections", "Open client connections.", labels=["service"]
+        )
+        not_available = CounterMetricFamily(
+            "balancer_not_available",
+            "Requests answered 'Server not available' (message mode) or connections closed "
+            "because no backend could take them (tcp mode).",
+            labels=["service"],
+        )
+        retries = CounterMetricFamily(
+            "balancer_retries",
+            "Requests re-sent, or connects tried again, on another backend.",
+            labels=["service"],
+        )
+        refused = CounterMetricFamily(
+            "balancer_refused_connections",
+            "Client connections refused by limits.",
+            labels=["service"],
+        )
+        duration = HistogramMetricFamily(
+            "balancer_request_duration_seconds",
+            "Time from a request's arrival to its reply being written (message mode).",
+            labels=["service"],
+        )
+        for name, runtime in self.server.services.items():
+            runtime.proxy.account()
+            for b in runtime.pool:
+                labels = [name, b.address]
+                requests.add_metric(labels, b.requests)
+                failures.add_metric(labels, b.failures)
+                up.add_metric(labels, 1.0 if b.is_up else 0.0)
+                in_flight.add_metric(labels, b.in_flight)
+                weight.add_metric(labels, b.weight)
+                connect_failures.add_metric(labels, b.connect_failures)
+                active.add_metric(labels, b.active_connections)
+                bytes_in.add_metric(labels, b.bytes_in)
+                bytes_out.add_metric(labels, b.bytes_out)
+            proxy = runtime.proxy
+            clients.add_metric([name], proxy.client_connections)
+            not_available.add_metric([name], proxy.not_available)
+            retries.add_metric([name], proxy.retries)
+            refused.add_metric([name], proxy.refused)
+            hist = runtime.histogram
+            duration.add_metric([name], hist.cumulative(), hist.total)
+        yield from process_metrics()
+        yield from (
+            requests,
+            failures,
+            up,
+            in_flight,
+            weight,
+            connect_failures,
+            active,
+            bytes_in,
+            bytes_out,
+            clients,
+            not_available,
+            retries,
+            refused,
+            duration,
+        )
+
+
+def process_metrics() -> Iterator[Metric]:
+    """Local resource shortages by kind and, once set, the file-descriptor budget."""
+    errors = CounterMetricFamily(
+        "balancer_local_resource_errors",
+        "Connects and accepts that failed for want of the balancer's own resources "
+        "(file descriptors, kernel memory, local ports); never counted against a backend.",
+        labels=["kind"],
+    )
+    for kind, n in sorted(resources.ALARM.counts.items()):
+        errors.add_metric([kind], n)
+    yield errors
+    fds = resources.FDS
+    if fds is None:
+        return
+    yield GaugeMetricFamily("balancer_fd_limit", "The process's open-file limit.", value=fds.limit)
+    yield GaugeMetricFamily(
+        "balancer_fd_reserve",
+        "File descriptors kept for health checks, backend connections and the admin endpoint.",
+        value=fds.reserve,
+    )
+    yield GaugeMetricFamily(
+        "balancer_fd_clients", "Client connections open now, in every service.", value=fds.clients
+    )
+    yield CounterMetricFamily(
+        "balancer_fd_refused",
+        "Client connections refused because they would have used the reserve.",
+        value=fds.refused,
+    )
+
+
+def make_registry(server: Server) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BalancerCollector(server))
+    return registry

@@ -1,0 +1,1 @@
+"""Configuration: the model, its reader and its checks."""

@@ -1,0 +1,1 @@
+"""Sans-IO decisions: framing, pool, policies, reload plans."""

@@ -1,0 +1,1 @@
+"""Sockets: listeners, event loops, loop detection, descriptor budget."""

@@ -1,0 +1,1 @@
+"""A running balancer: services, health checks, reload and stop."""

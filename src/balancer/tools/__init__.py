@@ -1,0 +1,1 @@
+"""Programs beside the balancer: load client, sample service, status, demo."""
