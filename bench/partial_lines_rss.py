@@ -32,13 +32,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from balancer.proxy.message import TRIM_INTERVAL
+from balancer.net.heap import TRIM_INTERVAL
 from balancer.tools.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, start_service
 from harness import rss_mb, save_results
 
 BATCH = 250
 NO_TRIM = (
-    "import sys, balancer.proxy.message as m; m.TRIM_HEAP = lambda now: False; "
+    "import sys, balancer.proxy.message.service as m; m.TRIM_HEAP = lambda now: False; "
     "from balancer.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 

@@ -79,12 +79,15 @@ SCOPES: dict[str, list[Scope]] = {
         Scope("config: line numbers", "src/balancer/config/keylines.py"),
     ],
     DISPATCH: [
-        Scope("message: retry budget", "src/balancer/proxy/message.py", ("xǁRetryBudgetǁ*",)),
+        Scope("message: retry budget", "src/balancer/core/retry.py"),
         Scope(
             "message: dispatch",
-            "src/balancer/proxy/message.py",
+            "src/balancer/proxy/message/dispatch.py",
             _methods(
-                "MessageService",
+                "Dispatcher",
+                "settle",
+                "answer_locally",
+                "unanswered",
                 "dispatch_batch",
                 "_pick_below_limit",
                 "_assign",
@@ -93,22 +96,39 @@ SCOPES: dict[str, list[Scope]] = {
                 "retry_allowed",
                 "retry",
                 "retry_short",
-                "_sweep",
                 "shed_buffers",
-            )
-            + _methods(
+            ),
+        ),
+        Scope(
+            "message: sweep",
+            "src/balancer/proxy/message/service.py",
+            _methods("MessageService", "_sweep"),
+        ),
+        Scope(
+            "message: channel",
+            "src/balancer/proxy/message/channel.py",
+            _methods(
                 "BackendChannel",
                 "send",
                 "_send_raw",
                 "_raw_connection",
                 "refuse",
+                "connection_short",
                 "connection_closed",
                 "expire",
-            )
-            + _methods(
+            ),
+        ),
+        Scope(
+            "message: connection",
+            "src/balancer/proxy/message/connection.py",
+            _methods(
                 "BackendConnection", "flush", "_refuse_unsafe", "data_received", "connection_lost"
-            )
-            + _methods(
+            ),
+        ),
+        Scope(
+            "message: session",
+            "src/balancer/proxy/message/session.py",
+            _methods(
                 "ClientSession",
                 "data_received",
                 "_first_data",

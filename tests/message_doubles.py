@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import pytest
 
 from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import Backend, BackendPool
-from balancer.proxy.message import (
-    BackendChannel,
-    BackendConnection,
-    ClientSession,
-    MessageService,
-)
+from balancer.proxy.message import dispatch, service, session
+from balancer.proxy.message.channel import BackendChannel
+from balancer.proxy.message.connection import BackendConnection
+from balancer.proxy.message.service import MessageService
+from balancer.proxy.message.session import ClientSession
 
 Opened = dict[int, list[tuple[BackendConnection, "FakeTransport"]]]
 
@@ -320,3 +321,9 @@ def split_line_replies(data: bytes) -> list[bytes]:
     *lines, rest = data.split(b"\n")
     assert rest == b"", f"unterminated reply bytes {rest!r} to a line client"
     return lines
+
+
+def set_clock(monkeypatch: pytest.MonkeyPatch, clock: Callable[[], float]) -> None:
+    """`time.monotonic` as message mode sees it, set by the test."""
+    for module in (dispatch, service, session):
+        monkeypatch.setattr(module, "monotonic", clock)

@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from balancer.proxy import message
+from balancer.proxy.message import session
+from balancer.proxy.message.service import MessageService
 from tests.message_doubles import (
     FakeBackendsService,
     FakeTransport,
@@ -207,12 +208,12 @@ def check_client(i: int, model: ClientModel, t: FakeTransport) -> None:
 
 @contextmanager
 def quiet_period_by_hand() -> Iterator[None]:
-    saved = message.RAW_QUIET_PERIOD
-    message.RAW_QUIET_PERIOD = 3600.0
+    saved = session.RAW_QUIET_PERIOD
+    session.RAW_QUIET_PERIOD = 3600.0
     try:
         yield
     finally:
-        message.RAW_QUIET_PERIOD = saved
+        session.RAW_QUIET_PERIOD = saved
 
 
 async def run_scenario(
@@ -421,7 +422,7 @@ async def test_isolation_over_real_sockets() -> None:
     pool = BackendPool(cfg)
     pool.backends[0].framing = "line"
     pool.backends[1].framing = "raw"
-    service = message.MessageService(cfg, pool, histogram=LatencyHistogram())
+    service = MessageService(cfg, pool, histogram=LatencyHistogram())
     _host, port = await service.start()
     model = ClientModel("auto", frozenset({"line", "raw"}), resets=False)
     try:

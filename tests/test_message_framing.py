@@ -9,11 +9,15 @@ from typing import Any
 
 import pytest
 
+from balancer import wire
 from balancer.config.model import OutlierConfig
 from balancer.core.pool import Backend
-from balancer.net import loopguard, resources
-from balancer.proxy import message
-from balancer.proxy.message import (
+from balancer.net import heap, loopguard, resources
+from balancer.proxy.message import connection, request, session
+from balancer.proxy.message import service as service_module
+from balancer.proxy.message.channel import BackendChannel
+from balancer.proxy.message.session import ClientSession
+from balancer.wire import (
     INVALID_MESSAGE,
     LINE_BREAK,
     LINE_TOO_LONG,
@@ -21,8 +25,6 @@ from balancer.proxy.message import (
     NEWLINE_ON_RAW,
     NOT_AVAILABLE,
     TOO_MANY_CONNECTIONS,
-    BackendChannel,
-    ClientSession,
 )
 from tests.message_doubles import (
     FakeBackendsService,
@@ -41,7 +43,7 @@ from tests.message_doubles import (
 @pytest.fixture(autouse=True)
 def _no_quiet_timer(monkeypatch: pytest.MonkeyPatch) -> None:
     """`auto` detection is driven by calling the quiet-period callback, not by waiting."""
-    monkeypatch.setattr(message, "RAW_QUIET_PERIOD", 3600.0)
+    monkeypatch.setattr(session, "RAW_QUIET_PERIOD", 3600.0)
 
 
 def quiet(session: ClientSession) -> None:
@@ -136,7 +138,7 @@ async def test_the_write_point_never_sends_an_empty_line(position: int) -> None:
     payloads = [b"a", b"b"]
     payloads.insert(position, b"")
     for payload in payloads:
-        req = message.Request(s, payload)
+        req = request.Request(s, payload)
         s.pending.append(req)
         backend.in_flight += 1
         conn = channel.send(req)
@@ -353,8 +355,8 @@ async def test_raw_backends_refuse_messages_longer_than_the_original_service_rea
     service, opened = make_service(1, framings=["raw"], max_line=4096)
     backends = TaggingBackends(opened, raw_ports={9000})
     s, t = client(service)
-    ok = b"7" * message.RAW_BACKEND_MAX_MESSAGE
-    s.data_received(ok + b"\n" + b"8" * (message.RAW_BACKEND_MAX_MESSAGE + 1) + b"\n")
+    ok = b"7" * wire.RAW_BACKEND_MAX_MESSAGE
+    s.data_received(ok + b"\n" + b"8" * (wire.RAW_BACKEND_MAX_MESSAGE + 1) + b"\n")
     await answer_all(backends)
     assert t.data() == tag(ok) + b"\n" + MESSAGE_TOO_LONG + b"\n"
     assert backends.requests_seen == [ok]
@@ -391,7 +393,7 @@ async def test_a_raw_reply_holding_a_newline_is_not_passed_to_a_line_client() ->
     await turn()
     opened[9000][0][0].data_received(b"two\nlines")
     await settle()
-    assert t.data() == message.BAD_REPLY + b"\n"
+    assert t.data() == wire.BAD_REPLY + b"\n"
 
 
 # -- memory: unfinished lines ------------------------------------------------------------------
@@ -443,8 +445,8 @@ async def test_the_sweep_gives_freed_memory_back_after_a_large_release(
         trims.append(now)
         return True
 
-    monkeypatch.setattr(message, "TRIM_AFTER_FREED", 1000)
-    monkeypatch.setattr(message, "TRIM_HEAP", trim)
+    monkeypatch.setattr(service_module, "TRIM_AFTER_FREED", 1000)
+    monkeypatch.setattr(service_module, "TRIM_HEAP", trim)
     service, _opened = make_service(1, max_line=5000)
     s, t = client(service)
     s.data_received(b"x" * 600)
@@ -464,10 +466,10 @@ async def test_the_sweep_gives_freed_memory_back_after_a_large_release(
 
 
 def test_heap_trimmer_runs_at_most_once_per_interval() -> None:
-    trimmer = message.HeapTrimmer()
+    trimmer = heap.HeapTrimmer()
     ran = trimmer(1000.0)
-    assert trimmer(1000.0 + message.TRIM_INTERVAL / 2) is False
-    assert trimmer(1000.0 + message.TRIM_INTERVAL) is ran  # glibc here: True
+    assert trimmer(1000.0 + heap.TRIM_INTERVAL / 2) is False
+    assert trimmer(1000.0 + heap.TRIM_INTERVAL) is ran  # glibc here: True
     assert trimmer.runs == (2 if ran else 0)
 
 
@@ -546,7 +548,7 @@ async def test_a_client_sharing_a_port_number_with_our_connection_elsewhere_is_n
 def _own_connection(service: FakeBackendsService, local_port: int) -> FakeTransport:
     """A backend connection of ours to 127.0.0.1:9000 from 127.0.0.1:`local_port`."""
     channel = service.channel(service.pool.backends[0])
-    conn = message.BackendConnection(channel)
+    conn = connection.BackendConnection(channel)
     tr = FakeTransport(peer=("127.0.0.1", 9000), sockname=("127.0.0.1", local_port))
     tr.protocol = conn
     conn.connection_made(tr)

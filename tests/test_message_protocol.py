@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 
+from balancer import wire
 from balancer.config.model import BackendConfig, OutlierConfig, ServiceConfig
+from balancer.core import retry
 from balancer.core.policies.peak_ewma import PeakEwma
 from balancer.core.pool import Backend, BackendPool
-from balancer.proxy import message
-from balancer.proxy.message import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
-from tests.message_doubles import client, make_service, settle, turn
+from balancer.proxy.message import request
+from balancer.proxy.message import session as session_module
+from balancer.wire import NOT_AVAILABLE, QUEUE_FULL, QUEUE_TIMEOUT, STOPPING
+from tests.message_doubles import client, make_service, set_clock, settle, turn
 
 
 async def test_replies_are_written_in_request_order_even_when_backends_answer_out_of_order() -> (
@@ -128,7 +131,9 @@ async def test_line_too_long_answers_earlier_requests_first_then_closes() -> Non
 async def test_raw_client_is_detected_after_a_quiet_period(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(message, "RAW_QUIET_PERIOD", 0.0)  # the timer fires on the next turns
+    monkeypatch.setattr(
+        session_module, "RAW_QUIET_PERIOD", 0.0
+    )  # the timer fires on the next turns
     service, opened = make_service(1, client_framing="auto")
     s, t = client(service)
     s.data_received(b"12")
@@ -299,8 +304,8 @@ async def test_the_retry_budget_allows_its_percentage_of_recent_requests() -> No
 
 
 def test_the_retry_budget_window_slides_one_second_at_a_time() -> None:
-    window = message.RETRY_WINDOW
-    budget = message.RetryBudget(100.0)
+    window = retry.RETRY_WINDOW
+    budget = retry.RetryBudget(100.0)
     budget.received += 5
     budget.advance(100.5)
     budget.advance(100.9)  # counted once, however often it advances
@@ -517,7 +522,7 @@ async def test_drain_closes_idle_clients_spread_over_the_close_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, _opened = make_service(1)
     service.drain_close_window = 1.0
     transports = [client(service, ("127.0.0.1", 100 + i))[1] for i in range(10)]
@@ -671,7 +676,7 @@ async def test_a_shortage_re_sends_a_few_times_then_answers(
     await settle()
     assert req_gone.session.gone
     before = (b0.failures, b1.failures, service.retries)
-    for shortage in range(1, message.MAX_SHORTAGE_RETRIES + 1):
+    for shortage in range(1, request.MAX_SHORTAGE_RETRIES + 1):
         service.retry_short([req_gone, req], b0)
         assert req.shortages == shortage
         assert req.reply is None, "re-sent, not answered"
@@ -701,7 +706,7 @@ async def test_a_shortage_never_re_sends_to_the_backend_it_was_short_at_or_one_t
 async def test_a_client_with_too_many_requests_unanswered_is_paused_until_answered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 3)
+    monkeypatch.setattr(session_module, "MAX_PENDING_PER_CLIENT", 3)
     service, opened = make_service(1)
     s, t = client(service)
     s.data_received(b"1\n2\n3\n")
@@ -719,7 +724,7 @@ async def test_a_client_with_too_many_requests_unanswered_is_paused_until_answer
 async def test_a_raw_client_with_too_many_requests_unanswered_is_paused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 1)
+    monkeypatch.setattr(session_module, "MAX_PENDING_PER_CLIENT", 1)
     service, _opened = make_service(1, client_framing="raw")
     s, t = client(service)
     s.data_received(b"1")
@@ -739,7 +744,7 @@ async def test_a_raw_message_of_max_line_bytes_is_sent_and_one_more_byte_refused
     s2, t2 = client(service, ("127.0.0.1", 2))
     s2.data_received(b"y" * 11)
     await settle()
-    assert t2.data() == message.LINE_TOO_LONG, "unterminated, as a raw client reads replies"
+    assert t2.data() == wire.LINE_TOO_LONG, "unterminated, as a raw client reads replies"
     assert t2.closed
 
 
@@ -770,7 +775,7 @@ async def test_auto_detection_holds_max_line_bytes_and_no_more(
     s2.data_received(b"y" * 6)
     s2.data_received(b"y" * 5)
     await settle()
-    assert t2.data() == message.LINE_TOO_LONG + b"\n"
+    assert t2.data() == wire.LINE_TOO_LONG + b"\n"
     s3, _t3 = client(service, ("127.0.0.1", 3))
     s3.data_received(b"z" * 4)
     s3.data_received(b"z\n")  # the detection buffer starts empty again after a line
@@ -793,7 +798,7 @@ async def test_the_buffer_cap_cuts_down_to_three_quarters_and_counts_and_logs_ea
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, _opened = make_service(1, max_line=5000, max_buffered=1000)
     holders = [client(service, ("127.0.0.1", 10 + i)) for i in range(5)]
     with caplog.at_level(logging.WARNING, logger="balancer"):
@@ -843,7 +848,7 @@ async def test_exactly_at_max_buffered_nothing_is_cut() -> None:
     ("reply", "reason"),
     [
         (b"one\ntwo\n", "more replies than requests"),
-        (b"x" * (message.BACKEND_MAX_REPLY + 2), "reply line too long"),
+        (b"x" * (request.BACKEND_MAX_REPLY + 2), "reply line too long"),
         (None, "connection closed by backend"),
         (b"half a rep", "connection closed in the middle of a reply"),
     ],
@@ -900,7 +905,7 @@ async def test_a_reply_feeds_the_policy_its_latency_and_clears_the_failure_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, opened = make_service(1, algorithm="peak_ewma")
     b0 = service.pool.backends[0]
     b0.consecutive_failures = 1
@@ -948,7 +953,7 @@ async def test_the_access_log_gets_each_written_reply_with_its_backend() -> None
 async def test_a_paused_client_resumes_below_half_the_pending_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(message, "MAX_PENDING_PER_CLIENT", 4)
+    monkeypatch.setattr(session_module, "MAX_PENDING_PER_CLIENT", 4)
     service, opened = make_service(1)
     s, t = client(service)
     s.data_received(b"1\n2\n3\n4\n5\n")
@@ -987,7 +992,7 @@ async def test_timeouts_are_over_only_once_their_time_has_passed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, _opened = make_service(
         1, max_backend_requests=1, queue_timeout=2.0, client_timeout=5.0
     )
@@ -1037,11 +1042,11 @@ async def test_a_retry_counts_in_the_current_second_of_the_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, _opened = make_service(2, retry_budget_percent=0, retry_budget_min=1)
-    allowed = [service.retry_allowed() for _ in range(message.RETRY_WINDOW + 1)]
-    assert allowed == [True] * message.RETRY_WINDOW + [False]
-    clock[0] += message.RETRY_WINDOW - 1
+    allowed = [service.retry_allowed() for _ in range(retry.RETRY_WINDOW + 1)]
+    assert allowed == [True] * retry.RETRY_WINDOW + [False]
+    clock[0] += retry.RETRY_WINDOW - 1
     assert not service.retry_allowed(), "every retry is still inside the window"
     clock[0] += 1
     assert service.retry_allowed(), "the second they were made has left the window"
@@ -1051,7 +1056,7 @@ async def test_a_failed_request_costs_its_backend_the_failure_penalty(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(message, "monotonic", lambda: clock[0])
+    set_clock(monkeypatch, lambda: clock[0])
     service, opened = make_service(
         2, algorithm="peak_ewma", outlier=OutlierConfig(consecutive_failures=3)
     )
@@ -1079,7 +1084,7 @@ async def test_empty_lines_and_unavailable_requests_are_each_counted() -> None:
     s, t = client(service)
     s.data_received(b"\n\n1\n2\n")
     await settle()
-    assert t.data() == (message.INVALID_MESSAGE + b"\n") * 2 + (NOT_AVAILABLE + b"\n") * 2
+    assert t.data() == (wire.INVALID_MESSAGE + b"\n") * 2 + (NOT_AVAILABLE + b"\n") * 2
     assert (service.invalid, service.not_available) == (2, 2)
 
 

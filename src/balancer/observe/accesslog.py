@@ -12,10 +12,26 @@ import asyncio
 import json
 import sys
 import time
-from typing import IO, TYPE_CHECKING
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from balancer.proxy.message import ClientSession, Request
+    from balancer.core.pool import Backend
+
+
+class Logged(Protocol):
+    """A request as the access log reads it."""
+
+    backend: Backend | None
+    started: float
+    payload: bytes
+    reply: bytes | None
+
+
+class Peer(Protocol):
+    """A client connection as the access log reads it."""
+
+    peer: str
 
 
 class AccessLog:
@@ -54,7 +70,7 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
 
-    def record_batch(self, session: ClientSession, reqs: list[Request], now: float) -> None:
+    def record_batch(self, session: Peer, reqs: Sequence[Logged], now: float) -> None:
         """Log the requests whose replies were just written to `session`, in order."""
         lines = self._lines
         size = 0
@@ -108,7 +124,7 @@ class AccessLog:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self.flush)
 
-    def _json_line(self, stamp: str, session: ClientSession, req: Request, now: float) -> bytes:
+    def _json_line(self, stamp: str, session: Peer, req: Logged, now: float) -> bytes:
         backend = req.backend.address if req.backend is not None else "-"
         duration_ms = (now - req.started) * 1000.0 if req.started else 0.0
         reply = req.reply or b""

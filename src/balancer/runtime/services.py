@@ -109,7 +109,7 @@ def build_proxy(
         from balancer.proxy.tcp import TcpService
 
         return TcpService(config, pool)
-    from balancer.proxy.message import MessageService
+    from balancer.proxy.message.service import MessageService
 
     return MessageService(config, pool, histogram=histogram, access_log=access_log)
 

@@ -1,0 +1,20 @@
+"""What message mode says on the wire itself: its own replies to clients."""
+
+NOT_AVAILABLE = b"Server not available"
+LINE_TOO_LONG = b"Error: line too long"
+QUEUE_FULL = b"Error: server busy"
+QUEUE_TIMEOUT = b"Error: queue timeout"
+TOO_MANY_CONNECTIONS = b"Error: too many connections"
+INVALID_MESSAGE = b"Invalid message"
+"""An empty request, answered locally as the sample service answers it."""
+LINE_BREAK = b"Error: line break inside a message"
+"""A request holding a newline or CR, which a line backend would read as two."""
+NEWLINE_ON_RAW = b"Error: newline on a raw connection"
+MESSAGE_TOO_LONG = b"Error: message too long"
+"""A request over RAW_BACKEND_MAX_MESSAGE bytes for a raw backend."""
+BAD_REPLY = b"Error: invalid reply from server"
+"""A raw backend's reply holding a newline, which a line client would read as two."""
+STOPPING = b"Error: balancer stopping"
+RAW_BACKEND_MAX_MESSAGE = 1024
+"""The tutorial's original service reads with recv(1024): a longer message would be
+read as two and answered twice."""
