@@ -22,9 +22,10 @@ import pytest
 
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig, load_config
 from balancer.core.pool import DOWN, UP, BackendPool
-from balancer.net import loopguard, resources
-from balancer.proxy import tcp
-from balancer.proxy.tcp import TcpService
+from balancer.net import loopguard, resources, tcpinfo
+from balancer.proxy.tcp import relay
+from balancer.proxy.tcp import service as tcp_service
+from balancer.proxy.tcp.service import TcpService
 from tests.peers import HOST, Peer, Resp, free_port, need, redis_server
 
 pytestmark = pytest.mark.peers
@@ -534,7 +535,7 @@ async def test_one_way_stream_is_not_idle_and_a_quiet_one_is_closed(start: Start
     # The client never writes. Keep the backend talking until the kernel says the client
     # side has been quiet for longer than the idle timeout (the periodic sweep runs all along).
     async with asyncio.timeout(STEP):
-        while tcp._quiet_ms(conn.transport) < 1000:
+        while tcpinfo.quiet_ms(conn.transport) < 1000:
             await tick()
             await asyncio.sleep(0.05)
     await tick()
@@ -566,10 +567,10 @@ async def test_tcp_service_without_idle_timeout_closes_after_the_default_hour(
     client = await Resp.connect(port)
     try:
         assert await client.command(b"PING") == "PONG"
-        monkeypatch.setattr(tcp, "_quiet_ms", lambda transport: 3600 * 1000 - 1)
+        monkeypatch.setattr(tcp_service, "quiet_ms", lambda transport: 3600 * 1000 - 1)
         assert svc.sweep_idle() == 0
         assert await client.command(b"PING") == "PONG"
-        monkeypatch.setattr(tcp, "_quiet_ms", lambda transport: 3600 * 1000)
+        monkeypatch.setattr(tcp_service, "quiet_ms", lambda transport: 3600 * 1000)
         assert svc.sweep_idle() == 1
         assert await asyncio.wait_for(client.reader.read(), STEP) == b""
     finally:
@@ -857,14 +858,14 @@ async def test_out_of_descriptors_on_connect_is_not_blamed_on_the_backends(
     before = resources.ALARM.counts["file_descriptors"]
     # The process runs out of descriptors between the accept and the backend connect (with
     # none left at the accept itself, asyncio's accept loop would pause the listener).
-    original = tcp._ClientSide._connect
+    original = relay.ClientSide._connect
     exhausted = ExitStack()
 
     async def connect_out_of_descriptors(self: Any) -> None:
         exhausted.enter_context(descriptors_left(0))
         await original(self)
 
-    monkeypatch.setattr(tcp._ClientSide, "_connect", connect_out_of_descriptors)
+    monkeypatch.setattr(relay.ClientSide, "_connect", connect_out_of_descriptors)
     with exhausted:
         reader, writer = await asyncio.open_connection(HOST, port)
         assert await read_to_eof(reader) == b""

@@ -47,18 +47,16 @@ from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
 from balancer.net import resources
 from balancer.net.loops import listening_addresses, listening_socket
 from balancer.observe.accesslog import AccessLog
+from balancer.proxy.registry import build_proxy
 from balancer.runtime.health import HealthChecker, check_concurrency
 from balancer.runtime.probe import ProbeResult, probe
 from balancer.runtime.services import (
     Address,
     ListenError,
     Prepared,
-    Proxy,
     Removal,
     RuntimeChangeError,
     ServiceRuntime,
-    build_proxy,
-    configure_proxy,
     numeric_addresses,
     own_listener,
     resolve,
@@ -70,12 +68,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ListenError",
-    "Proxy",
     "RuntimeChangeError",
     "Server",
     "ServiceRuntime",
-    "build_proxy",
-    "configure_proxy",
 ]
 
 log = logging.getLogger("balancer")
@@ -114,7 +109,7 @@ class Server:
         histogram = LatencyHistogram()
         access_log = AccessLog(svc.name) if self.config.access_log else None
         proxy = build_proxy(svc, pool, histogram, access_log)
-        configure_proxy(proxy, config)
+        proxy.configure(config)
         checker = HealthChecker(pool)
         return ServiceRuntime(svc, pool, proxy, checker, histogram, access_log)
 
@@ -635,7 +630,7 @@ class Server:
         ):
             pool.policy = make_policy(svc)
         runtime.proxy.reconfigure(svc)
-        configure_proxy(runtime.proxy, config)
+        runtime.proxy.configure(config)
         for address in changes.rescue:
             self._call_off_removal(runtime, address, "the reloaded file lists it")
         for address, was, now in changes.weights:

@@ -16,57 +16,20 @@ import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import Config, ServiceConfig, format_address
-from balancer.core.lifecycle import DrainCut, ReloadPlan
+from balancer.core.lifecycle import ReloadPlan
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
+from balancer.proxy.base import Proxy
 from balancer.runtime.health import HealthChecker
 
 log = logging.getLogger("balancer")
 
 Address = tuple[str, int]
-
-
-class Proxy(Protocol):
-    """What the server needs of a service's listener (message or tcp mode)."""
-
-    refused: int
-    """Client connections refused by limits."""
-    not_available: int
-    """Requests (message mode) or connections (tcp mode) no backend could take."""
-
-    @property
-    def retries(self) -> int:
-        """Requests re-sent, or connects tried again, on another backend."""
-        ...
-
-    def reconfigure(self, config: ServiceConfig) -> None: ...
-
-    def remove_backend(self, backend: Backend) -> None: ...
-
-    def account(self) -> None:
-        """Bring counters kept outside the loop's callbacks up to date (before a read)."""
-        ...
-
-    async def start(self) -> tuple[str, int]: ...
-
-    def stop_accepting(self) -> None: ...
-
-    async def drain(self, timeout: float) -> DrainCut | None:
-        """Let what is in flight finish for at most `timeout` seconds, then cut the rest.
-
-        What it had to cut is returned (None: the proxy does not count it). It may be
-        called again, with 0, while a drain runs: the second call cuts at once.
-        """
-        ...
-
-    @property
-    def client_connections(self) -> int: ...
 
 
 @dataclass
@@ -97,27 +60,6 @@ class ServiceRuntime:
     @property
     def listen(self) -> str:
         return format_address(*self.bound)
-
-
-def build_proxy(
-    config: ServiceConfig,
-    pool: BackendPool,
-    histogram: LatencyHistogram,
-    access_log: AccessLog | None,
-) -> Proxy:
-    if config.mode == "tcp":
-        from balancer.proxy.tcp import TcpService
-
-        return TcpService(config, pool)
-    from balancer.proxy.message.service import MessageService
-
-    return MessageService(config, pool, histogram=histogram, access_log=access_log)
-
-
-def configure_proxy(proxy: Proxy, config: Config) -> None:
-    """Settings of the whole process a proxy needs."""
-    if hasattr(proxy, "drain_close_window"):
-        proxy.drain_close_window = config.drain_close_window
 
 
 class ListenError(Exception):

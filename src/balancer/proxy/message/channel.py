@@ -14,9 +14,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from balancer.core.pool import Backend, BackendPool
-from balancer.net import loopguard, resources
+from balancer.net import loopguard
 from balancer.proxy.message.connection import BackendConnection
 from balancer.proxy.message.request import PIPELINE_OPEN_THRESHOLD, Client, Request
+from balancer.proxy.upstream import connect_failure, local_shortage
 from balancer.wire import INVALID_MESSAGE, MESSAGE_TOO_LONG, RAW_BACKEND_MAX_MESSAGE
 
 if TYPE_CHECKING:
@@ -209,15 +210,12 @@ class BackendChannel:
         try:
             async with asyncio.timeout(self.service.config.connect_timeout):
                 await self.service.loop.create_connection(lambda: conn, backend.host, backend.port)
-        except TimeoutError:
-            reason = f"connect timeout after {self.service.config.connect_timeout:g}s"
-        except OSError as exc:
-            if resources.is_local_shortage(exc):
-                resources.ALARM.note(exc, f"connecting to backend {backend.address}")
+        except OSError as exc:  # TimeoutError included
+            if local_shortage(exc, f"connecting to backend {backend.address}"):
                 conn.closed = True
                 self.connection_short(conn)
                 return
-            reason = f"connect failed: {exc.strerror or exc}"
+            reason = connect_failure(exc, self.service.config.connect_timeout)
         else:
             return
         conn.closed = True

@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Collection
 from time import monotonic
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from balancer.core.policies.base import Policy
 from balancer.core.pool import Backend, BackendPool
@@ -32,7 +32,8 @@ from balancer.proxy.message.channel import (
     BackendChannel,
 )
 from balancer.proxy.message.connection import BackendConnection
-from balancer.proxy.message.request import MAX_SHORTAGE_RETRIES, Request
+from balancer.proxy.message.request import MAX_SHORTAGE_RETRIES, Request, Session
+from balancer.proxy.upstream import has_room
 from balancer.wire import (
     INVALID_MESSAGE,
     LINE_TOO_LONG,
@@ -46,32 +47,6 @@ if TYPE_CHECKING:
     from balancer.observe.accesslog import AccessLog
 
 log = logging.getLogger("balancer")
-
-
-class Session(Protocol):
-    """What the dispatcher needs of a client connection."""
-
-    gone: bool
-    framing: int
-    peer_key: bytes
-    held: int
-    last_active: float
-    pending: deque[Request]
-
-    def complete(self, req: Request, reply: bytes) -> None: ...
-
-    def try_flush(self) -> None: ...
-
-    def cut(self, reply: bytes) -> None: ...
-
-    @property
-    def idle(self) -> bool: ...
-
-    def begin_drain(self) -> None: ...
-
-    def cut_unanswered(self) -> int: ...
-
-    def close(self) -> None: ...
 
 
 class Dispatcher:
@@ -304,7 +279,7 @@ class Dispatcher:
             backend = self.pool.pick(key, exclude)
             if backend is None:
                 return None
-            if not limit or backend.in_flight < limit:
+            if has_room(backend.in_flight, limit):
                 return backend
             exclude.append(backend)
         return None

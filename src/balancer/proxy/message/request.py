@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -58,3 +59,29 @@ class Request:
         self.started = 0.0
         self.sent = 0.0
         self.queued_at = 0.0
+
+
+class Session(Protocol):
+    """What the dispatcher needs of a client connection."""
+
+    gone: bool
+    framing: int
+    peer_key: bytes
+    held: int
+    last_active: float
+    pending: deque[Request]
+
+    def complete(self, req: Request, reply: bytes) -> None: ...
+
+    def try_flush(self) -> None: ...
+
+    def cut(self, reply: bytes) -> None: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+    def begin_drain(self) -> None: ...
+
+    def cut_unanswered(self) -> int: ...
+
+    def close(self) -> None: ...

@@ -8,7 +8,6 @@ back, reconfiguration on reload, and the stop's drain.
 from __future__ import annotations
 
 import asyncio
-import math
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +16,15 @@ from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
 from balancer.net.heap import TRIM_AFTER_FREED, TRIM_HEAP
 from balancer.net.loops import create_listener
+from balancer.net.periodic import Periodic
+from balancer.proxy.base import wait_closed
 from balancer.proxy.message.dispatch import Dispatcher
 from balancer.proxy.message.session import ClientSession
 from balancer.wire import QUEUE_TIMEOUT
 
 if TYPE_CHECKING:
     from balancer.admin.metrics import LatencyHistogram
-    from balancer.config.model import ServiceConfig
+    from balancer.config.model import Config, ServiceConfig
     from balancer.observe.accesslog import AccessLog
 
 
@@ -43,7 +44,7 @@ class MessageService(Dispatcher):
         self.servers: list[asyncio.Server] = []
         self._listening: list[Any] = []
         """The listener's bound addresses, entered in `loopguard` while it listens."""
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = Periodic(self._sweep_period, self._sweep)
 
     @property
     def client_connections(self) -> int:
@@ -61,17 +62,20 @@ class MessageService(Dispatcher):
         self._listening = [sock.getsockname() for sock in server.sockets]
         for address in self._listening:
             loopguard.listening(address)  # a tcp service will not connect to it
-        self._schedule_sweep()
+        self._sweeper.start()
         addr = self._listening[0]
         self.bound = (str(addr[0]), int(addr[1]))
         return self.bound
 
-    def _schedule_sweep(self) -> None:
+    def configure(self, config: Config) -> None:
+        self.drain_close_window = config.drain_close_window
+
+    def _sweep_period(self) -> float:
         cfg = self.config
         period = min(1.0, cfg.response_timeout / 4, cfg.queue_timeout / 4)
         if cfg.client_timeout > 0:
             period = min(period, cfg.client_timeout / 4)
-        self._sweeper = self.loop.call_later(max(0.02, period), self._sweep)
+        return max(0.02, period)
 
     def _sweep(self) -> None:
         """Timeouts: backend replies, queued requests, idle clients; and memory."""
@@ -97,7 +101,6 @@ class MessageService(Dispatcher):
         if self.freed >= TRIM_AFTER_FREED and TRIM_HEAP(now):
             self.freed = 0
         self.flush_sessions()
-        self._schedule_sweep()
 
     # -- lifecycle ------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -118,25 +121,15 @@ class MessageService(Dispatcher):
         (the stop's doing, not a backend failure) and are returned as cut. A call
         with 0 while a drain runs cuts at once.
         """
-        deadline = monotonic() + timeout
-        window = min(self.drain_close_window, timeout)
-        start = monotonic()
         for session in list(self.sessions):
             session.begin_drain()
-        # busy sessions close themselves after their last reply (begin_drain)
+        # busy sessions close themselves after their last reply (begin_drain); idle ones
+        # are closed spread over the close window
         idle = [s for s in self.sessions if s.idle]
-        total = len(idle)
-        closed = 0
-        while True:
-            now = monotonic()
-            if total:
-                due = total if window <= 0 else math.ceil(total * min(1.0, (now - start) / window))
-                while closed < due and idle:
-                    idle.pop().close()
-                    closed += 1
-            if not self.sessions or now >= deadline:
-                break
-            await asyncio.sleep(0.01)
+        sessions = self.sessions
+        await wait_closed(
+            lambda: len(sessions), timeout, idle, self.drain_close_window, clock=monotonic
+        )
         self.stopped = True
         self.queue.clear()
         connections = requests = 0
@@ -151,8 +144,7 @@ class MessageService(Dispatcher):
         return DrainCut(connections, requests)
 
     def close_backends(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweeper.stop()
         for channel in self.channels.values():
             channel.close(resend=False)
 

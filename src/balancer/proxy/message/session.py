@@ -30,6 +30,7 @@ from balancer.proxy.message.request import (
     RAW,
     Request,
 )
+from balancer.proxy.upstream import admit
 from balancer.wire import LINE_TOO_LONG, NEWLINE_ON_RAW, STOPPING, TOO_MANY_CONNECTIONS
 
 RAW_QUIET_PERIOD = 0.05
@@ -111,17 +112,10 @@ class ClientSession(asyncio.Protocol):
         if owner is not None:
             self._loop_detected(owner)
             return
-        limit = service.config.max_connections
-        if limit and len(service.sessions) >= limit:
+        admitted, self._fds = admit(len(service.sessions), service.config.max_connections, 1)
+        if not admitted:
             self._refuse()
             return
-        fds = resources.FDS
-        if fds is not None:
-            # a reserve of descriptors stays free for checks, backend connections and admin
-            if not fds.admit():
-                self._refuse()
-                return
-            self._fds = fds
         service.sessions.add(self)
 
     def _loop_owner(self) -> loopguard.Owner | None:

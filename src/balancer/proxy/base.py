@@ -1,0 +1,106 @@
+"""What every proxy mode is to the rest of the balancer (`Proxy`), and the drain
+they share.
+
+A mode is a class built from a service's config and pool (see
+`balancer.proxy.registry`); the runtime starts it, reconfigures it on reloads,
+reads its counters, and stops it with `stop_accepting` and `drain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from balancer.config.model import Config, ServiceConfig
+    from balancer.core.lifecycle import DrainCut
+    from balancer.core.pool import Backend
+
+DRAIN_POLL = 0.01
+"""How often a drain looks at what is left (seconds)."""
+
+
+class Proxy(Protocol):
+    """What the server needs of a service's listener (message or tcp mode)."""
+
+    refused: int
+    """Client connections refused by limits."""
+    not_available: int
+    """Requests (message mode) or connections (tcp mode) no backend could take."""
+
+    @property
+    def retries(self) -> int:
+        """Requests re-sent, or connects tried again, on another backend."""
+        ...
+
+    @property
+    def client_connections(self) -> int: ...
+
+    def configure(self, config: Config) -> None:
+        """Take the settings of the whole process that concern this mode."""
+        ...
+
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """New settings for this service (same listener and mode), from a reload."""
+        ...
+
+    def remove_backend(self, backend: Backend) -> None: ...
+
+    def account(self) -> None:
+        """Bring counters kept outside the loop's callbacks up to date (before a read)."""
+        ...
+
+    async def start(self) -> tuple[str, int]: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def drain(self, timeout: float) -> DrainCut | None:
+        """Let what is in flight finish for at most `timeout` seconds, then cut the rest.
+
+        What it had to cut is returned (None: the proxy does not count it). It may be
+        called again, with 0, while a drain runs: the second call cuts at once.
+        """
+        ...
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+async def wait_closed(
+    open_count: Callable[[], int],
+    timeout: float,
+    closing: list[C] | None = None,
+    window: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Wait at most `timeout` seconds for a service's client connections to end.
+
+    Meanwhile the connections in `closing` (idle ones) are closed spread over
+    `window` rather than all at once, so clients do not all reconnect in the
+    same instant. True when none is left, False at the timeout.
+    """
+    start = clock()
+    deadline = start + timeout
+    window = min(window, timeout)
+    closing = closing or []
+    total = len(closing)
+    closed = 0
+    while True:
+        now = clock()
+        if total:
+            due = total if window <= 0 else math.ceil(total * min(1.0, (now - start) / window))
+            while closed < due and closing:
+                closing.pop().close()
+                closed += 1
+        if not open_count():
+            return True
+        if now >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_POLL)

@@ -1,0 +1,155 @@
+"""A tcp-mode service: its listener, limits, idle sweep and drain."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from balancer.config.model import Config, ServiceConfig
+from balancer.core.lifecycle import DrainCut
+from balancer.core.pool import Backend, BackendPool
+from balancer.net import loopguard
+from balancer.net.loops import create_listener
+from balancer.net.periodic import Periodic
+from balancer.net.tcpinfo import quiet_ms
+from balancer.proxy.base import wait_closed
+from balancer.proxy.tcp.relay import ClientSide
+
+_IDLE_SWEEPS = 4
+"""The idle timeout is checked this many times per period (detection within +25%)."""
+
+
+class TcpService:
+    """A tcp-mode service: its listener and its relayed connections."""
+
+    def __init__(self, config: ServiceConfig, pool: BackendPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.refused = 0
+        self.not_available = 0
+        """Connections closed because no backend could take them."""
+        self.retries_made = 0
+        """Connects tried again on another backend."""
+        self.loops = 0
+        """Accepted connections that were our own backend connections (closed at once)."""
+        self._apply(config)
+        self.conns: set[ClientSide] = set()
+        self.accepting = False
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper = Periodic(lambda: self.idle_timeout / _IDLE_SWEEPS, self.sweep_idle)
+        self._bound: list[Any] = []
+        """The listener's bound addresses, entered in `loopguard` while it listens."""
+        self._owners: dict[Backend, loopguard.Owner] = {}
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    def _apply(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.idle_timeout = config.idle_timeout
+        self.max_connections = config.max_connections
+        self.max_backend_connections = config.max_backend_connections
+        self.connect_buffer = config.connect_buffer
+        self.connect_timeout = config.connect_timeout
+        self.retry_limit = config.retries
+
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """New settings for this service (same listener and mode), from a reload."""
+        had_idle = self.idle_timeout > 0
+        self._apply(config)
+        if self.idle_timeout > 0 and not had_idle and self.accepting:
+            self._sweeper.start()
+        elif self.idle_timeout <= 0:
+            self._sweeper.stop()
+
+    def configure(self, config: Config) -> None:
+        """Nothing of the whole process's settings concerns tcp mode."""
+
+    def owner(self, backend: Backend) -> loopguard.Owner:
+        """What this service's connections to `backend` are registered for (one per backend)."""
+        owner = self._owners.get(backend)
+        if owner is None:
+            owner = self._owners[backend] = (self.pool, backend)
+        return owner
+
+    def remove_backend(self, backend: Backend) -> None:
+        """Close what is still relayed to a backend being removed (after its drain)."""
+        self._owners.pop(backend, None)
+        for conn in list(self.conns):
+            if conn.backend is backend:
+                conn.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcpService {self.config.name} {self.config.listen}: "
+            f"{len(self.conns)} connections, {self.refused} refused>"
+        )
+
+    @property
+    def client_connections(self) -> int:
+        return len(self.conns)
+
+    @property
+    def retries(self) -> int:
+        """Connects tried again on another backend (a counter, as message mode's)."""
+        return self.retries_made
+
+    async def start(self) -> tuple[str, int]:
+        self.loop = asyncio.get_running_loop()
+        self._server = await create_listener(
+            self.loop,
+            lambda: ClientSide(self),
+            self.config.listen_host,
+            self.config.listen_port,
+            backlog=4096,
+        )
+        self._bound = [sock.getsockname() for sock in self._server.sockets]
+        for address in self._bound:
+            loopguard.listening(address)
+        self.accepting = True
+        if self.idle_timeout > 0:
+            self._sweeper.start()
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for address in self._bound:
+            loopguard.not_listening(address)
+        self._bound = []
+
+    async def drain(self, timeout: float) -> DrainCut:
+        """Stop accepting; wait up to `timeout` for the relayed connections to end, then
+        abort what is left and return it as cut. A call with 0 while a drain waits
+        cuts at once (the first call then returns too)."""
+        self.stop_accepting()
+        cut = 0
+        conns = self.conns
+        if not await wait_closed(lambda: len(conns), timeout):
+            cut = len(conns)
+            for conn in list(conns):
+                conn.abort()
+            # aborted transports report connection_lost on the next loop turns
+            await wait_closed(lambda: len(conns), 1.0)
+        self._sweeper.stop()
+        return DrainCut(cut, 0)
+
+    def account(self) -> None:
+        """Bring the backends' byte counters up to date with the open connections."""
+        for conn in self.conns:
+            conn.account()
+
+    def sweep_idle(self) -> int:
+        """Close the connections quiet both ways for `idle_timeout`; how many were closed."""
+        limit_ms = self.idle_timeout * 1000
+        expired = []
+        for conn in self.conns:
+            upstream = conn.upstream
+            if upstream is None or upstream.lost:
+                continue  # still connecting (the connect timeout applies), or closing
+            # Quiet both ways means idle: neither socket received data for that long.
+            if min(quiet_ms(conn.transport), quiet_ms(upstream.transport)) >= limit_ms:
+                expired.append(conn)
+        for conn in expired:
+            conn.close()
+        return len(expired)
