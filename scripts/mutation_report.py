@@ -70,7 +70,7 @@ SCOPES: dict[str, list[Scope]] = {
                 "peak_ewma",
             )
         ),
-        Scope("health (HealthState)", "src/balancer/runtime/health.py", ("xǁHealthStateǁ*",)),
+        Scope("health (HealthState)", "src/balancer/core/health_state.py", ("xǁHealthStateǁ*",)),
         Scope("pool", "src/balancer/core/pool.py"),
         Scope("config: model", "src/balancer/config/model.py"),
         Scope("config: loader", "src/balancer/config/loader.py"),

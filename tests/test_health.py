@@ -19,9 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
+from balancer.core.health_state import CheckSchedule, HealthState, first_wait, next_wait
 from balancer.core.pool import DOWN, MAINT, READY, UP, Backend, BackendPool
 from balancer.net import loopguard, resources
-from balancer.runtime.health import CheckSchedule, HealthChecker, HealthState, first_wait, next_wait
+from balancer.runtime.health import HealthChecker
 from balancer.runtime.probe import LATE, ProbeResult, probe
 
 OK = ProbeResult(True, "reply ok")
