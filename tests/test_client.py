@@ -16,6 +16,7 @@ import pytest
 
 from balancer.tools import client, demo
 from balancer.tools.client import Client, Server
+from balancer.tools.procs import ChildError
 from tests.support import (
     PYTHON,
     ROOT,
@@ -532,7 +533,7 @@ def test_tutorial_root_client_script(service: Any) -> None:
 def test_demo_reports_a_startup_failure(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[services.demo]\nbackends = 7\n")
-    with pytest.raises(demo.ChildError, match="balancer exited"):
+    with pytest.raises(ChildError, match="balancer exited"):
         demo.start_balancer(config)
 
 
