@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from balancer.tools import client
+from balancer.tools.client import cli as client
 from balancer.tools.procs import (
     ChildError,
     ChildProcess,
