@@ -6,53 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import sys
 import time
 from typing import Any
 
+from balancer.tools.admin_http import AdminError, admin_token, admin_url, get_json
 from balancer.tools.client.load import ERROR_KINDS, LoadRun, LoadSettings, LoadStats
 from balancer.tools.report import RateSampler, client_report_data, write_html_report
 
 
 async def fetch_status(admin: str, patience: float = 1.0) -> dict[str, Any] | None:
-    """GET http://ADMIN/status; None when the endpoint does not answer with JSON.
+    """GET /status from the admin endpoint ADMIN; None when it does not answer with JSON.
 
     Sends `Authorization: Bearer $BALANCER_ADMIN_TOKEN` when that is set (an admin
     endpoint whose reads need a token).
     """
-    host, _, port = admin.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    token = os.environ.get("BALANCER_ADMIN_TOKEN")
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    url = admin_url(admin) + "/status"
     try:
         async with asyncio.timeout(patience):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            try:
-                writer.write(
-                    f"GET /status HTTP/1.0\r\nHost: {admin}\r\nAccept: application/json\r\n"
-                    f"{auth}Connection: close\r\n\r\n".encode()
-                )
-                raw = await reader.read(16 * 1024 * 1024)
-                while chunk := await reader.read(65536):
-                    raw += chunk
-            finally:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except OSError:
-                    pass
-    except (OSError, TimeoutError, ValueError):
+            return await asyncio.to_thread(get_json, url, token=admin_token(), timeout=patience)
+    except (AdminError, TimeoutError):
         return None
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or head.split(b" ", 2)[1:2] != [b"200"]:
-        return None
-    try:
-        status = json.loads(body)
-    except ValueError:
-        return None
-    return status if isinstance(status, dict) else None
 
 
 def backend_counts(status: dict[str, Any] | None, port: int) -> dict[str, int] | None:
