@@ -7,8 +7,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,15 +277,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
-
-
-@contextmanager
-def running(*procs: ChildProcess) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def reply_for(n: int | str) -> str:
