@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 try:
-    from balancer.tools.client import main
+    from balancer.tools.client.cli import main
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from balancer.tools.client import main
+    from balancer.tools.client.cli import main
 
 if __name__ == "__main__":
     try:

@@ -15,14 +15,15 @@ from typing import Any
 
 import psutil
 
-from balancer.tools.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, ChildError
+from balancer.tools.demo import KEEP_LINES
+from balancer.tools.procs import ChildError, ChildProcess, ready_balancer_ports
 
 RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
 class RunningBalancer:
-    child: Child
+    child: ChildProcess
     ports: dict[str, int]
     """The port of each service, by name."""
     admin_port: int | None
@@ -43,17 +44,15 @@ class RunningBalancer:
 def start_balancer(config: Path, admin: str = "off") -> RunningBalancer:
     """`balancer serve CONFIG --admin ADMIN`, once it has logged `balancer ready`."""
     args = [sys.executable, "-m", "balancer", "serve", str(config), "--admin", admin]
-    child = Child("balancer", args)
+    child = ChildProcess(args, name="balancer", max_lines=KEEP_LINES)
     try:
-        lines = child.wait_for(READY_RE)
-        ports = {m.group(1): int(m.group(3)) for m in map(SERVICE_RE.search, lines) if m}
+        ports, admin_port = ready_balancer_ports(child)
         if not ports:
             raise ChildError(f"balancer did not report its ports:\n{child.tail()}")
     except BaseException:
         child.stop()
         raise
-    admin_ports = [int(m.group(2)) for m in map(ADMIN_RE.search, lines) if m]
-    return RunningBalancer(child, ports, admin_ports[0] if admin_ports else None)
+    return RunningBalancer(child, ports, admin_port)
 
 
 def load_args(port: int, *args: str, admin_port: int | None = None) -> list[str]:

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.peers import haproxy
 
 from balancer.net.loops import loop_name
-from balancer.tools.demo import Child, start_service
+from balancer.tools.demo import start_service
+from balancer.tools.procs import ChildProcess as Child
 from harness import RESULTS, run_load, save_results, start_balancer
 
 BACKENDS = 4

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from balancer.net.heap import TRIM_INTERVAL
-from balancer.tools.demo import ADMIN_RE, READY_RE, SERVICE_RE, Child, start_service
+from balancer.tools.demo import KEEP_LINES, start_service
+from balancer.tools.procs import ChildProcess, ready_balancer_ports
 from harness import rss_mb, save_results
 
 BATCH = 250
@@ -99,12 +100,12 @@ def main() -> int:
     )
     serve = ["serve", str(cfg), "--admin", "127.0.0.1:0"]
     argv = ["-c", NO_TRIM, *serve] if args.no_trim else ["-m", "balancer", *serve]
-    bal = Child("balancer", [sys.executable, *argv])
+    bal = ChildProcess([sys.executable, *argv], name="balancer", max_lines=KEEP_LINES)
     socks: list[socket.socket] = []
     try:
-        lines = bal.wait_for(READY_RE)
-        port = next(int(m.group(3)) for m in map(SERVICE_RE.search, lines) if m)
-        admin = next(int(m.group(2)) for m in map(ADMIN_RE.search, lines) if m)
+        ports, admin = ready_balancer_ports(bal)
+        port = next(iter(ports.values()))
+        assert admin is not None, "the balancer runs with its admin endpoint on"
         pid = bal.popen.pid
         for i in range(200):
             assert request(port, i).startswith("It’s".encode())

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from balancer.tools.demo import Child, start_service
+from balancer.tools.demo import start_service
+from balancer.tools.procs import ChildProcess as Child
 from harness import RunningBalancer, run_load, save_results, start_balancer
 
 POLICIES = ("round_robin", "least_connections", "power_of_two", "peak_ewma")

@@ -34,7 +34,8 @@ from typing import Any
 import psutil
 
 from balancer.net.loops import loop_name
-from balancer.tools.demo import Child, start_service
+from balancer.tools.demo import start_service
+from balancer.tools.procs import ChildProcess as Child
 from harness import load_result, rss_mb, rss_summary, save_results, start_balancer, start_load
 
 BACKENDS = 4

@@ -3,145 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
-import signal as _signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from balancer.config.model import DEFAULT_LISTEN, ConfigError, load_config
-from balancer.tools.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
+from balancer.tools.procs import ChildProcess, ready_balancer_ports, ready_service_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-READY_TIMEOUT = 20.0
-
-
-class Proc:
-    """A child process whose output lines are collected by a thread, for waiting on."""
-
-    def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        cwd: Path | str | None = None,
-        stdout_to: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.args = list(args)
-        full_env = dict(os.environ)
-        full_env["PYTHONUNBUFFERED"] = "1"
-        if env:
-            full_env.update(env)
-        self._stdout_file = open(stdout_to, "wb") if stdout_to is not None else None
-        self.popen = subprocess.Popen(
-            self.args,
-            cwd=cwd,
-            stdout=self._stdout_file if self._stdout_file is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._readers: list[threading.Thread] = []
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is None:
-                continue
-            t = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-            t.start()
-            self._readers.append(t)
-
-    def _pump(self, stream: Any) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def wait_for(
-        self, pattern: str | re.Pattern[str], timeout: float = READY_TIMEOUT
-    ) -> re.Match[str]:
-        """Wait until an output line matches; return the match (checks lines seen so far first)."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        seen = 0
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines[seen:]:
-                m = regex.search(line)
-                if m:
-                    return m
-            seen = len(self.lines)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"{self.args[:4]}: no line matching {regex.pattern!r} within {timeout}s; "
-                    f"output so far:\n" + "\n".join(self.lines[-40:])
-                )
-            try:
-                item = self._queue.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if item is None and self.popen.poll() is not None:
-                # process ended; final scan then fail
-                for line in self.lines[seen:]:
-                    m = regex.search(line)
-                    if m:
-                        return m
-                raise AssertionError(
-                    f"{self.args[:4]} exited with {self.popen.returncode} before printing "
-                    f"{regex.pattern!r}:\n" + "\n".join(self.lines[-40:])
-                )
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, sig)
-
-    def stop(self, sig: int = _signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-        self._close_streams()
-        return self.popen.returncode
-
-    def _close_streams(self) -> None:
-        for t in self._readers:
-            t.join(timeout=5)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
-        if self._stdout_file is not None:
-            self._stdout_file.close()
-
-    def wait(self, timeout: float = 30.0) -> int:
-        code = self.popen.wait(timeout=timeout)
-        self._close_streams()
-        return code
 
 
 def free_port() -> int:
@@ -163,22 +39,21 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-class ServiceProc(Proc):
+class ServiceProc(ChildProcess):
     port: int
 
 
 def start_service(*extra: str, port: int = 0, cwd: Path | str | None = None) -> ServiceProc:
     proc = ServiceProc([PYTHON, "-m", "balancer.tools.service", "-p", str(port), *extra], cwd=cwd)
     try:
-        m = proc.wait_for(INSTANCE_RE)
+        proc.port = ready_service_port(proc)
     except BaseException:
         proc.stop()
         raise
-    proc.port = int(m.group(2))
     return proc
 
 
-class BalancerProc(Proc):
+class BalancerProc(ChildProcess):
     ports: dict[str, int]
     admin_port: int | None
 
@@ -234,16 +109,10 @@ def ready_balancer(
     what it printed (services by name, and the admin endpoint's if any)."""
     proc = BalancerProc(args, cwd=cwd, stdout_to=stdout_to, env=env)
     try:
-        proc.wait_for("balancer ready")
+        proc.ports, proc.admin_port = ready_balancer_ports(proc)
     except BaseException:
         proc.stop()
         raise
-    proc.ports = {m.group(1): int(m.group(3)) for m in map(SERVICE_RE.search, proc.lines) if m}
-    proc.admin_port = None
-    for line in proc.lines:
-        am = ADMIN_RE.search(line)
-        if am:
-            proc.admin_port = int(am.group(2))
     return proc
 
 
@@ -299,17 +168,21 @@ def backend_requests(status: dict[str, Any], service: str = "numbers") -> dict[s
 
 def start_load(
     port: int, *args: str, admin_port: int | None = None, cwd: Path | str | None = None
-) -> Proc:
+) -> ChildProcess:
     """The load client (`balancer client --json --quiet`) against 127.0.0.1:PORT, running.
 
     With `admin_port` it reads the spread over the backends from that admin endpoint.
     """
     admin = f"127.0.0.1:{admin_port}" if admin_port is not None else "off"
     load = ["-m", "balancer", "client", "--json", "--quiet", "--balancerIp", "127.0.0.1"]
-    return Proc([PYTHON, *load, "--balancerPort", str(port), "--admin", admin, *args], cwd=cwd)
+    return ChildProcess(
+        [PYTHON, *load, "--balancerPort", str(port), "--admin", admin, *args], cwd=cwd
+    )
 
 
-def load_summary(proc: Proc, timeout: float, *, exit_code: int | None = 0) -> dict[str, Any]:
+def load_summary(
+    proc: ChildProcess, timeout: float, *, exit_code: int | None = 0
+) -> dict[str, Any]:
     """Wait for a load client to end; its JSON summary (the last stdout line that is an object).
 
     `exit_code` is the exit status required (the client exits 1 when any request failed);
@@ -325,7 +198,7 @@ def load_summary(proc: Proc, timeout: float, *, exit_code: int | None = 0) -> di
 
 
 def wait_for_load(
-    bal: BalancerProc, client: Proc, served: int, timeout: float, service: str = "numbers"
+    bal: BalancerProc, client: ChildProcess, served: int, timeout: float, service: str = "numbers"
 ) -> None:
     """Wait until the service's backends have served `served` requests, the client still running."""
 
@@ -404,15 +277,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
-
-
-@contextmanager
-def running(*procs: Proc) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def reply_for(n: int | str) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from balancer.admin.app import check_admin_security, quantile_of_counts
 from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.tools.procs import ChildProcess as Proc
 from tests.admin_support import (
     READ_ROUTES,
     bearer,
@@ -24,7 +25,6 @@ from tests.support import (
     PYTHON,
     BalancerProc,
     LineClient,
-    Proc,
     Services,
     backend_rows,
     reply_for,

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from balancer.config.model import Config, ConfigError
+from balancer.tools.procs import ChildProcess as Proc
 from tests.support import (
     PYTHON,
     ROOT,
     LineClient,
-    Proc,
     free_port,
     reply_for,
     start_balancer,

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from balancer.tools import client, demo
-from balancer.tools.client import Client, Server
+from balancer.tools import demo
+from balancer.tools.client import cli
+from balancer.tools.client.tutorial import BackendHandle, Client
+from balancer.tools.procs import ChildError
 from tests.support import (
     PYTHON,
     ROOT,
@@ -109,7 +111,7 @@ async def close_after_first_read(
 
 def run_client(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
     """Run the load client in-process with --json; return its exit code and report."""
-    code = client.main([*argv, "--json", "--quiet"])
+    code = cli.main([*argv, "--json", "--quiet"])
     out = capsys.readouterr().out
     report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return code, report
@@ -177,7 +179,7 @@ def test_load_modes_all_succeed(
 
 
 def test_summary_table_without_json(service: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    code = client.main(
+    code = cli.main(
         ["--balancerIp=127.0.0.1", f"--balancerPort={service.port}", "--requests_per_client=20"]
     )
     out = capsys.readouterr().out
@@ -208,7 +210,7 @@ def test_html_report_is_written(
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert client.main(["--client_count=0"]) == 2
+    assert cli.main(["--client_count=0"]) == 2
     assert "--client_count" in capsys.readouterr().err
 
 
@@ -294,7 +296,7 @@ def test_spread_is_read_with_the_admin_token_where_reads_need_one(
 
 
 def test_raw_client_refuses_a_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
-    assert client.main(["--raw", "--pipeline=2"]) == 2
+    assert cli.main(["--raw", "--pipeline=2"]) == 2
     err = capsys.readouterr().err
     assert "--raw" in err
     assert "--pipeline must be 1" in err
@@ -485,19 +487,19 @@ def test_sync_client_connect_failure_raises() -> None:
 
 
 def test_sync_server_handle(service: Any) -> None:
-    backend = Server("127.0.0.1", service.port)
+    backend = BackendHandle("127.0.0.1", service.port)
     try:
         assert backend.check_connection()
         assert backend.send("8") == reply_for(8)
         assert backend.send("9") == reply_for(9)
     finally:
         backend.close()
-    assert not Server("127.0.0.1", free_port()).check_connection()
+    assert not BackendHandle("127.0.0.1", free_port()).check_connection()
 
 
 def test_sync_server_check_fails_on_wrong_health_reply() -> None:
     with fake_server(answer_with(lambda line: b"nope")) as port:
-        assert not Server("127.0.0.1", port).check_connection()
+        assert not BackendHandle("127.0.0.1", port).check_connection()
 
 
 # -- command lines ---------------------------------------------------------------------------
@@ -532,7 +534,7 @@ def test_tutorial_root_client_script(service: Any) -> None:
 def test_demo_reports_a_startup_failure(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[services.demo]\nbackends = 7\n")
-    with pytest.raises(demo.ChildError, match="balancer exited"):
+    with pytest.raises(ChildError, match="balancer exited"):
         demo.start_balancer(config)
 
 

@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 from balancer.core.framing import LineFramer
-from balancer.tools.demo import INSTANCE_RE
+from balancer.tools.procs import INSTANCE_RE
+from balancer.tools.procs import ChildProcess as Proc
 from balancer.tools.service import reply_for as service_reply
 from tests.faulty_backends import SlowlorisSwarm
 from tests.support import (
@@ -31,7 +32,6 @@ from tests.support import (
     ROOT,
     BalancerProc,
     LineClient,
-    Proc,
     backend_requests,
     backend_rows,
     load_summary,

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from balancer.tools.procs import ChildProcess as Proc
 from tests.support import (
     PYTHON,
     ROOT,
     BalancerProc,
-    Proc,
     backend_rows,
     start_balancer,
     wait_until,

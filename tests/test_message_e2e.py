@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from balancer.tools.procs import ChildProcess as Proc
 from tests.support import (
     PYTHON,
     ROOT,
     LineClient,
-    Proc,
     Services,
     backend_requests,
     backend_rows,

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
+from balancer.tools.procs import ChildProcess as Proc
 from tests.support import (
     PYTHON,
     BalancerProc,
     Balancers,
     LineClient,
-    Proc,
     Services,
     backend_rows,
     free_port,

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from balancer.tools.procs import ChildProcess
 from balancer.tools.service import LineServiceProtocol, RawServiceProtocol, reply_for
-from tests.support import PYTHON, ROOT, LineClient, Proc, start_service
+from tests.support import PYTHON, ROOT, LineClient, start_service
 from tests.support import reply_for as expected
 
 INSTANCE_RE = r"instance listening on (\S+):(\d+)"
@@ -269,7 +270,7 @@ def test_busy_port_is_reported_with_exit_code_1(service: Any) -> None:
 
 @pytest.mark.parametrize("argv", [[], ["-p", "0"]])
 def test_tutorial_root_script_starts_the_service(argv: list[str]) -> None:
-    proc = Proc([sys.executable, str(ROOT / "service.py"), *argv], cwd=ROOT)
+    proc = ChildProcess([sys.executable, str(ROOT / "service.py"), *argv], cwd=ROOT)
     try:
         m = proc.wait_for(INSTANCE_RE)
         assert LineClient(int(m.group(2))).request("3") == expected(3)

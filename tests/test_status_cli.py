@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from balancer.tools.procs import ChildProcess
 from tests.admin_support import running_with_admin, with_admin
 from tests.support import (
     PYTHON,
     BalancerProc,
     Balancers,
     LineClient,
-    Proc,
     ServiceProc,
     Services,
     backend_rows,
@@ -36,8 +36,8 @@ def balancer(
     return balancers.start(write_toml(tmp_path / "b.toml", services.ports)), services
 
 
-def status_cmd(*args: str, env: dict[str, str] | None = None) -> Proc:
-    proc = Proc(
+def status_cmd(*args: str, env: dict[str, str] | None = None) -> ChildProcess:
+    proc = ChildProcess(
         [PYTHON, "-m", "balancer", "status", *args],
         env={"COLUMNS": "200", "BALANCER_ADMIN_TOKEN": "", **(env or {})},
     )

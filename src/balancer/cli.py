@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     # the tools are imported here so that `serve` does not load them
-    from balancer.tools import client, demo, service, status
+    from balancer.tools import demo, service, status
+    from balancer.tools.client import cli as client
 
     svc = sub.add_parser("service", help="run the sample backend service")
     service.add_arguments(svc)

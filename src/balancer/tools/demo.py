@@ -9,111 +9,37 @@ is stopped on the way out, whatever happens.
 from __future__ import annotations
 
 import argparse
-import collections
-import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO
 
-from balancer.tools import client
+from balancer.tools.client import cli as client
+from balancer.tools.procs import (
+    ChildError,
+    ChildProcess,
+    ready_balancer_ports,
+    ready_service_port,
+)
 
 BACKENDS = 4
-READY_TIMEOUT = 20.0
+KEEP_LINES = 200
+"""Output lines kept of each child, for the error message when one fails."""
 STOP_TIMEOUT = 10.0
 
-INSTANCE_RE = re.compile(r"instance listening on (\S+):(\d+)")
-SERVICE_RE = re.compile(r"service (\S+) listening on (\S+):(\d+)")
-ADMIN_RE = re.compile(r"admin listening on http://(\S+):(\d+)")
-READY_RE = re.compile(r"balancer ready")
 
-
-class ChildError(Exception):
-    """A child process failed to start or exited early."""
-
-
-class Child:
-    """A child process whose output lines are read by a thread, kept for waiting on."""
-
-    def __init__(self, name: str, args: Sequence[str]) -> None:
-        self.name = name
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self._seen = 0
-        self._cond = threading.Condition()
-        self._eof = False
-        assert self.popen.stdout is not None
-        self._reader = threading.Thread(target=self._pump, args=(self.popen.stdout,), daemon=True)
-        self._reader.start()
-
-    def _pump(self, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                self._seen += 1
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = READY_TIMEOUT) -> list[str]:
-        """Wait for a line matching `pattern`; return every line read so far."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                lines = list(self.lines)
-                if any(pattern.search(line) for line in lines):
-                    return lines
-                if self._eof:
-                    code = self.popen.wait(timeout=STOP_TIMEOUT)
-                    raise ChildError(f"{self.name} exited with code {code}:\n{self.tail()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ChildError(
-                        f"{self.name} did not get ready within {timeout:.0f}s:\n{self.tail()}"
-                    )
-                self._cond.wait(min(remaining, 0.5))
-
-    def tail(self, count: int = 20) -> str:
-        return "\n".join(f"  {line}" for line in list(self.lines)[-count:])
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=STOP_TIMEOUT)
-        self._reader.join(timeout=STOP_TIMEOUT)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_service(*extra: str, port: int = 0, name: str = "") -> tuple[Child, int]:
+def start_service(*extra: str, port: int = 0, name: str = "") -> tuple[ChildProcess, int]:
     """A sample service (`extra`: its options, e.g. `--delay 0.02`) and the port it listens on."""
     args = [sys.executable, "-m", "balancer.tools.service", "-p", str(port), *extra]
-    child = Child(name or f"service {port}", args)
+    child = ChildProcess(args, name=name or f"service {port}", max_lines=KEEP_LINES)
     try:
-        lines = child.wait_for(INSTANCE_RE)
+        port = ready_service_port(child)
     except BaseException:
-        child.stop()
+        child.stop(timeout=STOP_TIMEOUT)
         raise
-    port = next(int(m.group(2)) for m in map(INSTANCE_RE.search, lines) if m)
     return child, port
 
 
@@ -133,19 +59,18 @@ def write_config(path: Path, backend_ports: Sequence[int]) -> None:
     )
 
 
-def start_balancer(config: Path) -> tuple[Child, int, int]:
+def start_balancer(config: Path) -> tuple[ChildProcess, int, int]:
     """The balancer child, its service port and its admin port."""
-    child = Child("balancer", [sys.executable, "-m", "balancer", "serve", str(config)])
+    args = [sys.executable, "-m", "balancer", "serve", str(config)]
+    child = ChildProcess(args, name="balancer", max_lines=KEEP_LINES)
     try:
-        lines = child.wait_for(READY_RE)
-        ports = [int(m.group(3)) for m in map(SERVICE_RE.search, lines) if m]
-        admin = [int(m.group(2)) for m in map(ADMIN_RE.search, lines) if m]
-        if not ports or not admin:
+        ports, admin = ready_balancer_ports(child)
+        if not ports or admin is None:
             raise ChildError(f"balancer did not report its listening ports:\n{child.tail()}")
     except BaseException:
-        child.stop()
+        child.stop(timeout=STOP_TIMEOUT)
         raise
-    return child, ports[0], admin[0]
+    return child, next(iter(ports.values())), admin
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.clients < 1 or args.pipeline < 1:
         print("error: --requests, --clients and --pipeline must be >= 1", file=sys.stderr)
         return 2
-    children: list[Child] = []
+    children: list[ChildProcess] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
@@ -223,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         for child in reversed(children):
-            child.stop()
+            child.stop(timeout=STOP_TIMEOUT)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

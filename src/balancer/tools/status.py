@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from balancer.tools.admin_http import TOKEN_ENV, AdminError, admin_token, admin_url, get_json
+
 DEFAULT_ADMIN = "127.0.0.1:9100"
-TOKEN_ENV = "BALANCER_ADMIN_TOKEN"
 STATE_STYLES = {"up": "green", "down": "bold red", "ready": "green", "drain": "yellow"}
 
 
@@ -25,45 +23,23 @@ class AdminUnavailable(Exception):
     pass
 
 
-def admin_url(admin: str) -> str:
-    admin = admin.strip()
-    if admin.startswith(("http://", "https://")):
-        return admin.rstrip("/")
-    if admin.isdigit():
-        admin = f"127.0.0.1:{admin}"
-    return f"http://{admin}"
-
-
-def _error_of(exc: urllib.error.HTTPError) -> str:
-    try:
-        message = json.loads(exc.read())["error"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return str(exc)
-    return f"{exc.code} {message}"
-
-
 def fetch(base: str, timeout: float = 3.0, token: str | None = None) -> dict[str, Any]:
     """The `/api/services` document (or `/status` from a balancer without the runtime API)."""
     last: str = ""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for path in ("/api/services", "/status"):
         try:
-            request = urllib.request.Request(base + path, headers=headers)
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                doc: dict[str, Any] = json.loads(resp.read())
-                return doc
-        except urllib.error.HTTPError as exc:
-            last = _error_of(exc)
-            if exc.code == 401:
+            return get_json(base + path, token=token, timeout=timeout)
+        except AdminError as exc:
+            if exc.status is None:
+                raise AdminUnavailable(f"the admin endpoint {base} does not answer: {exc}") from exc
+            last = str(exc)
+            if exc.status == 401:
                 what = "refused the token" if token else "needs a token to read"
                 raise AdminUnavailable(
                     f"the admin endpoint {base} {what} ({last}): pass --token or set {TOKEN_ENV}"
                 ) from None
-            if exc.code != 404:
+            if exc.status != 404:
                 break
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise AdminUnavailable(f"the admin endpoint {base} does not answer: {reason}") from exc
     raise AdminUnavailable(f"the admin endpoint {base} answered with an error: {last}")
 
 
@@ -134,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: --count must be >= 1", file=sys.stderr)
         return 2
     base = admin_url(args.admin)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = admin_token(args.token)
     console = Console(highlight=False)
     updates = args.count if args.watch else 1
     done = 0
