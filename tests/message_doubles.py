@@ -8,9 +8,9 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.proxy.message import (
     BackendChannel,
     BackendConnection,

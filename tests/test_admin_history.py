@@ -6,9 +6,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from balancer.admin.app import TrafficHistory, services_document
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import BackendPool
+from balancer.core.stats import LatencyHistogram
 
 
 def fake_server(backends: int) -> Any:

@@ -42,7 +42,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from balancer.admin.metrics import LatencyHistogram, make_registry
+from balancer.admin.metrics import make_registry
 from balancer.admin.openapi import BACKEND_STATES, MAX_BODY, OPENAPI
 from balancer.admin.security import (
     ACCESS,
@@ -57,6 +57,7 @@ from balancer.admin.security import (
 )
 from balancer.config.model import BOUNDS, BackendConfig, ConfigError, parse_address
 from balancer.core.pool import Backend
+from balancer.core.stats import LatencyHistogram
 from balancer.net.loops import listen_socket
 
 if TYPE_CHECKING:

@@ -72,8 +72,8 @@ from balancer.net import loopguard, resources
 from balancer.net.loops import create_listener
 
 if TYPE_CHECKING:
-    from balancer.admin.metrics import LatencyHistogram
     from balancer.config.model import ServiceConfig
+    from balancer.core.stats import LatencyHistogram
     from balancer.observe.accesslog import AccessLog
 
 log = logging.getLogger("balancer")

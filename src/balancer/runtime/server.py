@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import (
     BOUNDS,
     BackendConfig,
@@ -44,6 +43,7 @@ from balancer.config.model import (
 )
 from balancer.core.lifecycle import DrainCut, ReloadPlan, plan_backends, plan_reload
 from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.net import resources
 from balancer.net.loops import listening_addresses, listening_socket
 from balancer.observe.accesslog import AccessLog

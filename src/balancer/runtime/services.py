@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import Config, ServiceConfig, format_address
 from balancer.core.lifecycle import DrainCut, ReloadPlan
 from balancer.core.pool import Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.net import loopguard
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
