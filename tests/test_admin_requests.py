@@ -29,7 +29,9 @@ from balancer.admin.app import (
 )
 from balancer.admin.openapi import MAX_BODY
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard
-from balancer.config.model import MAX_WEIGHT, AdminConfig
+from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.errors import BackendError, BalancerError, Conflict, InvalidInput, NotFound
+from balancer.runtime.services import ListenError
 
 TOKEN = "s3cret-write"
 READ_TOKEN = "s3cret-read"
@@ -437,3 +439,13 @@ async def test_a_request_the_http_parser_refuses_is_a_400_and_one_line_in_the_lo
     message = records[0].getMessage()
     assert message.startswith("admin: refused a malformed request from 127.0.0.1: ")
     assert "chunk size" in message
+
+
+def test_each_of_the_balancers_errors_is_answered_with_one_status() -> None:
+    assert admin.http_status(NotFound("no such backend")) == 404
+    assert admin.http_status(Conflict("the balancer is stopping")) == 409
+    assert admin.http_status(InvalidInput("invalid weight")) == 400
+    assert admin.http_status(BalancerError("reload failed")) == 500
+    assert admin.http_status(ConfigError("a.toml", "weight", "expected an integer")) == 500
+    for cls in (ConfigError, ListenError, NotFound, Conflict, InvalidInput, BackendError):
+        assert issubclass(cls, BalancerError), cls

@@ -58,6 +58,7 @@ from balancer.admin.security import (
 from balancer.config.model import BOUNDS, BackendConfig, ConfigError, parse_address
 from balancer.core.pool import Backend
 from balancer.core.stats import LatencyHistogram
+from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound
 from balancer.net.loops import listen_socket
 
 if TYPE_CHECKING:
@@ -288,6 +289,19 @@ class ApiError(Exception):
         super().__init__(message)
 
 
+HTTP_STATUS: dict[type[BalancerError], int] = {NotFound: 404, Conflict: 409, InvalidInput: 400}
+"""The status each of the balancer's errors is answered with; any other one is a 500."""
+
+
+def http_status(error: BalancerError) -> int:
+    """The HTTP status that answers `error`: the one of its nearest class in HTTP_STATUS."""
+    for cls in type(error).__mro__:
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
 def show(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut to `limit` characters: error messages stay short whatever the input."""
     try:
@@ -411,10 +425,8 @@ RUNNER_OPTIONS: dict[str, Any] = {
 
 
 def api_handler(handler: Handler, *, access: str = READ) -> Handler:
-    """Check the route's access ("open", "read", "write"); ApiError and RuntimeChangeError
-    become a JSON error."""
-    from balancer.runtime.server import RuntimeChangeError
-
+    """Check the route's access ("open", "read", "write"); ApiError and the balancer's own
+    errors (`balancer.errors`) become a JSON error."""
     if access not in ACCESS:
         raise ValueError(f"access {access!r}: expected one of {', '.join(ACCESS)}")
 
@@ -428,8 +440,10 @@ def api_handler(handler: Handler, *, access: str = READ) -> Handler:
             if access == WRITE:
                 check_body_headers(request)
             return await handler(request)
-        except (ApiError, RuntimeChangeError) as exc:
+        except ApiError as exc:
             return error_response(exc.status, exc.message)
+        except BalancerError as exc:
+            return error_response(http_status(exc), str(exc))
 
     return wrapped
 
@@ -525,7 +539,7 @@ async def handle_set_backend(request: web.Request) -> web.Response:
 async def handle_add_backend(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     service = request.match_info["service"]
-    runtime = server.runtime(service)
+    server.runtime(service)  # 404 first
     body = await json_object(request, ("address", "weight"))
     if "address" not in body:
         raise ApiError(400, "missing 'address' (\"host:port\")")
@@ -538,10 +552,8 @@ async def handle_add_backend(request: web.Request) -> web.Response:
         raise ApiError(400, f"invalid address: {exc.message}") from None
     weight = check_weight(body["weight"]) if "weight" in body else 1
     config = BackendConfig(host, port, weight)
-    if runtime.pool.get(config.address) is not None:
-        raise ApiError(409, f"service {service!r} already has backend {config.address!r}")
     await server.check_backend_address(host, port)  # 400: the balancer itself
-    backend = server.add_backend(service, config)
+    backend = server.add_backend(service, config)  # 409: the service has it already
     return web.json_response(backend_status(backend, time.time()), status=201)
 
 
@@ -575,7 +587,7 @@ async def handle_remove_backend(request: web.Request) -> web.Response:
 
 async def handle_reload(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    await server.reload()  # a rejected file: RuntimeChangeError 400 or 409, nothing changed
+    await server.reload()  # a rejected file: InvalidInput or Conflict, nothing changed
     return web.json_response({"reloaded": True, **status_document(server)})
 
 

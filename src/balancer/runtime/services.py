@@ -22,6 +22,7 @@ from balancer.config.model import Config, ServiceConfig, format_address
 from balancer.core.lifecycle import DrainCut, ReloadPlan
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.stats import LatencyHistogram
+from balancer.errors import BalancerError
 from balancer.net import loopguard
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
@@ -120,17 +121,8 @@ def configure_proxy(proxy: Proxy, config: Config) -> None:
         proxy.drain_close_window = config.drain_close_window
 
 
-class ListenError(Exception):
+class ListenError(BalancerError):
     """A service's listen address could not be bound (in use, not local, no permission)."""
-
-
-class RuntimeChangeError(Exception):
-    """A runtime change that cannot be made; `status` is the HTTP status that fits."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.message = message
-        super().__init__(message)
 
 
 # -- connection loops: a backend that is one of our own listeners ----------------------------
