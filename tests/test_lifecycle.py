@@ -17,7 +17,7 @@ from typing import cast
 import pytest
 import uvloop
 
-from balancer.admin.app import http_status
+from balancer.admin.checks import http_status
 from balancer.config.model import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
 from balancer.core.lifecycle import DrainCut, plan_backends, plan_reload
 from balancer.errors import Conflict, InvalidInput
