@@ -18,6 +18,7 @@ from aiohttp import ClientResponse, ClientSession, web
 from balancer.admin import checks
 from balancer.admin.app import RUNNER_OPTIONS, guarded_app
 from balancer.admin.checks import (
+    MAX_BODY,
     MAX_ERROR,
     SECURITY_HEADERS,
     SHOWN_KEYS,
@@ -26,7 +27,6 @@ from balancer.admin.checks import (
     check_weight,
     json_object,
 )
-from balancer.admin.openapi import MAX_BODY
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard
 from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
 from balancer.errors import BackendError, BalancerError, Conflict, InvalidInput, NotFound

@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from balancer.admin.checks import (
     GUARD_KEY,
+    MAX_BODY,
     add_security_headers,
     api_handler,
     guard_middleware,
@@ -47,7 +48,6 @@ from balancer.admin.handlers import (
 )
 from balancer.admin.history import TrafficHistory
 from balancer.admin.metrics import make_registry
-from balancer.admin.openapi import MAX_BODY
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard, check_admin_security
 from balancer.net.loops import listen_socket
 

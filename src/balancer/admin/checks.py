@@ -22,7 +22,6 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from balancer.admin.openapi import MAX_BODY
 from balancer.admin.security import ACCESS, READ, WRITE, AdminGuard
 from balancer.config.model import BOUNDS
 from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound
@@ -30,6 +29,8 @@ from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound
 log = logging.getLogger("balancer")
 
 GUARD_KEY = web.AppKey("guard", AdminGuard)
+MAX_BODY = 64 * 1024
+"""Largest request body the admin endpoint reads, in bytes."""
 MAX_ERROR = 500
 """Longest error message sent back, in characters."""
 SHOWN_KEYS = 5

@@ -24,7 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 from balancer.admin.checks import ApiError, check_weight, json_object, show
 from balancer.admin.documents import backend_status, services_document, status_document
 from balancer.admin.history import TrafficHistory
-from balancer.admin.openapi import BACKEND_STATES, OPENAPI
+from balancer.admin.openapi import OPENAPI
 from balancer.config.model import BackendConfig, ConfigError, parse_address
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 ADMIN_KEY: web.AppKey[AdminState] = web.AppKey("admin")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+BACKEND_STATES = ("up", "drain", "maint")
+"""Admin states a backend can be set to through the API."""
 
 
 async def handle_status(request: web.Request) -> web.Response:
