@@ -21,7 +21,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from balancer.admin.app import check_admin_security  # noqa: E402
+from balancer.admin.security import check_admin_security  # noqa: E402
 from balancer.cli import run_server  # noqa: E402
 from balancer.config.model import (  # noqa: E402
     AdminConfig,

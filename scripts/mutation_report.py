@@ -145,7 +145,7 @@ SCOPES: dict[str, list[Scope]] = {
         Scope("admin: guard", "src/balancer/admin/security.py"),
         Scope(
             "admin: request checks",
-            "src/balancer/admin/app.py",
+            "src/balancer/admin/checks.py",
             (
                 "x_check_body_headers",
                 "x_read_body",

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.proxy.message import dispatch, service, session
 from balancer.proxy.message.channel import BackendChannel
 from balancer.proxy.message.connection import BackendConnection

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from balancer.admin.app import check_admin_security, quantile_of_counts
+from balancer.admin.history import quantile_of_counts
+from balancer.admin.security import check_admin_security
 from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
 from balancer.tools.procs import ChildProcess as Proc
 from tests.admin_support import (

@@ -5,10 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from balancer.admin.app import TrafficHistory, services_document
-from balancer.admin.metrics import LatencyHistogram
+from balancer.admin.documents import services_document
+from balancer.admin.history import TrafficHistory
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import BackendPool
+from balancer.core.stats import LatencyHistogram
 
 
 def fake_server(backends: int) -> Any:

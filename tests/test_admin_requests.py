@@ -15,21 +15,22 @@ import pytest
 import pytest_asyncio
 from aiohttp import ClientResponse, ClientSession, web
 
-from balancer.admin import app as admin
-from balancer.admin.app import (
+from balancer.admin import checks
+from balancer.admin.app import RUNNER_OPTIONS, guarded_app
+from balancer.admin.checks import (
+    MAX_BODY,
     MAX_ERROR,
-    RUNNER_OPTIONS,
     SECURITY_HEADERS,
     SHOWN_KEYS,
     ApiError,
     api_handler,
     check_weight,
-    guarded_app,
     json_object,
 )
-from balancer.admin.openapi import MAX_BODY
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard
-from balancer.config.model import MAX_WEIGHT, AdminConfig
+from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.errors import BackendError, BalancerError, Conflict, InvalidInput, NotFound
+from balancer.runtime.services import ListenError
 
 TOKEN = "s3cret-write"
 READ_TOKEN = "s3cret-read"
@@ -359,7 +360,7 @@ async def test_every_answer_forbids_framing_and_sniffing(api: Admin, path: str) 
 
 
 def test_long_error_messages_are_cut() -> None:
-    resp = admin.error_response(400, "x" * 10_000)
+    resp = checks.error_response(400, "x" * 10_000)
     assert resp.body is not None
     assert len(json.loads(bytes(resp.body))["error"]) == MAX_ERROR  # type: ignore[arg-type]
 
@@ -437,3 +438,13 @@ async def test_a_request_the_http_parser_refuses_is_a_400_and_one_line_in_the_lo
     message = records[0].getMessage()
     assert message.startswith("admin: refused a malformed request from 127.0.0.1: ")
     assert "chunk size" in message
+
+
+def test_each_of_the_balancers_errors_is_answered_with_one_status() -> None:
+    assert checks.http_status(NotFound("no such backend")) == 404
+    assert checks.http_status(Conflict("the balancer is stopping")) == 409
+    assert checks.http_status(InvalidInput("invalid weight")) == 400
+    assert checks.http_status(BalancerError("reload failed")) == 500
+    assert checks.http_status(ConfigError("a.toml", "weight", "expected an integer")) == 500
+    for cls in (ConfigError, ListenError, NotFound, Conflict, InvalidInput, BackendError):
+        assert issubclass(cls, BalancerError), cls

@@ -403,9 +403,9 @@ async def _early_closer(port: int, me: int) -> None:
 
 
 async def test_isolation_over_real_sockets() -> None:
-    from balancer.admin.metrics import LatencyHistogram
     from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
     from balancer.core.pool import BackendPool
+    from balancer.core.stats import LatencyHistogram
 
     loop = asyncio.get_running_loop()
     line_server = await loop.create_server(LineTagger, "127.0.0.1", 0)

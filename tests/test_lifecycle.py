@@ -17,11 +17,13 @@ from typing import cast
 import pytest
 import uvloop
 
+from balancer.admin.checks import http_status
 from balancer.config.model import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
 from balancer.core.lifecycle import DrainCut, plan_backends, plan_reload
+from balancer.errors import Conflict, InvalidInput
 from balancer.net import resources
 from balancer.net.loops import ListenerBatch, create_listener, listening_socket
-from balancer.runtime.server import RuntimeChangeError, Server
+from balancer.runtime.server import Server
 from tests.support import free_ports, reply_for
 
 # -- the plans ----------------------------------------------------------------------------------
@@ -269,11 +271,11 @@ async def test_a_reload_to_a_busy_port_is_rejected_whole_and_changes_nothing() -
                     svc("fresh", extra, b, health=NO_CHECKS),
                     svc("numbers", taken, b, health=NO_CHECKS),
                 )
-                with pytest.raises(RuntimeChangeError) as err:
+                with pytest.raises(Conflict) as err:
                     await server.reload()
-                assert err.value.status == 409
-                assert f"cannot listen on 127.0.0.1:{taken}" in err.value.message
-                assert "in use" in err.value.message
+                assert http_status(err.value) == 409
+                assert f"cannot listen on 127.0.0.1:{taken}" in str(err.value)
+                assert "in use" in str(err.value)
                 assert list(server.services) == ["numbers"]
                 assert server.services["numbers"].bound == ("127.0.0.1", port)
                 assert await ask(port, "2") == reply_for(2)
@@ -367,19 +369,19 @@ async def test_a_backend_that_is_the_balancer_itself_is_refused() -> None:
         try:
             host, port = server.services["numbers"].bound
             assert server.listen_addresses() == [(host, port)]
-            with pytest.raises(RuntimeChangeError) as err:
+            with pytest.raises(InvalidInput) as err:
                 server.add_backend("numbers", BackendConfig("127.0.0.1", port))
-            assert err.value.status == 400
-            assert "this balancer itself" in err.value.message
-            with pytest.raises(RuntimeChangeError) as err:
+            assert http_status(err.value) == 400
+            assert "this balancer itself" in str(err.value)
+            with pytest.raises(InvalidInput) as err:
                 await server.check_backend_address("localhost", port)
-            assert err.value.status == 400
+            assert http_status(err.value) == 400
             await server.check_backend_address("localhost", b)  # another port: fine
             files.current = config(svc("numbers", 0, b, port, health=NO_CHECKS))
-            with pytest.raises(RuntimeChangeError) as err:
+            with pytest.raises(InvalidInput) as err:
                 await server.reload()
-            assert err.value.status == 400
-            assert f"127.0.0.1:{port}" in err.value.message
+            assert http_status(err.value) == 400
+            assert f"127.0.0.1:{port}" in str(err.value)
             assert [x.address for x in server.services["numbers"].pool] == [f"127.0.0.1:{b}"]
         finally:
             await server.shutdown()
@@ -442,7 +444,7 @@ async def test_a_takeover_after_a_rejected_one_still_finds_the_running_listener(
                 files.current = dataclasses.replace(
                     to_tcp, services=(*to_tcp.services, svc("busy", taken, b, health=NO_CHECKS))
                 )
-                with pytest.raises(RuntimeChangeError):
+                with pytest.raises(Conflict):
                     await server.reload()
             assert server.services["extra"].config.mode == "message"
             assert await ask(extra, "8") == reply_for(8)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.proxy.message.service import MessageService
 from tests.message_doubles import LineTagger, split_line_replies, tag
 from tests.support import free_port

@@ -1,12 +1,17 @@
-"""/metrics shows shortages of the balancer's own resources (no sockets)."""
+"""/metrics shows shortages of the balancer's own resources (no sockets), and the metric
+library stays on the admin side."""
 
 from __future__ import annotations
 
+import ast
 import errno
+import sys
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+import balancer
 from balancer.admin.metrics import make_registry
 from balancer.config.model import Config
 from balancer.net import resources
@@ -39,3 +44,31 @@ def test_metrics_count_local_resource_shortages(monkeypatch: pytest.MonkeyPatch)
     assert "balancer_fd_reserve 40.0" in text
     assert "balancer_fd_clients 60.0" in text
     assert "balancer_fd_refused_total 1.0" in text
+
+
+SRC = Path(balancer.__file__).resolve().parent
+
+
+def imported(path: Path) -> set[str]:
+    """The top-level names of the modules `path` imports (relative imports aside)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_prometheus_client_is_imported_by_the_admin_side_only() -> None:
+    importers = sorted(
+        str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "prometheus_client" in imported(p)
+    )
+    assert importers, "the admin's collectors use it"
+    assert all(name.startswith("admin/") for name in importers), importers
+
+
+@pytest.mark.parametrize("module", ["core/stats.py", "errors.py"])
+def test_the_bottom_modules_import_the_standard_library_only(module: str) -> None:
+    names = imported(SRC / module)
+    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names

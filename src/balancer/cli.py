@@ -157,7 +157,7 @@ def run_server(config: Config, reader: Callable[[], Config] | None = None) -> in
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from balancer.admin.app import check_admin_security
+    from balancer.admin.security import check_admin_security
     from balancer.observe.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)

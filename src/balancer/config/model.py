@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from balancer.config.bounds import Bound as Bound
 from balancer.config.bounds import as_number, is_integer, show_value
+from balancer.errors import BalancerError
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9100
@@ -92,7 +93,7 @@ INTEGER_KEYS = frozenset(
 """The keys of `BOUNDS` that take whole numbers only."""
 
 
-class ConfigError(Exception):
+class ConfigError(BalancerError):
     """A configuration problem, with where it is and what was expected.
 
     One error reads `source: line N: where: message` (the line when the format

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import ServiceConfig
 from balancer.core.pool import BackendPool
+from balancer.core.stats import LatencyHistogram
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.base import Proxy
 from balancer.proxy.message.service import MessageService

@@ -7,8 +7,8 @@ How it works:
   process's own listeners; run the new services' first health checks. Commit: retire
   the services the file dropped or moved, change the others in place, swap the new
   ones in and start accepting. Only prepare can fail, and a failure there closes what
-  it bound: a rejected reload changes nothing, and says why (`RuntimeChangeError`:
-  400 for a bad file, 409 for a listen address in use or a stop under way).
+  it bound: a rejected reload changes nothing, and says why (`balancer.errors`:
+  InvalidInput for a bad file, Conflict for a listen address in use or a stop under way).
 - Reloads are serialized (SIGHUP and `POST /api/reload` take one lock); the state after
   any sequence of reloads is the last file's (`balancer.core.lifecycle`).
 - Signals: the SIGINT, SIGTERM and SIGHUP handlers are installed before anything slow,
@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import (
     BOUNDS,
     BackendConfig,
@@ -44,6 +43,8 @@ from balancer.config.model import (
 )
 from balancer.core.lifecycle import DrainCut, ReloadPlan, plan_backends, plan_reload
 from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
+from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound
 from balancer.net import resources
 from balancer.net.loops import listening_addresses, listening_socket
 from balancer.observe.accesslog import AccessLog
@@ -55,7 +56,6 @@ from balancer.runtime.services import (
     ListenError,
     Prepared,
     Removal,
-    RuntimeChangeError,
     ServiceRuntime,
     numeric_addresses,
     own_listener,
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ListenError",
-    "RuntimeChangeError",
     "Server",
     "ServiceRuntime",
 ]
@@ -116,15 +115,14 @@ class Server:
     async def _prepare(self, new: Config, plan: ReloadPlan, *, admin: bool = False) -> Prepared:
         """Bind and build what `plan` needs, check it; nothing serves yet. Raises
         ListenError (a listen address cannot be bound), ConfigError (a backend is this
-        balancer itself) or RuntimeChangeError, having closed what it bound."""
+        balancer itself) or Conflict, having closed what it bound."""
         prepared = Prepared(new, plan)
         try:
             for name, old in (plan.takeover or {}).items():
                 svc = new.service(name)
                 sock = listening_socket(self.services[old].bound)
                 if sock is None:
-                    raise RuntimeChangeError(
-                        409,
+                    raise Conflict(
                         f"service {name}: cannot take over {svc.listen} from service {old}: "
                         "its listener is bound to several addresses; restart to make this change",
                     )
@@ -243,7 +241,7 @@ class Server:
         return own_listener(resolved, self._running_listeners())
 
     async def check_backend_address(self, host: str, port: int) -> None:
-        """Raise RuntimeChangeError(400) if a backend at (host, port) would be this balancer
+        """Raise InvalidInput if a backend at (host, port) would be this balancer
         itself (names resolved without blocking the loop)."""
         listeners = self._running_listeners()
         if port not in {p for _, (_, p) in listeners}:
@@ -253,8 +251,7 @@ class Server:
             resolved = await resolve(asyncio.get_running_loop(), host, port)
         what = own_listener(resolved, listeners)
         if what is not None:
-            raise RuntimeChangeError(
-                400,
+            raise InvalidInput(
                 f"backend {format_address(host, port)} is this balancer itself ({what}): "
                 "refused, it would be a connection loop",
             )
@@ -324,7 +321,7 @@ class Server:
         runtime = self.services.get(service)
         if runtime is None:
             known = ", ".join(sorted(self.services)) or "none"
-            raise RuntimeChangeError(404, f"no service {service!r} (services: {known})")
+            raise NotFound(f"no service {service!r} (services: {known})")
         return runtime
 
     def backend(self, service: str, address: str) -> tuple[ServiceRuntime, Backend]:
@@ -332,9 +329,7 @@ class Server:
         backend = runtime.pool.get(address)
         if backend is None:
             known = ", ".join(b.address for b in runtime.pool) or "none"
-            raise RuntimeChangeError(
-                404, f"service {service!r} has no backend {address!r} (backends: {known})"
-            )
+            raise NotFound(f"service {service!r} has no backend {address!r} (backends: {known})")
         return runtime, backend
 
     def set_backend(
@@ -343,16 +338,13 @@ class Server:
         """Change a backend's admin state ("up", "drain", "maint") and/or weight, at once."""
         runtime, backend = self.backend(service, address)
         if state is not None and state not in ADMIN_STATES:
-            raise RuntimeChangeError(
-                400, f"invalid state {state!r}: expected one of up, drain, maint"
-            )
+            raise InvalidInput(f"invalid state {state!r}: expected one of up, drain, maint")
         if weight is not None and (
             isinstance(weight, bool)
             or not isinstance(weight, int)
             or not BOUNDS["weight"].admits(weight)
         ):
-            raise RuntimeChangeError(
-                400,
+            raise InvalidInput(
                 f"invalid weight {weight!r}: expected {BOUNDS['weight'].expected(True)}",
             )
         if state is not None:
@@ -381,18 +373,15 @@ class Server:
     def add_backend(self, service: str, config: BackendConfig) -> Backend:
         """Add a backend; it takes traffic once health checks pass (at once if they are off).
 
-        A backend at one of this balancer's own listen addresses is refused (400); names
+        A backend at one of this balancer's own listen addresses is refused (InvalidInput); names
         are checked by `check_backend_address`, which may resolve them.
         """
         runtime = self.runtime(service)
         if runtime.pool.get(config.address) is not None:
-            raise RuntimeChangeError(
-                409, f"service {service!r} already has backend {config.address!r}"
-            )
+            raise Conflict(f"service {service!r} already has backend {config.address!r}")
         what = self.loop_listener(config.host, config.port)
         if what is not None:
-            raise RuntimeChangeError(
-                400,
+            raise InvalidInput(
                 f"backend {config.address} is this balancer itself ({what}): refused, "
                 "it would be a connection loop",
             )
@@ -498,7 +487,7 @@ class Server:
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
-        except RuntimeChangeError:
+        except BalancerError:
             pass  # logged by reload()
         except Exception:
             log.exception("reload failed; the running config is kept")
@@ -520,24 +509,24 @@ class Server:
         runtime API and not in the file included. Every new listener is bound before
         anything changes: a file that cannot be applied (invalid, a listen address in
         use, a backend that is the balancer itself) is rejected whole with a
-        RuntimeChangeError (400 or 409) and the running config is kept.
+        InvalidInput or a Conflict and the running config is kept.
         """
         if self.stopping:
-            raise RuntimeChangeError(409, "the balancer is stopping")
+            raise Conflict("the balancer is stopping")
         async with self._reload_lock:
             if self.stopping:
-                raise RuntimeChangeError(409, "the balancer is stopping")
+                raise Conflict("the balancer is stopping")
             try:
                 await self._reload()
-            except RuntimeChangeError as exc:
-                log.error("reload rejected, keeping the running config: %s", exc.message)
+            except BalancerError as exc:
+                log.error("reload rejected, keeping the running config: %s", exc)
                 raise
 
     async def _reload(self) -> None:
         try:
             new = self.read_config()
         except ConfigError as exc:
-            raise RuntimeChangeError(400, str(exc)) from None
+            raise InvalidInput(str(exc)) from None
         old = self.config
         if new.admin != old.admin:
             log.warning("reload: admin settings changed; they take effect on restart")
@@ -549,24 +538,24 @@ class Server:
         try:
             prepared = await prepare
         except ListenError as exc:
-            raise RuntimeChangeError(409, str(exc)) from None
+            raise Conflict(str(exc)) from None
         except ConfigError as exc:
-            raise RuntimeChangeError(400, str(exc)) from None
+            raise InvalidInput(str(exc)) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
-            raise RuntimeChangeError(409, "the balancer is stopping") from None
-        except RuntimeChangeError:
+            raise Conflict("the balancer is stopping") from None
+        except BalancerError:
             raise
         except Exception as exc:
             log.exception("reload failed while binding and building")
-            raise RuntimeChangeError(500, f"reload failed: {exc}") from None
+            raise BalancerError(f"reload failed: {exc}") from None
         finally:
             self._preparing = None
         if self.stopping:
             await prepared.abandon()
-            raise RuntimeChangeError(409, "the balancer is stopping")
+            raise Conflict("the balancer is stopping")
         await self._commit(prepared)
         log.info("reload done: %d service(s)", len(self.services))
 

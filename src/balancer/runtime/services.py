@@ -17,10 +17,11 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from balancer.admin.metrics import LatencyHistogram
 from balancer.config.model import Config, ServiceConfig, format_address
 from balancer.core.lifecycle import ReloadPlan
 from balancer.core.pool import Backend, BackendPool
+from balancer.core.stats import LatencyHistogram
+from balancer.errors import BalancerError
 from balancer.net import loopguard
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
@@ -62,17 +63,8 @@ class ServiceRuntime:
         return format_address(*self.bound)
 
 
-class ListenError(Exception):
+class ListenError(BalancerError):
     """A service's listen address could not be bound (in use, not local, no permission)."""
-
-
-class RuntimeChangeError(Exception):
-    """A runtime change that cannot be made; `status` is the HTTP status that fits."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.message = message
-        super().__init__(message)
 
 
 # -- connection loops: a backend that is one of our own listeners ----------------------------

@@ -42,8 +42,8 @@ from balancer.wire import (
 )
 
 if TYPE_CHECKING:
-    from balancer.admin.metrics import LatencyHistogram
     from balancer.config.model import ServiceConfig
+    from balancer.core.stats import LatencyHistogram
     from balancer.observe.accesslog import AccessLog
 
 log = logging.getLogger("balancer")

@@ -23,8 +23,8 @@ from balancer.proxy.message.session import ClientSession
 from balancer.wire import QUEUE_TIMEOUT
 
 if TYPE_CHECKING:
-    from balancer.admin.metrics import LatencyHistogram
     from balancer.config.model import Config, ServiceConfig
+    from balancer.core.stats import LatencyHistogram
     from balancer.observe.accesslog import AccessLog
 
 
