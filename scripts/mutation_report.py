@@ -73,6 +73,7 @@ SCOPES: dict[str, list[Scope]] = {
         Scope("health (HealthState)", "src/balancer/runtime/health.py", ("xǁHealthStateǁ*",)),
         Scope("pool", "src/balancer/core/pool.py"),
         Scope("config: model", "src/balancer/config/model.py"),
+        Scope("config: algorithms and their options", "src/balancer/config/policies.py"),
         Scope("config: loader", "src/balancer/config/loader.py"),
         Scope("config: checks across the file", "src/balancer/config/checks.py"),
         Scope("config: bounds", "src/balancer/config/bounds.py"),

@@ -29,7 +29,7 @@ from balancer.config.model import (
     parse_address,
     parse_admin,
 )
-from balancer.core.policies import POLICIES
+from balancer.config.policies import ALGORITHMS
 from tests.support import config_error, write_config
 
 FULL_TOML = """\
@@ -266,7 +266,7 @@ def test_the_full_examples_hold_every_key_the_loader_knows() -> None:
         options.setdefault(svc.get("algorithm", "round_robin"), set()).update(
             svc.get("policy_options", {})
         )
-    for name, policy in POLICIES.items():
+    for name, policy in ALGORITHMS.items():
         if policy.options:
             assert options.get(name) == set(policy.options), name
 

@@ -52,7 +52,7 @@ from balancer.config.model import (
     parse_host,
     parse_port,
 )
-from balancer.core.policies.base import Policy
+from balancer.config.policies import ALGORITHMS, Algorithm, weighted_names
 
 _TOML_POSITION_RE = re.compile(
     r"^(?P<msg>.*?)\s*\(at (?P<where>line \d+, column \d+|end of document)\)$"
@@ -346,7 +346,7 @@ def _check_duplicates(backends: list[tuple[BackendConfig, str]], problems: Probl
 
 
 def _policy_options(
-    value: object, where: str, problems: Problems, algorithm: str, policy: type[Policy] | None
+    value: object, where: str, problems: Problems, algorithm: str, policy: Algorithm | None
 ) -> dict[str, float]:
     t = _Table.read(
         value, where, problems, value if isinstance(value, dict) else (), what="a table"
@@ -375,8 +375,6 @@ def _policy_options(
 def _service(
     name: str, data: object, problems: Problems, default_listen: tuple[str, int]
 ) -> ParsedService | None:
-    from balancer.core.policies import POLICIES
-
     path = join_key("services", name)
     if not SERVICE_NAME_RE.fullmatch(name):
         problems.add(
@@ -412,8 +410,8 @@ def _service(
             listen_host, listen_port = parsed
 
     mode = t.choice("mode", defaults.mode, MODES)
-    algorithm = t.choice("algorithm", defaults.algorithm, POLICIES)
-    policy = POLICIES[algorithm] if t.clean("algorithm") else None
+    algorithm = t.choice("algorithm", defaults.algorithm, ALGORITHMS)
+    policy = ALGORITHMS[algorithm] if t.clean("algorithm") else None
     hash_key = t.choice("hash_key", defaults.hash_key, HASH_KEYS)
     if hash_key == "message" and mode != "message" and t.clean("mode"):
         t.fail(
@@ -422,12 +420,11 @@ def _service(
             f"got {hash_key!r}",
         )
     slow_start = t.bounded("slow_start", defaults.slow_start)
-    if slow_start > 0 and policy is not None and algorithm in ("round_robin", "consistent_hash"):
+    if slow_start > 0 and policy is not None and not policy.weighted:
         t.fail(
             "slow_start",
             f"expected 0 with algorithm {algorithm!r}, which ignores weights; slow start needs "
-            "weighted_round_robin, least_connections, random, power_of_two or peak_ewma, "
-            f"got {show_value(t.data['slow_start'])}",
+            f"{weighted_names()}, got {show_value(t.data['slow_start'])}",
         )
     policy_options: dict[str, float] = {}
     if t.has("policy_options"):
