@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from balancer.config.model import DEFAULT_LISTEN, ConfigError, load_config
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import DEFAULT_LISTEN
 from balancer.tools.demo import ADMIN_RE, INSTANCE_RE, SERVICE_RE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from balancer.admin.app import check_admin_security, quantile_of_counts
-from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import MAX_WEIGHT, AdminConfig
 from tests.admin_support import (
     READ_ROUTES,
     bearer,

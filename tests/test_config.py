@@ -13,23 +13,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.config.loader import TABLE_KEYS
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
 from balancer.config.model import (
     BOUNDS,
     INTEGER_KEYS,
     AdminConfig,
     BackendConfig,
     Config,
-    ConfigError,
     HealthConfig,
     OutlierConfig,
     ServiceConfig,
-    config_from_backends,
-    load_config,
-    parse_address,
     parse_admin,
 )
 from balancer.config.policies import ALGORITHMS
+from balancer.config.schema import TABLE_KEYS
+from balancer.config.tutorial import config_from_backends
 from tests.support import config_error, write_config
 
 FULL_TOML = """\

@@ -11,10 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balancer.config.bounds import Bound
 from balancer.config.doc import BEGIN, END, bounds_table
-from balancer.config.loader import TABLE_KEYS
-from balancer.config.model import BOUNDS, INTEGER_KEYS, Bound, Config, ConfigError, load_config
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import BOUNDS, INTEGER_KEYS, Config
 from balancer.config.policies import ALGORITHMS
+from balancer.config.schema import TABLE_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 
 from balancer.config import checks as config_checks
+from balancer.config.addresses import host_problem, parse_address, parse_host
 from balancer.config.bounds import as_number, show_value
-from balancer.config.loader import load
-from balancer.config.model import (
-    BOUNDS,
-    AdminConfig,
-    BackendConfig,
-    ConfigError,
-    check_bound,
-    config_from_backends,
-    host_problem,
-    load_config,
-    parse_address,
-    parse_admin,
-    parse_host,
-)
+from balancer.config.errors import ConfigError
+from balancer.config.load import load, load_config
+from balancer.config.model import BOUNDS, AdminConfig, BackendConfig, check_bound, parse_admin
+from balancer.config.tutorial import config_from_backends
 from tests.support import config_error, write_config
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"

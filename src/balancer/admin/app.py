@@ -55,7 +55,9 @@ from balancer.admin.security import (
     check_admin_security,
     is_loopback,
 )
-from balancer.config.model import BOUNDS, BackendConfig, ConfigError, parse_address
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.model import BOUNDS, BackendConfig
 from balancer.core.pool import Backend
 from balancer.net.loops import listen_socket
 

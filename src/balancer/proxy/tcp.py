@@ -71,7 +71,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from balancer.config.model import ServiceConfig, format_address
+from balancer.config.addresses import format_address
+from balancer.config.model import ServiceConfig
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard, resources

@@ -34,14 +34,9 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from balancer.admin.metrics import LatencyHistogram
-from balancer.config.model import (
-    BOUNDS,
-    BackendConfig,
-    Config,
-    ConfigError,
-    ServiceConfig,
-    format_address,
-)
+from balancer.config.addresses import format_address
+from balancer.config.errors import ConfigError
+from balancer.config.model import BOUNDS, BackendConfig, Config, ServiceConfig
 from balancer.core.lifecycle import DrainCut, ReloadPlan, plan_backends, plan_reload
 from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
 from balancer.net import resources
@@ -511,7 +506,7 @@ class Server:
     def read_config(self) -> Config:
         if self.reader is not None:
             return self.reader()
-        from balancer.config.model import load_config
+        from balancer.config.load import load_config
 
         return load_config(self.config.source)
 

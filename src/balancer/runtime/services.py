@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from balancer.admin.metrics import LatencyHistogram
-from balancer.config.model import Config, ServiceConfig, format_address
+from balancer.config.addresses import format_address
+from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import DrainCut, ReloadPlan
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
