@@ -209,7 +209,6 @@ class ServiceConfig:
 class AdminConfig:
     host: str = DEFAULT_ADMIN_HOST
     port: int = DEFAULT_ADMIN_PORT
-    enabled: bool = True
     token: str | None = None
     """Bearer token every write needs (also $BALANCER_ADMIN_TOKEN)."""
     read_token: str | None = None
@@ -219,6 +218,7 @@ class AdminConfig:
     "auto": open on a loopback listener, token elsewhere."""
     allowed_hosts: tuple[str, ...] = ()
     """Host header values accepted besides the listener's own address and loopback names."""
+    enabled: bool = True
 
     @property
     def listen(self) -> str:
