@@ -23,14 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 
 from balancer.admin.security import check_admin_security  # noqa: E402
 from balancer.cli import run_server  # noqa: E402
-from balancer.config.model import (  # noqa: E402
-    AdminConfig,
-    Config,
-    ConfigError,
-    check_bound,
-    load_config,
-    parse_admin,
-)
+from balancer.config.errors import ConfigError  # noqa: E402
+from balancer.config.load import load_config  # noqa: E402
+from balancer.config.model import AdminConfig, Config, check_bound, parse_admin  # noqa: E402
 from balancer.observe.logs import setup_logging  # noqa: E402
 
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from balancer.config.model import DEFAULT_LISTEN, ConfigError, load_config
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import DEFAULT_LISTEN
 from balancer.tools.procs import ChildProcess, ready_balancer_ports, ready_service_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,8 @@ import pytest
 
 from balancer.admin.history import quantile_of_counts
 from balancer.admin.security import check_admin_security
-from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import MAX_WEIGHT, AdminConfig
 from balancer.tools.procs import ChildProcess as Proc
 from tests.admin_support import (
     READ_ROUTES,

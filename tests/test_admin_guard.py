@@ -16,7 +16,8 @@ from balancer.admin.security import (
     is_loopback,
     split_host,
 )
-from balancer.config.model import AdminConfig, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import AdminConfig
 
 
 def guard(**settings: object) -> AdminGuard:

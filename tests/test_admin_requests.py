@@ -28,7 +28,8 @@ from balancer.admin.checks import (
     json_object,
 )
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard
-from balancer.config.model import MAX_WEIGHT, AdminConfig, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import MAX_WEIGHT, AdminConfig
 from balancer.errors import BackendError, BalancerError, Conflict, InvalidInput, NotFound
 from balancer.runtime.services import ListenError
 

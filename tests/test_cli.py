@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config.model import Config, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import Config
 from balancer.tools.procs import ChildProcess as Proc
 from tests.support import (
     PYTHON,

@@ -13,23 +13,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.config.loader import TABLE_KEYS
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
 from balancer.config.model import (
     BOUNDS,
     INTEGER_KEYS,
     AdminConfig,
     BackendConfig,
     Config,
-    ConfigError,
     HealthConfig,
     OutlierConfig,
     ServiceConfig,
-    config_from_backends,
-    load_config,
-    parse_address,
     parse_admin,
 )
-from balancer.core.policies import POLICIES
+from balancer.config.policies import ALGORITHMS
+from balancer.config.schema import TABLE_KEYS
+from balancer.config.tutorial import config_from_backends
 from tests.support import config_error, write_config
 
 FULL_TOML = """\
@@ -266,7 +266,7 @@ def test_the_full_examples_hold_every_key_the_loader_knows() -> None:
         options.setdefault(svc.get("algorithm", "round_robin"), set()).update(
             svc.get("policy_options", {})
         )
-    for name, policy in POLICIES.items():
+    for name, policy in ALGORITHMS.items():
         if policy.options:
             assert options.get(name) == set(policy.options), name
 

@@ -11,10 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balancer.config.bounds import Bound
 from balancer.config.doc import BEGIN, END, bounds_table
-from balancer.config.loader import TABLE_KEYS
-from balancer.config.model import BOUNDS, INTEGER_KEYS, Bound, Config, ConfigError, load_config
-from balancer.core.policies import POLICIES
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import BOUNDS, INTEGER_KEYS, Config
+from balancer.config.policies import ALGORITHMS
+from balancer.config.schema import TABLE_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +31,7 @@ TOP = ("drain_timeout", "drain_close_window")
 NUMBERS: dict[str, tuple[Bound, bool]] = {
     name: (bound, name in INTEGER_KEYS) for name, bound in BOUNDS.items()
 }
-for _algorithm, _policy in POLICIES.items():
+for _algorithm, _policy in ALGORITHMS.items():
     for _key, _spec in _policy.options.items():
         NUMBERS[f"policy:{_algorithm}.{_key}"] = (_spec.bound, _spec.integer)
 

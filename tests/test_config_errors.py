@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config.model import ConfigError, check_bound, load_config, parse_address
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import check_bound
 from tests.support import config_error, write_config
 
 

@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 
 from balancer.config import checks as config_checks
+from balancer.config.addresses import host_problem, parse_address, parse_host
 from balancer.config.bounds import as_number, show_value
-from balancer.config.loader import load
-from balancer.config.model import (
-    BOUNDS,
-    AdminConfig,
-    BackendConfig,
-    ConfigError,
-    check_bound,
-    config_from_backends,
-    host_problem,
-    load_config,
-    parse_address,
-    parse_admin,
-    parse_host,
-)
+from balancer.config.errors import ConfigError
+from balancer.config.load import load, load_config
+from balancer.config.model import BOUNDS, AdminConfig, BackendConfig, check_bound, parse_admin
+from balancer.config.tutorial import config_from_backends
 from tests.support import config_error, write_config
 
 SERVICE = "[services.a]\nlisten = '127.0.0.1:1'\nbackends = ['127.0.0.1:2']\n"
@@ -492,4 +483,34 @@ def test_a_json_services_file_keeps_its_admin_token_under_the_command_lines_addr
     given = AdminConfig(host="127.0.0.3", port=1)
     assert load(str(path), "127.0.0.1:8080", admin_listen=given).admin == AdminConfig(
         host="127.0.0.3", port=1, token="w"
+    )
+
+
+def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
+    tmp_path: Path,
+) -> None:
+    """The keys come from the model's fields: settings in field order, tables last."""
+    top = error_of(tmp_path, "a.toml", "zzzzzzzz = 1\n" + SERVICE)
+    assert top == (
+        "a.toml: line 1: zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: drain_timeout, "
+        "drain_close_window, access_log, admin, services"
+    )
+    admin = error_of(tmp_path, "a.toml", "[admin]\nzzzzzzzz = 1\n" + SERVICE)
+    assert admin == (
+        "a.toml: line 2: admin.zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: listen, "
+        "token, read_token, read_access, allowed_hosts, enabled"
+    )
+    service = error_of(tmp_path, "a.toml", SERVICE + "zzzzzzzz = 1\n")
+    assert service == (
+        "a.toml: line 4: services.a.zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: listen, "
+        "mode, algorithm, backend_framing, client_framing, max_line, retries, connect_timeout, "
+        "response_timeout, backend_connections, hash_key, hash_balance_factor, slow_start, "
+        "policy_options, client_timeout, idle_timeout, max_connections, "
+        "max_backend_connections, connect_buffer, max_backend_requests, queue_size, "
+        "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, backends, "
+        "health, outlier"
+    )
+    backend = error_of(tmp_path, "a.toml", SERVICE.replace("['127.0.0.1:2']", "[{ zzzzzzzz = 1 }]"))
+    assert "backends[0].zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: address, weight" in (
+        backend
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import math
 import random
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.config.model import BackendConfig, ServiceConfig
+from balancer.config.policies import ALGORITHMS, check_policy_options, is_prime
 from balancer.core.policies import (
     POLICIES,
     ConsistentHash,
@@ -28,10 +30,9 @@ from balancer.core.policies import (
     Target,
     WeightedRandom,
     WeightedRoundRobin,
-    check_policy_options,
     make_policy,
 )
-from balancer.core.policies.consistent_hash import build_table, is_prime
+from balancer.core.policies.consistent_hash import build_table
 from balancer.core.pool import BackendPool
 
 
@@ -93,6 +94,29 @@ def test_registry_names_every_algorithm_by_its_config_name() -> None:
     }
     for name, cls in POLICIES.items():
         assert cls.name == name
+
+
+def test_the_catalogue_and_the_implementations_name_the_same_algorithms_and_options() -> None:
+    """`config.policies.ALGORITHMS` (what the loader accepts) matches what core implements.
+
+    Each option is a keyword of the implementation's constructor, with the catalogue's default.
+    """
+    assert list(ALGORITHMS) == list(POLICIES)
+    not_options = {"self", "rng", "clock", "balance_factor"}
+    for name, cls in POLICIES.items():
+        parameters = inspect.signature(cls.__init__).parameters
+        defaults = {p: v.default for p, v in parameters.items() if p not in not_options}
+        options = ALGORITHMS[name].options
+        assert defaults == {key: spec.default for key, spec in options.items()}, name
+        built = make_policy(service(name))
+        for key, spec in options.items():
+            assert getattr(built, key) == spec.default, (name, key)
+
+
+def test_only_the_weight_aware_algorithms_take_slow_start() -> None:
+    """`weighted` in the catalogue: the algorithms whose picks follow the effective weight."""
+    weighted = {name for name, algorithm in ALGORITHMS.items() if algorithm.weighted}
+    assert weighted == set(POLICIES) - {"round_robin", "consistent_hash"}
 
 
 @pytest.mark.parametrize("algorithm", sorted(POLICIES))
@@ -952,17 +976,10 @@ def test_consistent_hash_refuses_a_bad_table_size_or_balance_factor() -> None:
     with pytest.raises(ValueError, match=r"expected 0 \(off\) or a number > 1, got 1"):
         ConsistentHash(balance_factor=1.0)
     with pytest.raises(ValueError, match=r"'table_size': expected a prime number .*got 101.5"):
-        ConsistentHash.from_service(
-            service("consistent_hash", policy_options={"table_size": 101.5})
-        )
+        ConsistentHash.from_options({"table_size": 101.5})
     with pytest.raises(ValueError, match=r"'table_size': expected a prime number from 2 .*got 1"):
-        ConsistentHash.from_service(service("consistent_hash", policy_options={"table_size": 1}))
-    assert (
-        ConsistentHash.from_service(
-            service("consistent_hash", policy_options={"table_size": 2})
-        ).table_size
-        == 2
-    )
+        ConsistentHash.from_options({"table_size": 1})
+    assert ConsistentHash.from_options({"table_size": 2}).table_size == 2
 
 
 def test_consistent_hash_bounded_load_cap_counts_the_new_request() -> None:

@@ -21,7 +21,8 @@ from zlib import crc32
 import pytest
 
 from balancer.config.model import AdminConfig, BackendConfig, Config, HealthConfig, ServiceConfig
-from balancer.core.policies.consistent_hash import DEFAULT_TABLE_SIZE, build_table
+from balancer.config.policies import DEFAULT_TABLE_SIZE
+from balancer.core.policies.consistent_hash import build_table
 from balancer.runtime.server import Server
 from balancer.tools.service import protocol_factory
 from tests.support import (

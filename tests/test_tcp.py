@@ -20,7 +20,8 @@ from typing import Any, cast
 import psutil
 import pytest
 
-from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig, load_config
+from balancer.config.load import load_config
+from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import DOWN, UP, BackendPool
 from balancer.net import loopguard, resources, tcpinfo
 from balancer.proxy.tcp import relay

@@ -12,14 +12,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from balancer.config.model import (
-    Config,
-    ConfigError,
-    check_bound,
-    load_config,
-    parse_address,
-    parse_admin,
-)
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import Config, check_bound, parse_admin
 
 log = logging.getLogger("balancer")
 

@@ -25,7 +25,9 @@ from balancer.admin.checks import ApiError, check_weight, json_object, show
 from balancer.admin.documents import backend_status, services_document, status_document
 from balancer.admin.history import TrafficHistory
 from balancer.admin.openapi import OPENAPI
-from balancer.config.model import BackendConfig, ConfigError, parse_address
+from balancer.config.addresses import parse_address
+from balancer.config.errors import ConfigError
+from balancer.config.model import BackendConfig
 
 if TYPE_CHECKING:
     from balancer.runtime.server import Server

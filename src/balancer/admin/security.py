@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from balancer.config.model import AdminConfig, ConfigError
+from balancer.config.errors import ConfigError
+from balancer.config.model import AdminConfig
 from balancer.net.loopguard import WILDCARD_HOSTS, is_local_ip
 
 TOKEN_ENV = "BALANCER_ADMIN_TOKEN"

@@ -28,14 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from balancer.config.addresses import format_address
+from balancer.config.errors import ConfigError
 from balancer.config.keylines import join_key, line_of
-from balancer.config.model import (
-    AdminConfig,
-    BackendConfig,
-    ConfigError,
-    ServiceConfig,
-    format_address,
-)
+from balancer.config.model import AdminConfig, BackendConfig, ServiceConfig
 from balancer.net import loopguard
 
 T = TypeVar("T")

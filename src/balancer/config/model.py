@@ -1,35 +1,38 @@
 """Typed configuration for the balancer.
 
 One `Config` holds everything a running balancer needs. It is built once, by
-`load_config` from a file (TOML, the tutorial's `config.txt`, or its JSON form)
-or by the command line, and validated there: every error names the file, the
-line and key, the bad value and what was expected, and one `ConfigError`
-lists every error the file has. The loaders live in `config_loader`, the
-checks across services (listeners, loops) in `config_checks`.
+`load_config` (`config.load`) from a file (TOML, the tutorial's `config.txt`,
+or its JSON form) or by the command line, and validated there: every error
+names the file, the line and key, the bad value and what was expected, and
+one `ConfigError` lists every error the file has. The algorithms and their
+options are in `config.policies`, the checks across services (listeners,
+loops) in `config.checks`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import NoReturn
+from dataclasses import dataclass, field, replace
 
+from balancer.config.addresses import format_address, parse_address
 from balancer.config.bounds import Bound as Bound
 from balancer.config.bounds import as_number, is_integer, show_value
-from balancer.errors import BalancerError
+from balancer.config.errors import ConfigError
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9100
 DEFAULT_MAX_LINE = 64 * 1024
+DEFAULT_SERVICE_NAME = "default"
+DEFAULT_LISTEN = "localhost:8080"
+SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 MODES = ("message", "tcp")
 FRAMINGS = ("line", "raw", "auto")
 """Backend framing: `auto` lets the first health check find out which one a backend speaks."""
 CLIENT_FRAMINGS = ("line", "raw", "auto")
 """Client framing: `auto` detects the tutorial's unterminated messages (raw) per connection."""
+HASH_KEYS = ("source", "message")
+READ_ACCESS = ("auto", "open", "token")
 MAX_WEIGHT = 1000
 """Largest backend weight, in config and through the runtime API."""
 
@@ -91,55 +94,6 @@ INTEGER_KEYS = frozenset(
     }
 )
 """The keys of `BOUNDS` that take whole numbers only."""
-
-
-class ConfigError(BalancerError):
-    """A configuration problem, with where it is and what was expected.
-
-    One error reads `source: line N: where: message` (the line when the format
-    has lines and it is known). An error raised for a whole file carries every
-    problem found in it: `errors` lists them (this one first), `str()` gives a
-    count and then one line each, and `source`, `where`, `message` and `line` are
-    those of the first.
-    """
-
-    def __init__(self, source: str, where: str, message: str, *, line: int | None = None) -> None:
-        super().__init__(source, where, message)
-        self.source = source
-        self.where = where
-        self.message = message
-        self.line = line
-        """Line of the file the error is on, when the format has lines and it is known."""
-        self.more: tuple[ConfigError, ...] = ()
-
-    @classmethod
-    def collected(cls, errors: Sequence[ConfigError]) -> ConfigError:
-        """One error standing for all of `errors` (at least one), the first one first."""
-        first = errors[0]
-        error = cls(first.source, first.where, first.message, line=first.line)
-        error.more = tuple(errors[1:])
-        return error
-
-    @property
-    def errors(self) -> tuple[ConfigError, ...]:
-        return (self, *self.more)
-
-    def describe(self) -> str:
-        """This error alone, on one line."""
-        parts = [self.source]
-        if self.line is not None and not self.where.startswith("line "):
-            parts.append(f"line {self.line}")
-        if self.where:
-            parts.append(self.where)
-        parts.append(self.message)
-        return ": ".join(parts)
-
-    def __str__(self) -> str:
-        if not self.more:
-            return self.describe()
-        lines = [f"{self.source}: {len(self.errors)} errors"]
-        lines.extend(error.describe() for error in self.errors)
-        return "\n".join(lines)
 
 
 def check_bound(key: str, value: object, *, source: str, where: str) -> float:
@@ -255,7 +209,6 @@ class ServiceConfig:
 class AdminConfig:
     host: str = DEFAULT_ADMIN_HOST
     port: int = DEFAULT_ADMIN_PORT
-    enabled: bool = True
     token: str | None = None
     """Bearer token every write needs (also $BALANCER_ADMIN_TOKEN)."""
     read_token: str | None = None
@@ -265,6 +218,7 @@ class AdminConfig:
     "auto": open on a loopback listener, token elsewhere."""
     allowed_hosts: tuple[str, ...] = ()
     """Host header values accepted besides the listener's own address and loopback names."""
+    enabled: bool = True
 
     @property
     def listen(self) -> str:
@@ -289,127 +243,6 @@ class Config:
         raise KeyError(name)
 
 
-# --------------------------------------------------------------------------
-# Addresses
-
-
-SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_NUMERIC_HOST_RE = re.compile(r"[0-9.]+")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-HASH_KEYS = ("source", "message")
-READ_ACCESS = ("auto", "open", "token")
-DEFAULT_SERVICE_NAME = "default"
-DEFAULT_LISTEN = "localhost:8080"
-
-
-def format_address(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 host in brackets (`[::1]:8080`)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def host_problem(text: str, *, bare_ipv6: bool = False) -> str | None:
-    """Why `text` is not a host (brackets around IPv6 allowed), or None if it is one.
-
-    A host of digits and dots only is an IPv4 address, and must be a valid one:
-    the resolver would take `256.1.1.1` as a name, and `1.2.3` or `8080` as
-    surprising addresses.
-    """
-    if text.startswith("[") and text.endswith("]"):
-        return None if _is_ipv6(text[1:-1]) else "the part in brackets must be an IPv6 address"
-    if ":" in text:
-        if bare_ipv6 and _is_ipv6(text):
-            return None
-        return "an IPv6 address needs brackets, as in [::1]:8080"
-    if not _HOSTNAME_RE.fullmatch(text):
-        return "the host may hold letters, digits, '.', '-' and '_'"
-    if _NUMERIC_HOST_RE.fullmatch(text):
-        try:
-            ipaddress.IPv4Address(text)
-        except ValueError:
-            return f"{text} is not a valid IPv4 address"
-    return None
-
-
-def parse_host(text: str, *, bare_ipv6: bool = False) -> str | None:
-    """The host in `text` (brackets removed from IPv6), or None if it is not one."""
-    if host_problem(text, bare_ipv6=bare_ipv6) is not None:
-        return None
-    return text[1:-1] if text.startswith("[") else text
-
-
-def parse_port(text: str, *, allow_zero: bool = False) -> int | None:
-    if not _PORT_RE.fullmatch(text):
-        return None
-    port = int(text)
-    return port if (0 if allow_zero else 1) <= port <= 65535 else None
-
-
-def parse_address(
-    text: str,
-    *,
-    where: str,
-    source: str,
-    default_host: str | None = None,
-    allow_port_zero: bool = False,
-) -> tuple[str, int]:
-    """Split `host:port` (IPv6 as `[::1]:8080`) into its host and port.
-
-    With `default_host`, a bare `PORT` or `:PORT` means that host. Port 0
-    (let the system choose) is accepted only with `allow_port_zero`, for
-    listening addresses.
-    """
-    low = 0 if allow_port_zero else 1
-    expected = f'expected "host:port" with a port {low}..65535'
-    if default_host is not None:
-        expected += " (or just a port)"
-
-    def fail(detail: str | None = None) -> NoReturn:
-        more = f"; {detail}" if detail else ""
-        raise ConfigError(source, where, f"{expected}{more}, got {show_value(text)}")
-
-    if not isinstance(text, str):
-        fail()
-    s = text.strip()
-    host_text: str | None = None
-    if s.startswith("["):
-        close = s.find("]")
-        if close < 0 or s[close + 1 : close + 2] != ":":
-            fail()
-        host_text, port_text = s[: close + 1], s[close + 2 :]
-    elif s.count(":") > 1:
-        fail("an IPv6 address needs brackets, as in [::1]:8080")
-    elif ":" in s:
-        host_text, port_text = s.split(":")
-        if not host_text and default_host is None:
-            fail()
-    elif default_host is not None and s.isdigit():
-        port_text = s
-    else:
-        fail()
-    if host_text:
-        problem = host_problem(host_text)
-        if problem is not None:
-            fail(problem)
-        host = host_text[1:-1] if host_text.startswith("[") else host_text
-    else:
-        assert default_host is not None
-        host = default_host
-    port = parse_port(port_text, allow_zero=allow_port_zero)
-    if port is None:
-        fail()
-    return host, port
-
-
 def parse_admin(text: str, *, where: str, source: str) -> AdminConfig:
     """The admin listener from `HOST:PORT`, a bare port, or `off`."""
     if isinstance(text, str) and text.strip().lower() == "off":
@@ -420,48 +253,6 @@ def parse_admin(text: str, *, where: str, source: str) -> AdminConfig:
     return AdminConfig(host=host, port=port)
 
 
-def config_from_backends(
-    backends: Iterable[BackendConfig],
-    *,
-    listen: str = DEFAULT_LISTEN,
-    name: str = DEFAULT_SERVICE_NAME,
-    source: str = "<built-in>",
-) -> Config:
-    """One message-mode, round-robin service named `name` on `listen`.
-
-    It is the service of the tutorial's formats, so client and backend framing are
-    detected (`auto`): the tutorial's original programs send and answer unterminated
-    messages.
-    """
-    host, port = parse_address(
-        listen, where="listen", source=source, default_host="localhost", allow_port_zero=True
-    )
-    service = ServiceConfig(
-        name=name,
-        listen_host=host,
-        listen_port=port,
-        backends=tuple(backends),
-        client_framing="auto",
-        backend_framing="auto",
-    )
-    return Config(services=(service,), source=source)
-
-
-def load_config(
-    path: str | os.PathLike[str],
-    *,
-    default_listen: str = DEFAULT_LISTEN,
-    admin_listen: AdminConfig | None = None,
-) -> Config:
-    """Read and validate a config file; raise one ConfigError listing every problem.
-
-    `.toml` is the full format, `.json` is either the same structure or the
-    tutorial's `{"servers": [...]}`, anything else is the tutorial's text
-    format. Single-service formats listen on `default_listen`; so does a
-    TOML service without `listen`. `admin_listen` (the command line's
-    `--admin`) replaces the file's admin listen address and `enabled` before
-    the checks across the file, so they judge the listeners that will be.
-    """
-    from balancer.config.loader import load
-
-    return load(os.fspath(path), default_listen, admin_listen)
+def listen_on(admin: AdminConfig, listen: AdminConfig) -> AdminConfig:
+    """`admin` with the listen address and `enabled` of `listen` (the command line's)."""
+    return replace(admin, host=listen.host, port=listen.port, enabled=listen.enabled)

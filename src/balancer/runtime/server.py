@@ -33,14 +33,9 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from balancer.config.model import (
-    BOUNDS,
-    BackendConfig,
-    Config,
-    ConfigError,
-    ServiceConfig,
-    format_address,
-)
+from balancer.config.addresses import format_address
+from balancer.config.errors import ConfigError
+from balancer.config.model import BOUNDS, BackendConfig, Config, ServiceConfig
 from balancer.core.lifecycle import DrainCut, ReloadPlan, plan_backends, plan_reload
 from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend, BackendPool
 from balancer.core.stats import LatencyHistogram
@@ -495,7 +490,7 @@ class Server:
     def read_config(self) -> Config:
         if self.reader is not None:
             return self.reader()
-        from balancer.config.model import load_config
+        from balancer.config.load import load_config
 
         return load_config(self.config.source)
 

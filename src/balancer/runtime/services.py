@@ -17,7 +17,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from balancer.config.model import Config, ServiceConfig, format_address
+from balancer.config.addresses import format_address
+from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import ReloadPlan
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.stats import LatencyHistogram

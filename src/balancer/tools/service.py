@@ -24,7 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from balancer.config.model import DEFAULT_MAX_LINE, format_address
+from balancer.config.addresses import format_address
+from balancer.config.model import DEFAULT_MAX_LINE
 from balancer.core.framing import LineFramer, LineTooLong
 from balancer.net.loops import create_listener, loop_factory
 

@@ -1,9 +1,13 @@
-"""Balancing algorithms, picked per service by name."""
+"""Balancing algorithms, picked per service by name.
+
+The names and the options each takes are data in `balancer.config.policies`;
+here are the implementations, each built from those options once checked.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from balancer.core.policies.base import Policy, Target
 from balancer.core.policies.consistent_hash import ConsistentHash
@@ -13,9 +17,6 @@ from balancer.core.policies.power_of_two import PowerOfTwo
 from balancer.core.policies.round_robin import RoundRobin
 from balancer.core.policies.weighted_random import WeightedRandom
 from balancer.core.policies.weighted_round_robin import WeightedRoundRobin
-
-if TYPE_CHECKING:
-    from balancer.config.model import ServiceConfig
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
@@ -31,19 +32,26 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def check_policy_options(algorithm: str, options: Mapping[str, float]) -> None:
-    """Raise ValueError if `options` has a key `algorithm` does not take, or a bad value."""
-    POLICIES[algorithm].check_options(options)
+class PolicySettings(Protocol):
+    """What a policy is built from (a service's config has these)."""
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def policy_options(self) -> Mapping[str, float]: ...
+
+    @property
+    def hash_balance_factor(self) -> float: ...
 
 
-def make_policy(service: ServiceConfig) -> Policy:
-    """A new policy for `service.algorithm` (the name is validated by the config loader).
+def make_policy(settings: PolicySettings) -> Policy:
+    """A new policy for `settings.algorithm` (the name is validated by the config loader).
 
-    Raises ValueError, naming the option, when `service.policy_options` does not suit it.
+    Raises ValueError, naming the option, when `settings.policy_options` does not suit it.
     """
-    cls = POLICIES[service.algorithm]
-    cls.check_options(service.policy_options)
-    return cls.from_service(service)
+    cls = POLICIES[settings.algorithm]
+    return cls.from_options(settings.policy_options, settings.hash_balance_factor)
 
 
 __all__ = [
@@ -52,11 +60,11 @@ __all__ = [
     "LeastConnections",
     "PeakEwma",
     "Policy",
+    "PolicySettings",
     "PowerOfTwo",
     "RoundRobin",
     "Target",
     "WeightedRandom",
     "WeightedRoundRobin",
-    "check_policy_options",
     "make_policy",
 ]

@@ -17,13 +17,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, Self
+from typing import ClassVar, Protocol, Self
 
-from balancer.config.bounds import Bound, as_number, is_integer, show_value
-
-if TYPE_CHECKING:
-    from balancer.config.model import ServiceConfig
+from balancer.config.policies import ALGORITHMS
 
 
 class Target(Protocol):
@@ -50,59 +46,23 @@ def usable(target: Target, exclude: Collection[Target]) -> bool:
     return target.effective_weight > 0 and not (exclude and target in exclude)
 
 
-@dataclass(frozen=True)
-class PolicyOption:
-    """One number a policy reads from `ServiceConfig.policy_options`."""
-
-    default: float
-    bound: Bound
-    integer: bool = False
-    doc: str = ""
-
-
 class Policy(ABC):
     """Chooses a target among the eligible ones."""
 
     name: ClassVar[str]
-    options: ClassVar[Mapping[str, PolicyOption]] = {}
-    """The options this policy reads from `ServiceConfig.policy_options`, with their bounds."""
+    """The name `algorithm` takes (its options are in `balancer.config.policies.ALGORITHMS`)."""
 
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
     @classmethod
-    def from_service(cls, service: ServiceConfig) -> Self:
-        """A policy configured from `service` (options already checked by `check_options`)."""
+    def from_options(cls, options: Mapping[str, float], balance_factor: float = 0.0) -> Self:
+        """A policy built from a service's `policy_options` and `hash_balance_factor`.
+
+        Raises ValueError, naming the option, when `options` do not suit it.
+        """
+        ALGORITHMS[cls.name].check_options(options)
         return cls()
-
-    @classmethod
-    def option_error(cls, key: str, value: object) -> str | None:
-        """What is wrong with `value` for option `key` ("expected ..., got ..."), or None."""
-        spec = cls.options.get(key)
-        if spec is None:
-            known = ", ".join(sorted(cls.options)) or "none"
-            return f"not used by {cls.name} (it takes: {known})"
-        number = as_number(value)
-        if number is not None and spec.bound.admits(number):
-            if is_integer(value) or not spec.integer:
-                return None
-        return f"expected {spec.bound.expected(spec.integer)}, got {show_value(value)}"
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, object]) -> None:
-        """Raise ValueError naming the first unknown or out-of-range option."""
-        for key, value in options.items():
-            problem = cls.option_error(key, value)
-            if problem is None:
-                continue
-            if key not in cls.options:
-                raise ValueError(f"policy option {key!r} is {problem}")
-            raise ValueError(f"policy option {key!r}: {problem}")
-
-    @classmethod
-    def option(cls, options: Mapping[str, float], key: str) -> float:
-        """`options[key]`, or the option's default (options already checked)."""
-        return float(options.get(key, cls.options[key].default))
 
     def update(self, targets: Sequence[Target]) -> None:
         """Replace the eligible set (healthy, weight > 0), in config order."""

@@ -40,26 +40,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import Self
 from zlib import crc32
 
-from balancer.config.bounds import Bound, as_number, fmt_number, show_value
-from balancer.core.policies.base import Policy, PolicyOption, Target
-
-if TYPE_CHECKING:
-    from balancer.config.model import ServiceConfig
-
-DEFAULT_TABLE_SIZE = 65537
-MAX_TABLE_SIZE = 524287
-"""The largest table (a prime, 2**19 - 1): about 100 slots for each of 5,000 backends."""
-
-
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
+from balancer.config.policies import ALGORITHMS, DEFAULT_TABLE_SIZE
+from balancer.core.policies.base import Policy, Target
 
 
 def static_weight(target: Target) -> float:
@@ -114,18 +99,10 @@ def build_table(addresses: Sequence[str], weights: Sequence[float], size: int) -
 
 class ConsistentHash(Policy):
     name = "consistent_hash"
-    options: ClassVar[Mapping[str, PolicyOption]] = {
-        "table_size": PolicyOption(
-            DEFAULT_TABLE_SIZE,
-            Bound(2, MAX_TABLE_SIZE, unit="slots"),
-            integer=True,
-            doc="Maglev lookup table size, a prime",
-        )
-    }
 
     def __init__(self, table_size: int = DEFAULT_TABLE_SIZE, balance_factor: float = 0.0) -> None:
         super().__init__()
-        problem = self.option_error("table_size", table_size)
+        problem = ALGORITHMS[self.name].option_error("table_size", table_size)
         if problem is not None:
             raise ValueError(f"policy option 'table_size': {problem}")
         if not (balance_factor == 0 or balance_factor > 1):
@@ -145,24 +122,10 @@ class ConsistentHash(Policy):
         self._spread = 0
 
     @classmethod
-    def from_service(cls, service: ServiceConfig) -> Self:
-        cls.check_options(service.policy_options)
-        size = int(cls.option(service.policy_options, "table_size"))
-        return cls(size, service.hash_balance_factor)
-
-    @classmethod
-    def option_error(cls, key: str, value: object) -> str | None:
-        problem = super().option_error(key, value)
-        if key != "table_size":
-            return problem
-        number = as_number(value)
-        if problem is None and number is not None and is_prime(int(number)):
-            return None
-        bound = cls.options[key].bound
-        return (
-            f"expected a prime number from {fmt_number(bound.low)} to {fmt_number(bound.high)}, "
-            f"got {show_value(value)}"
-        )
+    def from_options(cls, options: Mapping[str, float], balance_factor: float = 0.0) -> Self:
+        algorithm = ALGORITHMS[cls.name]
+        algorithm.check_options(options)
+        return cls(int(algorithm.value(options, "table_size")), balance_factor)
 
     def update(self, targets: Sequence[Target]) -> None:
         super().update(targets)

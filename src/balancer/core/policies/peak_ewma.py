@@ -36,13 +36,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import Self
 
-from balancer.config.bounds import Bound
-from balancer.core.policies.base import Policy, PolicyOption, Target, usable
-
-if TYPE_CHECKING:
-    from balancer.config.model import ServiceConfig
+from balancer.config.policies import ALGORITHMS
+from balancer.core.policies.base import Policy, Target, usable
 
 
 class _Estimate:
@@ -57,20 +54,6 @@ class _Estimate:
 
 class PeakEwma(Policy):
     name = "peak_ewma"
-    options: ClassVar[Mapping[str, PolicyOption]] = {
-        "decay": PolicyOption(
-            10.0, Bound(0.01, 3600, unit="seconds"), doc="time constant of the moving average"
-        ),
-        "default_latency": PolicyOption(
-            0.001, Bound(1e-6, 60, unit="seconds"), doc="estimate of a target with no sample yet"
-        ),
-        "failure_penalty": PolicyOption(
-            0.5, Bound(0, 3600, unit="seconds"), doc="least sample a failed request counts as"
-        ),
-        "probe": PolicyOption(
-            0.02, Bound(0.001, 0.5, off=True), doc="share of picks given to the longest waiting"
-        ),
-    }
 
     def __init__(
         self,
@@ -89,7 +72,7 @@ class PeakEwma(Policy):
             "failure_penalty": failure_penalty,
             "probe": probe,
         }
-        self.check_options(checked)
+        ALGORITHMS[self.name].check_options(checked)
         self.decay = decay
         self.default_latency = default_latency
         self.failure_penalty = failure_penalty
@@ -102,14 +85,14 @@ class PeakEwma(Policy):
         self._picks = 0
 
     @classmethod
-    def from_service(cls, service: ServiceConfig) -> Self:
-        options = service.policy_options
-        cls.check_options(options)
+    def from_options(cls, options: Mapping[str, float], balance_factor: float = 0.0) -> Self:
+        algorithm = ALGORITHMS[cls.name]
+        algorithm.check_options(options)
         return cls(
-            decay=cls.option(options, "decay"),
-            default_latency=cls.option(options, "default_latency"),
-            failure_penalty=cls.option(options, "failure_penalty"),
-            probe=cls.option(options, "probe"),
+            decay=algorithm.value(options, "decay"),
+            default_latency=algorithm.value(options, "default_latency"),
+            failure_penalty=algorithm.value(options, "failure_penalty"),
+            probe=algorithm.value(options, "probe"),
         )
 
     def update(self, targets: Sequence[Target]) -> None:

@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from balancer.config.model import ServiceConfig, format_address
+from balancer.config.addresses import format_address
+from balancer.config.model import ServiceConfig
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard, resources
 from balancer.net.sockopts import reset, set_nodelay

@@ -1,0 +1,153 @@
+"""Every key the loader knows, by table, and what each one means.
+
+The keys of a table are the fields of its dataclass in the model, in field
+order: a host and port pair is the one `"host:port"` key (`listen`,
+`address`), and the keys that hold tables or lists of them (`admin`,
+`services`, `backends`, `health`, `outlier`) come last, by name. The
+meanings are the configuration reference's (`config.doc`); a test keeps
+them naming the same keys.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields, is_dataclass
+
+from balancer.config.model import (
+    AdminConfig,
+    BackendConfig,
+    Config,
+    HealthConfig,
+    OutlierConfig,
+    ServiceConfig,
+)
+
+
+def _holds_tables(hint: object) -> bool:
+    """A field of a config dataclass, or of a tuple of them."""
+    if typing.get_origin(hint) is tuple:
+        return any(is_dataclass(arg) for arg in typing.get_args(hint))
+    return is_dataclass(hint)
+
+
+def table_keys(
+    cls: type, *, skip: tuple[str, ...] = (), address: tuple[str, str, str] | None = None
+) -> tuple[str, ...]:
+    """The keys of `cls`'s table; `address` is (key, host field, port field)."""
+    hints = typing.get_type_hints(cls)
+    settings: list[str] = []
+    tables: list[str] = []
+    for f in fields(cls):
+        name = f.name
+        if name in skip or (address is not None and name == address[2]):
+            continue
+        if address is not None and name == address[1]:
+            name = address[0]
+        (tables if _holds_tables(hints[f.name]) else settings).append(name)
+    return (*settings, *sorted(tables))
+
+
+TOP_KEYS = table_keys(Config, skip=("source",))
+ADMIN_KEYS = table_keys(AdminConfig, address=("listen", "host", "port"))
+SERVICE_KEYS = table_keys(
+    ServiceConfig, skip=("name",), address=("listen", "listen_host", "listen_port")
+)
+OUTLIER_KEYS = table_keys(OutlierConfig)
+HEALTH_KEYS = table_keys(HealthConfig)
+BACKEND_KEYS = table_keys(BackendConfig, address=("address", "host", "port"))
+SERVER_KEYS = table_keys(BackendConfig)
+
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "": TOP_KEYS,
+    "admin": ADMIN_KEYS,
+    "services.NAME": SERVICE_KEYS,
+    "services.NAME.health": HEALTH_KEYS,
+    "services.NAME.outlier": OUTLIER_KEYS,
+    "services.NAME.backends[]": BACKEND_KEYS,
+    "servers[]": SERVER_KEYS,
+}
+"""Every key the loader knows, by table (`NAME` any service, `[]` any list item)."""
+
+MEANINGS: dict[str, dict[str, str]] = {
+    "": {
+        "drain_timeout": "seconds a stop waits for in-flight requests",
+        "drain_close_window": "idle client connections are closed spread over this many seconds",
+        "access_log": "one line per request on stdout (also `--access-log`)",
+        "admin": "the admin endpoint: status, metrics, runtime changes",
+        "services": "the services, one `[services.NAME]` table each",
+    },
+    "admin": {
+        "listen": 'where the admin endpoint listens, or "off" (also `--admin`)',
+        "token": "writes need `Authorization: Bearer <token>` (also $BALANCER_ADMIN_TOKEN)",
+        "read_token": "reads accept this token besides `token` (for scrapers that must not write)",
+        "read_access": '"open": reads need no token; "token": they need one; '
+        '"auto": open on a loopback listener, token elsewhere',
+        "allowed_hosts": "Host header values accepted besides the listener's own and loopback",
+        "enabled": "false turns the admin endpoint off",
+    },
+    "services.NAME": {
+        "listen": "where the service listens (without it: the command line's address)",
+        "mode": '"message": one request per line, balanced per request; "tcp": bytes relayed, '
+        "balanced per connection",
+        "algorithm": "how a backend is picked (see `policy_options` below)",
+        "backend_framing": 'towards backends: "line", "raw" (the tutorial\'s original service) '
+        'or "auto" (found by the first health check)',
+        "client_framing": 'message mode, from clients: "line", "raw" (each read is one '
+        'message) or "auto" (the default when backend_framing = "raw")',
+        "max_line": "longest request line",
+        "retries": "re-sends of a request (or a tcp connect) to another backend",
+        "connect_timeout": "a backend connection not made by then has failed",
+        "response_timeout": "message mode: a backend holding a request longer has failed",
+        "backend_connections": "message mode: persistent, pipelined connections per backend",
+        "hash_key": 'consistent_hash: "source" (client address) or "message" (the request line)',
+        "hash_balance_factor": "consistent_hash: no backend holds more than this times its "
+        "share of the load (bounded load)",
+        "slow_start": "a backend coming back up ramps from 1 % to its full weight over this "
+        "time (weight-aware algorithms)",
+        "policy_options": "the algorithm's own options",
+        "client_timeout": "message mode: a client connection idle this long is closed",
+        "idle_timeout": "tcp mode: a connection with no bytes either way this long is closed",
+        "max_connections": "client connections at once; beyond it new ones are refused",
+        "max_backend_connections": "tcp mode: relayed connections per backend at once",
+        "connect_buffer": "tcp mode: client bytes held while the backend connection is made",
+        "max_backend_requests": "message mode: requests in flight per backend; beyond it "
+        "requests queue",
+        "queue_size": "message mode: requests waiting for a backend; beyond it an error reply",
+        "queue_timeout": "message mode: a request queued longer gets an error reply",
+        "retry_budget_percent": "retries over the last 10 s may be at most this share of the "
+        "requests ...",
+        "retry_budget_min": "... or this many per second, whichever is larger",
+        "max_buffered": "message mode: bytes of unfinished request lines held for all clients",
+        "backends": "the backends the service balances over, in order (see below)",
+        "health": "active health checks (`[services.NAME.health]`)",
+        "outlier": "passive health: failures on live traffic eject a backend for a while",
+    },
+    "services.NAME.health": {
+        "interval": "seconds between checks",
+        "timeout": "a check not answered by then has failed",
+        "rise": "good checks in a row before a down backend rejoins",
+        "fall": "failed checks in a row before an up backend is dropped",
+        "jitter": "share of `interval` by which each wait is randomly shortened or lengthened",
+        "send": "probe line sent after connecting (none in tcp mode unless set); false: a "
+        "plain TCP connect check",
+        "expect": "the reply line the probe must get; false: any reply will do",
+        "enabled": "false turns active checks off",
+    },
+    "services.NAME.outlier": {
+        "consecutive_failures": "failed connections or requests in a row that eject a backend",
+        "base_ejection_time": "ejection time for a first offence; it doubles with every repeat",
+        "max_ejection_time": "the longest ejection",
+        "max_ejection_percent": "never eject more than this share of the service's backends",
+        "enabled": "false turns outlier detection off",
+    },
+    "services.NAME.backends[]": {
+        "address": "the backend",
+        "weight": "its share of the work against the others; 0 drains it",
+    },
+    "servers[]": {
+        "host": "the backend's host",
+        "port": "the backend's port",
+        "weight": "its share of the work against the others; 0 drains it",
+    },
+}
+"""What each key of `TABLE_KEYS` does, by table."""

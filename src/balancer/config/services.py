@@ -1,0 +1,306 @@
+"""The `[services.NAME]` tables: settings, backends, `health`, `outlier`, `policy_options`.
+
+Checks that need several values (`hash_key` against `mode`, `slow_start`
+against the algorithm) run only on values that were valid, so one mistake is
+reported once.
+"""
+
+from __future__ import annotations
+
+from balancer.config.addresses import parse_address
+from balancer.config.bounds import as_number, is_integer, show_value
+from balancer.config.checks import ParsedService, Problems
+from balancer.config.keylines import join_key
+from balancer.config.model import (
+    CLIENT_FRAMINGS,
+    FRAMINGS,
+    HASH_KEYS,
+    MODES,
+    SERVICE_NAME_RE,
+    BackendConfig,
+    HealthConfig,
+    OutlierConfig,
+    ServiceConfig,
+)
+from balancer.config.policies import ALGORITHMS, Algorithm, weighted_names
+from balancer.config.schema import BACKEND_KEYS, HEALTH_KEYS, OUTLIER_KEYS, SERVICE_KEYS
+from balancer.config.table import Table, did_you_mean
+
+
+def _probe(table: Table, key: str, default: str | None) -> str | None:
+    if not table.has(key):
+        return default
+    value = table.data[key]
+    if value is False:
+        return None
+    if isinstance(value, str) and value and "\n" not in value and "\r" not in value:
+        return value
+    table.fail(
+        key, f"expected a non-empty one-line string, or false to disable, got {show_value(value)}"
+    )
+    return default
+
+
+def _health(data: object, path: str, problems: Problems, mode: str) -> HealthConfig:
+    defaults = HealthConfig()
+    send_default = None if mode == "tcp" else defaults.send
+    expect_default = None if send_default is None else defaults.expect
+    t = Table.read(data, path, problems, HEALTH_KEYS, what="a table of health check settings")
+    if t is None:
+        return HealthConfig(send=send_default, expect=expect_default)
+    send = _probe(t, "send", send_default)
+    expect = _probe(t, "expect", None if send is None else expect_default)
+    if send is None and expect is not None and t.clean("send"):
+        t.fail(
+            "expect",
+            f"expected no reply check when send = false (there is no probe to reply to), "
+            f"got {expect!r}",
+        )
+    return HealthConfig(
+        interval=t.bounded("interval", defaults.interval, "health.interval"),
+        timeout=t.bounded("timeout", defaults.timeout, "health.timeout"),
+        rise=t.bounded_int("rise", defaults.rise, "health.rise"),
+        fall=t.bounded_int("fall", defaults.fall, "health.fall"),
+        jitter=t.bounded("jitter", defaults.jitter, "health.jitter"),
+        send=send,
+        expect=expect,
+        enabled=t.boolean("enabled", defaults.enabled),
+    )
+
+
+def _outlier(data: object, path: str, problems: Problems) -> OutlierConfig:
+    d = OutlierConfig()
+    what = "a table of outlier detection settings"
+    t = Table.read(data, path, problems, OUTLIER_KEYS, what=what)
+    if t is None:
+        return d
+    base = t.bounded("base_ejection_time", d.base_ejection_time, "outlier.base_ejection_time")
+    longest = t.bounded(
+        "max_ejection_time", max(d.max_ejection_time, base), "outlier.max_ejection_time"
+    )
+    if longest < base and t.clean("base_ejection_time", "max_ejection_time"):
+        t.fail(
+            "max_ejection_time",
+            f"expected a number >= base_ejection_time ({base:g}), got {longest:g}",
+        )
+    return OutlierConfig(
+        consecutive_failures=t.bounded_int(
+            "consecutive_failures", d.consecutive_failures, "outlier.consecutive_failures"
+        ),
+        base_ejection_time=base,
+        max_ejection_time=max(longest, base),
+        max_ejection_percent=t.bounded(
+            "max_ejection_percent", d.max_ejection_percent, "outlier.max_ejection_percent"
+        ),
+        enabled=t.boolean("enabled", d.enabled),
+    )
+
+
+def _backend(item: object, where: str, problems: Problems) -> BackendConfig | None:
+    source = problems.source
+    if isinstance(item, str):
+        parsed = problems.catch(lambda: parse_address(item, where=where, source=source))
+        return None if parsed is None else BackendConfig(*parsed)
+    what = '"host:port" or a table { address = "host:port", weight = N }'
+    t = Table.read(item, where, problems, BACKEND_KEYS, what=what)
+    if t is None:
+        return None
+    weight = t.bounded_int("weight", 1)
+    if not t.has("address"):
+        t.fail("address", 'missing: expected "host:port"')
+        return None
+    address = t.data["address"]
+    if not isinstance(address, str):
+        t.fail("address", f'expected "host:port", got {show_value(address)}')
+        return None
+    at = t.where("address")
+    parsed = problems.catch(lambda: parse_address(address, where=at, source=source))
+    if parsed is None or not t.clean("weight"):
+        return None
+    return BackendConfig(*parsed, weight)
+
+
+def _backends(value: object, where: str, problems: Problems) -> list[tuple[BackendConfig, str]]:
+    if not isinstance(value, list):
+        problems.add(where, f'expected a list of "host:port", got {show_value(value)}')
+        return []
+    if not value:
+        problems.add(where, "expected at least one backend, got []")
+        return []
+    backends: list[tuple[BackendConfig, str]] = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        backend = _backend(item, at, problems)
+        if backend is not None:
+            backends.append((backend, at))
+    check_duplicates(backends, problems)
+    return backends
+
+
+def check_duplicates(backends: list[tuple[BackendConfig, str]], problems: Problems) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for backend, where in backends:
+        ident = (backend.host.lower(), backend.port)
+        if ident in seen:
+            problems.add(
+                where,
+                f"expected each backend once, got {backend.address!r} again "
+                f"(first at {seen[ident]})",
+            )
+        else:
+            seen[ident] = where
+
+
+def _policy_options(
+    value: object, where: str, problems: Problems, algorithm: str, policy: Algorithm | None
+) -> dict[str, float]:
+    t = Table.read(value, where, problems, value if isinstance(value, dict) else (), what="a table")
+    if t is None:
+        return {}
+    options: dict[str, float] = {}
+    for key, raw in t.data.items():
+        number = as_number(raw)
+        if policy is not None and key not in policy.options:
+            known = tuple(sorted(policy.options))
+            hint = did_you_mean(key, known) or f"; it takes: {', '.join(known) or 'none'}"
+            t.fail(key, f"unknown key {key!r} for algorithm {algorithm!r}{hint}")
+            continue
+        problem = policy.option_error(key, raw) if policy is not None else None
+        if problem is None and number is None:
+            problem = f"expected a number, got {show_value(raw)}"
+        if problem is not None:
+            t.fail(key, problem)
+            continue
+        assert number is not None
+        options[key] = raw if is_integer(raw) else number
+    return options
+
+
+def read_service(
+    name: str, data: object, problems: Problems, default_listen: tuple[str, int]
+) -> ParsedService | None:
+    path = join_key("services", name)
+    if not SERVICE_NAME_RE.fullmatch(name):
+        problems.add(
+            path, f"expected a service name of letters, digits, '.', '-' and '_', got {name!r}"
+        )
+    t = Table.read(data, path, problems, SERVICE_KEYS, what="a table of service settings")
+    if t is None:
+        return None
+    defaults = ServiceConfig(name, "", 0, ())
+    source = problems.source
+
+    listen_host, listen_port = default_listen
+    listen_ok = True
+    if t.has("listen"):
+        value = t.data["listen"]
+        at = t.where("listen")
+        parsed = None
+        if isinstance(value, str):
+            parsed = problems.catch(
+                lambda: parse_address(
+                    value,
+                    where=at,
+                    source=source,
+                    default_host=default_listen[0],
+                    allow_port_zero=True,
+                )
+            )
+        else:
+            t.fail("listen", f'expected "host:port", got {show_value(value)}')
+        if parsed is None:
+            listen_ok = False
+        else:
+            listen_host, listen_port = parsed
+
+    mode = t.choice("mode", defaults.mode, MODES)
+    algorithm = t.choice("algorithm", defaults.algorithm, ALGORITHMS)
+    policy = ALGORITHMS[algorithm] if t.clean("algorithm") else None
+    hash_key = t.choice("hash_key", defaults.hash_key, HASH_KEYS)
+    if hash_key == "message" and mode != "message" and t.clean("mode"):
+        t.fail(
+            "hash_key",
+            f"expected 'source' in {mode} mode ('message' needs mode = \"message\"), "
+            f"got {hash_key!r}",
+        )
+    slow_start = t.bounded("slow_start", defaults.slow_start)
+    if slow_start > 0 and policy is not None and not policy.weighted:
+        t.fail(
+            "slow_start",
+            f"expected 0 with algorithm {algorithm!r}, which ignores weights; slow start needs "
+            f"{weighted_names()}, got {show_value(t.data['slow_start'])}",
+        )
+    policy_options: dict[str, float] = {}
+    if t.has("policy_options"):
+        policy_options = _policy_options(
+            t.data["policy_options"], t.where("policy_options"), problems, algorithm, policy
+        )
+
+    backends: list[tuple[BackendConfig, str]] = []
+    if not t.has("backends"):
+        t.fail("backends", 'missing: expected a list of "host:port"')
+    else:
+        backends = _backends(t.data["backends"], t.where("backends"), problems)
+
+    backend_framing = t.choice("backend_framing", defaults.backend_framing, FRAMINGS)
+    # the tutorial's original programs speak raw: a service for them detects raw clients too
+    raw_backends = backend_framing == "raw" and mode == "message"
+    framing_default = "auto" if raw_backends else defaults.client_framing
+    client_framing = t.choice("client_framing", framing_default, CLIENT_FRAMINGS)
+    if t.has("client_framing") and mode != "message" and t.clean("mode"):
+        t.fail(
+            "client_framing",
+            f"expected no client_framing in {mode} mode (it relays bytes as they come), "
+            f"got {show_value(t.data['client_framing'])}",
+        )
+
+    config = ServiceConfig(
+        name=name,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        backends=tuple(backend for backend, _ in backends),
+        mode=mode,
+        algorithm=algorithm,
+        backend_framing=backend_framing,
+        client_framing=client_framing,
+        max_line=t.bounded_int("max_line", defaults.max_line),
+        retries=t.bounded_int("retries", defaults.retries),
+        connect_timeout=t.bounded("connect_timeout", defaults.connect_timeout),
+        response_timeout=t.bounded("response_timeout", defaults.response_timeout),
+        backend_connections=t.bounded_int("backend_connections", defaults.backend_connections),
+        hash_key=hash_key,
+        hash_balance_factor=t.bounded("hash_balance_factor", defaults.hash_balance_factor),
+        slow_start=slow_start,
+        policy_options=policy_options,
+        client_timeout=t.bounded("client_timeout", defaults.client_timeout),
+        idle_timeout=t.bounded("idle_timeout", defaults.idle_timeout),
+        max_connections=t.bounded_int("max_connections", defaults.max_connections),
+        max_backend_connections=t.bounded_int(
+            "max_backend_connections", defaults.max_backend_connections
+        ),
+        connect_buffer=t.bounded_int("connect_buffer", defaults.connect_buffer),
+        max_backend_requests=t.bounded_int("max_backend_requests", defaults.max_backend_requests),
+        queue_size=t.bounded_int("queue_size", defaults.queue_size),
+        queue_timeout=t.bounded("queue_timeout", defaults.queue_timeout),
+        retry_budget_percent=t.bounded("retry_budget_percent", defaults.retry_budget_percent),
+        retry_budget_min=t.bounded_int("retry_budget_min", defaults.retry_budget_min),
+        max_buffered=t.bounded_int("max_buffered", defaults.max_buffered),
+        outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), problems),
+        health=_health(t.data.get("health", {}), t.where("health"), problems, mode),
+    )
+    if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):
+        # a line of max_line bytes must fit in what the service may hold (the default
+        # max_buffered is above the largest max_line: only a set max_buffered gets here)
+        t.fail(
+            "max_buffered",
+            f"expected at least max_line ({config.max_line} bytes), got {config.max_buffered}",
+        )
+    return ParsedService(
+        config,
+        path=path,
+        listen_where=t.where("listen"),
+        listen_ok=listen_ok,
+        backends_where=t.where("backends"),
+        backends=backends,
+        backends_ok=t.has("backends") and t.clean("backends"),
+    )
