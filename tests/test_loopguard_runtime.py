@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from balancer.config.hosts import address_of
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.pool import BackendPool
 from balancer.net import loopguard
@@ -106,8 +107,8 @@ def test_translated_connection_is_a_loop_at_its_second_link(
 
 def test_counterpart_exists_asks_the_kernel(pair: tuple[socket.socket, socket.socket]) -> None:
     client, _ = pair
-    here = loopguard.address_of(client.getsockname())
-    there = loopguard.address_of(client.getpeername())
+    here = address_of(client.getsockname())
+    there = address_of(client.getpeername())
     assert here is not None
     assert there is not None
     assert loopguard.counterpart_exists(here, there) is True

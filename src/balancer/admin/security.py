@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from balancer.config.errors import ConfigError
+from balancer.config.hosts import WILDCARD_HOSTS, is_local_ip
 from balancer.config.model import AdminConfig
-from balancer.net.loopguard import WILDCARD_HOSTS, is_local_ip
 
 TOKEN_ENV = "BALANCER_ADMIN_TOKEN"
 

@@ -8,7 +8,7 @@ otherwise only show at run time:
 
 - two listeners that overlap once resolved (`localhost:P` and `127.0.0.1:P`,
   `0.0.0.0:P` and any IPv4 address on P, `[::]:P` and any IPv6 address on P);
-- a backend that is the balancer itself (`loopguard.points_at` against every
+- a backend that is the balancer itself (`balancer.config.hosts.points_at` against every
   listener in the file, the admin listener included; a backend on 0.0.0.0
   or [::] reaches the loopback address); names are resolved, and only for a
   backend whose port some listener uses; a name that does not resolve is
@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from balancer.config import hosts
 from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
 from balancer.config.keylines import join_key, line_of
 from balancer.config.model import AdminConfig, BackendConfig, ServiceConfig
-from balancer.net import loopguard
 
 T = TypeVar("T")
 
@@ -120,7 +120,7 @@ class _Listener:
     def ips(self) -> set[str]:
         """The addresses it binds (resolved once, only when a comparison needs them)."""
         if self._ips is None:
-            self._ips = {ip for ip, _ in loopguard.resolve(self.host, self.port)}
+            self._ips = {ip for ip, _ in hosts.resolve(self.host, self.port)}
         return self._ips
 
 
@@ -175,9 +175,9 @@ def _check_loops(svc: ParsedService, listeners: list[_Listener], problems: Probl
     for backend, where in svc.backends:
         if backend.port not in ports:
             continue
-        resolved = loopguard.resolve(backend.host, backend.port)
+        resolved = hosts.resolve(backend.host, backend.port)
         for lst in listeners:
-            if loopguard.points_at(resolved, lst.host, lst.port):
+            if hosts.points_at(resolved, lst.host, lst.port):
                 problems.add(
                     where,
                     f"expected a backend other than this balancer, got {backend.address!r}, "

@@ -22,6 +22,7 @@ import os
 import socket
 from typing import Any
 
+from balancer.config.hosts import address_of
 from balancer.core.pool import Backend
 from balancer.net import loopguard, resources
 
@@ -76,7 +77,7 @@ async def dial(
         )
     own = next((row[4] for row in rows if loopguard.is_listener(row[4])), None)
     if own is not None:
-        raise OwnListener(loopguard.address_of(own))
+        raise OwnListener(address_of(own))
     error: OSError = OSError(f"no address for {backend.address}")
     for family, kind, proto, _, address in rows:
         sock = socket.socket(family, kind, proto)

@@ -18,12 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from balancer.config.addresses import format_address
+from balancer.config.hosts import points_at
 from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import ReloadPlan
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.stats import LatencyHistogram
 from balancer.errors import BalancerError
-from balancer.net import loopguard
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.base import Proxy
@@ -88,7 +88,7 @@ def own_listener(
     """Which of `listeners` ((what, bound address)) a connection to `resolved` would reach."""
     targets = list(resolved)
     for what, (host, port) in listeners:
-        if loopguard.points_at(targets, host, port):
+        if points_at(targets, host, port):
             return f"{what} listens on {format_address(host, port)}"
     return None
 

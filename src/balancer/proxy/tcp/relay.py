@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from balancer.config.addresses import format_address
+from balancer.config.hosts import address_of
 from balancer.config.model import ServiceConfig
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard, resources
@@ -190,7 +191,7 @@ class ClientSide(asyncio.Protocol):
         if not svc.accepting:
             self._refuse()
             return
-        self.peer = loopguard.address_of(transport.get_extra_info("peername"))
+        self.peer = address_of(transport.get_extra_info("peername"))
         if self.cut_if_loop():
             return
         # two descriptors: this socket, and the backend's about to be opened
