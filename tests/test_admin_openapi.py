@@ -17,9 +17,11 @@ from typing import Any, cast
 import pytest_asyncio
 from aiohttp import ClientSession
 
+from balancer.admin.app import AdminServer
 from balancer.admin.checks import MAX_BODY, MAX_ERROR
 from balancer.admin.handlers import BACKEND_STATES
 from balancer.admin.openapi import OPENAPI
+from balancer.app import build_server
 from balancer.config.model import (
     MAX_WEIGHT,
     AdminConfig,
@@ -198,7 +200,7 @@ class Running:
             return resp.status, doc
 
     def sample(self, at: float) -> None:
-        assert self.server.admin is not None
+        assert isinstance(self.server.admin, AdminServer)
         self.server.admin.history.sample(self.server, at, 1_700_000_000.0 + at)
 
 
@@ -225,7 +227,7 @@ async def running() -> AsyncIterator[Running]:
         health=HealthConfig(enabled=False),
     )
     config = Config(services=(numbers, tcp), admin=AdminConfig(host="127.0.0.1", port=0))
-    server = Server(config, lambda: config)
+    server = build_server(config, lambda: config)
     await server.start()
     try:
         assert server.admin_address is not None

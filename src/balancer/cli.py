@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -134,22 +133,10 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
-    """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
-    2: a backend is the balancer itself, 130: interrupted before the loop took over)."""
-    from balancer.net.loops import loop_factory
-    from balancer.runtime.server import ListenError, Server
+    """Serve `config` until stopped (see `balancer.app.run`); the exit code."""
+    from balancer.app import run
 
-    try:
-        with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return runner.run(Server(config, reader).run())
-    except ListenError as exc:
-        log.error("%s", exc)
-        return 1
-    except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(config, reader)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

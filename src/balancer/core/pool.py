@@ -1,11 +1,9 @@
 """Backends of one service and which of them may take work.
 
-How it works: a `Backend` carries its health state ("up"/"down"), an admin
-state ("ready", "drain", "maint"), its weight and its counters. The
-`BackendPool` keeps the backends in config order and, whenever anything that
-decides eligibility changes, hands the policy the eligible set: up, ready,
-effective weight above zero. All of it is plain synchronous bookkeeping; the
-proxy and the health checker call `mark_up` / `mark_down` and read `pick`.
+How it works: a `Backend` carries its health state ("up"/"down"), an admin state
+("ready", "drain", "maint"), its weight and its counters. The `BackendPool` keeps
+the backends in config order and, whenever anything that decides eligibility
+changes, hands the policy the eligible set: up, ready, effective weight above 0.
 
 Handing the policy a new set costs O(backends) (a Maglev table is rebuilt), so
 the health checker marks with `defer=True`: the transitions of one turn of the
@@ -15,15 +13,13 @@ its `effective_weight` is 0 from the moment it is down (policies never pick a
 target of weight 0), and `pick` / `fallback` refresh first when a stale set
 leaves nothing to pick.
 
-A backend that is this balancer itself (`mark_loop`) stays down for good:
-`mark_up` refuses it. Removing it and adding it again (a reload, the runtime
-API) makes a new `Backend`, which starts fresh.
+A backend that is this balancer itself (`mark_loop`) stays down for good (a
+reload or the API adding it again makes a new `Backend`, which starts fresh).
 
-With `backend_framing = "auto"` and a probe to detect with (message mode,
-health checks on, `send` set), `Backend.framing` is "" until the health
-checker finds out, and goes back to "" whenever the backend goes down: a
-backend restarted as another kind is detected again, and the fallback does
-not pick a backend whose framing is not known.
+With `backend_framing = "auto"` and a probe to detect with, `Backend.framing`
+is "" until the health checker finds out, and again whenever the backend goes
+down (a backend restarted as another kind is detected again); the fallback
+does not pick a backend whose framing is not known.
 """
 
 from __future__ import annotations
