@@ -1046,3 +1046,20 @@ def test_consistent_hash_over_its_bound_everywhere_still_answers() -> None:
     other = next(t for t in ts if t is not home)
     other.in_flight = 40  # cap = ceil(1.25 * 41 / 2) = 26: other is over it
     assert policy.pick(key, exclude=[home]) is other  # over the bound beats no answer
+
+
+def test_consistent_hash_reaches_a_target_whose_weight_rose_after_the_table_was_built() -> None:
+    """Found by the churn property: a target without a configured weight whose effective
+    weight was 0 when the table was built had no slot, and was never picked, even alone."""
+    alone = FakeTarget("10.1.0.2:80", 0, 0.0)
+    policy = ConsistentHash(table_size=101)
+    policy.update([alone])
+    assert policy.pick(None) is None
+    alone.effective_weight = 0.01
+    assert policy.pick(None) is alone
+    assert policy.pick(b"key") is alone
+    assert policy.pick(b"key", exclude=[alone]) is None
+    other = FakeTarget("10.1.0.3:80", 0, 1.0)
+    policy.update([alone, other])
+    alone.effective_weight = 0.0
+    assert policy.pick(b"key", exclude=[other]) is None

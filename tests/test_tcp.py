@@ -384,6 +384,22 @@ async def test_a_second_drain_with_no_time_left_cuts_at_once(
     await client.close()
 
 
+async def test_two_drains_at_their_deadline_cut_a_connection_once(
+    redis_pair: tuple[Peer, Peer], start: Starter
+) -> None:
+    """The stop's own drain and the cut that follows it both reach their deadline before the
+    aborted connection is gone: the connection was counted as cut twice."""
+    svc, port = await start([redis_pair[0].address])
+    client = await Resp.connect(port)
+    assert await client.command(b"PING") == "PONG"
+    first = asyncio.ensure_future(svc.drain(0))
+    second = asyncio.ensure_future(svc.drain(0))
+    cuts = await asyncio.wait_for(asyncio.gather(first, second), STEP)
+    assert sum(cut.connections for cut in cuts) == 1
+    assert await read_to_eof(client.reader) == b""
+    await client.close()
+
+
 async def test_byte_counters_are_exact_when_the_backend_resets(start: Starter) -> None:
     """The counters come from the kernel: settled before either socket closes, reset or not."""
 

@@ -144,7 +144,7 @@ class ConsistentHash(Policy):
     def pick(self, key: bytes | None = None, exclude: Collection[Target] = ()) -> Target | None:
         table = self._table
         if not table:
-            return None
+            return self._unmapped(exclude)
         if key is None:
             slot = self._spread = (self._spread + self._stride) % self.table_size
         else:
@@ -186,7 +186,15 @@ class ConsistentHash(Policy):
                     fallback = target
             if len(seen) == self._members:
                 break
-        return fallback
+        return fallback if fallback is not None else self._unmapped(exclude)
+
+    def _unmapped(self, exclude: Collection[Target]) -> Target | None:
+        """A usable target the table has no slot for (its weight was 0 when the table was
+        built, and nothing else is usable), in address order; None when there is none."""
+        for target in self._ring:
+            if target.effective_weight > 0 and not (exclude and target in exclude):
+                return target
+        return None
 
     def __repr__(self) -> str:
         counts = [0] * len(self._ring)

@@ -1,7 +1,4 @@
-"""The two sides of a relayed tcp connection (`ClientSide`, `BackendSide`).
-
-See `balancer.proxy.tcp` for how the relay works.
-"""
+"""The two sides of a relayed connection, `ClientSide` and `BackendSide` (see `proxy.tcp`)."""
 
 from __future__ import annotations
 
@@ -143,6 +140,7 @@ class ClientSide(asyncio.Protocol):
         "closed",
         "connector",
         "counted",
+        "cut",
         "data_received",
         "fds",
         "held",
@@ -182,6 +180,8 @@ class ClientSide(asyncio.Protocol):
         """The peer's address is one of our own backend connections' (see `loopguard`)."""
         self.fds: resources.FdBudget | None = None
         """The descriptor budget this connection holds two descriptors of."""
+        self.cut = False
+        """Cut by a stop's drain (counted there once)."""
 
     # -- client transport callbacks
 

@@ -126,8 +126,11 @@ class TcpService:
         cut = 0
         conns = self.conns
         if not await wait_closed(lambda: len(conns), timeout):
-            cut = len(conns)
-            for conn in list(conns):
+            # a connection is cut (and counted) once, by whichever call gets there first
+            left = [conn for conn in conns if not conn.cut]
+            cut = len(left)
+            for conn in left:
+                conn.cut = True
                 conn.abort()
             # aborted transports report connection_lost on the next loop turns
             await wait_closed(lambda: len(conns), 1.0)
