@@ -1,4 +1,13 @@
-"""What message mode says on the wire itself: its own replies to clients."""
+"""What is said on the wire by the balancer itself and by the tutorial's programs.
+
+The tutorial's protocol: a request is a line; the sample service answers a number N
+with `It's instance number N` (INSTANCE_PREFIX + N), the health check message with
+itself, anything else with `Invalid message`. The rest are message mode's own replies.
+"""
+
+INSTANCE_PREFIX = "It’s instance number ".encode()
+HEALTH_CHECK = "!HEALTH_CHECK"
+"""What a health check sends, and expects back, by default."""
 
 NOT_AVAILABLE = b"Server not available"
 LINE_TOO_LONG = b"Error: line too long"

@@ -18,6 +18,7 @@ from balancer.config.addresses import format_address, parse_address
 from balancer.config.bounds import Bound as Bound
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.errors import ConfigError
+from balancer.wire import HEALTH_CHECK
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9100
@@ -118,9 +119,9 @@ class HealthConfig:
     fall: int = 3
     jitter: float = 0.1
     """Fraction of `interval` by which each wait is randomly shortened or lengthened."""
-    send: str | None = "!HEALTH_CHECK"
+    send: str | None = HEALTH_CHECK
     """Probe sent after connecting; None means a plain TCP connect check."""
-    expect: str | None = "!HEALTH_CHECK"
+    expect: str | None = HEALTH_CHECK
     """Expected reply (exact line); None accepts any reply."""
     enabled: bool = True
 

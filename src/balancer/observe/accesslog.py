@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Protocol
 
+from balancer.observe.stamps import utc_second
+
 if TYPE_CHECKING:
     from balancer.core.pool import Backend
 
@@ -67,7 +69,7 @@ class AccessLog:
         sec = int(now)
         if sec != self._stamp_second:
             self._stamp_second = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self._stamp = utc_second(sec)
         return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
 
     def record_batch(self, session: Peer, reqs: Sequence[Logged], now: float) -> None:
@@ -90,7 +92,7 @@ class AccessLog:
                 sec, milli = divmod(wall_ms, 1000)
                 if sec != self._stamp_second:
                     self._stamp_second = sec
-                    self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+                    self._stamp = utc_second(sec)
                 self._stamp_b = b"%s.%03dZ %s " % (self._stamp.encode(), milli, self._service_b)
             prefix = self._prefixes.get(session.peer)
             if prefix is None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import IO, Any
+
+from balancer.observe.stamps import utc_timestamp
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -23,12 +24,6 @@ _STANDARD = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", None, 
     "asctime",
     "taskName",
 }
-
-
-def utc_timestamp(seconds: float) -> str:
-    whole = int(seconds)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{stamp}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def _plain(value: object) -> object:

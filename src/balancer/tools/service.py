@@ -24,24 +24,24 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
+from balancer import wire
 from balancer.config.addresses import format_address
 from balancer.config.model import DEFAULT_MAX_LINE
 from balancer.core.framing import LineFramer, LineTooLong
 from balancer.net.loops import create_listener, loop_factory
+from balancer.wire import INSTANCE_PREFIX, INVALID_MESSAGE
 
-PREFIX = "It’s instance number ".encode()
-HEALTH_CHECK = b"!HEALTH_CHECK"
-INVALID = b"Invalid message"
-LINE_TOO_LONG = b"Error: line too long\n"
+HEALTH_CHECK = wire.HEALTH_CHECK.encode()
+LINE_TOO_LONG = wire.LINE_TOO_LONG + b"\n"
 
 
 def reply_for(message: bytes) -> bytes:
     """The reply (without line ending) to one request (without line ending)."""
     if message.isdigit():
-        return PREFIX + message
+        return INSTANCE_PREFIX + message
     if message == HEALTH_CHECK:
         return HEALTH_CHECK
-    return INVALID
+    return INVALID_MESSAGE
 
 
 class _DelayedWriter:
@@ -125,7 +125,7 @@ class _ServiceConnection(asyncio.Protocol):
 
 
 def _replies(lines: list[bytes]) -> list[bytes]:
-    return [PREFIX + ln + b"\n" if ln.isdigit() else reply_for(ln) + b"\n" for ln in lines]
+    return [INSTANCE_PREFIX + ln + b"\n" if ln.isdigit() else reply_for(ln) + b"\n" for ln in lines]
 
 
 class LineServiceProtocol(_ServiceConnection):

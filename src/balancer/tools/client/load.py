@@ -35,7 +35,7 @@ from typing import cast
 
 from hdrh.histogram import HdrHistogram
 
-from balancer.tools.service import PREFIX
+from balancer.wire import INSTANCE_PREFIX as PREFIX
 
 ERROR_KINDS = ("wrong_reply", "server_not_available", "timeout", "connection_error", "error_reply")
 SERVER_NOT_AVAILABLE = b"Server not available"

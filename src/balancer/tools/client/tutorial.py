@@ -9,8 +9,7 @@ from types import TracebackType
 from typing import Self
 
 from balancer.tools.client.load import MAX_REPLY_LINE
-
-HEALTH_CHECK = "!HEALTH_CHECK"
+from balancer.wire import HEALTH_CHECK
 
 
 class Client:
