@@ -30,7 +30,7 @@ from balancer.config.model import (
     HealthConfig,
     ServiceConfig,
 )
-from balancer.core.pool import DOWN, DRAIN, MAINT, READY, UP
+from balancer.core.states import DOWN, DRAIN, MAINT, READY, UP
 from balancer.runtime.server import Server
 from tests.support import free_ports, reply_for
 

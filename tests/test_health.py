@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
 from balancer.core.health_state import CheckSchedule, HealthState, first_wait, next_wait
-from balancer.core.pool import DOWN, MAINT, READY, UP, Backend, BackendPool
+from balancer.core.pool import Backend, BackendPool
+from balancer.core.states import DOWN, MAINT, READY, UP
 from balancer.net import loopguard, resources
 from balancer.runtime.health import HealthChecker
 from balancer.runtime.probe import LATE, ProbeResult, probe

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from balancer.config.model import BackendConfig, OutlierConfig, ServiceConfig
-from balancer.core.pool import DOWN, DRAIN, MAINT, UP, Backend, BackendPool
+from balancer.core.pool import Backend, BackendPool
+from balancer.core.states import DOWN, DRAIN, MAINT, UP
 
 
 def make_pool(n: int, **options: object) -> BackendPool:

@@ -22,7 +22,8 @@ import pytest
 
 from balancer.config.load import load_config
 from balancer.config.model import BackendConfig, HealthConfig, ServiceConfig
-from balancer.core.pool import DOWN, UP, BackendPool
+from balancer.core.pool import BackendPool
+from balancer.core.states import DOWN, UP
 from balancer.net import loopguard, resources, tcpinfo
 from balancer.proxy.tcp import relay
 from balancer.proxy.tcp import service as tcp_service

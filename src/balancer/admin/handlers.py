@@ -28,6 +28,7 @@ from balancer.admin.openapi import OPENAPI
 from balancer.config.addresses import parse_address
 from balancer.config.errors import ConfigError
 from balancer.config.model import BackendConfig
+from balancer.core.states import SETTABLE
 
 if TYPE_CHECKING:
     from balancer.runtime.server import Server
@@ -49,7 +50,7 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 ADMIN_KEY: web.AppKey[AdminState] = web.AppKey("admin")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-BACKEND_STATES = ("up", "drain", "maint")
+BACKEND_STATES = tuple(SETTABLE)
 """Admin states a backend can be set to through the API."""
 
 

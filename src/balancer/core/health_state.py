@@ -18,7 +18,7 @@ import random
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from balancer.core.pool import DOWN, UP
+from balancer.core.states import DOWN, UP
 
 
 class HealthState:

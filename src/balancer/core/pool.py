@@ -32,14 +32,9 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 
 from balancer.config.model import BackendConfig, ServiceConfig
 from balancer.core.policies import Policy, make_policy
+from balancer.core.states import DOWN, READY, UP
 
 log = logging.getLogger("balancer")
-
-UP = "up"
-DOWN = "down"
-READY = "ready"
-DRAIN = "drain"
-MAINT = "maint"
 
 
 class Backend:

@@ -7,7 +7,8 @@ import asyncio
 import logging
 
 from balancer.config.model import BOUNDS, BackendConfig
-from balancer.core.pool import DOWN, DRAIN, MAINT, READY, Backend
+from balancer.core.pool import Backend
+from balancer.core.states import ACCEPTED, DOWN, DRAIN
 from balancer.errors import Conflict, InvalidInput, NotFound
 from balancer.runtime.services import (
     Removal,
@@ -16,8 +17,6 @@ from balancer.runtime.services import (
 from balancer.runtime.starting import ServerStart, log_failure
 
 log = logging.getLogger("balancer")
-
-ADMIN_STATES = {"up": READY, "ready": READY, "drain": DRAIN, "maint": MAINT}
 
 
 class ServerChanges(ServerStart):
@@ -44,7 +43,7 @@ class ServerChanges(ServerStart):
     ) -> Backend:
         """Change a backend's admin state ("up", "drain", "maint") and/or weight, at once."""
         runtime, backend = self.backend(service, address)
-        if state is not None and state not in ADMIN_STATES:
+        if state is not None and state not in ACCEPTED:
             raise InvalidInput(f"invalid state {state!r}: expected one of up, drain, maint")
         if weight is not None and (
             isinstance(weight, bool)
@@ -55,7 +54,7 @@ class ServerChanges(ServerStart):
                 f"invalid weight {weight!r}: expected {BOUNDS['weight'].expected(True)}",
             )
         if state is not None:
-            new = ADMIN_STATES[state]
+            new = ACCEPTED[state]
             if new != backend.admin_state:
                 log.warning(
                     "backend %s of service %s: admin state %s -> %s",

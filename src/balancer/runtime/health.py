@@ -49,7 +49,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from balancer.core.health_state import CheckSchedule, HealthState, first_wait, next_wait
-from balancer.core.pool import DOWN, MAINT, UP, Backend, BackendPool, LoopOwner, detects_framing
+from balancer.core.pool import Backend, BackendPool, LoopOwner, detects_framing
+from balancer.core.states import DOWN, MAINT, UP
 from balancer.net import resources
 from balancer.runtime.probe import LINE, RAW, ProbeResult, probe
 

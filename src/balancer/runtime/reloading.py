@@ -17,7 +17,8 @@ from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
 from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import plan_backends, plan_reload
-from balancer.core.pool import DOWN, Backend
+from balancer.core.pool import Backend
+from balancer.core.states import DOWN
 from balancer.errors import BalancerError, Conflict, InvalidInput
 from balancer.runtime.changes import ServerChanges
 from balancer.runtime.services import (

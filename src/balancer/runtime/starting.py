@@ -17,7 +17,8 @@ from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
 from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import ReloadPlan
-from balancer.core.pool import DOWN, Backend, BackendPool
+from balancer.core.pool import Backend, BackendPool
+from balancer.core.states import DOWN
 from balancer.core.stats import LatencyHistogram
 from balancer.errors import Conflict, InvalidInput
 from balancer.net import resources
