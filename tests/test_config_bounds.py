@@ -231,16 +231,16 @@ def test_any_value_at_any_number_loads_within_its_bound_or_names_that_key(
         assert float(got).is_integer()
 
 
-# ---------------------------------------------------------------- the README
+# ---------------------------------------------------------------- the configuration guide
 
 
-def readme() -> str:
-    return (ROOT / "README.md").read_text(encoding="utf-8")
+def guide() -> str:
+    return (ROOT / "docs" / "config-guide.md").read_text(encoding="utf-8")
 
 
-def test_the_readme_table_of_bounds_is_the_generated_one() -> None:
-    """Regenerate with `python -m balancer.config.doc --write README.md`."""
-    text = readme()
+def test_the_guides_table_of_bounds_is_the_generated_one() -> None:
+    """Regenerate with `python -m balancer.config.doc --write docs/config-guide.md`."""
+    text = guide()
     start = text.index(BEGIN) + len(BEGIN)
     assert text[start : text.index(END, start)].strip("\n") == bounds_table()
 
@@ -252,8 +252,8 @@ def test_the_bounds_table_lists_every_bounded_number() -> None:
         assert any(row.startswith(f"| `{name.rpartition('.')[2]}` |") for row in rows), name
 
 
-def test_the_readme_example_loads_and_sets_every_key(tmp_path: Path) -> None:
-    text = readme()
+def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
+    text = guide()
     start = text.index("```toml\n", text.index("## Configuration")) + len("```toml\n")
     example = text[start : text.index("```", start)]
     path = tmp_path / "example.toml"

@@ -746,7 +746,7 @@ def test_peak_ewma_defaults_are_the_documented_ones_and_every_option_is_passed()
         0.5,
         0.02,
     )
-    assert ewma.probe_every == 50  # README: one pick in 50
+    assert ewma.probe_every == 50  # docs/behaviour.md: one pick in 50
     configured = make_policy(service("peak_ewma"))
     assert isinstance(configured, PeakEwma)
     assert (configured.decay, configured.default_latency, configured.failure_penalty) == (

@@ -1,4 +1,5 @@
-"""Every promise of the README's behaviour sections has a row in docs/promises.md naming its tests.
+"""Every promise of the behaviour sections (README and docs/) has a row in docs/promises.md naming
+its tests.
 
 A promise is a bullet, a table row or a paragraph of a behaviour section (code blocks and table
 headers are not), identified by its key: the bold lead of a bullet (`**Health**: ...` ->
@@ -26,16 +27,16 @@ PROMISES = ROOT / "docs" / "promises.md"
 KEY_WORDS = 5
 
 BEHAVIOUR_SECTIONS: dict[str, tuple[str, ...]] = {
-    "README.md": (
-        "The tutorial's commands",
-        "Configuration",
+    "README.md": ("The tutorial's commands",),
+    "docs/config-guide.md": ("Configuration",),
+    "docs/behaviour.md": (
         "Wire protocol (message mode)",
         "How it behaves",
         "Balancing algorithms",
         "TCP (L4) mode",
         "Limits, timeouts and failure handling",
-        "Operating it",
     ),
+    "docs/operations.md": ("Operating it",),
 }
 """The documents and the `## ` sections of each whose bullets, table rows and paragraphs are
 promises. A page under docs/ that describes behaviour is added here with its sections."""

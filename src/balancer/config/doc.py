@@ -1,8 +1,9 @@
 """Documents generated from the config model, so that they cannot drift from it.
 
-The README's table of every number a config can set comes from `BOUNDS`:
-`python -m balancer.config.doc` prints it, and with `--write README.md` it
-replaces the table between the `bounds-table` markers of that file.
+The configuration guide's table of every number a config can set comes from
+`BOUNDS`: `python -m balancer.config.doc` prints it, and with `--write
+docs/config-guide.md` it replaces the table between the `bounds-table`
+markers of that file.
 
 The configuration reference lists every key of every table (`schema`), with
 its type and default (the model's dataclasses), what it accepts (`BOUNDS`,
@@ -242,7 +243,7 @@ def reference() -> str:
         "accepts and what it does. TOML is the full format; a JSON file with a `services`",
         "object takes the same keys. A key not listed is an error, and so is a value",
         "outside what a key accepts (the error names the file, the line and the key).",
-        "0 (off) means off or unlimited. The README's Configuration section has an example.",
+        "0 (off) means off or unlimited. [config-guide.md](config-guide.md) has an example.",
     ]
     for table, keys in TABLE_KEYS.items():
         heading = _TABLES[table][0]
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="?",
         choices=("bounds", "reference"),
         default="bounds",
-        help="the README's table of bounds (default) or the configuration reference",
+        help="the configuration guide's table of bounds (default) or the configuration reference",
     )
     parser.add_argument(
         "--write",
