@@ -5,8 +5,8 @@
   listener of ours that accepts it knows it for our own; a backend address
   that is one of our listeners raises `OwnListener` before any connect.
   `adopt` hands such a socket to the event loop.
-- `connect_failure` words a failed connect the one way the logs and
-  `/status` show it; `local_shortage` tells our own shortages (descriptors,
+- `connect_failure` is the backend error a failed connect is, worded the one
+  way the logs and `/status` show it; `local_shortage` tells our own shortages (descriptors,
   socket memory, local ports) from the backend's failures and notes them.
 - `admit` decides whether one more client connection may in: under the
   service's `max_connections` and within the descriptor budget, which keeps
@@ -24,6 +24,7 @@ from typing import Any
 
 from balancer.config.hosts import address_of
 from balancer.core.pool import Backend
+from balancer.errors import BackendError, ConnectRefused, ConnectTimeout
 from balancer.net import loopguard, resources
 
 
@@ -140,13 +141,13 @@ async def adopt(
     return transport
 
 
-def connect_failure(exc: BaseException, timeout: float) -> str:
-    """How a failed connect to a backend is reported."""
+def connect_failure(exc: BaseException, timeout: float) -> BackendError:
+    """The backend's error a failed connect is (its `str` is how it is reported)."""
     if isinstance(exc, TimeoutError):
-        return f"connect timeout after {timeout:g}s"
+        return ConnectTimeout(f"connect timeout after {timeout:g}s")
     if isinstance(exc, OSError):
-        return f"connect failed: {exc.strerror or exc}"
-    return f"connect failed: {exc}"
+        return ConnectRefused(f"connect failed: {exc.strerror or exc}")
+    return ConnectRefused(f"connect failed: {exc}")
 
 
 def local_shortage(exc: BaseException, what: str) -> bool:

@@ -215,7 +215,7 @@ class BackendChannel:
                 conn.closed = True
                 self.connection_short(conn)
                 return
-            reason = connect_failure(exc, self.service.config.connect_timeout)
+            reason = str(connect_failure(exc, self.service.config.connect_timeout))
         else:
             return
         conn.closed = True

@@ -414,7 +414,7 @@ class ClientSide(asyncio.Protocol):
                     self._release(ok=None)
                     shortage = True
                     break
-                reason = connect_failure(exc, svc.connect_timeout)
+                reason = str(connect_failure(exc, svc.connect_timeout))
                 self._release(ok=False)
                 backend.connect_failures += 1
                 backend.failures += 1
