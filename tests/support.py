@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sys
@@ -9,7 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -300,3 +301,20 @@ def config_error(path: Path, default_listen: str = DEFAULT_LISTEN) -> ConfigErro
     with pytest.raises(ConfigError) as info:
         load_config(path, default_listen=default_listen)
     return info.value
+
+
+class Numbers(asyncio.Protocol):
+    """A sample backend in the test's loop: answers its health check, and each line N with
+    the sample service's reply."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            text = line.decode()
+            reply = text if text == "!HEALTH_CHECK" else reply_for(text)
+            self.transport.write(reply.encode() + b"\n")

@@ -32,7 +32,7 @@ from balancer.config.model import (
 )
 from balancer.core.states import DOWN, DRAIN, MAINT, READY, UP
 from balancer.runtime.server import Server
-from tests.support import free_ports, reply_for
+from tests.support import Numbers, free_ports, reply_for
 
 JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "object": dict,
@@ -168,22 +168,6 @@ def test_every_reference_resolves() -> None:
 # -- a running balancer ------------------------------------------------------------------------
 
 
-class Echo(asyncio.Protocol):
-    """A backend: answers its health check, and each line N with the sample reply."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            text = line.decode()
-            reply = text if text == "!HEALTH_CHECK" else reply_for(text)
-            self.transport.write(reply.encode() + b"\n")
-
-
 @dataclass
 class Running:
     server: Server
@@ -207,7 +191,7 @@ class Running:
 @pytest_asyncio.fixture
 async def running() -> AsyncIterator[Running]:
     loop = asyncio.get_running_loop()
-    listeners = [await loop.create_server(Echo, "127.0.0.1", 0) for _ in range(3)]
+    listeners = [await loop.create_server(Numbers, "127.0.0.1", 0) for _ in range(3)]
     ports = [int(s.sockets[0].getsockname()[1]) for s in listeners]
     listen, relay, closed = free_ports(3)
     checks = HealthConfig(interval=60.0, timeout=1.0)

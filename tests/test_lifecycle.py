@@ -24,7 +24,7 @@ from balancer.errors import Conflict, InvalidInput
 from balancer.net import resources
 from balancer.net.loops import ListenerBatch, create_listener, listening_socket
 from balancer.runtime.server import Server
-from tests.support import free_ports, reply_for
+from tests.support import Numbers, free_ports, reply_for
 
 # -- the plans ----------------------------------------------------------------------------------
 
@@ -186,22 +186,6 @@ def test_a_batch_closed_before_serving_leaves_its_ports_free(loop_name: str) -> 
 
 
 # -- the server in process -----------------------------------------------------------------------
-
-
-class Numbers(asyncio.Protocol):
-    """A sample backend: answers each line N with the sample service's reply."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            text = line.decode()
-            reply = text if text == "!HEALTH_CHECK" else reply_for(text)
-            self.transport.write(reply.encode() + b"\n")
 
 
 @contextlib.asynccontextmanager
