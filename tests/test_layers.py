@@ -209,3 +209,20 @@ def test_the_mode_registry_serves_every_mode_the_config_accepts() -> None:
     from balancer.proxy.registry import PROXY_MODES
 
     assert set(PROXY_MODES) == set(MODES)
+
+
+def test_the_core_does_no_io() -> None:
+    """balancer.core decides; it imports neither the event loop nor sockets."""
+    io_modules = {"asyncio", "socket", "selectors", "ssl", "subprocess", "uvloop"}
+    found = []
+    for module, path in MODULES.items():
+        if group_of(module)[1] != "balancer.core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{module} imports {n}" for n in names if n.split(".")[0] in io_modules]
+    assert not found, found

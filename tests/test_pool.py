@@ -190,6 +190,7 @@ def test_mark_up_tells_the_log_the_hooks_and_the_policy_at_once(
 
 async def test_marks_refresh_the_policy_at_once_unless_deferred() -> None:
     pool = make_pool(3)
+    pool.defer = asyncio.get_running_loop().call_soon  # as the health checker sets it
     a, b, c = pool.backends
     pool.mark_down(a, "refused")
     assert pool.policy.targets == [b, c], "not deferred: at once, even inside a loop"

@@ -24,7 +24,6 @@ does not pick a backend whose framing is not known.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -198,7 +197,10 @@ class BackendPool:
         self.on_transition: list[TransitionHook] = []
         self._stale = False
         """Eligibility changed since the policy was last handed the eligible set."""
-        self._refresh_handle: asyncio.Handle | None = None
+        self.defer: Callable[[Callable[[], None]], object] | None = None
+        """Runs a callback at the end of this turn of the event loop (the health checker
+        sets it); None: a deferred refresh happens at once."""
+        self._refresh_pending = False
         self._batching = 0
         self.refresh()
 
@@ -219,17 +221,16 @@ class BackendPool:
     def refresh_soon(self) -> None:
         """Refresh at the end of this turn of the event loop (once, however many calls)."""
         self._stale = True
-        if self._refresh_handle is not None or self._batching:
+        if self._refresh_pending or self._batching:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if self.defer is None:
             self.refresh()
             return
-        self._refresh_handle = loop.call_soon(self._deferred_refresh)
+        self._refresh_pending = True
+        self.defer(self._deferred_refresh)
 
     def _deferred_refresh(self) -> None:
-        self._refresh_handle = None
+        self._refresh_pending = False
         if self._stale:
             self.refresh()
 

@@ -111,6 +111,16 @@ ProbeFunc = Callable[[Backend, str], Awaitable[ProbeResult]]
 """Checks one backend with the given framing ("" to detect it)."""
 
 
+def call_soon(callback: Callable[[], None]) -> None:
+    """`callback` at the end of this turn of the running loop; at once outside a loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        callback()
+        return
+    loop.call_soon(callback)
+
+
 class HealthChecker:
     """Checks one service's backends on schedule and tells the pool what the results mean."""
 
@@ -122,6 +132,7 @@ class HealthChecker:
         rng: random.Random | None = None,
     ) -> None:
         self.pool = pool
+        pool.defer = call_soon  # the transitions of one loop turn make one refresh
         self.config = pool.service.health
         self.states: dict[Backend, HealthState] = {}
         self.schedule: CheckSchedule[Backend] = CheckSchedule()
