@@ -47,7 +47,7 @@ class Upstream(Protocol):
     tasks: set[asyncio.Task[None]]
     stopped: bool
 
-    def settle(self, backend: Backend, done: list[Request], replies: list[bytes]) -> None: ...
+    def settle(self, backend: Backend, pending: deque[Request], replies: list[bytes]) -> None: ...
 
     def answer_locally(self, backend: Backend, req: Request, reply: bytes) -> None: ...
 
@@ -167,9 +167,9 @@ class BackendChannel:
             conn.flush()
 
     # -- what its connections report -----------------------------------------
-    def replied(self, done: list[Request], replies: list[bytes]) -> None:
-        """`done` were answered with `replies`, in order."""
-        self.service.settle(self.backend, done, replies)
+    def replied(self, pending: deque[Request], replies: list[bytes]) -> None:
+        """The first requests of a connection's `pending` were answered with `replies`."""
+        self.service.settle(self.backend, pending, replies)
 
     def refuse(self, req: Request, reply: bytes) -> None:
         """Answer a request handed to this backend locally: it must not be sent."""

@@ -23,7 +23,7 @@ class Channel(Protocol):
     raw: bool
     owner: loopguard.Owner
 
-    def replied(self, done: list[Request], replies: list[bytes]) -> None: ...
+    def replied(self, pending: deque[Request], replies: list[bytes]) -> None: ...
 
     def refuse(self, req: Request, reply: bytes) -> None: ...
 
@@ -169,8 +169,7 @@ class BackendConnection(asyncio.Protocol):
         channel = self.channel
         if replies:
             self.served += len(replies)
-            popleft = pending.popleft
-            channel.replied([popleft() for _ in replies], replies)
+            channel.replied(pending, replies)
         if not pending and (self._raw or self.retiring):
             channel.connection_idle(self)
 

@@ -120,15 +120,18 @@ class Dispatcher:
             self.policy_finish = policy.on_finish
 
     # -- the one place a request's accounting changes ---------------------------
-    def settle(self, backend: Backend, done: list[Request], replies: list[bytes]) -> None:
-        """`backend` answered `done` with `replies`, in order."""
+    def settle(self, backend: Backend, pending: deque[Request], replies: list[bytes]) -> None:
+        """`backend` answered the first `len(replies)` requests of `pending` (a connection's
+        FIFO) with `replies`, in order: they leave it."""
         now = monotonic()
         on_finish = self.policy_finish
         backend.consecutive_failures = 0
-        n = len(done)
+        n = len(replies)
         backend.in_flight -= n
         backend.requests += n
-        for req, reply in zip(done, replies, strict=True):
+        popleft = pending.popleft
+        for reply in replies:
+            req = popleft()
             if on_finish is not None:
                 on_finish(backend, now - req.started, True)
             req.backend = backend
