@@ -53,7 +53,6 @@ class ServiceRuntime:
     histogram: LatencyHistogram
     access_log: AccessLog | None = None
     bound: tuple[str, int] = ("", 0)
-    extra: dict[str, object] = field(default_factory=dict)
     removals: dict[str, Removal] = field(default_factory=dict)
     """Backends leaving, by address."""
     api_added: set[str] = field(default_factory=set)
