@@ -318,3 +318,13 @@ class Numbers(asyncio.Protocol):
             text = line.decode()
             reply = text if text == "!HEALTH_CHECK" else reply_for(text)
             self.transport.write(reply.encode() + b"\n")
+
+
+async def ask(port: int, line: str) -> str:
+    """One request line to 127.0.0.1:`port` on a new connection; its reply line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(line.encode() + b"\n")
+        return (await reader.readline()).decode().rstrip("\n")
+    finally:
+        writer.close()

@@ -32,7 +32,7 @@ from balancer.config.model import (
 )
 from balancer.core.states import DOWN, DRAIN, MAINT, READY, UP
 from balancer.runtime.server import Server
-from tests.support import Numbers, free_ports, reply_for
+from tests.support import Numbers, ask, free_ports, reply_for
 
 JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "object": dict,
@@ -223,15 +223,6 @@ async def running() -> AsyncIterator[Running]:
         await server.shutdown()
         for s in listeners:
             s.close()
-
-
-async def ask(port: int, line: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(line.encode() + b"\n")
-        return (await reader.readline()).decode().rstrip("\n")
-    finally:
-        writer.close()
 
 
 async def test_every_answer_of_a_running_balancer_matches_its_schema(running: Running) -> None:

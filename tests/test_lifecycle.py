@@ -24,7 +24,7 @@ from balancer.errors import Conflict, InvalidInput
 from balancer.net import resources
 from balancer.net.loops import ListenerBatch, create_listener, listening_socket
 from balancer.runtime.server import Server
-from tests.support import Numbers, free_ports, reply_for
+from tests.support import Numbers, ask, free_ports, reply_for
 
 # -- the plans ----------------------------------------------------------------------------------
 
@@ -206,15 +206,6 @@ def busy_port(port: int) -> Iterator[int]:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         yield port
-
-
-async def ask(port: int, line: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(line.encode() + b"\n")
-        return (await reader.readline()).decode().rstrip("\n")
-    finally:
-        writer.close()
 
 
 async def refused(port: int) -> bool:
