@@ -41,10 +41,13 @@ class RunningBalancer:
         self.child.stop()
 
 
-def start_balancer(config: Path, admin: str = "off") -> RunningBalancer:
-    """`balancer serve CONFIG --admin ADMIN`, once it has logged `balancer ready`."""
+def start_balancer(
+    config: Path, admin: str = "off", env: dict[str, str] | None = None
+) -> RunningBalancer:
+    """`balancer serve CONFIG --admin ADMIN` (`env`: added to the environment), once it has
+    logged `balancer ready`."""
     args = [sys.executable, "-m", "balancer", "serve", str(config), "--admin", admin]
-    child = ChildProcess(args, name="balancer", max_lines=KEEP_LINES)
+    child = ChildProcess(args, name="balancer", env=env, max_lines=KEEP_LINES)
     try:
         ports, admin_port = ready_balancer_ports(child)
         if not ports:

@@ -1,30 +1,36 @@
-"""Message mode throughput and latency: direct, through HAProxy, through the balancer.
+"""Message mode throughput and cost: direct, through HAProxy, through the balancer.
 
-Four sample services run as subprocesses; the balancer (round robin, admin off)
-runs as a subprocess in front of them, and so does HAProxy (`mode tcp`,
-`nbthread 1`, round robin over the same four: it balances per connection,
-the balancer per request). Each round runs the load client, itself a
-separate subprocess with `--json`, against (a) one backend directly, (b)
-HAProxy and (c) the balancer, each in lockstep (pipeline 1) and pipelined
-(pipeline 16), over 16 connections for a fixed duration. Scenarios alternate within every round so
-slow drift of the machine hits both sides alike. Reported per scenario: the
-median over rounds of requests/s, p50 and p99; the CPU seconds the target
-process (the balancer, or the backend for direct runs) spent per 100k requests;
-and the balancer's resident memory. Everything listens on 127.0.0.1.
+Sample services run as subprocesses; the balancer (round robin, admin off) runs as a
+subprocess in front of them twice, compiled and pure Python (`BALANCER_NO_EXTENSIONS=1`),
+and so does HAProxy (`mode tcp`, `nbthread 1`, round robin over the same backends: it
+relays per connection, the balancer balances per request). The load is the load client's
+compiled engine (`balancer client --engine compiled`: C, epoll, one thread), each connection
+keeping `pipeline` requests in flight and refilling as replies arrive.
 
-Usage: python bench/message_bench.py [--duration 5] [--rounds 3] [--connections 16]
+Rows: the main ones (16 connections, 4 backends, 10-digit requests) in lockstep and with
+16 in flight against every target, then rows that show how the cost grows with the work
+(256 and 2,048 connections, 64 backends, 1 KB requests; 16 in flight). Targets alternate
+within every round so slow drift of the machine hits all alike. Reported per row and
+target: the median over rounds of requests/s, p50 and p99; the CPU seconds per 100k
+requests of the target (the balancer, HAProxy, or the one backend for direct runs), of the
+load client and of all backends together; the target's resident memory.
+
+Usage: python bench/message_bench.py [--duration 5] [--rounds 3] [--quick]
 Writes bench/results/message.json and bench/results/message.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +43,36 @@ from tests.peers import haproxy
 from balancer.net.loops import loop_name
 from balancer.tools.demo import start_service
 from balancer.tools.procs import ChildProcess as Child
-from harness import RESULTS, run_load, save_results, start_balancer
+from harness import RESULTS, RunningBalancer, run_load, save_results, start_balancer
 
-BACKENDS = 4
-PIPELINES = (1, 16)
-TARGETS = ("direct", "haproxy", "balancer")
+TARGETS = ("direct", "haproxy", "balancer", "balancer-pure")
+SIZE = 10
 
 
-def write_config(path: Path, backend_ports: list[int]) -> None:
+@dataclass(frozen=True)
+class Row:
+    name: str
+    pipeline: int
+    connections: int = 16
+    backends: int = 4
+    size: int = SIZE
+    targets: tuple[str, ...] = TARGETS
+    main: bool = False
+
+
+MAIN_ROWS = (
+    Row("lockstep", 1, main=True),
+    Row("16 in flight", 16, main=True),
+)
+SCALE_ROWS = (
+    Row("256 connections", 16, connections=256),
+    Row("2,048 connections", 16, connections=2048, targets=("direct", "haproxy", "balancer")),
+    Row("64 backends", 16, backends=64, targets=("haproxy", "balancer")),
+    Row("1 KB requests", 16, size=1024),
+)
+
+
+def write_config(path: Path, backend_ports: Sequence[int]) -> None:
     backends = ", ".join(f'"127.0.0.1:{p}"' for p in backend_ports)
     path.write_text(
         "[services.bench]\n"
@@ -56,32 +84,81 @@ def write_config(path: Path, backend_ports: list[int]) -> None:
     )
 
 
-def run_client(port: int, connections: int, pipeline: int, duration: float) -> dict[str, Any]:
-    return run_load(
-        port,
+def cpu_seconds(procs: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+@dataclass
+class Target:
+    proc: psutil.Process
+    port: int
+
+
+@dataclass
+class BackendSet:
+    """Sample services and what fronts them."""
+
+    procs: list[psutil.Process]
+    targets: dict[str, Target]
+
+
+@contextmanager
+def backend_set(count: int, tmp: Path, stack: ExitStack) -> Iterator[BackendSet]:
+    children: list[Child] = []
+    balancers: list[RunningBalancer] = []
+    try:
+        ports: list[int] = []
+        for i in range(count):
+            child, port = start_service(name=f"service {i + 1}")
+            children.append(child)
+            ports.append(port)
+        config = tmp / f"bench-{count}.toml"
+        write_config(config, ports)
+        compiled = start_balancer(config, env={"BALANCER_NO_EXTENSIONS": "0"})
+        balancers.append(compiled)
+        pure = start_balancer(config, env={"BALANCER_NO_EXTENSIONS": "1"})
+        balancers.append(pure)
+        ha = stack.enter_context(haproxy([f"127.0.0.1:{p}" for p in ports]))
+        yield BackendSet(
+            procs=[psutil.Process(c.popen.pid) for c in children],
+            targets={
+                "direct": Target(psutil.Process(children[0].popen.pid), ports[0]),
+                "haproxy": Target(psutil.Process(ha.proc.pid), ha.port),
+                "balancer": Target(psutil.Process(compiled.pid), compiled.port),
+                "balancer-pure": Target(psutil.Process(pure.pid), pure.port),
+            },
+        )
+    finally:
+        for bal in balancers:
+            bal.stop()
+        for child in reversed(children):
+            child.stop()
+
+
+def measure(backends: BackendSet, target: str, row: Row, duration: float) -> dict[str, Any]:
+    t = backends.targets[target]
+    before = cpu_seconds([t.proc])
+    backends_before = cpu_seconds(backends.procs)
+    report = run_load(
+        t.port,
+        "--engine",
+        "compiled",
         "--client_count",
-        str(connections),
+        str(row.connections),
         "--pipeline",
-        str(pipeline),
+        str(row.pipeline),
+        "--size",
+        str(row.size),
         "--duration",
         str(duration),
         "--timeout",
         "10",
         timeout=duration + 60,
     )
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-def measure(
-    target: psutil.Process, port: int, connections: int, pipeline: int, duration: float
-) -> dict[str, Any]:
-    before = cpu_seconds(target)
-    report = run_client(port, connections, pipeline, duration)
-    cpu = cpu_seconds(target) - before
     return {
         "requests": report["requests"],
         "ok": report["ok"],
@@ -90,14 +167,19 @@ def measure(
         "throughput_rps": report["throughput_rps"],
         "p50_ms": report["latency_ms"]["p50"],
         "p99_ms": report["latency_ms"]["p99"],
-        "target_cpu_s": round(cpu, 3),
-        "target_rss_mb": round(target.memory_info().rss / 2**20, 1),
+        "target_cpu_s": round(cpu_seconds([t.proc]) - before, 3),
+        "backends_cpu_s": round(cpu_seconds(backends.procs) - backends_before, 3),
+        "client_cpu_s": report["client_cpu_s"],
+        "target_rss_mb": round(t.proc.memory_info().rss / 2**20, 1),
     }
+
+
+def per_100k(seconds: float, requests: int) -> float | None:
+    return round(seconds / requests * 100_000, 3) if requests else None
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     requests = sum(r["requests"] for r in runs)
-    cpu = sum(r["target_cpu_s"] for r in runs)
     return {
         "rounds": len(runs),
         "requests": requests,
@@ -105,7 +187,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "throughput_rps": round(statistics.median(r["throughput_rps"] for r in runs), 1),
         "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
         "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
-        "cpu_s_per_100k": round(cpu / requests * 100_000, 3) if requests else None,
+        "cpu_s_per_100k": per_100k(sum(r["target_cpu_s"] for r in runs), requests),
+        "client_cpu_s_per_100k": per_100k(sum(r["client_cpu_s"] for r in runs), requests),
+        "backends_cpu_s_per_100k": per_100k(sum(r["backends_cpu_s"] for r in runs), requests),
         "rss_mb_max": max(r["target_rss_mb"] for r in runs),
     }
 
@@ -116,41 +200,43 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def show(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     s = result["settings"]
     out = [
-        f"Message mode, {s['connections']} connections, {BACKENDS} sample-service backends, "
-        f"{s['rounds']} rounds x {s['duration_s']} s per scenario "
-        f"(Python {env['python']}, {env['loop']}, {env['cpus']} CPUs, {env['machine']}).",
-        "Medians over rounds; CPU is the target process's user+sys seconds per 100k requests "
-        "(the balancer, HAProxy, or the one backend for direct runs); "
-        "RSS is the target's peak resident size.",
+        f"Message mode, {s['rounds']} rounds x {s['duration_s']} s per row and target, load from "
+        f"the compiled client (Python {env['python']}, {env['loop']}, {env['cpus']} CPUs, "
+        f"{env['machine']}). Medians over rounds. CPU columns: user+sys seconds per 100k "
+        "requests of the target (balancer, HAProxy, or the one backend for direct), of the "
+        "load client, and of all backends together. `balancer` is the compiled build, "
+        "`balancer-pure` the same code as pure Python.",
         "",
-        "| target | pipeline | req/s | p50 ms | p99 ms | CPU s/100k req | RSS MB | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | target | req/s | p50 ms | p99 ms | target CPU | client CPU | backends CPU "
+        "| RSS MB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for sc in result["scenarios"]:
-        cpu = sc["cpu_s_per_100k"]
-        out.append(
-            f"| {sc['target']} | {sc['pipeline']} | {sc['throughput_rps']:,.0f} | "
-            f"{sc['p50_ms']:.3f} | {sc['p99_ms']:.3f} | "
-            f"{'-' if cpu is None else f'{cpu:.2f}'} | {sc['rss_mb_max']:.1f} | {sc['errors']} |"
-        )
+    out += [
+        f"| {sc['row']} | {sc['target']} | {sc['throughput_rps']:,.0f} | "
+        f"{sc['p50_ms']:.3f} | {sc['p99_ms']:.3f} | {show(sc['cpu_s_per_100k'])} | "
+        f"{show(sc['client_cpu_s_per_100k'])} | {show(sc['backends_cpu_s_per_100k'])} | "
+        f"{sc['rss_mb_max']:.1f} | {sc['errors']} |"
+        for sc in result["scenarios"]
+    ]
     out += [
         "",
-        "| pipeline | req/s balancer/direct | req/s HAProxy/direct | req/s balancer/HAProxy "
-        "| p50 balancer/direct | p99 balancer/direct |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| row | balancer/HAProxy | pure/HAProxy | balancer/direct | HAProxy/direct "
+        "| CPU balancer/HAProxy |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["ratios"]:
-
-        def show(v: float | None) -> str:
-            return "-" if v is None else f"{v:.2f}"
-
         out.append(
-            f"| {r['pipeline']} | {show(r['throughput'])} | {show(r.get('haproxy_throughput'))} "
-            f"| {show(r.get('balancer_vs_haproxy'))} | {show(r['p50'])} | {show(r['p99'])} |"
+            f"| {r['row']} | {show(r['balancer_vs_haproxy'])} | {show(r['pure_vs_haproxy'])} | "
+            f"{show(r['throughput'])} | {show(r['haproxy_throughput'])} | "
+            f"{show(r['cpu_vs_haproxy'])} |"
         )
     return "\n".join(out) + "\n"
 
@@ -158,78 +244,83 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (default 3)")
-    parser.add_argument("--connections", type=int, default=16, help="client connections")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per row (default 3)")
+    parser.add_argument("--quick", action="store_true", help="the main rows only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.rounds < 1 or args.connections < 1:
-        parser.error("--duration, --rounds and --connections must be positive")
-
-    children: list[Child] = []
-    tmp = tempfile.TemporaryDirectory(prefix="balancer-bench-")
-    stack = ExitStack()
-    try:
-        ports: list[int] = []
-        for i in range(BACKENDS):
-            child, port = start_service(name=f"service {i + 1}")
-            children.append(child)
-            ports.append(port)
-        config = Path(tmp.name) / "bench.toml"
-        write_config(config, ports)
-        balancer = start_balancer(config)
-        children.append(balancer.child)
-        ha = stack.enter_context(haproxy([f"127.0.0.1:{p}" for p in ports]))
-        processes = {
-            "direct": (psutil.Process(children[0].popen.pid), ports[0]),
-            "haproxy": (psutil.Process(ha.proc.pid), ha.port),
-            "balancer": (psutil.Process(balancer.pid), balancer.port),
-        }
-        rss_idle = processes["balancer"][0].memory_info().rss / 2**20
-        # Warm-up: the first connections and code paths, not recorded.
-        for target in TARGETS:
-            run_client(processes[target][1], args.connections, 1, min(1.0, args.duration))
-
-        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    if args.duration <= 0 or args.rounds < 1:
+        parser.error("--duration and --rounds must be positive")
+    rows = MAIN_ROWS if args.quick else MAIN_ROWS + SCALE_ROWS
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    rss_idle = 0.0
+    with tempfile.TemporaryDirectory(prefix="balancer-bench-") as tmp, ExitStack() as stack:
+        sets: dict[int, BackendSet] = {}
+        for count in sorted({row.backends for row in rows}):
+            sets[count] = stack.enter_context(backend_set(count, Path(tmp), stack))
+        rss_idle = sets[4].targets["balancer"].proc.memory_info().rss / 2**20
+        for target in TARGETS:  # warm-up: first connections and code paths, not recorded
+            measure(sets[4], target, MAIN_ROWS[1], min(1.0, args.duration))
         for rnd in range(args.rounds):
-            for pipeline in PIPELINES:
-                order = TARGETS if rnd % 2 == 0 else TARGETS[::-1]
+            for row in rows:
+                order = row.targets if rnd % 2 == 0 else row.targets[::-1]
                 for target in order:
-                    proc, port = processes[target]
-                    m = measure(proc, port, args.connections, pipeline, args.duration)
-                    runs.setdefault((target, pipeline), []).append(m)
+                    m = measure(sets[row.backends], target, row, args.duration)
+                    runs.setdefault((row.name, target), []).append(m)
                     print(
-                        f"round {rnd + 1}/{args.rounds} {target:8} pipeline {pipeline:2}: "
+                        f"round {rnd + 1}/{args.rounds} {row.name:18} {target:13}: "
                         f"{m['throughput_rps']:>10,.0f} req/s  p50 {m['p50_ms']:.3f} ms  "
                         f"p99 {m['p99_ms']:.3f} ms  cpu {m['target_cpu_s']:.2f} s  "
-                        f"errors {m['errors']}",
+                        f"client {m['client_cpu_s']:.2f} s  errors {m['errors']}",
                         flush=True,
                     )
-    finally:
-        stack.close()
-        for child in reversed(children):
-            child.stop()
-        tmp.cleanup()
 
     scenarios = [
-        {"target": target, "pipeline": pipeline, **summarize(runs[(target, pipeline)])}
-        for pipeline in PIPELINES
-        for target in TARGETS
+        {
+            "row": row.name,
+            "main": row.main,
+            "target": target,
+            "pipeline": row.pipeline,
+            "connections": row.connections,
+            "backends": row.backends,
+            "size": row.size,
+            **summarize(runs[(row.name, target)]),
+        }
+        for row in rows
+        for target in row.targets
     ]
-    by_key = {(s["target"], s["pipeline"]): s for s in scenarios}
-    ratios = []
-    for pipeline in PIPELINES:
-        b, d = by_key[("balancer", pipeline)], by_key[("direct", pipeline)]
-        h = by_key[("haproxy", pipeline)]
-        ratios.append(
-            {
-                "pipeline": pipeline,
-                "throughput": ratio(b["throughput_rps"], d["throughput_rps"]),
-                "p50": ratio(b["p50_ms"], d["p50_ms"]),
-                "p99": ratio(b["p99_ms"], d["p99_ms"]),
-                "haproxy_throughput": ratio(h["throughput_rps"], d["throughput_rps"]),
-                "balancer_vs_haproxy": ratio(b["throughput_rps"], h["throughput_rps"]),
-            }
-        )
+    by_key = {(s["row"], s["target"]): s for s in scenarios}
+
+    def get(row: str, target: str, key: str) -> Any:
+        s = by_key.get((row, target))
+        return None if s is None else s[key]
+
+    ratios = [
+        {
+            "row": row.name,
+            "pipeline": row.pipeline,
+            "throughput": ratio(
+                get(row.name, "balancer", "throughput_rps"),
+                get(row.name, "direct", "throughput_rps"),
+            ),
+            "haproxy_throughput": ratio(
+                get(row.name, "haproxy", "throughput_rps"),
+                get(row.name, "direct", "throughput_rps"),
+            ),
+            "balancer_vs_haproxy": ratio(
+                get(row.name, "balancer", "throughput_rps"),
+                get(row.name, "haproxy", "throughput_rps"),
+            ),
+            "pure_vs_haproxy": ratio(
+                get(row.name, "balancer-pure", "throughput_rps"),
+                get(row.name, "haproxy", "throughput_rps"),
+            ),
+            "cpu_vs_haproxy": ratio(
+                get(row.name, "balancer", "cpu_s_per_100k"),
+                get(row.name, "haproxy", "cpu_s_per_100k"),
+            ),
+        }
+        for row in rows
+    ]
     result = {
         "environment": {
             "python": platform.python_version(),
@@ -237,20 +328,19 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": psutil.cpu_count(),
             "loop": loop_name(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "pid": os.getpid(),
         },
         "settings": {
-            "connections": args.connections,
             "duration_s": args.duration,
             "rounds": args.rounds,
-            "backends": BACKENDS,
-            "pipelines": list(PIPELINES),
+            "rows": [row.name for row in rows],
         },
         "balancer_rss_idle_mb": round(rss_idle, 1),
         "scenarios": scenarios,
         "ratios": ratios,
         "runs": [
-            {"target": t, "pipeline": p, "round": i + 1, **m}
-            for (t, p), ms in runs.items()
+            {"row": r, "target": t, "round": i + 1, **m}
+            for (r, t), ms in runs.items()
             for i, m in enumerate(ms)
         ],
     }

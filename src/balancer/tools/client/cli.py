@@ -8,8 +8,12 @@ import json
 import sys
 
 from balancer.net.loops import loop_factory
+from balancer.tools.client import fast
 from balancer.tools.client.load import LoadSettings
 from balancer.tools.client.run import print_report, run_load
+
+MAX_SIZE = 1 << 20
+"""The longest request --size makes (the sample service's longest line by default)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the tutorial's original framing: messages unterminated, one read per reply "
         "(lockstep: --pipeline 1 only)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        metavar="DIGITS",
+        help="pad each request (a counter) with zeros to this many digits (default: 0, unpadded)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "python", "compiled"),
+        default="auto",
+        help="compiled: the C engine (epoll, one thread) for closed-loop line loads; "
+        "auto (default): compiled when it is built and the run needs neither --raw, --rate "
+        "nor --report",
     )
     parser.add_argument(
         "--duration",
@@ -97,6 +116,16 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         (args.duration is None or args.duration > 0, "--duration must be > 0"),
         (args.rate is None or args.rate > 0, "--rate must be > 0"),
         (args.timeout > 0, "--timeout must be > 0"),
+        (0 <= args.size <= MAX_SIZE, f"--size must be 0..{MAX_SIZE}"),
+        (
+            args.engine != "compiled" or not (args.raw or args.rate is not None or args.report),
+            "--engine compiled runs closed-loop line loads: no --raw, --rate or --report",
+        ),
+        (
+            args.engine != "compiled" or fast.available(),
+            "--engine compiled: the compiled engine is not built "
+            "(or BALANCER_NO_EXTENSIONS is set)",
+        ),
     )
     for ok, message in checks:
         if not ok:
@@ -111,6 +140,8 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         rate=args.rate,
         timeout=args.timeout,
         raw=args.raw,
+        size=args.size,
+        engine=args.engine,
     )
 
 

@@ -57,6 +57,11 @@ class LoadSettings:
     timeout: float = 5.0
     raw: bool = False
     """Unterminated messages, one read per reply (lockstep only)."""
+    size: int = 0
+    """Each request is its counter zero-padded to this many digits (0: unpadded)."""
+    engine: str = "auto"
+    """`python`, `compiled` (balancer.tools.client.fast) or `auto`: compiled when it is
+    built and covers the settings."""
 
 
 class LoadStats:
@@ -102,6 +107,7 @@ class ClientState:
     remaining: int | None
     """Requests not yet sent (closed loop) or not yet scheduled (open loop); None: no bound."""
     deadline: float | None
+    size: int = 0
     next_number: int = 1
     backlog: deque[float] | None = None
     """Open loop only: scheduled send times not yet sent."""
@@ -136,6 +142,7 @@ class LoadConnection(asyncio.Protocol):
         self.stats = stats
         self.pipeline = pipeline
         self.raw = raw
+        self.size = state.size
         self.pending: deque[tuple[bytes, float, float]] = deque()
         """(expected reply, latency start, send time) per request in flight."""
         self.replies = 0
@@ -177,15 +184,16 @@ class LoadConnection(asyncio.Protocol):
                 if state.remaining is not None:
                     room = min(room, state.remaining)
                     state.remaining -= room
+                size = self.size
                 for _ in range(room):
-                    nb = b"%d" % number
+                    nb = b"%0*d" % (size, number)
                     number += 1
                     parts.append(nb)
                     pending.append((PREFIX + nb, now, now))
             else:
                 while room and backlog:
                     scheduled = backlog.popleft()
-                    nb = b"%d" % number
+                    nb = b"%0*d" % (self.size, number)
                     number += 1
                     parts.append(nb)
                     pending.append((PREFIX + nb, scheduled, now))
@@ -295,7 +303,7 @@ class LoadRun:
         deadline = self.started + s.duration if s.duration is not None else None
         remaining = None if s.duration is not None else s.requests_per_client
         for i in range(s.clients):
-            state = ClientState(i, remaining, deadline)
+            state = ClientState(i, remaining, deadline, s.size)
             if s.rate is not None:
                 state.backlog = deque()
                 state.interval = s.clients / s.rate

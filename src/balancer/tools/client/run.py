@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from balancer.tools.admin_http import AdminError, admin_token, admin_url, get_json
+from balancer.tools.client import fast
 from balancer.tools.client.load import ERROR_KINDS, LoadRun, LoadSettings, LoadStats
 from balancer.tools.report import RateSampler, client_report_data, write_html_report
 
@@ -157,6 +160,44 @@ async def run_load(
     before = None
     if admin is not None:
         before = backend_counts(await fetch_status(admin), settings.port)
+    cpu_before = _cpu_seconds()
+    html: Callable[[dict[str, Any]], None] | None = None
+    if use_compiled(settings, report_path):
+        report = await asyncio.to_thread(fast.run, settings, settings.size)
+        report["engine"] = "compiled"
+    else:
+        report, html = await _python_run(settings, progress, report_path)
+        report["engine"] = "python"
+    report["client_cpu_s"] = round(_cpu_seconds() - cpu_before, 3)
+    after = None
+    if admin is not None and before is not None:
+        after = backend_counts(await fetch_status(admin), settings.port)
+    counts = spread(before, after)
+    if counts is not None:
+        report["backends"] = counts
+    if html is not None:
+        html(report)
+    return report
+
+
+def use_compiled(settings: LoadSettings, report_path: str | None) -> bool:
+    """Whether the run goes to the compiled engine (`settings.engine`, `auto` resolved)."""
+    if settings.engine == "python":
+        return False
+    if settings.engine == "compiled":
+        return True
+    return fast.available() and fast.covers(settings) and report_path is None
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _python_run(
+    settings: LoadSettings, progress: bool, report_path: str | None
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], None] | None]:
+    """The Python engine's run: its report, and what writes the HTML report (or None)."""
     load = LoadRun(settings)
     bar = asyncio.create_task(_progress(load)) if progress else None
     sampler = None
@@ -173,13 +214,15 @@ async def run_load(
                 await bar
         if sampler is not None:
             throughput = await sampler.stop()
-    after = None
-    if admin is not None and before is not None:
-        after = backend_counts(await fetch_status(admin), settings.port)
-    report = build_report(stats, load.finished - load.started, spread(before, after))
-    if report_path is not None:
+    report = build_report(stats, load.finished - load.started, None)
+    if report_path is None:
+        return report, None
+    path = report_path
+
+    def html(final: dict[str, Any]) -> None:
         try:
-            write_html_report(report_path, client_report_data(report, stats.histogram, throughput))
+            write_html_report(path, client_report_data(final, stats.histogram, throughput))
         except OSError as exc:
-            print(f"cannot write the HTML report {report_path}: {exc}", file=sys.stderr)
-    return report
+            print(f"cannot write the HTML report {path}: {exc}", file=sys.stderr)
+
+    return report, html
