@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 import socket
 from collections.abc import Callable, Mapping
 
+from balancer import __version__, native
 from balancer.admin.app import AdminServer
 from balancer.config.errors import ConfigError
 from balancer.config.model import Config
-from balancer.net.loops import loop_factory
+from balancer.net.loops import loop_factory, loop_name
 from balancer.runtime.server import Server
 from balancer.runtime.services import ListenError
 from balancer.runtime.starting import ServerStart
@@ -66,6 +68,14 @@ async def serve(server: Server, sockets: Sockets | None = None) -> int:
         _signals(loop, server, install=False)
 
 
+def runtime_summary() -> str:
+    """What runs: the hot path's implementation, the event loop, the Python."""
+    return (
+        f"message hot path {native.implementation()}, event loop {loop_name()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
 def run(
     config: Config,
     reader: Callable[[], Config] | None = None,
@@ -73,6 +83,7 @@ def run(
 ) -> int:
     """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
     2: a backend is the balancer itself, 130: interrupted before the loop took over)."""
+    log.info("balancer %s, %s", __version__, runtime_summary())
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(serve(build_server(config, reader), sockets))

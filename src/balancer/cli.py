@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from balancer import __version__
 from balancer.config.addresses import parse_address
 from balancer.config.errors import ConfigError
 from balancer.config.load import load_config
@@ -170,9 +172,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class VersionAction(argparse.Action):
+    """`--version`: the version, and which implementation of the hot path runs."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from balancer.app import runtime_summary
+
+        print(f"balancer {__version__}: {runtime_summary()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balancer", description="A fast, fault-tolerant TCP load balancer."
+    )
+    parser.add_argument(
+        "--version", action=VersionAction, help="show the version and what runs the hot path"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

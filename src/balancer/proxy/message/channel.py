@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Protocol
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
 from balancer.proxy.message.connection import BackendConnection
-from balancer.proxy.message.request import PIPELINE_OPEN_THRESHOLD, Client, Request
+from balancer.proxy.message.request import (
+    PIPELINE_BATCH_LIMIT,
+    PIPELINE_OPEN_THRESHOLD,
+    Client,
+    Request,
+)
 from balancer.proxy.upstream import connect_failure, local_shortage
 from balancer.wire import INVALID_MESSAGE, MESSAGE_TOO_LONG, RAW_BACKEND_MAX_MESSAGE
 
@@ -80,6 +85,8 @@ class BackendChannel:
         self.waiting: deque[Request] = deque()
         self.retired = False
         self.resend_on_close = True
+        self.last: BackendConnection | None = None
+        """Line framing: the connection that took the latest request."""
 
     def send(self, req: Request) -> BackendConnection | None:
         """Queue `req` on a connection; return it so the caller can flush, or None if waiting
@@ -88,6 +95,14 @@ class BackendChannel:
             self._reframe()
         if self.raw:
             return self._send_raw(req)
+        last = self.last
+        if last is not None and last.scheduled and last.usable and not last.closed:
+            # a write to this backend is already queued in this loop turn: join it, so a
+            # turn costs one write per backend however many requests it carries
+            if len(last.pending) < PIPELINE_BATCH_LIMIT or self.max_connections == 1:
+                last.pending.append(req)
+                last.out.append(req.payload + b"\n")
+                return last
         conns = self.connections
         if len(conns) == 1:
             # the common case: one pipelined connection with room on it
@@ -97,6 +112,7 @@ class BackendChannel:
             ):
                 conn.pending.append(req)
                 conn.out.append(req.payload + b"\n")
+                self.last = conn
                 return conn
         # Line framing pipelines: a new connection is opened only when every open one
         # already carries PIPELINE_OPEN_THRESHOLD requests (fewer connections, bigger writes).
@@ -115,6 +131,7 @@ class BackendChannel:
         ):
             best = self._open()
         best.enqueue(req)
+        self.last = best
         return best
 
     def _send_raw(self, req: Request) -> BackendConnection | None:

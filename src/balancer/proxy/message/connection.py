@@ -181,6 +181,7 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False
         self.closed = True
+        self.usable = False
         if self._loop_registration is not None:
             self._loop_registration.release()
             self._loop_registration = None

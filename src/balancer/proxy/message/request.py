@@ -12,6 +12,9 @@ MAX_PENDING_PER_CLIENT = 4096
 """A client with this many unanswered requests is paused until replies drain."""
 BACKEND_MAX_REPLY = 16 * 1024 * 1024
 PIPELINE_OPEN_THRESHOLD = 8
+"""A backend gets another connection when each open one carries this many requests."""
+PIPELINE_BATCH_LIMIT = 64
+"""Requests of one loop turn that join the write already queued to a backend connection."""
 MAX_SHORTAGE_RETRIES = 2
 """Re-sends of one request after local shortages (they do not use up `retries`)."""
 

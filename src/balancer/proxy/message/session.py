@@ -318,7 +318,12 @@ class ClientSession(asyncio.Protocol):
     # -- replies --------------------------------------------------------------
     def complete(self, req: Request, reply: bytes) -> None:
         req.reply = reply
-        if not self._dirty and self.pending and self.pending[0] is req:
+        pending = self.pending
+        if not self._dirty and pending and pending[0] is req:
+            if len(pending) == 1:
+                # lockstep: the only reply awaited is ready; nothing to batch it with
+                self.try_flush()
+                return
             self._dirty = True
             self.service.dirty_sessions.append(self)
 
