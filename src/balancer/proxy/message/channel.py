@@ -97,9 +97,10 @@ class BackendChannel:
             return self._send_raw(req)
         last = self.last
         if last is not None and last.scheduled and last.usable and not last.closed:
-            # a write to this backend is already queued in this loop turn: join it, so a
-            # turn costs one write per backend however many requests it carries
-            if len(last.pending) < PIPELINE_BATCH_LIMIT or self.max_connections == 1:
+            # a write to this backend is already queued in this loop turn: join it (up to
+            # PIPELINE_BATCH_LIMIT requests), so a turn costs one write per backend, not
+            # one per connection that the least-loaded choice below would spread them over
+            if len(last.out) < PIPELINE_BATCH_LIMIT:
                 last.pending.append(req)
                 last.out.append(req.payload + b"\n")
                 return last

@@ -234,7 +234,6 @@ class Dispatcher:
         key = session.peer_key
         session.last_active = now  # bytes of an unfinished line do not count as activity
         self.budget.received += len(payloads)
-        single = len(payloads) == 1
         for payload in payloads:
             req = Request(session, payload)
             req.started = now
@@ -268,11 +267,6 @@ class Dispatcher:
                 ch = self.channel(backend)
             conn = ch.send(req)
             if conn is not None and not conn.scheduled:
-                if single and len(conn.pending) == 1:
-                    # lockstep: one request to an idle connection has nothing to wait
-                    # for; it goes out now instead of at the end of the loop turn
-                    conn.flush()
-                    continue
                 conn.scheduled = True
                 dirty.append(conn)
         if not self._flush_scheduled and (dirty or self.dirty_sessions):
