@@ -35,7 +35,8 @@ class FakeTransport(asyncio.Transport):
         self.paused = False
         self.peer = peer
         self.sockname = sockname
-        self.protocol: asyncio.BaseProtocol | None = None
+        self.protocol: Any = None
+        """The protocol object it serves (the message mode's are protocols by their methods)."""
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
@@ -51,14 +52,14 @@ class FakeTransport(asyncio.Transport):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if isinstance(self.protocol, asyncio.Protocol):
+            if self.protocol is not None:
                 asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
     def abort(self) -> None:
         self.aborted = True
         if not self.closed:
             self.closed = True
-            if isinstance(self.protocol, asyncio.Protocol):
+            if self.protocol is not None:
                 asyncio.get_running_loop().call_soon(
                     self.protocol.connection_lost, ConnectionResetError("aborted")
                 )

@@ -27,13 +27,25 @@ ENV_VAR = "BALANCER_NO_EXTENSIONS"
 
 COMPILED = (
     "balancer.core.framing",
+    "balancer.core.pool",
+    "balancer.core.stats",
+    "balancer.core.policies.base",
+    "balancer.core.policies.round_robin",
+    "balancer.core.policies.weighted_round_robin",
+    "balancer.core.policies.least_connections",
+    "balancer.core.policies.power_of_two",
+    "balancer.core.policies.weighted_random",
+    "balancer.core.policies.peak_ewma",
+    "balancer.core.policies.consistent_hash",
     "balancer.proxy.message.request",
     "balancer.proxy.message.connection",
     "balancer.proxy.message.channel",
     "balancer.proxy.message.dispatch",
     "balancer.proxy.message.session",
 )
-"""The modules of message mode's per-request path, compiled when the extension is built."""
+"""The modules of message mode's per-request path (framing, the backends and their
+policies' `pick`, the latency histogram, dispatch, the reply queue and its in-order flush,
+the backend connections' reply matching), compiled when the extension is built."""
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
@@ -227,7 +227,9 @@ class BackendChannel:
         backend = self.backend
         try:
             async with asyncio.timeout(self.service.config.connect_timeout):
-                await self.service.loop.create_connection(lambda: conn, backend.host, backend.port)
+                await self.service.loop.create_connection(
+                    lambda: cast(asyncio.Protocol, conn), backend.host, backend.port
+                )
         except OSError as exc:  # TimeoutError included
             if local_shortage(exc, f"connecting to backend {backend.address}"):
                 conn.closed = True

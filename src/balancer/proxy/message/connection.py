@@ -34,8 +34,11 @@ class Channel(Protocol):
     ) -> None: ...
 
 
-class BackendConnection(asyncio.Protocol):
+class BackendConnection:
     """One persistent connection to a backend, carrying a FIFO of requests.
+
+    An asyncio protocol by its methods, not by inheritance: the compiled build makes it an
+    extension type, which cannot derive from `asyncio.Protocol`.
 
     `out` holds the bytes of the requests queued since the last write, one item
     per request: they are always the last `len(out)` entries of `pending`.
@@ -177,6 +180,13 @@ class BackendConnection(asyncio.Protocol):
         self._eof = True
         self.usable = False
         return None
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: what is queued stays queued (bounded by the
+        client sessions' own limits)."""
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False

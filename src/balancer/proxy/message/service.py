@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
@@ -56,7 +56,11 @@ class MessageService(Dispatcher):
     async def start(self) -> tuple[str, int]:
         cfg = self.config
         server = await create_listener(
-            self.loop, lambda: ClientSession(self), cfg.listen_host, cfg.listen_port, backlog=1024
+            self.loop,
+            lambda: cast(asyncio.Protocol, ClientSession(self)),
+            cfg.listen_host,
+            cfg.listen_port,
+            backlog=1024,
         )
         self.servers.append(server)
         self._listening = [sock.getsockname() for sock in server.sockets]

@@ -37,8 +37,12 @@ RAW_QUIET_PERIOD = 0.05
 """`auto`: a first chunk without a newline followed by this much quiet means raw."""
 
 
-class ClientSession(asyncio.Protocol):
-    """One client connection: frames requests and writes replies in order."""
+class ClientSession:
+    """One client connection: frames requests and writes replies in order.
+
+    An asyncio protocol by its methods, not by inheritance: the compiled build makes it an
+    extension type, which cannot derive from `asyncio.Protocol`.
+    """
 
     __slots__ = (
         "_close_after_flush",

@@ -1,0 +1,20 @@
+# Cython declarations for connection.py (the compiled build; see balancer.native).
+cdef class BackendConnection:
+    cdef public object channel
+    cdef public bint _raw
+    cdef public object transport
+    cdef public bint connected
+    cdef public bint closed
+    cdef public bint usable
+    cdef public bint retiring
+    cdef public bint scheduled
+    cdef public object owner
+    cdef public object _loop_registration
+    cdef public object _error
+    cdef public bint _eof
+    cdef public bint _by_us
+    cdef public object pending
+    cdef public list out
+    cdef public object served
+    cdef public object _framer
+    cdef object __weakref__
