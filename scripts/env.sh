@@ -25,6 +25,14 @@ ensure_venv() {
     fi
 }
 
+# The compiled extensions, rebuilt in place where a source changed since the last build
+# (pip install -e builds them once; this keeps them current after edits). A build that
+# fails leaves the pure Python implementation running; `balancer --version` says which.
+ensure_extensions() {
+    echo "building the compiled extensions (up to date ones are skipped)" >&2
+    (cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >&2)
+}
+
 # Real peers for tests and benchmarks, from Debian packages.
 PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium)
 PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium)
