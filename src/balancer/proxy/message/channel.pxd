@@ -1,4 +1,9 @@
 # Cython declarations for channel.py (the compiled build; see balancer.native).
+cimport cython
+
+from balancer.proxy.message.connection cimport BackendConnection
+from balancer.proxy.message.request cimport Request
+
 cdef class BackendChannel:
     cdef public object service
     cdef public object backend
@@ -11,3 +16,7 @@ cdef class BackendChannel:
     cdef public bint retired
     cdef public bint resend_on_close
     cdef public object last
+
+    @cython.locals(conn=BackendConnection, last=BackendConnection, best=BackendConnection,
+                   n=Py_ssize_t, best_n=Py_ssize_t, conns=list)
+    cpdef send(self, Request req)

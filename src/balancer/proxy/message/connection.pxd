@@ -1,4 +1,8 @@
 # Cython declarations for connection.py (the compiled build; see balancer.native).
+cimport cython
+
+from balancer.proxy.message.request cimport Request
+
 cdef class BackendConnection:
     cdef public object channel
     cdef public bint _raw
@@ -18,3 +22,11 @@ cdef class BackendConnection:
     cdef public object served
     cdef public object _framer
     cdef object __weakref__
+
+    cpdef enqueue(self, Request req)
+
+    @cython.locals(out=list, n=Py_ssize_t)
+    cpdef flush(self)
+
+    @cython.locals(replies=list, written=Py_ssize_t)
+    cpdef data_received(self, data)

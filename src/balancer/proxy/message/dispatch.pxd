@@ -1,4 +1,10 @@
 # Cython declarations for dispatch.py (the compiled build; see balancer.native).
+cimport cython
+
+from balancer.proxy.message.channel cimport BackendChannel
+from balancer.proxy.message.connection cimport BackendConnection
+from balancer.proxy.message.request cimport Request
+
 cdef class Dispatcher:
     cdef public object config
     cdef public object pool
@@ -37,3 +43,9 @@ cdef class Dispatcher:
     cdef public object drain_cut
     cdef public object _shed_logged_at
     cdef dict __dict__
+
+    @cython.locals(req=Request, n=Py_ssize_t)
+    cpdef settle(self, backend, pending, list replies)
+
+    @cython.locals(req=Request, conn=BackendConnection, ch=BackendChannel)
+    cpdef dispatch_batch(self, session, list payloads)

@@ -1,4 +1,8 @@
 # Cython declarations for session.py (the compiled build; see balancer.native).
+cimport cython
+
+from balancer.proxy.message.request cimport Request
+
 cdef class ClientSession:
     cdef public object service
     cdef public object transport
@@ -22,3 +26,8 @@ cdef class ClientSession:
     cdef public bint gone
     cdef public object last_active
     cdef object __weakref__
+
+    cpdef complete(self, Request req, reply)
+
+    @cython.locals(req=Request, out=list, raw=bint)
+    cpdef try_flush(self)
