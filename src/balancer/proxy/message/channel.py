@@ -102,7 +102,7 @@ class BackendChannel:
             # one per connection that the least-loaded choice below would spread them over
             if len(last.out) < PIPELINE_BATCH_LIMIT:
                 last.pending.append(req)
-                last.out.append(req.payload + b"\n")
+                last.out.append(req.payload)
                 return last
         conns = self.connections
         if len(conns) == 1:
@@ -112,7 +112,7 @@ class BackendChannel:
                 len(conn.pending) < PIPELINE_OPEN_THRESHOLD or self.max_connections == 1
             ):
                 conn.pending.append(req)
-                conn.out.append(req.payload + b"\n")
+                conn.out.append(req.payload)
                 self.last = conn
                 return conn
         # Line framing pipelines: a new connection is opened only when every open one

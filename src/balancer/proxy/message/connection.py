@@ -40,8 +40,9 @@ class BackendConnection:
     An asyncio protocol by its methods, not by inheritance: the compiled build makes it an
     extension type, which cannot derive from `asyncio.Protocol`.
 
-    `out` holds the bytes of the requests queued since the last write, one item
-    per request: they are always the last `len(out)` entries of `pending`.
+    `out` holds the payloads of the requests queued since the last write, one item
+    per request (the write adds the newlines of a line backend): they are always the
+    last `len(out)` entries of `pending`.
     """
 
     __slots__ = (
@@ -87,7 +88,7 @@ class BackendConnection:
         # requests
         self.pending: deque[Request] = deque()
         self.out: list[bytes] = []
-        """Bytes queued for the next write (one write per loop turn)."""
+        """Payloads queued for the next write (one write per loop turn)."""
         self.served = 0
         self._framer = LineFramer(BACKEND_MAX_REPLY)
 
@@ -96,16 +97,17 @@ class BackendConnection:
         self.pending.append(req)
         if self._raw:
             self.owner = req.session
-            self.out.append(req.payload)
-        else:
-            self.out.append(req.payload + b"\n")
+        self.out.append(req.payload)
 
     def flush(self) -> None:
         out = self.out
         if out and self.connected and self.transport is not None:
             self.out = []
             n = len(out)
-            data = out[0] if n == 1 else b"".join(out)
+            if self._raw:
+                data = out[0] if n == 1 else b"".join(out)
+            else:
+                data = out[0] + b"\n" if n == 1 else b"\n".join(out) + b"\n"
             # Every request to a line backend is exactly one line: as many newlines as
             # requests, none empty, no CR (many line parsers split there too).
             if not self._raw and (

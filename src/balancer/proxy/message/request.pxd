@@ -1,4 +1,8 @@
 # Cython declarations for request.py (the compiled build; see balancer.native).
+cimport cython
+
+
+@cython.freelist(1024)
 cdef class Request:
     cdef public object session
     cdef public object payload

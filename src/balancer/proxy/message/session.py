@@ -351,7 +351,7 @@ class ClientSession:
             req = pending.popleft()
             reply = req.reply
             assert reply is not None
-            out.append(reply if raw else reply + b"\n")
+            out.append(reply)
             if req.started:
                 observe(now - req.started)
             if done is not None:
@@ -359,7 +359,10 @@ class ClientSession:
         if done and access is not None:
             access.record_batch(self, done, now)
         if transport is not None:
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if raw:
+                transport.write(b"".join(out) if len(out) > 1 else out[0])
+            else:
+                transport.write(b"\n".join(out) + b"\n" if len(out) > 1 else out[0] + b"\n")
         out.clear()
         if self._paused_reading and len(pending) < MAX_PENDING_PER_CLIENT // 2:
             self._paused_reading = False
