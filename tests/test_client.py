@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from balancer import native
 from balancer.tools import demo
 from balancer.tools.client import cli
 from balancer.tools.client.tutorial import BackendHandle, Client
@@ -40,6 +41,16 @@ REPORT_KEYS = {
 ERROR_KINDS = {"wrong_reply", "server_not_available", "timeout", "connection_error", "error_reply"}
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+ENGINES = ["python"] if native.disabled() else ["python", "compiled"]
+"""The load client's engines; the compiled one is off with BALANCER_NO_EXTENSIONS (a build
+that failed is caught by tests/test_native.py)."""
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +138,11 @@ def check_accounting(report: dict[str, Any]) -> None:
 
 
 def test_json_report_counts_every_request_ok(
-    service: Any, capsys: pytest.CaptureFixture[str]
+    service: Any, capsys: pytest.CaptureFixture[str], engine: str
 ) -> None:
     code, report = run_client(
         capsys,
+        f"--engine={engine}",
         "--balancerIp=127.0.0.1",
         f"--balancerPort={service.port}",
         "--requests_per_client=300",
@@ -176,6 +188,35 @@ def test_load_modes_all_succeed(
         assert report["requests"] == 4000
     if "--requests_per_client=100" in extra:
         assert report["requests"] == 200
+
+
+def test_requests_padded_to_a_size_are_answered_and_checked(
+    service: Any, capsys: pytest.CaptureFixture[str], engine: str
+) -> None:
+    code, report = run_client(
+        capsys,
+        f"--engine={engine}",
+        "--balancerIp=127.0.0.1",
+        f"--balancerPort={service.port}",
+        "--client_count=3",
+        "--requests_per_client=200",
+        "--pipeline=8",
+        "--size=1024",
+        "--admin=off",
+    )
+    assert code == 0
+    assert report["ok"] == report["requests"] == 600
+    assert report["engine"] == engine
+    assert report["client_cpu_s"] >= 0
+    check_accounting(report)
+
+
+def test_the_compiled_engine_refuses_what_it_cannot_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["--engine=compiled", "--rate=100", "--admin=off"]) == 2
+    assert "--engine compiled runs closed-loop line loads" in capsys.readouterr().err
+    assert cli.main(["--size=-1", "--admin=off"]) == 2
 
 
 def test_summary_table_without_json(service: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,10 +368,14 @@ def test_raw_client_counts_wrong_replies(capsys: pytest.CaptureFixture[str]) -> 
 # -- against misbehaving servers -------------------------------------------------------------
 
 
-def test_wrong_replies_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_replies_are_counted(capsys: pytest.CaptureFixture[str], engine: str) -> None:
     with fake_server(answer_with(lambda line: reply_for(int(line) + 1).encode())) as port:
         code, report = run_client(
-            capsys, f"--balancerPort={port}", "--requests_per_client=50", "--admin=off"
+            capsys,
+            f"--engine={engine}",
+            f"--balancerPort={port}",
+            "--requests_per_client=50",
+            "--admin=off",
         )
     assert code == 1
     assert report["errors"]["wrong_reply"] == 50
@@ -340,6 +385,7 @@ def test_wrong_replies_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_server_not_available_and_error_replies_are_counted(
     capsys: pytest.CaptureFixture[str],
+    engine: str,
 ) -> None:
     def reply(line: bytes) -> bytes:
         n = int(line)
@@ -352,6 +398,7 @@ def test_server_not_available_and_error_replies_are_counted(
     with fake_server(answer_with(reply)) as port:
         code, report = run_client(
             capsys,
+            f"--engine={engine}",
             f"--balancerPort={port}",
             "--requests_per_client=30",
             "--pipeline=4",
@@ -366,11 +413,12 @@ def test_server_not_available_and_error_replies_are_counted(
 
 @pytest.mark.parametrize(("pipeline", "expected"), [(1, 2), (4, 8)])
 def test_unanswered_requests_time_out(
-    capsys: pytest.CaptureFixture[str], pipeline: int, expected: int
+    capsys: pytest.CaptureFixture[str], engine: str, pipeline: int, expected: int
 ) -> None:
     with fake_server(silent) as port:
         code, report = run_client(
             capsys,
+            f"--engine={engine}",
             f"--balancerPort={port}",
             "--client_count=2",
             f"--requests_per_client={pipeline}",
@@ -384,10 +432,13 @@ def test_unanswered_requests_time_out(
     check_accounting(report)
 
 
-def test_connection_closed_with_requests_outstanding(capsys: pytest.CaptureFixture[str]) -> None:
+def test_connection_closed_with_requests_outstanding(
+    capsys: pytest.CaptureFixture[str], engine: str
+) -> None:
     with fake_server(close_after_first_read) as port:
         code, report = run_client(
             capsys,
+            f"--engine={engine}",
             f"--balancerPort={port}",
             "--requests_per_client=20",
             "--pipeline=5",
@@ -400,9 +451,12 @@ def test_connection_closed_with_requests_outstanding(capsys: pytest.CaptureFixtu
     check_accounting(report)
 
 
-def test_refused_connection_counts_every_request(capsys: pytest.CaptureFixture[str]) -> None:
+def test_refused_connection_counts_every_request(
+    capsys: pytest.CaptureFixture[str], engine: str
+) -> None:
     code, report = run_client(
         capsys,
+        f"--engine={engine}",
         f"--balancerPort={free_port()}",
         "--client_count=2",
         "--requests_per_client=25",

@@ -9,6 +9,7 @@ each reply, resets, early ends), comparing every byte each side wrote.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,21 @@ from hypothesis import strategies as st
 from balancer import native
 from tests.conftest import strict
 from tests.implementations import compiled_build, normal_family, pure_family
+from tests.support import Services, start_balancer, write_config
+
+CLIENT = (sys.executable, "-m", "balancer", "client", "--json", "--quiet", "--admin", "off")
+
+
+def run_load(port: int, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [*CLIENT, "--balancerIp", "127.0.0.1", "--balancerPort", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return report
 
 
 def run_version(env: dict[str, str]) -> str:
@@ -56,6 +72,30 @@ def test_version_names_the_implementation_and_the_switch_turns_it_off() -> None:
     assert normal.startswith("balancer ")
     if compiled_build():
         assert "message hot path compiled" in normal
+
+
+@pytest.mark.e2e
+def test_both_builds_serve_the_same_replies_and_log_which_one_runs(
+    tmp_path: Path, services: Services
+) -> None:
+    """A real balancer process of each build in front of the same sample services: the
+    start-up log names the build, and a pipelined load gets every reply right."""
+    services.start_many(2)
+    backends = ", ".join(f'"127.0.0.1:{p}"' for p in services.ports)
+    config = write_config(
+        tmp_path, "b.toml", f'[services.numbers]\nlisten = "127.0.0.1:0"\nbackends = [{backends}]\n'
+    )
+    builds = {"pure Python": {"BALANCER_NO_EXTENSIONS": "1"}}
+    if compiled_build():
+        builds["compiled"] = {"BALANCER_NO_EXTENSIONS": ""}
+    for name, env in builds.items():
+        bal = start_balancer(config, admin=False, env=env)
+        try:
+            assert f"message hot path {name}" in bal.output()
+            report = run_load(bal.port, "--client_count", "4", "--pipeline", "8")
+        finally:
+            bal.stop()
+        assert report["ok"] == report["requests"] == 4000, name
 
 
 def test_pure_family_is_loaded_from_sources_and_the_normal_one_is_kept() -> None:

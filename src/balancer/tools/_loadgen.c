@@ -96,12 +96,16 @@ typedef struct {
     int failures_in_row;
     uint64_t retry_at;
     uint64_t replies;
+    int addr_index; /* the address this connect attempt uses */
     int done;
 } conn_t;
 
+#define MAX_ADDRS 8
+
 typedef struct {
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
+    struct sockaddr_storage addrs[MAX_ADDRS]; /* what the host resolved to, tried in order */
+    socklen_t addrlens[MAX_ADDRS];
+    int naddrs;
     int pipeline;
     int size;
     const char *prefix;
@@ -240,8 +244,11 @@ static int check_reply(run_t *r, conn_t *c, const char *line, size_t len, uint64
     return 0;
 }
 
+static void connection_ended(run_t *r, conn_t *c, uint64_t now, int kind);
+
 static void start_connect(run_t *r, conn_t *c, uint64_t now) {
-    int fd = socket(r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_storage *addr = &r->addrs[c->addr_index];
+    int fd = socket(addr->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         c->retry_at = now + 50000000ULL;
         return;
@@ -254,16 +261,23 @@ static void start_connect(run_t *r, conn_t *c, uint64_t now) {
     c->want_out = 1;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
     epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
-    if (connect(fd, (struct sockaddr *)&r->addr, r->addrlen) < 0 && errno != EINPROGRESS) {
-        close_conn(r, c, -2);
-        c->failures_in_row++;
-        c->retry_at = now + 50000000ULL;
+    if (connect(fd, (struct sockaddr *)addr, r->addrlens[c->addr_index]) < 0 &&
+        errno != EINPROGRESS) {
+        connection_ended(r, c, now, K_CONNECTION);
     }
 }
 
 /* A connection ended (`kind`: what its outstanding requests count as, or -1 for a clean
  * close); decide whether this client goes on, as the Python engine does. */
 static void connection_ended(run_t *r, conn_t *c, uint64_t now, int kind) {
+    if (c->connecting && c->addr_index + 1 < r->naddrs) {
+        /* a connect that failed: the host's next address first, as asyncio does */
+        close_conn(r, c, -2);
+        c->addr_index++;
+        start_connect(r, c, now);
+        return;
+    }
+    c->addr_index = 0;
     close_conn(r, c, kind);
     if (c->replies > 0) {
         c->failures_in_row = 0;
@@ -380,8 +394,11 @@ static int resolve(run_t *r, const char *host, int port) {
         snprintf(r->err, sizeof r->err, "cannot resolve %s: %s", host, gai_strerror(rc));
         return -1;
     }
-    memcpy(&r->addr, res->ai_addr, res->ai_addrlen);
-    r->addrlen = res->ai_addrlen;
+    for (struct addrinfo *ai = res; ai != NULL && r->naddrs < MAX_ADDRS; ai = ai->ai_next) {
+        memcpy(&r->addrs[r->naddrs], ai->ai_addr, ai->ai_addrlen);
+        r->addrlens[r->naddrs] = ai->ai_addrlen;
+        r->naddrs++;
+    }
     freeaddrinfo(res);
     return 0;
 }
