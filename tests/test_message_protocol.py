@@ -490,6 +490,33 @@ async def test_several_clients_requests_share_one_backend_connection_and_one_wri
     assert [t.written for _s, t in sessions] == [[b"zero\n"], [b"one\n"], [b"two\n"]]
 
 
+async def test_a_turns_requests_to_a_backend_join_one_write_up_to_16_then_spread() -> None:
+    service, opened = make_service(1, backend_connections=4)
+    a, _ta = client(service, ("127.0.0.1", 100))
+    b, _tb = client(service, ("127.0.0.1", 101))
+    a.data_received(b"".join(b"a%d\n" % i for i in range(10)))
+    b.data_received(b"".join(b"b%d\n" % i for i in range(10)))
+    await turn()
+    writes = [t.written for _c, t in opened[9000]]
+    assert writes == [
+        [b"".join(b"a%d\n" % i for i in range(10)) + b"".join(b"b%d\n" % i for i in range(6))],
+        [b"".join(b"b%d\n" % i for i in range(6, 10))],
+    ]
+    a.data_received(b"next\n")  # a new turn: the least loaded connection
+    await turn()
+    assert opened[9000][1][1].written[-1] == b"next\n"
+
+
+async def test_a_lockstep_reply_is_written_at_once() -> None:
+    service, opened = make_service(1)
+    s, t = client(service)
+    s.data_received(b"1\n")
+    await turn()
+    conn, _tb = opened[9000][0]
+    conn.data_received(b"one\n")
+    assert t.written == [b"one\n"]  # before the end of the loop turn
+
+
 async def test_replies_from_one_turn_go_to_a_client_in_one_write() -> None:
     service, opened = make_service(2)
     s, t = client(service)
