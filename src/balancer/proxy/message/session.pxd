@@ -1,10 +1,11 @@
 # Cython declarations for session.py (the compiled build; see balancer.native).
 cimport cython
 
+from balancer.proxy.message.dispatch cimport Dispatcher
 from balancer.proxy.message.request cimport Request
 
 cdef class ClientSession:
-    cdef public object service
+    cdef public Dispatcher service
     cdef public object transport
     cdef public object peer
     cdef public object peer_key
@@ -28,6 +29,11 @@ cdef class ClientSession:
     cdef object __weakref__
 
     cpdef complete(self, Request req, reply)
+
+    cpdef data_received(self, data)
+
+    @cython.locals(lines=list)
+    cpdef _lines(self, data)
 
     @cython.locals(req=Request, out=list, raw=bint)
     cpdef try_flush(self)
