@@ -17,7 +17,9 @@ test:
 mutation:
 	./scripts/mutation $(MUTATION_ARGS)
 
-# Message mode: direct versus through the balancer; writes bench/results/message.{json,md}.
+# Message mode: direct, HAProxy and the balancer (compiled and pure Python), load from the
+# load client's C engine, with rows for more connections, backends and bytes; writes
+# bench/results/message.{json,md}.
 bench:
 	$(PYTHON) bench/message_bench.py $(BENCH_ARGS)
 	$(PYTHON) bench/report.py

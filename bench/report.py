@@ -40,13 +40,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def message_tables(data: dict[str, Any]) -> list[ComparisonTable]:
-    by_key = {(s["target"], s["pipeline"]): s for s in data.get("scenarios", [])}
+    """The main rows (16 connections, 4 backends), one table per pipeline depth; the rows
+    that vary the work are in message.md."""
+    by_key = {
+        (s["target"], s["pipeline"]): s for s in data.get("scenarios", []) if s.get("main", True)
+    }
     tables: list[ComparisonTable] = []
     for pipeline in sorted({p for _, p in by_key}):
         direct = by_key.get(("direct", pipeline))
-        ours = by_key.get(("balancer", pipeline))
+        targets = [
+            (name, by_key.get((name, pipeline)))
+            for name in ("direct", "haproxy", "balancer", "balancer-pure")
+        ]
         rows = []
-        for name, s in (("direct", direct), ("balancer", ours)):
+        for name, s in targets:
             if s is None:
                 continue
             rows.append(
