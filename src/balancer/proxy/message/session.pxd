@@ -1,6 +1,7 @@
 # Cython declarations for session.py (the compiled build; see balancer.native).
 cimport cython
 
+from balancer.core.stats cimport LatencyHistogram
 from balancer.proxy.message.dispatch cimport Dispatcher
 from balancer.proxy.message.request cimport Request
 
@@ -35,5 +36,5 @@ cdef class ClientSession:
     @cython.locals(lines=list)
     cpdef _lines(self, data)
 
-    @cython.locals(req=Request, out=list, raw=bint)
+    @cython.locals(req=Request, out=list, raw=bint, histogram=LatencyHistogram)
     cpdef try_flush(self)

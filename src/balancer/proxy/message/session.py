@@ -343,7 +343,7 @@ class ClientSession:
         raw = self.framing == RAW
         out = self._out
         access = self.service.access_log
-        observe = self.service.histogram.observe
+        histogram = self.service.histogram
         now = monotonic()
         self.last_active = now
         done: list[Request] | None = [] if access is not None else None
@@ -353,7 +353,7 @@ class ClientSession:
             assert reply is not None
             out.append(reply)
             if req.started:
-                observe(now - req.started)
+                histogram.observe(now - req.started)
             if done is not None:
                 done.append(req)
         if done and access is not None:
