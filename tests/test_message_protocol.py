@@ -490,21 +490,31 @@ async def test_several_clients_requests_share_one_backend_connection_and_one_wri
     assert [t.written for _s, t in sessions] == [[b"zero\n"], [b"one\n"], [b"two\n"]]
 
 
-async def test_a_turns_requests_to_a_backend_join_one_write_up_to_16_then_spread() -> None:
+async def test_a_burst_spreads_over_connections_while_another_can_take_it() -> None:
     service, opened = make_service(1, backend_connections=4)
     a, _ta = client(service, ("127.0.0.1", 100))
     b, _tb = client(service, ("127.0.0.1", 101))
     a.data_received(b"".join(b"a%d\n" % i for i in range(10)))
     b.data_received(b"".join(b"b%d\n" % i for i in range(10)))
     await turn()
+    lines = [b"a%d\n" % i for i in range(10)] + [b"b%d\n" % i for i in range(10)]
     writes = [t.written for _c, t in opened[9000]]
-    assert writes == [
-        [b"".join(b"a%d\n" % i for i in range(10)) + b"".join(b"b%d\n" % i for i in range(6))],
-        [b"".join(b"b%d\n" % i for i in range(6, 10))],
-    ]
-    a.data_received(b"next\n")  # a new turn: the least loaded connection
+    assert writes == [[b"".join(lines[:8])], [b"".join(lines[8:16])], [b"".join(lines[16:])]]
+
+
+async def test_a_turns_requests_to_busy_connections_go_out_in_one_write() -> None:
+    """Every connection already carries 8 requests and no other may open: the requests of
+    a turn join the write queued to one of them (up to 64) instead of one write each."""
+    service, opened = make_service(1, backend_connections=2)
+    s, _t = client(service)
+    s.data_received(b"".join(b"%d\n" % i for i in range(16)))
     await turn()
-    assert opened[9000][1][1].written[-1] == b"next\n"
+    assert [len(c.pending) for c, _ in opened[9000]] == [8, 8]
+    s.data_received(b"".join(b"x%d\n" % i for i in range(70)))
+    await turn()
+    (_c1, t1), (_c2, t2) = opened[9000]
+    assert t1.written[1:] == [b"".join(b"x%d\n" % i for i in range(64))]
+    assert t2.written[1:] == [b"".join(b"x%d\n" % i for i in range(64, 70))]
 
 
 async def test_a_lockstep_reply_is_written_at_once() -> None:

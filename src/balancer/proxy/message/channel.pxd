@@ -20,3 +20,6 @@ cdef class BackendChannel:
     @cython.locals(conn=BackendConnection, last=BackendConnection, best=BackendConnection,
                    n=Py_ssize_t, best_n=Py_ssize_t, conns=list)
     cpdef send(self, Request req)
+
+    @cython.locals(conn=BackendConnection, usable=Py_ssize_t)
+    cpdef bint _can_spread(self, BackendConnection busy)

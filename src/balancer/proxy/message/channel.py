@@ -97,10 +97,14 @@ class BackendChannel:
             return self._send_raw(req)
         last = self.last
         if last is not None and last.scheduled and last.usable and not last.closed:
-            # a write to this backend is already queued in this loop turn: join it (up to
-            # PIPELINE_BATCH_LIMIT requests), so a turn costs one write per backend, not
-            # one per connection that the least-loaded choice below would spread them over
-            if len(last.out) < PIPELINE_BATCH_LIMIT:
+            # A write to this backend is already queued in this loop turn: join it (up to
+            # PIPELINE_BATCH_LIMIT requests), so a turn costs one write per backend, not one
+            # per connection that the least-loaded choice below would spread them over;
+            # but while the backend's connections are still growing (each open one carries
+            # PIPELINE_OPEN_THRESHOLD and there is room), the rest of a burst opens another.
+            if len(last.out) < PIPELINE_BATCH_LIMIT and (
+                len(last.pending) < PIPELINE_OPEN_THRESHOLD or not self._can_spread(last)
+            ):
                 last.pending.append(req)
                 last.out.append(req.payload)
                 return last
@@ -134,6 +138,18 @@ class BackendChannel:
         best.enqueue(req)
         self.last = best
         return best
+
+    def _can_spread(self, busy: BackendConnection) -> bool:
+        """A new connection would be opened for the next request: every open one carries
+        PIPELINE_OPEN_THRESHOLD and there is room for another."""
+        usable = 0
+        for conn in self.connections:
+            if not conn.usable:
+                continue
+            usable += 1
+            if len(conn.pending) < PIPELINE_OPEN_THRESHOLD:
+                return False
+        return usable < self.max_connections
 
     def _send_raw(self, req: Request) -> BackendConnection | None:
         payload = req.payload

@@ -13,7 +13,7 @@ MAX_PENDING_PER_CLIENT = 4096
 BACKEND_MAX_REPLY = 16 * 1024 * 1024
 PIPELINE_OPEN_THRESHOLD = 8
 """A backend gets another connection when each open one carries this many requests."""
-PIPELINE_BATCH_LIMIT = 2 * PIPELINE_OPEN_THRESHOLD
+PIPELINE_BATCH_LIMIT = 64
 """Requests of one loop turn that join the write already queued to a backend connection
 (more go to the least loaded connection, or open another)."""
 MAX_SHORTAGE_RETRIES = 2
