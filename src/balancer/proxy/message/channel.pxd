@@ -22,4 +22,4 @@ cdef class BackendChannel:
     cpdef send(self, Request req)
 
     @cython.locals(conn=BackendConnection, usable=Py_ssize_t)
-    cpdef bint _can_spread(self, BackendConnection busy)
+    cpdef bint _would_open(self)

@@ -103,7 +103,7 @@ class BackendChannel:
             # but while the backend's connections are still growing (each open one carries
             # PIPELINE_OPEN_THRESHOLD and there is room), the rest of a burst opens another.
             if len(last.out) < PIPELINE_BATCH_LIMIT and (
-                len(last.pending) < PIPELINE_OPEN_THRESHOLD or not self._can_spread(last)
+                len(last.pending) < PIPELINE_OPEN_THRESHOLD or not self._would_open()
             ):
                 last.pending.append(req)
                 last.out.append(req.payload)
@@ -131,17 +131,15 @@ class BackendChannel:
                 best, best_n = conn, n
                 if n == 0:
                     break
-        if best is None or (
-            best_n >= PIPELINE_OPEN_THRESHOLD and self._usable_count() < self.max_connections
-        ):
+        if best is None or (best_n >= PIPELINE_OPEN_THRESHOLD and self._would_open()):
             best = self._open()
         best.enqueue(req)
         self.last = best
         return best
 
-    def _can_spread(self, busy: BackendConnection) -> bool:
-        """A new connection would be opened for the next request: every open one carries
-        PIPELINE_OPEN_THRESHOLD and there is room for another."""
+    def _would_open(self) -> bool:
+        """The rule for another connection: every usable one carries PIPELINE_OPEN_THRESHOLD
+        and there is room for one more."""
         usable = 0
         for conn in self.connections:
             if not conn.usable:
@@ -226,9 +224,6 @@ class BackendChannel:
             conn = self.send(req)
             if conn is not None:
                 self.service.schedule_flush(conn)
-
-    def _usable_count(self) -> int:
-        return sum(1 for c in self.connections if c.usable)
 
     def _open(self) -> BackendConnection:
         conn = BackendConnection(self)
