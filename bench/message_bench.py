@@ -294,30 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         s = by_key.get((row, target))
         return None if s is None else s[key]
 
+    def between(row: str, a: str, b: str, key: str = "throughput_rps") -> float | None:
+        return ratio(get(row, a, key), get(row, b, key))
+
     ratios = [
         {
             "row": row.name,
             "pipeline": row.pipeline,
-            "throughput": ratio(
-                get(row.name, "balancer", "throughput_rps"),
-                get(row.name, "direct", "throughput_rps"),
-            ),
-            "haproxy_throughput": ratio(
-                get(row.name, "haproxy", "throughput_rps"),
-                get(row.name, "direct", "throughput_rps"),
-            ),
-            "balancer_vs_haproxy": ratio(
-                get(row.name, "balancer", "throughput_rps"),
-                get(row.name, "haproxy", "throughput_rps"),
-            ),
-            "pure_vs_haproxy": ratio(
-                get(row.name, "balancer-pure", "throughput_rps"),
-                get(row.name, "haproxy", "throughput_rps"),
-            ),
-            "cpu_vs_haproxy": ratio(
-                get(row.name, "balancer", "cpu_s_per_100k"),
-                get(row.name, "haproxy", "cpu_s_per_100k"),
-            ),
+            "throughput": between(row.name, "balancer", "direct"),
+            "haproxy_throughput": between(row.name, "haproxy", "direct"),
+            "balancer_vs_haproxy": between(row.name, "balancer", "haproxy"),
+            "pure_vs_haproxy": between(row.name, "balancer-pure", "haproxy"),
+            "cpu_vs_haproxy": between(row.name, "balancer", "haproxy", "cpu_s_per_100k"),
         }
         for row in rows
     ]
