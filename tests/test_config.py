@@ -23,6 +23,7 @@ from balancer.config.model import (
     BackendConfig,
     Config,
     HealthConfig,
+    HttpConfig,
     OutlierConfig,
     ServiceConfig,
     parse_admin,
@@ -119,6 +120,34 @@ decay = 5
 default_latency = 0.002
 failure_penalty = 1
 probe = 0.05
+
+[services.web]
+listen = "127.0.0.1:8084"
+mode = "http"
+backends = ["127.0.0.1:9004"]
+[services.web.http]
+max_header_bytes = 8192
+max_headers = 50
+header_timeout = 5
+request_body_timeout = 30
+response_header_timeout = 10
+keepalive_timeout = 15
+upstream_idle_timeout = 2
+max_idle = 8
+max_requests_per_connection = 1000
+max_body_bytes = 1048576
+replay_buffer = 4096
+retry_on_status = [503, 502]
+retry_non_idempotent = true
+trusted_proxies = ["10.0.0.0/8", "::1"]
+forwarded = true
+via = "lb1"
+request_id = false
+set_headers = { "X-Env" = "prod" }
+remove_headers = ["X-Debug"]
+strip_prefix = "/api"
+host_rewrite = "internal.example"
+tunnel_timeout = 600
 """
 
 FULL_SERVERS_JSON = {
@@ -220,6 +249,38 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                     "probe": 0.05,
                 },
             ),
+            ServiceConfig(
+                name="web",
+                listen_host="127.0.0.1",
+                listen_port=8084,
+                backends=(BackendConfig("127.0.0.1", 9004),),
+                mode="http",
+                http=HttpConfig(
+                    max_header_bytes=8192,
+                    max_headers=50,
+                    header_timeout=5.0,
+                    request_body_timeout=30.0,
+                    response_header_timeout=10.0,
+                    keepalive_timeout=15.0,
+                    upstream_idle_timeout=2.0,
+                    max_idle=8,
+                    max_requests_per_connection=1000,
+                    max_body_bytes=1048576,
+                    replay_buffer=4096,
+                    retry_on_status=(502, 503),
+                    retry_non_idempotent=True,
+                    trusted_proxies=("10.0.0.0/8", "::1"),
+                    forwarded=True,
+                    via="lb1",
+                    request_id=False,
+                    set_headers=(("X-Env", "prod"),),
+                    remove_headers=("X-Debug",),
+                    strip_prefix="/api",
+                    host_rewrite="internal.example",
+                    tunnel_timeout=600.0,
+                ),
+                health=HealthConfig(send=None, expect=None),
+            ),
         ),
         admin=AdminConfig(
             host="127.0.0.1",
@@ -246,6 +307,7 @@ def _keys_by_table(doc: dict[str, Any]) -> dict[str, set[str]]:
         found["services.NAME"] |= set(svc)
         found["services.NAME.health"] |= set(svc.get("health", {}))
         found["services.NAME.outlier"] |= set(svc.get("outlier", {}))
+        found["services.NAME.http"] |= set(svc.get("http", {}))
         for backend in svc.get("backends", []):
             if isinstance(backend, dict):
                 found["services.NAME.backends[]"] |= set(backend)
@@ -280,6 +342,7 @@ def test_every_number_of_the_config_model_is_bounded() -> None:
         ("", BackendConfig),
         ("health.", HealthConfig),
         ("outlier.", OutlierConfig),
+        ("http.", HttpConfig),
     )
     for prefix, cls in models:
         for f in dataclasses.fields(cls):
@@ -630,7 +693,7 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             SVC + BACKENDS + 'mode = "udp"\n',
             "services.numbers.mode",
-            ["expected one of 'message', 'tcp', got 'udp'"],
+            ["expected one of 'http', 'message', 'tcp', got 'udp'"],
         ),
         (
             SVC + BACKENDS + 'algorithm = "round-robin"\n',

@@ -51,8 +51,9 @@ def placed(name: str, value: str) -> tuple[str, str, int]:
         return text, "services.s.backends[1].weight", 4
     if table:
         extra = "base_ejection_time = 0.01\n" if name == "outlier.max_ejection_time" else ""
-        text = SERVICE + f"[services.s.{table}]\n{extra}{key} = {value}\n"
-        return text, f"services.s.{name}", 6 + bool(extra)
+        mode = 'mode = "http"\n' if table == "http" else ""
+        text = SERVICE + mode + f"[services.s.{table}]\n{extra}{key} = {value}\n"
+        return text, f"services.s.{name}", 6 + bool(extra) + bool(mode)
     if name == "max_buffered":  # it must hold a line of max_line bytes
         return SERVICE + f"max_line = 1\n{key} = {value}\n", f"services.s.{key}", 6
     return SERVICE + f"{key} = {value}\n", f"services.s.{key}", 5
@@ -183,6 +184,8 @@ def json_doc(name: str, value: object) -> dict[str, object]:
         svc["backends"][1] = {"address": "h:1", "weight": value}
     elif table:
         svc[table] = {key: value}
+        if table == "http":
+            svc["mode"] = "http"
         if name == "outlier.max_ejection_time":
             svc[table]["base_ejection_time"] = 0.01
     else:
@@ -264,7 +267,7 @@ def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
     seen: dict[str, set[str]] = {"": set(doc), "admin": set(doc["admin"])}
     for svc in doc["services"].values():
         seen.setdefault("services.NAME", set()).update(svc)
-        for sub in ("health", "outlier"):
+        for sub in ("health", "outlier", "http"):
             seen.setdefault(f"services.NAME.{sub}", set()).update(svc.get(sub, {}))
         for backend in svc["backends"]:
             if isinstance(backend, dict):

@@ -94,7 +94,8 @@ def test_check_config_prints_every_error_and_exits_2(tmp_path: Path) -> None:
     assert f"{path}: line 8: services.a.health.rise: expected an integer from 1 to 1000" in (
         result.stderr
     )
-    assert f"{path}: line 16: services.b.mode: expected one of 'message', 'tcp'" in result.stderr
+    expected = f"{path}: line 16: services.b.mode: expected one of 'http', 'message', 'tcp'"
+    assert expected in result.stderr
     assert "OK" not in result.stdout
 
 

@@ -18,6 +18,14 @@ _NUMERIC_HOST_RE = re.compile(r"[0-9.]+")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
+    """CIDRs (or single addresses), as `trusted_proxies` takes them; ValueError on a bad one."""
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
 def format_address(host: str, port: int) -> str:
     """`host:port`, with an IPv6 host in brackets (`[::1]:8080`)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -38,6 +38,7 @@ from balancer.config.model import (
     BackendConfig,
     Config,
     HealthConfig,
+    HttpConfig,
     OutlierConfig,
     ServiceConfig,
 )
@@ -78,6 +79,9 @@ def bounds_table() -> str:
         elif table == "outlier":
             default = _default(OutlierConfig, key)
             rows.append(_row(key, "`[services.NAME.outlier]`", default, bound, integer))
+        elif table == "http":
+            default = _default(HttpConfig, key)
+            rows.append(_row(key, "`[services.NAME.http]`", default, bound, integer))
         elif name in _TOP:
             rows.append(_row(key, "top level", _default(Config, key), bound, integer))
         elif name == "weight":
@@ -114,6 +118,7 @@ _TABLES: dict[str, tuple[str, type, str]] = {
     "services.NAME": ("`[services.NAME]`", ServiceConfig, ""),
     "services.NAME.health": ("`[services.NAME.health]`", HealthConfig, "health."),
     "services.NAME.outlier": ("`[services.NAME.outlier]`", OutlierConfig, "outlier."),
+    "services.NAME.http": ("`[services.NAME.http]`", HttpConfig, "http."),
     "services.NAME.backends[]": (
         'A backend: `"host:port"` or `{ address = "host:port", weight = N }`',
         BackendConfig,

@@ -27,7 +27,7 @@ DEFAULT_SERVICE_NAME = "default"
 DEFAULT_LISTEN = "localhost:8080"
 SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
-MODES = ("message", "tcp")
+MODES = ("message", "tcp", "http")
 FRAMINGS = ("line", "raw", "auto")
 """Backend framing: `auto` lets the first health check find out which one a backend speaks."""
 CLIENT_FRAMINGS = ("line", "raw", "auto")
@@ -63,6 +63,19 @@ BOUNDS: dict[str, Bound] = {
     "retry_budget_min": Bound(0, 100_000),
     "max_buffered": Bound(64 * 1024, 64 * 1024 * _MIB, unit="bytes"),
     "weight": Bound(0, MAX_WEIGHT),
+    # [http]
+    "http.max_header_bytes": Bound(1024, 1 * _MIB, unit="bytes"),
+    "http.max_headers": Bound(1, 1000),
+    "http.header_timeout": Bound(0.1, 3600, unit="seconds"),
+    "http.request_body_timeout": Bound(0.1, 86400, off=True, unit="seconds"),
+    "http.response_header_timeout": Bound(0.05, 86400, unit="seconds"),
+    "http.keepalive_timeout": Bound(0.1, 86400, off=True, unit="seconds"),
+    "http.upstream_idle_timeout": Bound(0.1, 3600, unit="seconds"),
+    "http.max_idle": Bound(0, 100_000),
+    "http.max_requests_per_connection": Bound(1, 10_000_000, off=True),
+    "http.max_body_bytes": Bound(1, 1 << 50, off=True, unit="bytes"),
+    "http.replay_buffer": Bound(0, 64 * _MIB, unit="bytes"),
+    "http.tunnel_timeout": Bound(0.1, 7 * 86400, off=True, unit="seconds"),
     # [health]
     "health.interval": Bound(0.05, 86400, unit="seconds"),
     "health.timeout": Bound(0.05, 3600, unit="seconds"),
@@ -89,6 +102,12 @@ INTEGER_KEYS = frozenset(
         "retry_budget_min",
         "max_buffered",
         "weight",
+        "http.max_header_bytes",
+        "http.max_headers",
+        "http.max_idle",
+        "http.max_requests_per_connection",
+        "http.max_body_bytes",
+        "http.replay_buffer",
         "health.rise",
         "health.fall",
         "outlier.consecutive_failures",
@@ -138,6 +157,51 @@ class OutlierConfig:
     max_ejection_percent: float = 50.0
     """Never eject more than this share of a service's backends through outlier detection."""
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Http mode: limits, timeouts, upstream keep-alive, retries and header rules."""
+
+    max_header_bytes: int = 16 * 1024
+    """A request head larger than this gets 431."""
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    """The whole request head must arrive within this (from its first byte), else 408."""
+    request_body_timeout: float = 60.0
+    """A request body with no byte for this long ends the exchange (408, or a cut)."""
+    response_header_timeout: float = 30.0
+    """A backend that sends no response head within this after the request: 504."""
+    keepalive_timeout: float = 30.0
+    """A client connection idle between requests this long is closed."""
+    upstream_idle_timeout: float = 4.0
+    """An idle upstream connection is closed after this (shorter than servers' own)."""
+    max_idle: int = 32
+    """Idle upstream connections kept per backend."""
+    max_requests_per_connection: int = 0
+    """Requests on one upstream connection before it is closed; 0 = no limit."""
+    max_body_bytes: int = 0
+    """A request body larger than this gets 413; 0 = no limit."""
+    replay_buffer: int = 64 * 1024
+    """A request body up to this size is kept so the request may be retried."""
+    retry_on_status: tuple[int, ...] = ()
+    """Response statuses (of 502, 503, 504) retried on another backend."""
+    retry_non_idempotent: bool = False
+    """POST and PATCH are retried after their body was sent too."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Clients whose X-Forwarded-* and Forwarded headers are kept (CIDRs)."""
+    forwarded: bool = False
+    """Add an RFC 7239 Forwarded header besides the X-Forwarded-* ones."""
+    via: str = ""
+    """A pseudonym: a Via header entry added both ways; empty: none."""
+    request_id: bool = True
+    """Pass on or make an X-Request-Id."""
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    strip_prefix: str = ""
+    host_rewrite: str = ""
+    tunnel_timeout: float = 3600.0
+    """An upgraded connection (WebSocket) quiet both ways this long is closed."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +263,7 @@ class ServiceConfig:
     max_buffered: int = 32 * 1024 * 1024
     """Message mode: bytes of unfinished request lines held for all clients of the service."""
     outlier: OutlierConfig = field(default_factory=lambda: OutlierConfig())
+    http: HttpConfig = field(default_factory=HttpConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 
     @property

@@ -18,6 +18,7 @@ from balancer.config.model import (
     BackendConfig,
     Config,
     HealthConfig,
+    HttpConfig,
     OutlierConfig,
     ServiceConfig,
 )
@@ -54,6 +55,7 @@ SERVICE_KEYS = table_keys(
 )
 OUTLIER_KEYS = table_keys(OutlierConfig)
 HEALTH_KEYS = table_keys(HealthConfig)
+HTTP_KEYS = table_keys(HttpConfig)
 BACKEND_KEYS = table_keys(BackendConfig, address=("address", "host", "port"))
 SERVER_KEYS = table_keys(BackendConfig)
 
@@ -63,6 +65,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "services.NAME": SERVICE_KEYS,
     "services.NAME.health": HEALTH_KEYS,
     "services.NAME.outlier": OUTLIER_KEYS,
+    "services.NAME.http": HTTP_KEYS,
     "services.NAME.backends[]": BACKEND_KEYS,
     "servers[]": SERVER_KEYS,
 }
@@ -88,7 +91,7 @@ MEANINGS: dict[str, dict[str, str]] = {
     "services.NAME": {
         "listen": "where the service listens (without it: the command line's address)",
         "mode": '"message": one request per line, balanced per request; "tcp": bytes relayed, '
-        "balanced per connection",
+        'balanced per connection; "http": HTTP/1.1, balanced per request',
         "algorithm": "how a backend is picked (see `policy_options` below)",
         "backend_framing": 'towards backends: "line", "raw" (the tutorial\'s original service) '
         'or "auto" (found by the first health check)',
@@ -121,6 +124,33 @@ MEANINGS: dict[str, dict[str, str]] = {
         "backends": "the backends the service balances over, in order (see below)",
         "health": "active health checks (`[services.NAME.health]`)",
         "outlier": "passive health: failures on live traffic eject a backend for a while",
+        "http": "http mode's limits, timeouts, keep-alive, retries and header rules",
+    },
+    "services.NAME.http": {
+        "max_header_bytes": "a request head larger than this gets 431",
+        "max_headers": "a request with more header fields gets 431",
+        "header_timeout": "the whole request head must arrive within this, from its first "
+        "byte (slow clients get 408)",
+        "request_body_timeout": "a request body with no byte for this long ends the exchange",
+        "response_header_timeout": "a backend that sends no response head within this after "
+        "the request: 504 (idempotent requests are retried)",
+        "keepalive_timeout": "a client connection idle between requests this long is closed",
+        "upstream_idle_timeout": "an idle upstream connection is closed after this",
+        "max_idle": "idle upstream connections kept per backend for reuse",
+        "max_requests_per_connection": "requests on one upstream connection before it is closed",
+        "max_body_bytes": "a request body larger than this gets 413",
+        "replay_buffer": "a request body up to this size is kept so the request may be retried",
+        "retry_on_status": "response statuses (502, 503, 504) retried on another backend",
+        "retry_non_idempotent": "POST and PATCH are retried even after their body was sent",
+        "trusted_proxies": "clients (CIDRs) whose X-Forwarded-* and Forwarded headers are kept",
+        "forwarded": "add an RFC 7239 Forwarded header besides X-Forwarded-*",
+        "via": "a pseudonym: a Via entry added to requests and responses",
+        "request_id": "pass on or make an X-Request-Id",
+        "set_headers": "headers set on every request to the backends",
+        "remove_headers": "headers removed from every request",
+        "strip_prefix": "a path prefix taken off the request target",
+        "host_rewrite": "the Host header sent to the backends",
+        "tunnel_timeout": "an upgraded connection (WebSocket) quiet both ways this long is closed",
     },
     "services.NAME.health": {
         "interval": "seconds between checks",
