@@ -126,6 +126,36 @@ class AccessLog:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self.flush)
 
+    def record_http(self, peer: str, fields: dict[str, object]) -> None:
+        """Log one http-mode request (or a request refused before it was read whole)."""
+        stamp = self._timestamp()
+        if self.json:
+            doc = {"ts": stamp, "service": self.service, "client": str(peer), **fields}
+            line = json.dumps(doc, ensure_ascii=False).encode("utf-8", "replace") + b"\n"
+        else:
+            get = fields.get
+            if "method" in fields:
+                request = f'"{get("method")} {get("host")}{get("path")}"'
+                text = (
+                    f"{stamp} {self.service} {peer} -> {get('backend')} {request} "
+                    f"{get('status')} in={get('bytes_in')} out={get('bytes_out')} "
+                    f"retries={get('retries')} connect={get('connect_ms')}ms "
+                    f"header={get('header_ms')}ms total={get('total_ms')}ms "
+                    f"term={get('term')} id={get('request_id') or '-'}"
+                )
+            else:
+                text = (
+                    f"{stamp} {self.service} {peer} -> - {get('status')} "
+                    f"term={get('term')} {get('error')!r}"
+                )
+            line = text.encode("utf-8", "backslashreplace") + b"\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self.max_buffer:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self.flush)
+
     def _json_line(self, stamp: str, session: Peer, req: Logged, now: float) -> bytes:
         backend = req.backend.address if req.backend is not None else "-"
         duration_ms = (now - req.started) * 1000.0 if req.started else 0.0

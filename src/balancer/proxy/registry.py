@@ -9,6 +9,7 @@ from balancer.core.pool import BackendPool
 from balancer.core.stats import LatencyHistogram
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.base import Proxy
+from balancer.proxy.http.service import HttpService
 from balancer.proxy.message.service import MessageService
 from balancer.proxy.tcp.service import TcpService
 
@@ -33,7 +34,16 @@ def _tcp(
     return TcpService(config, pool)
 
 
-PROXY_MODES: dict[str, ProxyFactory] = {"message": _message, "tcp": _tcp}
+def _http(
+    config: ServiceConfig,
+    pool: BackendPool,
+    histogram: LatencyHistogram,
+    access_log: AccessLog | None,
+) -> Proxy:
+    return HttpService(config, pool, histogram, access_log)
+
+
+PROXY_MODES: dict[str, ProxyFactory] = {"message": _message, "tcp": _tcp, "http": _http}
 
 
 def build_proxy(

@@ -47,7 +47,6 @@ TRAILER_DROP = HOP_BY_HOP | {b"host", b"authorization", b"set-cookie", b"cache-c
 """Fields a trailer may not carry (framing, routing, and what RFC 9110 6.5.1 warns of)."""
 REQUEST_ID = b"x-request-id"
 _ID_OK = frozenset(b"0123456789abcdefABCDEF-_.:ABCDEFGHIJKLMNOPQRSTUVWXYZghijklmnopqrstuvwxyz")
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 @dataclass(frozen=True)

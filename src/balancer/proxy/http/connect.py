@@ -1,0 +1,62 @@
+"""A new connection to a backend for http mode, through the shared dialer.
+
+`connect` dials within `connect_timeout` (`balancer.proxy.upstream.dial`,
+registered with the loop guard), hands the socket to the loop as an
+`UpstreamConnection`, and turns every way that can fail into `Refused`: the
+backend's failures are counted and reported to the pool (passive health);
+our own shortages (descriptors, ports) and a backend address that is one of
+our own listeners are not the backend's fault and are only noted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from balancer.config.addresses import format_address
+from balancer.core.pool import Backend
+from balancer.net import loopguard
+from balancer.proxy.http.context import Serving
+from balancer.proxy.http.upstream import UpstreamConnection
+from balancer.proxy.upstream import OwnListener, adopt, connect_failure, dial, local_shortage
+
+log = logging.getLogger("balancer")
+
+
+class Refused(Exception):
+    """No connection to the backend; the message says why."""
+
+
+async def connect(
+    svc: Serving, backend: Backend, origin: loopguard.Origin | None
+) -> UpstreamConnection:
+    loop = svc.loop
+    pool = svc.pool
+    timeout = svc.config.connect_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            sock, registration = await dial(loop, backend, svc.owner(backend), origin)
+    except OwnListener as exc:
+        host, port = exc.args[0]
+        pool.mark_loop(
+            backend,
+            f"{backend.address} is {format_address(host, port)}, where this balancer listens",
+        )
+        raise Refused(f"{backend.address} is this balancer") from None
+    except (OSError, TimeoutError) as exc:
+        what = f"connecting to backend {backend.address} of service {svc.config.name}"
+        if local_shortage(exc, what):
+            raise Refused(f"no local resources: {exc}") from None
+        reason = str(connect_failure(exc, timeout))
+        backend.connect_failures += 1
+        backend.failures += 1
+        pool.report_failure(backend, reason)
+        raise Refused(reason) from None
+    conn = UpstreamConnection(backend, registration, svc.http.max_header_bytes)
+    try:
+        await adopt(loop, conn, sock)
+    except OSError as exc:  # pragma: no cover - a connected socket the loop refused
+        registration.release()
+        log.warning("service %s: backend connection lost: %s", svc.config.name, exc)
+        raise Refused(f"connection lost: {exc}") from None
+    return conn

@@ -1,0 +1,94 @@
+"""What the parts of http mode need of each other, as protocols, so imports run one
+way: `upstream` < `connect`, `tunnel` < `response` < `exchange` < `client` < `service`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol
+
+from balancer.config.model import HttpConfig, ServiceConfig
+from balancer.core.http.headers import HeaderRules
+from balancer.core.http.wire import Event, HttpError
+from balancer.core.pool import Backend, BackendPool
+from balancer.core.retry import RetryBudget
+from balancer.core.stats import LatencyHistogram
+from balancer.net import loopguard
+from balancer.observe.accesslog import AccessLog
+from balancer.proxy.http.upstream import IdlePool
+
+
+def count(counts: dict[Any, int], key: Any) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+class Ends(Protocol):
+    """A tunnel, as the connections it joins see it."""
+
+    def on_client_eof(self) -> None: ...
+
+    def client_lost(self, exc: Exception | None) -> None: ...
+
+    def client_paused(self, paused: bool) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def quiet_ms(self) -> int: ...
+
+
+class Serving(Protocol):
+    """An http-mode service, as its connections and exchanges see it."""
+
+    config: ServiceConfig
+    http: HttpConfig
+    rules: HeaderRules
+    pool: BackendPool
+    loop: asyncio.AbstractEventLoop
+    idle: IdlePool
+    budget: RetryBudget
+    histogram: LatencyHistogram | None
+    access_log: AccessLog | None
+    accepting: bool
+    max_connections: int
+    conns: set[Any]
+    tunnels: set[Ends]
+    refused: int
+    not_available: int
+    loops: int
+    requests: int
+    retries_made: int
+    retries_over_budget: int
+    race_retries: int
+    reused: int
+    dialed: int
+    bad_responses: int
+    client_errors: int
+
+    generated: dict[int, int]
+    """Responses of our own, by status."""
+    statuses: dict[str, int]
+    """Responses to clients, by status class ("2xx", ...)."""
+
+    def owner(self, backend: Backend) -> loopguard.Owner: ...
+
+
+class Client(Protocol):
+    """A client connection, as its exchanges and tunnel see it."""
+
+    svc: Serving
+    transport: asyncio.Transport
+    peer_ip: str
+    peer_text: str
+    port: int
+    lost: bool
+    eof: bool
+    loop_suspect: bool
+    queue: deque[Event | HttpError]
+    tunnel: Ends | None
+    tunnel_write: Any
+
+    async def next_event(self) -> Event | HttpError | None: ...
+
+    def take_raw(self) -> bytes: ...
+
+    def abort(self) -> None: ...

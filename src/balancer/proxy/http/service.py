@@ -1,0 +1,184 @@
+"""An http-mode service: its listener, limits, upstream keep-alive pool, counters and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from balancer.config.addresses import parse_networks
+from balancer.config.model import Config, HttpConfig, ServiceConfig
+from balancer.core.http.headers import HeaderRules
+from balancer.core.lifecycle import DrainCut
+from balancer.core.pool import Backend, BackendPool
+from balancer.core.retry import RetryBudget
+from balancer.core.stats import LatencyHistogram
+from balancer.net import loopguard
+from balancer.net.loops import create_listener
+from balancer.net.periodic import Periodic
+from balancer.observe.accesslog import AccessLog
+from balancer.proxy.base import wait_closed
+from balancer.proxy.http.client import ClientConnection
+from balancer.proxy.http.context import Ends
+from balancer.proxy.http.upstream import IdlePool
+
+log = logging.getLogger("balancer")
+
+_SWEEPS = 4
+"""Idle upstream connections and tunnels are looked at this many times per timeout."""
+
+
+def header_rules(http: HttpConfig) -> HeaderRules:
+    return HeaderRules(
+        trusted_proxies=parse_networks(http.trusted_proxies),
+        forwarded=http.forwarded,
+        via=http.via.encode() if http.via else None,
+        set_headers=tuple((k.encode(), v.encode()) for k, v in http.set_headers),
+        remove_headers=frozenset(n.lower().encode() for n in http.remove_headers),
+        request_id=http.request_id,
+        strip_prefix=http.strip_prefix.encode(),
+        host_rewrite=http.host_rewrite.encode() if http.host_rewrite else None,
+    )
+
+
+class HttpService:
+    """An http-mode service: each request balanced on its own."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        pool: BackendPool,
+        histogram: LatencyHistogram | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.pool = pool
+        self.histogram = histogram
+        self.access_log = access_log
+        self.refused = 0
+        self.not_available = 0
+        self.retries_made = 0
+        self.retries_over_budget = 0
+        self.race_retries = 0
+        """Requests sent again on a fresh connection after a reused one failed."""
+        self.loops = 0
+        self.requests = 0
+        self.reused = 0
+        """Requests sent on a kept-alive upstream connection."""
+        self.dialed = 0
+        """Upstream connections made."""
+        self.bad_responses = 0
+        self.client_errors = 0
+        self.generated: dict[int, int] = {}
+        """Responses of our own, by status."""
+        self.statuses: dict[str, int] = {}
+        """Responses sent to clients, by status class ("2xx", ...)."""
+        self.budget = RetryBudget(time.monotonic())
+        self.idle = IdlePool()
+        self.conns: set[ClientConnection] = set()
+        self.tunnels: set[Ends] = set()
+        self.accepting = False
+        self._server: asyncio.AbstractServer | None = None
+        self._bound: list[Any] = []
+        self._owners: dict[Backend, loopguard.Owner] = {}
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._apply(config)
+        self._sweeper = Periodic(self._sweep_period, self.sweep)
+
+    def _apply(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.http = config.http
+        self.rules = header_rules(config.http)
+        self.max_connections = config.max_connections
+        idle = self.idle
+        idle.max_idle = config.http.max_idle
+        idle.idle_timeout = config.http.upstream_idle_timeout
+        idle.max_requests = config.http.max_requests_per_connection
+
+    def _sweep_period(self) -> float:
+        period = self.http.upstream_idle_timeout
+        if self.http.tunnel_timeout > 0:
+            period = min(period, self.http.tunnel_timeout)
+        return max(0.05, period / _SWEEPS)
+
+    def reconfigure(self, config: ServiceConfig) -> None:
+        self._apply(config)
+
+    def configure(self, config: Config) -> None:
+        """Nothing of the whole process's settings concerns http mode."""
+
+    def owner(self, backend: Backend) -> loopguard.Owner:
+        owner = self._owners.get(backend)
+        if owner is None:
+            owner = self._owners[backend] = (self.pool, backend)
+        return owner
+
+    def remove_backend(self, backend: Backend) -> None:
+        self._owners.pop(backend, None)
+        self.idle.drop(backend)
+
+    @property
+    def client_connections(self) -> int:
+        return len(self.conns)
+
+    @property
+    def retries(self) -> int:
+        return self.retries_made
+
+    def __repr__(self) -> str:
+        return (
+            f"<HttpService {self.config.name} {self.config.listen}: "
+            f"{len(self.conns)} connections, {self.requests} requests>"
+        )
+
+    async def start(self) -> tuple[str, int]:
+        self.loop = asyncio.get_running_loop()
+        self._server = await create_listener(
+            self.loop,
+            lambda: ClientConnection(self),
+            self.config.listen_host,
+            self.config.listen_port,
+            backlog=4096,
+        )
+        self._bound = [sock.getsockname() for sock in self._server.sockets]
+        for address in self._bound:
+            loopguard.listening(address)
+        self.accepting = True
+        self._sweeper.start()
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for address in self._bound:
+            loopguard.not_listening(address)
+        self._bound = []
+
+    async def drain(self, timeout: float) -> DrainCut:
+        """Stop accepting; close idle clients, let exchanges under way finish (their
+        responses say `Connection: close`) for up to `timeout`, then cut the rest."""
+        self.stop_accepting()
+        conns = self.conns
+        idle = [c for c in conns if c.idle and not c.queue and not c.reader.in_head]
+        cut = 0
+        if not await wait_closed(lambda: len(conns), timeout, idle):
+            left = list(conns)
+            cut = len(left)
+            for conn in left:
+                conn.abort()
+            await wait_closed(lambda: len(conns), 1.0)
+        self.idle.drop()
+        self._sweeper.stop()
+        return DrainCut(cut, 0)
+
+    def account(self) -> None:
+        self.budget.advance(time.monotonic())
+
+    def sweep(self) -> None:
+        self.idle.sweep(time.monotonic())
+        limit = self.http.tunnel_timeout * 1000
+        if limit > 0:
+            for tunnel in [t for t in self.tunnels if t.quiet_ms() >= limit]:
+                tunnel.finish()
