@@ -19,9 +19,12 @@ mutation:
 
 # Message mode: direct, HAProxy and the balancer (compiled and pure Python), load from the
 # load client's C engine, with rows for more connections, backends and bytes; writes
-# bench/results/message.{json,md}.
+# bench/results/message.{json,md}. HTTP mode: wrk against nginx direct, HAProxy (mode http),
+# nginx as a proxy and the balancer, small and 100 KB responses (under 3 minutes); writes
+# bench/results/http.{json,md}. BENCH_ARGS (--duration, --rounds, --quick) go to both.
 bench:
 	$(PYTHON) bench/message_bench.py $(BENCH_ARGS)
+	$(PYTHON) bench/http_bench.py $(BENCH_ARGS)
 	$(PYTHON) bench/report.py
 
 # Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), redis

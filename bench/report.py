@@ -2,10 +2,10 @@
 
     python bench/report.py [--results bench/results] [--out bench/results/report.html]
 
-Reads whichever of message.json, tcp.json, tcp_soak.json, policy_e2e.json, policies.json,
-soak.json and idle.json exist (each written by its own harness) and writes a
+Reads whichever of message.json, tcp.json, http.json, tcp_soak.json, policy_e2e.json,
+policies.json, soak.json and idle.json exist (each written by its own harness) and writes a
 self-contained page: ours beside the reference measured in the same run
-(direct connection, HAProxy), with the ratios.
+(direct connection, HAProxy, nginx), with the ratios.
 """
 
 from __future__ import annotations
@@ -92,6 +92,59 @@ def tcp_tables(data: dict[str, Any]) -> list[ComparisonTable]:
     return tables
 
 
+HTTP_TARGETS = ("ours", "haproxy", "nginx-proxy", "direct")
+
+
+def http_tables(data: dict[str, Any]) -> list[ComparisonTable]:
+    """One table per workload (small, 100 KB): every target beside HAProxy; the balancer's row
+    says why it has no figures when it did not come up or failed."""
+    statuses = data.get("targets") or {}
+    tables: list[ComparisonTable] = []
+    for workload, entry in (data.get("workloads") or {}).items():
+        haproxy = entry.get("haproxy") or {}
+        rows: list[dict[str, Any]] = []
+        for name in HTTP_TARGETS:
+            status = statuses.get(name)
+            if status is None:
+                continue
+            label = "balancer" if name == "ours" else name
+            s = entry.get(name)
+            if not s:
+                why = status.get("reason") or "no figures"
+                rows.append({"name": f"{label} ({status.get('status')}: {why})"})
+                continue
+            rows.append(
+                {
+                    "name": label,
+                    "rps": s.get("rps"),
+                    "p50": s.get("p50_ms"),
+                    "p99": s.get("p99_ms"),
+                    "ratio": _ratio(s.get("rps"), haproxy.get("rps")),
+                }
+            )
+        tables.append(
+            {"title": f"HTTP mode, {workload}: throughput ratio to HAProxy", "rows": rows}
+        )
+    return tables
+
+
+def http_summary(data: dict[str, Any]) -> dict[str, object]:
+    """Per workload: CPU per request of each proxy, and ours against the two references."""
+    out: dict[str, object] = {}
+    for workload, entry in (data.get("workloads") or {}).items():
+        cpu = " / ".join(
+            f"{(entry.get(n) or {}).get('target_cpu_s_per_100k', '-')}"
+            for n in ("ours", "haproxy", "nginx-proxy")
+        )
+        out[f"http {workload}: proxy CPU s / 100k req, ours / HAProxy / nginx"] = cpu
+        for label, r in (entry.get("ratios") or {}).items():
+            if label.startswith("ours/"):
+                out[f"http {workload}: {label} req/s, CPU per req"] = (
+                    f"{r['rps']} / {r['cpu_per_request']}" if r else "-"
+                )
+    return out
+
+
 def policy_tables(data: dict[str, Any]) -> list[ComparisonTable]:
     policies = data.get("policies") or {}
     base = (policies.get("round_robin") or {}).get("throughput_rps")
@@ -133,6 +186,9 @@ def summary(results: Path) -> dict[str, object]:
         out["tcp idle RSS per connection (B), ours / HAProxy"] = (
             f"{idle_tcp.get('ours', 0):.0f} / {idle_tcp.get('haproxy', 0):.0f}"
         )
+    http = _load(results, "http")
+    if http:
+        out.update(http_summary(http))
     policies = _load(results, "policies")
     if policies:
         for name, picks in (policies.get("picks") or {}).items():
@@ -150,6 +206,9 @@ def build(results: Path) -> dict[str, Any]:
     tcp = _load(results, "tcp")
     if tcp:
         comparisons += tcp_tables(tcp)
+    http = _load(results, "http")
+    if http:
+        comparisons += http_tables(http)
     policy = _load(results, "policy_e2e")
     if policy:
         comparisons += policy_tables(policy)

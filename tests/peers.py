@@ -96,7 +96,8 @@ def wait_connectable(port: int, proc: subprocess.Popen[bytes], what: str) -> Non
 
 
 @contextmanager
-def _running(name: str, args: Sequence[str], port: int) -> Iterator[Peer]:
+def running(name: str, args: Sequence[str], port: int) -> Iterator[Peer]:
+    """`args` as a child process, yielded once `port` accepts; terminated (then killed) on exit."""
     proc = subprocess.Popen(
         list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
@@ -132,7 +133,7 @@ def redis_server(maxclients: int = 10000) -> Iterator[Peer]:
         "--proto-max-bulk-len", "16mb",
         "--loglevel", "warning",
     ]  # fmt: skip
-    with _running("redis-server", args, port) as peer:
+    with running("redis-server", args, port) as peer:
         yield peer
 
 
@@ -164,7 +165,7 @@ def haproxy(backends: Sequence[str], maxconn: int = 8000) -> Iterator[Peer]:
     with tempfile.TemporaryDirectory(prefix="balancer-haproxy-") as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
         cfg.write_text(haproxy_config(port, backends, maxconn))
-        with _running("haproxy", [binary, "-db", "-f", str(cfg)], port) as peer:
+        with running("haproxy", [binary, "-db", "-f", str(cfg)], port) as peer:
             yield peer
 
 
@@ -204,7 +205,7 @@ def nginx(page: bytes = b"<html><body>hello from nginx</body></html>\n") -> Iter
         cfg = root / "nginx.conf"
         cfg.write_text(nginx_config(root, port))
         args = [binary, "-c", str(cfg), "-p", str(root), "-e", str(root / "error.log")]
-        with _running("nginx", args, port) as peer:
+        with running("nginx", args, port) as peer:
             yield peer
 
 
