@@ -156,8 +156,9 @@ class Exchange(Relay):
         if failed is not None:
             self.finish_attempt(conn, ok=None)
             self.client_keep = False
-            if failed:
-                self.answer(failed, "cR", "request body not received in time")
+            if failed is not None and failed.status:
+                self.svc.client_errors += 1
+                self.answer(failed.status, "cR", failed.reason)
             return None
         timer = None
         if not outcome.done():
@@ -197,9 +198,9 @@ class Exchange(Relay):
         backend.failures += 1
         self.svc.pool.report_failure(backend, reason)
 
-    async def send_body(self, conn: UpstreamConnection) -> int | None:
-        """Stream the rest of the request body; None when it went, 0 when the client went,
-        else the status to answer with."""
+    async def send_body(self, conn: UpstreamConnection) -> HttpError | None:
+        """Stream the rest of the request body; None when it went, else what to answer
+        (status 0: the client went)."""
         client = self.client
         head = self.head
         cfg = self.svc.http
@@ -215,17 +216,17 @@ class Exchange(Relay):
                     async with asyncio.timeout(cfg.request_body_timeout):
                         event = await client.next_event()
                 except TimeoutError:
-                    return 408
+                    return HttpError(408, "request body not received in time")
             else:
                 event = await client.next_event()
             if event is None or isinstance(event, HttpError):
                 self.term = "CD" if event is None else "CR"
-                return 0 if event is None else event.status
+                return HttpError(0, "client gone") if event is None else event
             if type(event) is Body:
                 data = event.data
                 self.bytes_in += len(data)
                 if cfg.max_body_bytes and self.bytes_in > cfg.max_body_bytes:
-                    return 413
+                    return HttpError(413, f"request body over {cfg.max_body_bytes} bytes")
                 piece = chunk(data) if head.chunked else data
             elif type(event) is End:
                 self.body_done = True

@@ -100,8 +100,8 @@ class Relay:
                     continue
                 self.on_head(event)  # type: ignore[arg-type]
             elif kind is End:
-                if self.response is None:
-                    continue  # the end of a 1xx
+                if self.response is None or self.response.status == 101:
+                    continue  # the end of a 1xx; a 101's Upgrade event follows
                 if self.rechunk:
                     client.transport.write(last_chunk(trailer_fields(event.trailers)))  # type: ignore[union-attr]
                 self._resolve("done")
