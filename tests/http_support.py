@@ -151,7 +151,9 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head
 
 
-def make_service(backends: list[str], retries: int = 2, **http: Any) -> HttpService:
+def make_service(
+    backends: list[str], retries: int = 2, service: dict[str, Any] | None = None, **http: Any
+) -> HttpService:
     config = ServiceConfig(
         name="web",
         listen_host=HOST,
@@ -161,15 +163,16 @@ def make_service(backends: list[str], retries: int = 2, **http: Any) -> HttpServ
         retries=retries,
         health=HealthConfig(enabled=False),
         http=HttpConfig(**http),
+        **(service or {}),
     )
     return HttpService(config, BackendPool(config))
 
 
 @asynccontextmanager
 async def http_service(
-    backends: list[str], retries: int = 2, **http: Any
+    backends: list[str], retries: int = 2, service: dict[str, Any] | None = None, **http: Any
 ) -> AsyncIterator[tuple[HttpService, int]]:
-    svc = make_service(backends, retries, **http)
+    svc = make_service(backends, retries, service, **http)
     _, port = await svc.start()
     try:
         yield svc, port

@@ -148,6 +148,7 @@ remove_headers = ["X-Debug"]
 strip_prefix = "/api"
 host_rewrite = "internal.example"
 tunnel_timeout = 600
+sticky_cookie = "lb"
 """
 
 FULL_SERVERS_JSON = {
@@ -278,6 +279,7 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                     strip_prefix="/api",
                     host_rewrite="internal.example",
                     tunnel_timeout=600.0,
+                    sticky_cookie="lb",
                 ),
                 health=HealthConfig(send=None, expect=None),
             ),
@@ -718,7 +720,7 @@ BACKENDS = 'backends = ["localhost:8090"]\n'
         (
             SVC + BACKENDS + 'hash_key = "client"\n',
             "services.numbers.hash_key",
-            ["expected one of 'message', 'source', got 'client'"],
+            ["expected one of 'source', 'message', 'path', 'header:NAME', 'cookie:NAME', got"],
         ),
         (
             SVC + BACKENDS + 'mode = "tcp"\nhash_key = "message"\n',

@@ -266,3 +266,46 @@ async def test_no_healthy_backend_is_a_503_with_retry_after() -> None:
             assert response.header(b"retry-after") == b"1"
             assert svc.generated == {503: 1}
             assert not a.requests
+
+
+async def test_consistent_hash_on_a_header_sends_each_user_to_one_backend() -> None:
+    hashing = {"algorithm": "consistent_hash", "hash_key": "header:X-User"}
+    async with echo_backend("a") as a, echo_backend("b") as b, echo_backend("c") as c:
+        async with http_service([a.address, b.address, c.address], service=hashing) as (_, port):
+            client = await RawClient.open(port)
+            chosen: dict[str, set[str]] = {}
+            for round_ in range(3):
+                for user in range(12):
+                    client.send(get(f"/{round_}", extra=f"X-User: user-{user}\r\n"))
+                    response = await client.response()
+                    assert response is not None
+                    chosen.setdefault(f"user-{user}", set()).add(response.json()["backend"])
+    assert all(len(names) == 1 for names in chosen.values())
+    assert len(set().union(*chosen.values())) > 1  # the users are spread, each kept
+
+
+async def test_a_sticky_cookie_pins_a_client_while_its_backend_is_up() -> None:
+    async with echo_backend("a") as a, echo_backend("b") as b:
+        async with http_service([a.address, b.address], sticky_cookie="lb") as (svc, port):
+            client = await RawClient.open(port)
+            client.send(get("/"))
+            first = await client.response()
+            assert first is not None
+            cookie = first.header(b"set-cookie")
+            assert cookie is not None
+            assert cookie.startswith(b"lb=")
+            value = cookie.split(b";")[0].decode()
+            pinned = first.json()["backend"]
+            for _ in range(4):
+                client.send(get("/", extra=f"Cookie: theme=dark; {value}\r\n"))
+                again = await client.response()
+                assert again is not None
+                assert again.json()["backend"] == pinned
+                assert again.header(b"set-cookie") is None
+            backend = next(x for x in svc.pool if x.port == (a if pinned == "a" else b).port)
+            svc.pool.mark_down(backend, "test")
+            client.send(get("/", extra=f"Cookie: {value}\r\n"))
+            moved = await client.response()
+            assert moved is not None
+            assert moved.json()["backend"] != pinned
+            assert moved.header(b"set-cookie") is not None  # re-pinned to the one up

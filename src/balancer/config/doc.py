@@ -136,7 +136,6 @@ _CHOICES: dict[str, Sequence[str]] = {
     "services.NAME.algorithm": tuple(ALGORITHMS),
     "services.NAME.backend_framing": FRAMINGS,
     "services.NAME.client_framing": CLIENT_FRAMINGS,
-    "services.NAME.hash_key": HASH_KEYS,
 }
 _ADDRESS = '`"host:port"` (IPv6 as `[::1]:8080`)'
 _SPECIAL: dict[str, tuple[str, str, str]] = {
@@ -158,6 +157,11 @@ _SPECIAL: dict[str, tuple[str, str, str]] = {
         'at least one, each `"host:port"` or `{ address, weight }`, each backend once',
     ),
     "services.NAME.policy_options": ("table of numbers", "`{}`", "the algorithm's (below)"),
+    "services.NAME.hash_key": (
+        "string",
+        '`"source"`',
+        ", ".join(f'`"{k}"`' for k in HASH_KEYS) + ', `"header:NAME"`, `"cookie:NAME"`',
+    ),
     "services.NAME.backends[].address": ("string", "required", f"{_ADDRESS}, port 1 to 65535"),
     "services.NAME.health.send": (
         "string or false",

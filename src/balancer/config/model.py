@@ -32,7 +32,9 @@ FRAMINGS = ("line", "raw", "auto")
 """Backend framing: `auto` lets the first health check find out which one a backend speaks."""
 CLIENT_FRAMINGS = ("line", "raw", "auto")
 """Client framing: `auto` detects the tutorial's unterminated messages (raw) per connection."""
-HASH_KEYS = ("source", "message")
+HASH_KEYS = ("source", "message", "path")
+"""Besides these, in http mode: `header:NAME` and `cookie:NAME`."""
+HASH_KEY_RE = re.compile(r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 READ_ACCESS = ("auto", "open", "token")
 MAX_WEIGHT = 1000
 """Largest backend weight, in config and through the runtime API."""
@@ -202,6 +204,8 @@ class HttpConfig:
     host_rewrite: str = ""
     tunnel_timeout: float = 3600.0
     """An upgraded connection (WebSocket) quiet both ways this long is closed."""
+    sticky_cookie: str = ""
+    """A cookie pinning a client to the backend that answered it (while it is up); empty: off."""
 
 
 @dataclass(frozen=True)

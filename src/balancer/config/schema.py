@@ -102,7 +102,8 @@ MEANINGS: dict[str, dict[str, str]] = {
         "connect_timeout": "a backend connection not made by then has failed",
         "response_timeout": "message mode: a backend holding a request longer has failed",
         "backend_connections": "message mode: persistent, pipelined connections per backend",
-        "hash_key": 'consistent_hash: "source" (client address) or "message" (the request line)',
+        "hash_key": 'consistent_hash: "source" (client address), "message" (the request line; '
+        'message mode), or in http mode "path", "header:NAME" or "cookie:NAME"',
         "hash_balance_factor": "consistent_hash: no backend holds more than this times its "
         "share of the load (bounded load)",
         "slow_start": "a backend coming back up ramps from 1 % to its full weight over this "
@@ -151,6 +152,8 @@ MEANINGS: dict[str, dict[str, str]] = {
         "strip_prefix": "a path prefix taken off the request target",
         "host_rewrite": "the Host header sent to the backends",
         "tunnel_timeout": "an upgraded connection (WebSocket) quiet both ways this long is closed",
+        "sticky_cookie": "a cookie that pins a client to the backend that answered it, while "
+        "that backend is up",
     },
     "services.NAME.health": {
         "interval": "seconds between checks",

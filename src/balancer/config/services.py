@@ -7,21 +7,20 @@ reported once.
 
 from __future__ import annotations
 
-import re
-
-from balancer.config.addresses import parse_address, parse_networks
+from balancer.config.addresses import parse_address
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.checks import ParsedService, Problems
+from balancer.config.http import read_http
 from balancer.config.keylines import join_key
 from balancer.config.model import (
     CLIENT_FRAMINGS,
     FRAMINGS,
+    HASH_KEY_RE,
     HASH_KEYS,
     MODES,
     SERVICE_NAME_RE,
     BackendConfig,
     HealthConfig,
-    HttpConfig,
     OutlierConfig,
     ServiceConfig,
 )
@@ -29,7 +28,6 @@ from balancer.config.policies import ALGORITHMS, Algorithm, weighted_names
 from balancer.config.schema import (
     BACKEND_KEYS,
     HEALTH_KEYS,
-    HTTP_KEYS,
     OUTLIER_KEYS,
     SERVICE_KEYS,
 )
@@ -105,133 +103,31 @@ def _outlier(data: object, path: str, problems: Problems) -> OutlierConfig:
     )
 
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FIELD_VALUE_RE = re.compile(r"[\t\x20-\x7e]*")
-RETRYABLE_STATUS = (502, 503, 504)
-
-
-def _names(t: Table, key: str) -> tuple[str, ...]:
-    value = t.data.get(key, [])
-    if not isinstance(value, list) or not all(
-        isinstance(v, str) and _TOKEN_RE.fullmatch(v) for v in value
+def _hash_key(t: Table, mode: str) -> str:
+    value = t.data.get("hash_key", ServiceConfig.hash_key)
+    if isinstance(value, str) and HASH_KEY_RE.fullmatch(value):
+        if mode == "http" or not t.clean("mode"):
+            return value
+        t.fail("hash_key", f'expected "source" in {mode} mode ({value!r} needs mode = "http")')
+        return ServiceConfig.hash_key
+    if not (isinstance(value, str) and value in HASH_KEYS):
+        listed = ", ".join(repr(k) for k in HASH_KEYS)
+        message = f"expected one of {listed}, 'header:NAME', 'cookie:NAME', got {show_value(value)}"
+        if isinstance(value, str):
+            message += did_you_mean(value, HASH_KEYS)
+        t.fail("hash_key", message)
+        return ServiceConfig.hash_key
+    hash_key = value
+    if t.clean("mode") and (
+        (hash_key == "message" and mode != "message") or (hash_key == "path" and mode != "http")
     ):
-        t.fail(key, f"expected a list of header names, got {show_value(value)}")
-        return ()
-    return tuple(value)
-
-
-def _text(t: Table, key: str) -> str:
-    """A string setting that may be empty (its default)."""
-    value = t.data.get(key, "")
-    if isinstance(value, str):
-        return value
-    t.fail(key, f"expected a string, got {show_value(value)}")
-    return ""
-
-
-def _http(data: object, path: str, problems: Problems, mode: str) -> HttpConfig:
-    d = HttpConfig()
-    t = Table.read(data, path, problems, HTTP_KEYS, what="a table of http mode settings")
-    if t is None:
-        return d
-    if t.data and mode != "http":
-        problems.add(path, f'expected no http settings in {mode} mode (they need mode = "http")')
-    statuses: tuple[int, ...] = ()
-    if t.has("retry_on_status"):
-        value = t.data["retry_on_status"]
-        if isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v in RETRYABLE_STATUS for v in value
-        ):
-            statuses = tuple(sorted(set(value)))
-        else:
-            among = list(RETRYABLE_STATUS)
-            t.fail(
-                "retry_on_status",
-                f"expected a list of statuses among {among}, got {show_value(value)}",
-            )
-    trusted: tuple[str, ...] = ()
-    if t.has("trusted_proxies"):
-        value = t.data["trusted_proxies"]
-        try:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-            parse_networks(value)
-            trusted = tuple(value)
-        except ValueError:
-            t.fail(
-                "trusted_proxies",
-                f'expected a list of addresses or CIDRs like "10.0.0.0/8", got {show_value(value)}',
-            )
-    set_headers: list[tuple[str, str]] = []
-    if t.has("set_headers"):
-        value = t.data["set_headers"]
-        if isinstance(value, dict) and all(
-            isinstance(k, str) and _TOKEN_RE.fullmatch(k)
-            and isinstance(v, str) and _FIELD_VALUE_RE.fullmatch(v)
-            for k, v in value.items()
-        ):  # fmt: skip
-            set_headers = [(k, v) for k, v in value.items()]
-        else:
-            t.fail(
-                "set_headers",
-                'expected a table of header names to one-line values, e.g. { "X-Env" = "prod" }, '
-                f"got {show_value(value)}",
-            )
-    strip_prefix = _text(t, "strip_prefix")
-    if strip_prefix and (
-        not strip_prefix.startswith("/")
-        or not _FIELD_VALUE_RE.fullmatch(strip_prefix)
-        or " " in strip_prefix
-        or strip_prefix.endswith("/")
-    ):
-        t.fail("strip_prefix", f'expected a path like "/api" (no trailing /), got {strip_prefix!r}')
-        strip_prefix = ""
-    host_rewrite = _text(t, "host_rewrite")
-    if host_rewrite and not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", host_rewrite):
-        t.fail("host_rewrite", f"expected a host name or host:port, got {host_rewrite!r}")
-        host_rewrite = ""
-    via = _text(t, "via")
-    if via and not _TOKEN_RE.fullmatch(via):
-        t.fail("via", f"expected a pseudonym of token characters, got {via!r}")
-        via = ""
-    return HttpConfig(
-        max_header_bytes=t.bounded_int(
-            "max_header_bytes", d.max_header_bytes, "http.max_header_bytes"
-        ),
-        max_headers=t.bounded_int("max_headers", d.max_headers, "http.max_headers"),
-        header_timeout=t.bounded("header_timeout", d.header_timeout, "http.header_timeout"),
-        request_body_timeout=t.bounded(
-            "request_body_timeout", d.request_body_timeout, "http.request_body_timeout"
-        ),
-        response_header_timeout=t.bounded(
-            "response_header_timeout", d.response_header_timeout, "http.response_header_timeout"
-        ),
-        keepalive_timeout=t.bounded(
-            "keepalive_timeout", d.keepalive_timeout, "http.keepalive_timeout"
-        ),
-        upstream_idle_timeout=t.bounded(
-            "upstream_idle_timeout", d.upstream_idle_timeout, "http.upstream_idle_timeout"
-        ),
-        max_idle=t.bounded_int("max_idle", d.max_idle, "http.max_idle"),
-        max_requests_per_connection=t.bounded_int(
-            "max_requests_per_connection",
-            d.max_requests_per_connection,
-            "http.max_requests_per_connection",
-        ),
-        max_body_bytes=t.bounded_int("max_body_bytes", d.max_body_bytes, "http.max_body_bytes"),
-        replay_buffer=t.bounded_int("replay_buffer", d.replay_buffer, "http.replay_buffer"),
-        retry_on_status=statuses,
-        retry_non_idempotent=t.boolean("retry_non_idempotent", d.retry_non_idempotent),
-        trusted_proxies=trusted,
-        forwarded=t.boolean("forwarded", d.forwarded),
-        via=via,
-        request_id=t.boolean("request_id", d.request_id),
-        set_headers=tuple(set_headers),
-        remove_headers=_names(t, "remove_headers"),
-        strip_prefix=strip_prefix,
-        host_rewrite=host_rewrite,
-        tunnel_timeout=t.bounded("tunnel_timeout", d.tunnel_timeout, "http.tunnel_timeout"),
-    )
+        needs = "message" if hash_key == "message" else "http"
+        t.fail(
+            "hash_key",
+            f"expected 'source' in {mode} mode ({hash_key!r} needs mode = \"{needs}\"), "
+            f"got {hash_key!r}",
+        )
+    return hash_key
 
 
 def _backend(item: object, where: str, problems: Problems) -> BackendConfig | None:
@@ -354,13 +250,7 @@ def read_service(
     mode = t.choice("mode", defaults.mode, MODES)
     algorithm = t.choice("algorithm", defaults.algorithm, ALGORITHMS)
     policy = ALGORITHMS[algorithm] if t.clean("algorithm") else None
-    hash_key = t.choice("hash_key", defaults.hash_key, HASH_KEYS)
-    if hash_key == "message" and mode != "message" and t.clean("mode"):
-        t.fail(
-            "hash_key",
-            f"expected 'source' in {mode} mode ('message' needs mode = \"message\"), "
-            f"got {hash_key!r}",
-        )
+    hash_key = _hash_key(t, mode)
     slow_start = t.bounded("slow_start", defaults.slow_start)
     if slow_start > 0 and policy is not None and not policy.weighted:
         t.fail(
@@ -424,7 +314,7 @@ def read_service(
         retry_budget_min=t.bounded_int("retry_budget_min", defaults.retry_budget_min),
         max_buffered=t.bounded_int("max_buffered", defaults.max_buffered),
         outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), problems),
-        http=_http(t.data.get("http", {}), t.where("http"), problems, mode),
+        http=read_http(t.data.get("http", {}), t.where("http"), problems, mode),
         health=_health(t.data.get("health", {}), t.where("health"), problems, mode),
     )
     if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,8 +79,13 @@ def is_trusted(address: str | None, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
+_ID_PREFIX = secrets.token_hex(4).encode()
+_ids = itertools.count(1)
+
+
 def new_request_id() -> bytes:
-    return secrets.token_hex(8).encode()
+    """A request id unique to this process's run (random prefix, then a counter)."""
+    return b"%s%08x" % (_ID_PREFIX, next(_ids))
 
 
 def _quote_node(ip: str, port: int | None = None) -> bytes:

@@ -69,7 +69,14 @@ class Serving(Protocol):
     statuses: dict[str, int]
     """Responses to clients, by status class ("2xx", ...)."""
 
+    sticky_name: bytes
+    """The sticky cookie's name (empty: none)."""
+
     def owner(self, backend: Backend) -> loopguard.Owner: ...
+
+    def sticky_token(self, backend: Backend) -> bytes: ...
+
+    def sticky_backend(self, token: bytes) -> Backend | None: ...
 
 
 class Client(Protocol):

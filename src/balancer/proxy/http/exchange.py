@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from time import monotonic
 
+from balancer.core.http.affinity import cookie_value, request_key
 from balancer.core.http.headers import is_trusted, request_headers, rewrite_target, trailer_fields
 from balancer.core.http.replay import Again, Stage, send_again
 from balancer.core.http.wire import Body, End, HttpError
@@ -104,8 +105,18 @@ class Exchange(Relay):
     def pick(self, tried: list[Backend]) -> Backend | None:
         svc = self.svc
         pool = svc.pool
-        key = self.client.peer_ip.encode()
         limit = svc.config.max_backend_requests
+        cookie = svc.sticky_name
+        if cookie and not tried:
+            self.sticky_seen = cookie_value(self.head, cookie)
+            pinned = svc.sticky_backend(self.sticky_seen) if self.sticky_seen else None
+            if pinned is not None and pinned.eligible and has_room(pinned.in_flight, limit):
+                return pinned
+        hash_key = svc.config.hash_key
+        if hash_key == "source":
+            key = self.client.peer_ip.encode()
+        else:
+            key = request_key(self.head, hash_key, self.client.peer_ip)
         while True:
             backend = pool.pick(key, tried) or pool.fallback(tried)
             if backend is None or has_room(backend.in_flight, limit):
@@ -148,10 +159,9 @@ class Exchange(Relay):
         headers = self.headers
         if head.host is None:
             headers = [(b"Host", svc.rules.host_rewrite or backend.address_bytes), *headers]
-        write = conn.transport.write
-        write(request_head(head.method, target, headers))
-        for piece in self.replay or ():
-            write(piece)
+        conn.transport.write(
+            b"".join([request_head(head.method, target, headers), *(self.replay or ())])
+        )
         failed = await self.send_body(conn)
         if failed is not None:
             self.finish_attempt(conn, ok=None)

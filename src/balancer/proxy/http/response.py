@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from time import monotonic
 
+from balancer.core.http.affinity import set_cookie
 from balancer.core.http.headers import response_headers, trailer_fields
 from balancer.core.http.replay import Again, Stage, send_again
 from balancer.core.http.wire import Body, End, Event, Head, HttpError, Upgrade
@@ -64,6 +65,8 @@ class Relay:
         self.reused = False
         self.response_byte = False
         self.header_at = 0.0
+        self.sticky_seen: bytes | None = None
+        """The sticky cookie's value in the request."""
 
     def retry_allowed(self) -> bool:
         svc = self.svc
@@ -85,39 +88,41 @@ class Relay:
             outcome.set_result(result)
 
     def upstream_events(self, events: list[Event]) -> None:
+        """What the upstream connection parsed; what it completes goes to the client in
+        one write."""
         self.response_byte = True
-        client = self.client
+        out: list[bytes] = []
         for event in events:
             kind = type(event)
             if kind is Body:
                 if self.relaying:
                     data = event.data  # type: ignore[union-attr]
                     self.bytes_out += len(data)
-                    client.transport.write(chunk(data) if self.rechunk else data)
+                    out.append(chunk(data) if self.rechunk else data)
             elif kind is Head:
                 if self.response is not None:
                     self.extra = True  # more than one response to one request
                     continue
-                self.on_head(event)  # type: ignore[arg-type]
+                self.on_head(event, out)  # type: ignore[arg-type]
             elif kind is End:
                 if self.response is None or self.response.status == 101:
                     continue  # the end of a 1xx; a 101's Upgrade event follows
                 if self.rechunk:
-                    client.transport.write(last_chunk(trailer_fields(event.trailers)))  # type: ignore[union-attr]
+                    out.append(last_chunk(trailer_fields(event.trailers)))  # type: ignore[union-attr]
                 self._resolve("done")
             elif kind is Upgrade:
                 self.upgrade_rest = event.rest  # type: ignore[union-attr]
                 self._resolve("upgrade")
+        if out and not self.client.lost:
+            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def on_head(self, rh: Head) -> None:
+    def on_head(self, rh: Head, out: list[bytes]) -> None:
+        """A response head: a 1xx passed on, a final one re-framed (into `out`)."""
         status = rh.status
-        client = self.client
         svc = self.svc
         if status < 200 and status != 101:
-            if self.head.version == b"1.1" and not client.lost:
-                client.transport.write(
-                    write_response_head(status, rh.reason or REASONS.get(status, b""), [])
-                )
+            if self.head.version == b"1.1":
+                out.append(write_response_head(status, rh.reason or REASONS.get(status, b""), []))
             return
         self.response = rh
         self.header_at = monotonic()
@@ -148,11 +153,13 @@ class Relay:
                 headers.append((b"Connection", b"close"))
             elif head.version == b"1.0":
                 headers.append((b"Connection", b"keep-alive"))
+        if svc.sticky_name and self.backend is not None:
+            token = svc.sticky_token(self.backend)
+            if token != self.sticky_seen:
+                headers.append((b"Set-Cookie", set_cookie(svc.sticky_name, token)))
         self.client_keep = keep
         self.relaying = True
-        if not client.lost:
-            reason = rh.reason or REASONS.get(status, b"")
-            client.transport.write(write_response_head(status, reason, headers))
+        out.append(write_response_head(status, rh.reason or REASONS.get(status, b""), headers))
 
     def status_retry(self) -> bool:
         """May a `retry_on_status` response be dropped for a retry? (Takes the retry.)"""

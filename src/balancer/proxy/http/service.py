@@ -9,6 +9,7 @@ from typing import Any
 
 from balancer.config.addresses import parse_networks
 from balancer.config.model import Config, HttpConfig, ServiceConfig
+from balancer.core.http.affinity import backend_token
 from balancer.core.http.headers import HeaderRules
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
@@ -81,6 +82,7 @@ class HttpService:
         self._server: asyncio.AbstractServer | None = None
         self._bound: list[Any] = []
         self._owners: dict[Backend, loopguard.Owner] = {}
+        self._tokens: dict[Backend, bytes] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._apply(config)
         self._sweeper = Periodic(self._sweep_period, self.sweep)
@@ -90,6 +92,7 @@ class HttpService:
         self.http = config.http
         self.rules = header_rules(config.http)
         self.max_connections = config.max_connections
+        self.sticky_name = config.http.sticky_cookie.encode()
         idle = self.idle
         idle.max_idle = config.http.max_idle
         idle.idle_timeout = config.http.upstream_idle_timeout
@@ -113,7 +116,21 @@ class HttpService:
             owner = self._owners[backend] = (self.pool, backend)
         return owner
 
+    def sticky_token(self, backend: Backend) -> bytes:
+        token = self._tokens.get(backend)
+        if token is None:
+            token = self._tokens[backend] = backend_token(backend.address)
+        return token
+
+    def sticky_backend(self, token: bytes) -> Backend | None:
+        """The backend a sticky cookie names, if it is still one of the service's."""
+        for backend in self.pool:
+            if self.sticky_token(backend) == token:
+                return backend
+        return None
+
     def remove_backend(self, backend: Backend) -> None:
+        self._tokens.pop(backend, None)
         self._owners.pop(backend, None)
         self.idle.drop(backend)
 
