@@ -154,8 +154,9 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 def make_service(
     backends: list[str], retries: int = 2, service: dict[str, Any] | None = None, **http: Any
 ) -> HttpService:
+    service = dict(service or {})
     config = ServiceConfig(
-        name="web",
+        name=service.pop("name", "web"),
         listen_host=HOST,
         listen_port=0,
         backends=tuple(BackendConfig(b.split(":")[0], int(b.split(":")[1])) for b in backends),
@@ -163,7 +164,7 @@ def make_service(
         retries=retries,
         health=HealthConfig(enabled=False),
         http=HttpConfig(**http),
-        **(service or {}),
+        **service,
     )
     return HttpService(config, BackendPool(config))
 

@@ -25,6 +25,7 @@ from balancer.config.model import (
     HealthConfig,
     HttpConfig,
     OutlierConfig,
+    RouteConfig,
     ServiceConfig,
     parse_admin,
 )
@@ -125,6 +126,12 @@ probe = 0.05
 listen = "127.0.0.1:8084"
 mode = "http"
 backends = ["127.0.0.1:9004"]
+[[services.web.routes]]
+service = "api"
+hosts = ["api.example", "*.api.example"]
+path_prefix = "/v1"
+methods = ["GET"]
+headers = { "X-Canary" = "1" }
 [services.web.http]
 max_header_bytes = 8192
 max_headers = 50
@@ -149,6 +156,11 @@ strip_prefix = "/api"
 host_rewrite = "internal.example"
 tunnel_timeout = 600
 sticky_cookie = "lb"
+
+[services.api]
+listen = "127.0.0.1:8085"
+mode = "http"
+backends = ["127.0.0.1:9005"]
 """
 
 FULL_SERVERS_JSON = {
@@ -282,6 +294,23 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                     sticky_cookie="lb",
                 ),
                 health=HealthConfig(send=None, expect=None),
+                routes=(
+                    RouteConfig(
+                        "api",
+                        hosts=("api.example", "*.api.example"),
+                        path_prefix="/v1",
+                        methods=("GET",),
+                        headers=(("X-Canary", "1"),),
+                    ),
+                ),
+            ),
+            ServiceConfig(
+                name="api",
+                listen_host="127.0.0.1",
+                listen_port=8085,
+                backends=(BackendConfig("127.0.0.1", 9005),),
+                mode="http",
+                health=HealthConfig(send=None, expect=None),
             ),
         ),
         admin=AdminConfig(
@@ -310,6 +339,8 @@ def _keys_by_table(doc: dict[str, Any]) -> dict[str, set[str]]:
         found["services.NAME.health"] |= set(svc.get("health", {}))
         found["services.NAME.outlier"] |= set(svc.get("outlier", {}))
         found["services.NAME.http"] |= set(svc.get("http", {}))
+        for route in svc.get("routes", []):
+            found["services.NAME.routes[]"] |= set(route)
         for backend in svc.get("backends", []):
             if isinstance(backend, dict):
                 found["services.NAME.backends[]"] |= set(backend)

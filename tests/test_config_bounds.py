@@ -269,6 +269,8 @@ def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
         seen.setdefault("services.NAME", set()).update(svc)
         for sub in ("health", "outlier", "http"):
             seen.setdefault(f"services.NAME.{sub}", set()).update(svc.get(sub, {}))
+        for route in svc.get("routes", []):
+            seen.setdefault("services.NAME.routes[]", set()).update(route)
         for backend in svc["backends"]:
             if isinstance(backend, dict):
                 seen.setdefault("services.NAME.backends[]", set()).update(backend)

@@ -508,7 +508,7 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
         "policy_options, client_timeout, idle_timeout, max_connections, "
         "max_backend_connections, connect_buffer, max_backend_requests, queue_size, "
         "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, backends, "
-        "health, http, outlier"
+        "health, http, outlier, routes"
     )
     backend = error_of(tmp_path, "a.toml", SERVICE.replace("['127.0.0.1:2']", "[{ zzzzzzzz = 1 }]"))
     assert "backends[0].zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: address, weight" in (

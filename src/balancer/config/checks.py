@@ -200,6 +200,31 @@ def _check_weights(svc: ParsedService, problems: Problems) -> None:
         )
 
 
+def _check_routes(
+    svc: ParsedService, by_name: dict[str, ServiceConfig], problems: Problems
+) -> None:
+    """A route names another http service of the file, one without routes of its own."""
+    for i, route in enumerate(svc.config.routes):
+        where = f"{svc.path}.routes[{i}].service"
+        target = by_name.get(route.service)
+        if target is None:
+            known = [n for n, c in by_name.items() if c.mode == "http" and n != svc.config.name]
+            problems.add(
+                where,
+                f"expected the name of an http service of this file (one of {known}), "
+                f"got {route.service!r}",
+            )
+        elif target.name == svc.config.name:
+            problems.add(where, "expected another service than this one (its own backends "
+                         "serve what no route takes)")  # fmt: skip
+        elif target.mode != "http":
+            problems.add(where, f"expected an http service, got {route.service!r} in "
+                         f"{target.mode} mode")  # fmt: skip
+        elif target.routes:
+            problems.add(where, f"expected a service without routes of its own, got "
+                         f"{route.service!r}, which has {len(target.routes)}")  # fmt: skip
+
+
 def _check_framing(svc: ParsedService, problems: Problems) -> None:
     cfg = svc.config
     key = join_key(svc.path, "backend_framing")
@@ -243,7 +268,9 @@ def check_services(
     _check_listeners(listeners, admin_listener, problems)
     if admin_listener is not None:
         listeners.append(admin_listener)
+    by_name = {svc.config.name: svc.config for svc in services}
     for svc in services:
         _check_loops(svc, listeners, problems)
         _check_weights(svc, problems)
         _check_framing(svc, problems)
+        _check_routes(svc, by_name, problems)

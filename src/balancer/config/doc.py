@@ -40,6 +40,7 @@ from balancer.config.model import (
     HealthConfig,
     HttpConfig,
     OutlierConfig,
+    RouteConfig,
     ServiceConfig,
 )
 from balancer.config.policies import ALGORITHMS
@@ -119,6 +120,11 @@ _TABLES: dict[str, tuple[str, type, str]] = {
     "services.NAME.health": ("`[services.NAME.health]`", HealthConfig, "health."),
     "services.NAME.outlier": ("`[services.NAME.outlier]`", OutlierConfig, "outlier."),
     "services.NAME.http": ("`[services.NAME.http]`", HttpConfig, "http."),
+    "services.NAME.routes[]": (
+        'A route: `{ service = "NAME", hosts = [...], path_prefix = "/...", ... }`',
+        RouteConfig,
+        "",
+    ),
     "services.NAME.backends[]": (
         'A backend: `"host:port"` or `{ address = "host:port", weight = N }`',
         BackendConfig,

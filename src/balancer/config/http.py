@@ -7,8 +7,8 @@ import re
 from balancer.config.addresses import parse_networks
 from balancer.config.bounds import show_value
 from balancer.config.checks import Problems
-from balancer.config.model import HttpConfig
-from balancer.config.schema import HTTP_KEYS
+from balancer.config.model import HttpConfig, RouteConfig
+from balancer.config.schema import HTTP_KEYS, ROUTE_KEYS
 from balancer.config.table import Table
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -143,3 +143,61 @@ def read_http(data: object, path: str, problems: Problems, mode: str) -> HttpCon
         tunnel_timeout=t.bounded("tunnel_timeout", d.tunnel_timeout, "http.tunnel_timeout"),
         sticky_cookie=sticky,
     )
+
+
+_HOST_RE = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
+
+
+def _strings(t: Table, key: str, pattern: re.Pattern[str], expected: str) -> tuple[str, ...]:
+    value = t.data.get(key, [])
+    if isinstance(value, list) and all(isinstance(v, str) and pattern.fullmatch(v) for v in value):
+        return tuple(value)
+    t.fail(key, f"expected a list of {expected}, got {show_value(value)}")
+    return ()
+
+
+def read_routes(data: object, path: str, problems: Problems, mode: str) -> tuple[RouteConfig, ...]:
+    """`routes = [{ service = "api", hosts = [...], path_prefix = "/api", ... }, ...]`."""
+    if not isinstance(data, list):
+        problems.add(path, f"expected a list of route tables, got {show_value(data)}")
+        return ()
+    if data and mode != "http":
+        problems.add(path, f'expected no routes in {mode} mode (they need mode = "http")')
+        return ()
+    routes: list[RouteConfig] = []
+    for i, item in enumerate(data):
+        where = f"{path}[{i}]"
+        t = Table.read(item, where, problems, ROUTE_KEYS, what="a route table")
+        if t is None:
+            continue
+        service = t.string("service")
+        if service is None and not t.has("service"):
+            t.fail("service", "missing: expected the name of the http service that serves it")
+        hosts = _strings(t, "hosts", _HOST_RE, 'host names like "a.example" or "*.example"')
+        prefix = _text(t, "path_prefix")
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/") or " " in prefix):
+            t.fail("path_prefix", f'expected a path like "/api" (no trailing /), got {prefix!r}')
+        methods = _strings(t, "methods", _TOKEN_RE, 'methods like "GET"')
+        headers: tuple[tuple[str, str], ...] = ()
+        value = t.data.get("headers", {})
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and _TOKEN_RE.fullmatch(k)
+            and isinstance(v, str) and _FIELD_VALUE_RE.fullmatch(v)
+            for k, v in value.items()
+        ):  # fmt: skip
+            headers = tuple(value.items())
+        else:
+            t.fail(
+                "headers", f'expected a table like {{ "X-Canary" = "1" }}, got {show_value(value)}'
+            )
+        if service is not None and t.clean(*ROUTE_KEYS):
+            routes.append(
+                RouteConfig(
+                    service=service,
+                    hosts=tuple(h.lower().rstrip(".") for h in hosts),
+                    path_prefix=prefix,
+                    methods=tuple(m.upper() for m in methods),
+                    headers=headers,
+                )
+            )
+    return tuple(routes)

@@ -209,6 +209,21 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """Http mode: requests matching every condition given go to another http service."""
+
+    service: str
+    """The http service (its backends, algorithm, health, retries, header rules) to use."""
+    hosts: tuple[str, ...] = ()
+    """Host names, exact or `*.example.com` (any subdomain); empty: any host."""
+    path_prefix: str = ""
+    """A path prefix (`/api` matches /api, /api/x and /api?q, not /apix); empty: any."""
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    """Headers the request must carry with exactly these values."""
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     host: str
     port: int
@@ -268,6 +283,8 @@ class ServiceConfig:
     """Message mode: bytes of unfinished request lines held for all clients of the service."""
     outlier: OutlierConfig = field(default_factory=lambda: OutlierConfig())
     http: HttpConfig = field(default_factory=HttpConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    """Http mode: requests are matched against these in order; unmatched ones use `backends`."""
     health: HealthConfig = field(default_factory=HealthConfig)
 
     @property

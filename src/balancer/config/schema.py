@@ -20,6 +20,7 @@ from balancer.config.model import (
     HealthConfig,
     HttpConfig,
     OutlierConfig,
+    RouteConfig,
     ServiceConfig,
 )
 
@@ -56,6 +57,7 @@ SERVICE_KEYS = table_keys(
 OUTLIER_KEYS = table_keys(OutlierConfig)
 HEALTH_KEYS = table_keys(HealthConfig)
 HTTP_KEYS = table_keys(HttpConfig)
+ROUTE_KEYS = table_keys(RouteConfig)
 BACKEND_KEYS = table_keys(BackendConfig, address=("address", "host", "port"))
 SERVER_KEYS = table_keys(BackendConfig)
 
@@ -66,6 +68,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "services.NAME.health": HEALTH_KEYS,
     "services.NAME.outlier": OUTLIER_KEYS,
     "services.NAME.http": HTTP_KEYS,
+    "services.NAME.routes[]": ROUTE_KEYS,
     "services.NAME.backends[]": BACKEND_KEYS,
     "servers[]": SERVER_KEYS,
 }
@@ -126,6 +129,8 @@ MEANINGS: dict[str, dict[str, str]] = {
         "health": "active health checks (`[services.NAME.health]`)",
         "outlier": "passive health: failures on live traffic eject a backend for a while",
         "http": "http mode's limits, timeouts, keep-alive, retries and header rules",
+        "routes": "http mode: requests matching a route go to the http service it names "
+        "(first match wins); the others to `backends` (404 when it is empty)",
     },
     "services.NAME.http": {
         "max_header_bytes": "a request head larger than this gets 431",
@@ -154,6 +159,14 @@ MEANINGS: dict[str, dict[str, str]] = {
         "tunnel_timeout": "an upgraded connection (WebSocket) quiet both ways this long is closed",
         "sticky_cookie": "a cookie that pins a client to the backend that answered it, while "
         "that backend is up",
+    },
+    "services.NAME.routes[]": {
+        "service": "the http service (backends, algorithm, health, retries, header rules) "
+        "that serves what matches",
+        "hosts": 'host names, exact or "*.example.com" (any subdomain); empty: any',
+        "path_prefix": '"/api" matches /api, /api/x and /api?q (not /apix); empty: any',
+        "methods": "request methods; empty: any",
+        "headers": "headers the request must carry, with exactly these values",
     },
     "services.NAME.health": {
         "interval": "seconds between checks",

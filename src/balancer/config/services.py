@@ -10,7 +10,7 @@ from __future__ import annotations
 from balancer.config.addresses import parse_address
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.checks import ParsedService, Problems
-from balancer.config.http import read_http
+from balancer.config.http import read_http, read_routes
 from balancer.config.keylines import join_key
 from balancer.config.model import (
     CLIENT_FRAMINGS,
@@ -264,9 +264,13 @@ def read_service(
             t.data["policy_options"], t.where("policy_options"), problems, algorithm, policy
         )
 
+    routes = read_routes(t.data.get("routes", []), t.where("routes"), problems, mode)
     backends: list[tuple[BackendConfig, str]] = []
     if not t.has("backends"):
-        t.fail("backends", 'missing: expected a list of "host:port"')
+        if not routes:
+            t.fail("backends", 'missing: expected a list of "host:port"')
+    elif routes and t.data["backends"] == []:
+        pass  # every request a route does not take gets 404
     else:
         backends = _backends(t.data["backends"], t.where("backends"), problems)
 
@@ -315,6 +319,7 @@ def read_service(
         max_buffered=t.bounded_int("max_buffered", defaults.max_buffered),
         outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), problems),
         http=read_http(t.data.get("http", {}), t.where("http"), problems, mode),
+        routes=routes,
         health=_health(t.data.get("health", {}), t.where("health"), problems, mode),
     )
     if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):

@@ -30,7 +30,7 @@ class Refused(Exception):
 async def connect(
     svc: Serving, backend: Backend, origin: loopguard.Origin | None
 ) -> UpstreamConnection:
-    loop = svc.loop
+    loop = asyncio.get_running_loop()
     pool = svc.pool
     timeout = svc.config.connect_timeout
     try:

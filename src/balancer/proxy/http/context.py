@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from balancer.config.model import HttpConfig, ServiceConfig
 from balancer.core.http.headers import HeaderRules
-from balancer.core.http.wire import Event, HttpError
+from balancer.core.http.wire import Event, Head, HttpError
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.retry import RetryBudget
 from balancer.core.stats import LatencyHistogram
@@ -73,6 +73,8 @@ class Serving(Protocol):
     """The sticky cookie's name (empty: none)."""
 
     def owner(self, backend: Backend) -> loopguard.Owner: ...
+
+    def route(self, head: Head) -> Serving | None: ...
 
     def sticky_token(self, backend: Backend) -> bytes: ...
 

@@ -40,10 +40,16 @@ class Exchange(Relay):
 
     async def run(self) -> bool:
         """Serve the request; whether the client connection may serve another."""
-        svc = self.svc
         head = self.head
+        front = self.svc
+        front.requests += 1
+        svc = front.route(head)
+        if svc is None:
+            return self.answer(404, "PR", "no route for this request")
+        if svc is not front:
+            self.svc = svc
+            svc.requests += 1
         cfg = svc.http
-        svc.requests += 1
         svc.budget.received += 1
         if cfg.max_body_bytes and (head.content_length or 0) > cfg.max_body_bytes:
             return self.answer(413, "PR", f"request body over {cfg.max_body_bytes} bytes")

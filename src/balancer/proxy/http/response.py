@@ -133,7 +133,7 @@ class Relay:
             return
         head = self.head
         headers = response_headers(rh, svc.rules)
-        keep = self.client_keep and self.body_done and svc.accepting
+        keep = self.client_keep and self.body_done and self.client.svc.accepting
         if head.upgrade is not None and (status != 101 or rh.upgrade is None):
             keep = False  # the client's bytes after its upgrade request were not HTTP
         if status == 101 and rh.upgrade is not None:

@@ -11,6 +11,8 @@ from balancer.config.addresses import parse_networks
 from balancer.config.model import Config, HttpConfig, ServiceConfig
 from balancer.core.http.affinity import backend_token
 from balancer.core.http.headers import HeaderRules
+from balancer.core.http.routing import RouteTable
+from balancer.core.http.wire import Head
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.retry import RetryBudget
@@ -25,6 +27,22 @@ from balancer.proxy.http.context import Ends
 from balancer.proxy.http.upstream import IdlePool
 
 log = logging.getLogger("balancer")
+
+_RUNNING: dict[str, list[HttpService]] = {}
+"""The http services of this process by name, newest last: what routes resolve to (a
+reload may hold an old and a new service of one name for a while)."""
+
+
+def running(name: str) -> HttpService | None:
+    """The service a route naming `name` uses: the newest accepting one, else the newest."""
+    services = _RUNNING.get(name)
+    if not services:
+        return None
+    for svc in reversed(services):
+        if svc.accepting:
+            return svc
+    return services[-1]
+
 
 _SWEEPS = 4
 """Idle upstream connections and tunnels are looked at this many times per timeout."""
@@ -86,11 +104,13 @@ class HttpService:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._apply(config)
         self._sweeper = Periodic(self._sweep_period, self.sweep)
+        _RUNNING.setdefault(config.name, []).append(self)
 
     def _apply(self, config: ServiceConfig) -> None:
         self.config = config
         self.http = config.http
         self.rules = header_rules(config.http)
+        self.routes = RouteTable(config.routes)
         self.max_connections = config.max_connections
         self.sticky_name = config.http.sticky_cookie.encode()
         idle = self.idle
@@ -115,6 +135,15 @@ class HttpService:
         if owner is None:
             owner = self._owners[backend] = (self.pool, backend)
         return owner
+
+    def route(self, head: Head) -> HttpService | None:
+        """The service that serves `head`: a route's, else this one (None: 404, when this
+        one has no backends of its own)."""
+        if self.routes:
+            name = self.routes.match(head)
+            if name is not None:
+                return running(name)
+        return self if len(self.pool) else None
 
     def sticky_token(self, backend: Backend) -> bytes:
         token = self._tokens.get(backend)
@@ -188,6 +217,11 @@ class HttpService:
             await wait_closed(lambda: len(conns), 1.0)
         self.idle.drop()
         self._sweeper.stop()
+        services = _RUNNING.get(self.config.name, [])
+        if self in services:
+            services.remove(self)
+            if not services:
+                del _RUNNING[self.config.name]
         return DrainCut(cut, 0)
 
     def account(self) -> None:

@@ -1,0 +1,155 @@
+"""Http mode routes: matching rules (no I/O), requests through a front service to the
+services its routes name, and the config errors routes can have."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
+from balancer.config.model import RouteConfig
+from balancer.core.http.routing import RouteTable, host_name
+from balancer.core.http.wire import Head, RequestReader
+from tests.http_support import RawClient, close_clients, echo_backend, get, http_service
+
+
+@pytest.fixture(autouse=True)
+async def _clients() -> AsyncIterator[None]:
+    yield
+    await close_clients()
+
+
+def head_of(raw: bytes) -> Head:
+    events = RequestReader().feed(raw)
+    head = events[0]
+    assert isinstance(head, Head)
+    return head
+
+
+TABLE = RouteTable(
+    [
+        RouteConfig("api", hosts=("api.test", "*.api.test"), path_prefix="/v1"),
+        RouteConfig("admin", path_prefix="/admin", methods=("POST",)),
+        RouteConfig("canary", headers=(("X-Canary", "1"),)),
+        RouteConfig("www", hosts=("www.test",)),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "service"),
+    [
+        (b"GET /v1/users HTTP/1.1\r\nHost: api.test\r\n\r\n", "api"),
+        (b"GET /v1 HTTP/1.1\r\nHost: API.test:8080\r\n\r\n", "api"),
+        (b"GET /v1?q=1 HTTP/1.1\r\nHost: eu.api.test\r\n\r\n", "api"),
+        (b"GET /v1x HTTP/1.1\r\nHost: api.test\r\n\r\n", None),
+        (b"GET /v2 HTTP/1.1\r\nHost: api.test\r\n\r\n", None),
+        (b"GET /v1 HTTP/1.1\r\nHost: notapi.test\r\n\r\n", None),
+        (b"POST /admin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", "admin"),
+        (b"GET /admin/x HTTP/1.1\r\nHost: a\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-canary: 1\r\n\r\n", "canary"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Canary: 2\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: www.test\r\n\r\n", "www"),
+        (b"GET /v1 HTTP/1.1\r\nHost: www.test\r\nX-Canary: 1\r\n\r\n", "canary"),
+    ],
+)
+def test_the_first_route_whose_conditions_all_hold_wins(
+    request_bytes: bytes, service: str | None
+) -> None:
+    assert TABLE.match(head_of(request_bytes)) == service
+
+
+def test_host_names_lose_their_port_and_case() -> None:
+    assert host_name(b"Example.COM:8080") == b"example.com"
+    assert host_name(b"[::1]:80") == b"[::1]"
+    assert host_name(None) == b""
+
+
+async def test_requests_go_to_the_service_of_their_route_and_others_get_the_default() -> None:
+    async with echo_backend("api") as api, echo_backend("www") as www:
+        async with (
+            http_service([api.address], service={"name": "api"}, strip_prefix="/v1") as (a, _),
+            http_service(
+                [www.address],
+                service={"routes": (RouteConfig("api", hosts=("api.test",), path_prefix="/v1"),)},
+            ) as (front, port),
+        ):
+            client = await RawClient.open(port)
+            seen = []
+            for host, path in [("api.test", "/v1/x"), ("api.test", "/v2"), ("other", "/v1/x")]:
+                client.send(get(path, host=host))
+                response = await client.response()
+                assert response is not None
+                seen.append((response.json()["backend"], response.json()["path"]))
+    assert seen == [("api", "/x"), ("www", "/v2"), ("www", "/v1/x")]  # the route's rules apply
+    assert a.requests == 1
+    assert front.requests == 3
+
+
+async def test_without_default_backends_an_unrouted_request_is_a_404() -> None:
+    async with echo_backend("api") as api:
+        async with (
+            http_service([api.address], service={"name": "api"}),
+            http_service([], service={"routes": (RouteConfig("api", path_prefix="/v1"),)}) as (
+                front,
+                port,
+            ),
+        ):
+            client = await RawClient.open(port)
+            client.send(get("/v1/a") + get("/nowhere"))
+            routed = await client.response()
+            missing = await client.response()
+            assert routed is not None
+            assert routed.status == 200
+            assert missing is not None
+            assert missing.status == 404
+            assert front.generated == {404: 1}
+
+
+def test_routes_are_checked_against_the_other_services(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        '[services.web]\nlisten = "127.0.0.1:0"\nmode = "http"\nbackends = []\n'
+        "routes = [\n"
+        '  { service = "api", hosts = ["api.test", "*.api.test"], methods = ["get"] },\n'
+        '  { service = "nope" },\n'
+        '  { service = "raw" },\n'
+        '  { service = "web" },\n'
+        '  { service = "api", path_prefix = "v1" },\n'
+        '  { service = "api", hosts = ["bad host"] },\n'
+        "]\n"
+        '[services.api]\nlisten = "127.0.0.1:0"\nmode = "http"\nbackends = ["127.0.0.1:1"]\n'
+        '[services.raw]\nlisten = "127.0.0.1:0"\nmode = "tcp"\nbackends = ["127.0.0.1:2"]\n'
+        "routes = []\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    errors = {e.where: e.message for e in caught.value.errors}
+    assert set(errors) == {
+        "services.web.routes[1].service",
+        "services.web.routes[2].service",
+        "services.web.routes[3].service",
+        "services.web.routes[4].path_prefix",
+        "services.web.routes[5].hosts",
+    }
+    assert "got 'nope'" in errors["services.web.routes[1].service"]
+    assert "tcp mode" in errors["services.web.routes[2].service"]
+    assert "another service" in errors["services.web.routes[3].service"]
+
+
+def test_a_valid_route_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        '[services.web]\nlisten = "127.0.0.1:0"\nmode = "http"\nbackends = []\n'
+        '[[services.web.routes]]\nservice = "api"\nhosts = ["API.test"]\nmethods = ["get"]\n'
+        'headers = { "X-Canary" = "1" }\n'
+        '[services.api]\nlisten = "127.0.0.1:0"\nmode = "http"\nbackends = ["127.0.0.1:1"]\n'
+    )
+    web = load_config(path).service("web")
+    assert web.routes == (
+        RouteConfig("api", hosts=("api.test",), methods=("GET",), headers=(("X-Canary", "1"),)),
+    )
+    assert web.backends == ()
