@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from aiohttp import web
@@ -289,3 +293,53 @@ def post(path: str, body: bytes, host: str = "example.test") -> bytes:
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
+
+
+class _Plain(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = self.path.encode()
+        self.send_response(404 if self.path == "/missing" else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def threaded_backend() -> Iterator[int]:
+    """A plain HTTP/1.1 backend in a thread, for tests that drive a `balancer serve`
+    process: GET answers the path, 200 (404 for /missing). Yields its port."""
+    server = ThreadingHTTPServer((HOST, 0), _Plain)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+BAD_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+"""Two lengths that disagree: a 400 of the balancer's own."""
+
+
+def serve_some(port: int) -> None:
+    """Through an http service on `port`: two 200s and a 404 on one kept-alive
+    connection, then a malformed request the balancer answers 400."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=STEP)
+    try:
+        for path, status in (("/", 200), ("/a", 200), ("/missing", 404)):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert response.status == status
+            assert response.read() == path.encode()
+    finally:
+        conn.close()
+    with socket.create_connection((HOST, port), timeout=STEP) as sock:
+        sock.sendall(BAD_REQUEST)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")

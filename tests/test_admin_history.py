@@ -22,7 +22,12 @@ def fake_server(backends: int) -> Any:
     )
     pool = BackendPool(cfg)
     proxy = SimpleNamespace(
-        not_available=0, client_connections=0, retries=0, refused=0, account=lambda: None
+        not_available=0,
+        client_connections=0,
+        retries=0,
+        refused=0,
+        account=lambda: None,
+        mode_status=lambda: None,
     )
     runtime = SimpleNamespace(
         config=cfg, pool=pool, proxy=proxy, histogram=LatencyHistogram(), listen="127.0.0.1:8080"

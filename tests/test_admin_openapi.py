@@ -249,6 +249,7 @@ async def test_every_answer_of_a_running_balancer_matches_its_schema(running: Ru
         down: (DOWN, READY),
     }
     assert {svc["mode"] for svc in doc["services"].values()} == {"message", "tcp"}
+    assert not [svc for svc in doc["services"].values() if "http" in svc]  # http mode's only
     down_backend = next(b for b in doc["services"]["numbers"]["backends"] if b["address"] == down)
     assert down_backend["last_check_ok"] is False
     assert down_backend["reason"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.admin_support import running_with_admin, with_admin
+from tests.http_support import serve_some, threaded_backend
 from tests.support import (
     BalancerProc,
     Balancers,
@@ -185,3 +186,32 @@ def test_dashboard_reads_and_writes_with_the_token_from_its_fragment(
     assert any("/api/services" in r.url and r.method == "GET" for r in sent)
     # the refused reads are expected console errors (401); nothing else went wrong
     assert all("401" in e for e in tab.errors), tab.errors
+
+
+def test_dashboard_shows_the_responses_and_errors_of_an_http_service(
+    tmp_path: Path, balancers: Balancers, tab: Tab
+) -> None:
+    with threaded_backend() as backend:
+        cfg = write_toml(tmp_path / "b.toml", [backend], mode="http", health={"enabled": False})
+        bal = balancers.start(cfg)
+        serve_some(bal.port)
+        expect = sync_api().expect
+        tab.page.goto(f"http://127.0.0.1:{bal.admin_port}/")
+        http = tab.page.locator('section[data-service="numbers"] table.http')
+        expect(http).to_be_visible()
+        expect(http.locator('td[data-http="requests"]')).to_have_text("3")
+        expect(http.locator('td[data-http="responses"]')).to_have_text("2xx 2 · 4xx 2")
+        expect(http.locator('td[data-http="generated"]')).to_have_text("400 ×1")
+        expect(http.locator('td[data-http="client_errors"]')).to_have_text("1")
+        expect(http.locator('td[data-http="upstream"]')).to_contain_text("1 new · 2 reused")
+    assert tab.errors == []
+
+
+def test_dashboard_shows_no_http_table_for_a_message_service(
+    setup: tuple[BalancerProc, list[ServiceProc]], tab: Tab
+) -> None:
+    bal, _ = setup
+    expect = sync_api().expect
+    tab.page.goto(f"http://127.0.0.1:{bal.admin_port}/")
+    expect(tab.page.locator('section[data-service="numbers"] h2')).to_have_text("numbers")
+    expect(tab.page.locator('section[data-service="numbers"] table.http')).to_be_hidden()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from balancer.tools.procs import ChildProcess
+from balancer.tools.status import render
 from tests.admin_support import running_with_admin, with_admin
+from tests.http_support import serve_some, threaded_backend
 from tests.support import (
     PYTHON,
     BalancerProc,
@@ -162,3 +166,29 @@ def test_json_logs_and_access_log(tmp_path: Path) -> None:
     assert entry["outcome"] == "ok"
     assert entry["message"] == "7"
     assert entry["duration_ms"] >= 0
+
+
+def test_status_prints_the_http_line_of_an_http_service(
+    tmp_path: Path, balancers: Balancers
+) -> None:
+    with threaded_backend() as backend:
+        cfg = write_toml(tmp_path / "b.toml", [backend], mode="http", health={"enabled": False})
+        bal = balancers.start(cfg)
+        serve_some(bal.port)
+        counted = {"requests": 3, "client_errors": 1, "idle_upstream_connections": 1}
+        wait_until(lambda: counted.items() <= bal.status()["services"]["numbers"]["http"].items())
+        proc = status_cmd("--admin", f"127.0.0.1:{bal.admin_port}")
+    assert proc.popen.returncode == 0, proc.output()
+    line = next(line for line in proc.lines if line.startswith("http: "))
+    assert "3 requests · responses 2xx 2, 4xx 2 · generated 400 1 · " in line, line
+    assert "retries 0 to another backend, 0 keep-alive race" in line
+    assert "upstream 1 new, 2 reused, 1 idle" in line
+    assert "0 tunnels · 1 client errors · 0 bad responses" in line
+    # message mode: no such line
+    assert "http: " not in render_text({"services": {"x": {"mode": "message", "backends": []}}})
+
+
+def render_text(doc: dict[str, object]) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(doc))
+    return console.export_text()

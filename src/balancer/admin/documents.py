@@ -1,7 +1,8 @@
 """The documents of the read side: `/status`, and `/api/services` (status plus rates).
 
 Their shape is described in `openapi.json` (schemas Status and Services), and a test
-checks what they return against it.
+checks what they return against it. A service in http mode has an "http" object too,
+the counters only that mode keeps (`Proxy.mode_status`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def status_document(server: Server) -> dict[str, Any]:
             "refused": proxy.refused,
             "backends": backends,
         }
+        extra = proxy.mode_status()
+        if extra is not None:
+            services[name]["http"] = dict(extra)
     return {"services": services}
 
 

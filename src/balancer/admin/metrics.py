@@ -6,6 +6,7 @@ Prometheus families when `/metrics` is scraped, so serving a request costs no
 metric-library call.
 Shortages of the process's own resources (`balancer.net.resources`) are exported
 too: errors by kind, and the file-descriptor budget once the server has set it.
+Services in http mode add the `balancer_http_*` families, from `Proxy.mode_status`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from balancer.net import resources
 
 if TYPE_CHECKING:
+    from balancer.proxy.base import HttpStatus
     from balancer.runtime.server import Server
 
 
@@ -94,9 +96,10 @@ class BalancerCollector(Collector):
         )
         duration = HistogramMetricFamily(
             "balancer_request_duration_seconds",
-            "Time from a request's arrival to its reply being written (message mode).",
+            "Time from a request's arrival to its reply being written (message and http mode).",
             labels=["service"],
         )
+        http: dict[str, HttpStatus] = {}
         for name, runtime in self.server.services.items():
             runtime.proxy.account()
             for b in runtime.pool:
@@ -117,7 +120,12 @@ class BalancerCollector(Collector):
             refused.add_metric([name], proxy.refused)
             hist = runtime.histogram
             duration.add_metric([name], hist.cumulative(), hist.total)
+            counters = proxy.mode_status()
+            if counters is not None:
+                http[name] = counters
         yield from process_metrics()
+        if http:
+            yield from http_metrics(http)
         yield from (
             requests,
             failures,
@@ -134,6 +142,56 @@ class BalancerCollector(Collector):
             refused,
             duration,
         )
+
+
+def http_metrics(services: dict[str, HttpStatus]) -> Iterator[Metric]:
+    """The families of http mode, for the services in that mode (none without one)."""
+    responses = CounterMetricFamily(
+        "balancer_http_responses",
+        "Responses sent to clients by status class, the balancer's own included (http mode).",
+        labels=["service", "class"],
+    )
+    generated = CounterMetricFamily(
+        "balancer_http_generated",
+        "Responses the balancer made itself (its errors), by status (http mode).",
+        labels=["service", "status"],
+    )
+    connections = CounterMetricFamily(
+        "balancer_http_upstream_connections",
+        "Upstream connections requests went on: made for the request (new), or kept alive "
+        "from an earlier one (reused) (http mode).",
+        labels=["service", "kind"],
+    )
+    retries = CounterMetricFamily(
+        "balancer_http_retries",
+        "Requests sent again: to another backend (backend), or on a fresh connection after "
+        "a kept-alive one closed under them (keepalive_race) (http mode).",
+        labels=["service", "kind"],
+    )
+    idle = GaugeMetricFamily(
+        "balancer_http_idle_upstream_connections",
+        "Kept-alive upstream connections idle now (http mode).",
+        labels=["service"],
+    )
+    tunnels = GaugeMetricFamily(
+        "balancer_http_tunnels",
+        "Upgraded connections (WebSocket, ...) relayed now (http mode).",
+        labels=["service"],
+    )
+    for name, counters in services.items():
+        for status_class, n in counters["responses"].items():
+            responses.add_metric([name, status_class], n)
+        for status, n in counters["generated"].items():
+            generated.add_metric([name, status], n)
+        upstream = counters["upstream_connections"]
+        connections.add_metric([name, "new"], upstream["new"])
+        connections.add_metric([name, "reused"], upstream["reused"])
+        again = counters["retries"]
+        retries.add_metric([name, "backend"], again["backend"])
+        retries.add_metric([name, "keepalive_race"], again["keepalive_race"])
+        idle.add_metric([name], counters["idle_upstream_connections"])
+        tunnels.add_metric([name], counters["tunnels"])
+    yield from (responses, generated, connections, retries, idle, tunnels)
 
 
 def process_metrics() -> Iterator[Metric]:

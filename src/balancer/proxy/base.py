@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypedDict, TypeVar
 
 if TYPE_CHECKING:
     from balancer.config.model import Config, ServiceConfig
@@ -23,8 +23,31 @@ DRAIN_POLL = 0.01
 """How often a drain looks at what is left (seconds)."""
 
 
+class HttpStatus(TypedDict):
+    """What only http mode counts, for `/status` (its "http" object) and `/metrics`."""
+
+    requests: int
+    responses: dict[str, int]
+    """Responses sent to clients, by status class ("2xx", ...), ours included."""
+    generated: dict[str, int]
+    """Responses of our own (errors the balancer made), by status ("503", ...)."""
+    retries: dict[str, int]
+    """"backend": sent again to another backend; "keepalive_race": sent again on a fresh
+    connection after a kept-alive one closed under it; "over_budget": not sent again for
+    want of retry budget."""
+    upstream_connections: dict[str, int]
+    """"new": upstream connections made; "reused": requests sent on a kept-alive one."""
+    idle_upstream_connections: int
+    tunnels: int
+    """Upgraded connections (WebSocket, ...) relayed as byte tunnels now."""
+    client_errors: int
+    """Requests refused with a 4xx of ours: malformed, too large, too slow."""
+    bad_responses: int
+    """Backend responses that broke the protocol."""
+
+
 class Proxy(Protocol):
-    """What the server needs of a service's listener (message or tcp mode)."""
+    """What the server needs of a service's listener (message, tcp or http mode)."""
 
     refused: int
     """Client connections refused by limits."""
@@ -51,6 +74,10 @@ class Proxy(Protocol):
 
     def account(self) -> None:
         """Bring counters kept outside the loop's callbacks up to date (before a read)."""
+        ...
+
+    def mode_status(self) -> HttpStatus | None:
+        """The counters only this mode keeps: http mode's, None in message and tcp mode."""
         ...
 
     async def start(self) -> tuple[str, int]: ...

@@ -51,8 +51,31 @@ def _styled(text: str) -> Text:
     return Text(text, style=STATE_STYLES.get(text, "magenta"))
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} {n:,}" for key, n in counts.items()) or "none"
+
+
+def http_line(http: dict[str, Any]) -> Text:
+    """The counters of a service in http mode, on one line."""
+    retries = http.get("retries", {})
+    upstream = http.get("upstream_connections", {})
+    parts = [
+        f"{http.get('requests', 0):,} requests",
+        f"responses {_counts(http.get('responses', {}))}",
+        f"generated {_counts(http.get('generated', {}))}",
+        f"retries {retries.get('backend', 0):,} to another backend, "
+        f"{retries.get('keepalive_race', 0):,} keep-alive race",
+        f"upstream {upstream.get('new', 0):,} new, {upstream.get('reused', 0):,} reused, "
+        f"{http.get('idle_upstream_connections', 0):,} idle",
+        f"{http.get('tunnels', 0):,} tunnels",
+        f"{http.get('client_errors', 0):,} client errors",
+        f"{http.get('bad_responses', 0):,} bad responses",
+    ]
+    return Text("http: " + " · ".join(parts))
+
+
 def render(doc: dict[str, Any]) -> Group:
-    tables: list[Table] = []
+    tables: list[Table | Text] = []
     for name, svc in doc.get("services", {}).items():
         title = (
             f"{name}  {svc.get('listen', '')}  {svc.get('mode', '')} / {svc.get('algorithm', '')}"
@@ -80,6 +103,8 @@ def render(doc: dict[str, Any]) -> Group:
                 "" if b["state"] == "up" else str(b.get("reason") or ""),
             )
         tables.append(table)
+        if isinstance(svc.get("http"), dict):
+            tables.append(http_line(svc["http"]))
     return Group(*tables)
 
 

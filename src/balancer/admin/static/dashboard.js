@@ -155,8 +155,48 @@ function makeCard(name) {
       $("div", { class: "chart" }, $("div", { class: "title" }, $("span", { text: "p99 latency" }), p99Now), p99Canvas)),
     $("table", {}, $("thead", {}, head), tbody),
   );
+  const http = makeHttpTable();
+  root.append(http.table);
   document.getElementById("services").append(root);
-  return { root, meta, tbody, rows: new Map(), rpsCanvas, p99Canvas, rpsNow, p99Now };
+  return { root, meta, tbody, rows: new Map(), rpsCanvas, p99Canvas, rpsNow, p99Now, http };
+}
+
+// http mode's counters, one row (hidden for the other modes)
+const HTTP_COLUMNS = [["requests", "requests"], ["responses", "responses"],
+                      ["generated", "generated errors"], ["retries", "retries"],
+                      ["upstream", "upstream connections"], ["tunnels", "tunnels"],
+                      ["client_errors", "client errors"], ["bad_responses", "bad responses"]];
+
+function makeHttpTable() {
+  const head = $("tr"), row = $("tr"), cells = {};
+  for (const [key, label] of HTTP_COLUMNS) {
+    head.append($("th", { text: label }));
+    cells[key] = $("td", { "data-http": key });
+    row.append(cells[key]);
+  }
+  const table = $("table", { class: "http" }, $("thead", {}, head), $("tbody", {}, row));
+  table.hidden = true;
+  return { table, cells };
+}
+
+const byKey = (counts, sep = " ") =>
+  Object.entries(counts).map(([k, n]) => `${k}${sep}${fmt.int(n)}`).join(" · ") || "–";
+
+function renderHttp(http, counts) {
+  http.table.hidden = !counts;
+  if (!counts) return;
+  const c = http.cells;
+  const up = counts.upstream_connections;
+  c.requests.textContent = fmt.int(counts.requests);
+  c.responses.textContent = byKey(counts.responses);
+  c.generated.textContent = byKey(counts.generated, " ×");
+  c.retries.textContent = `${fmt.int(counts.retries.backend)} backend · ` +
+    `${fmt.int(counts.retries.keepalive_race)} keep-alive race`;
+  c.upstream.textContent = `${fmt.int(up.new)} new · ${fmt.int(up.reused)} reused · ` +
+    `${fmt.int(counts.idle_upstream_connections)} idle`;
+  c.tunnels.textContent = fmt.int(counts.tunnels);
+  c.client_errors.textContent = fmt.int(counts.client_errors);
+  c.bad_responses.textContent = fmt.int(counts.bad_responses);
 }
 
 function makeRow(card, service, address) {
@@ -205,6 +245,7 @@ function render(doc) {
       $("b", { text: fmt.pct(svc.error_rate || 0) }), " · p99 ",
       $("b", { text: fmt.ms(svc.p99_ms || 0) }), ` · ${fmt.int(svc.client_connections)} clients`,
     );
+    renderHttp(card.http, svc.http);
     const rowsSeen = new Set();
     for (const b of svc.backends) {
       rowsSeen.add(b.address);

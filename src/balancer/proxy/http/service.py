@@ -21,7 +21,7 @@ from balancer.net import loopguard
 from balancer.net.loops import create_listener
 from balancer.net.periodic import Periodic
 from balancer.observe.accesslog import AccessLog
-from balancer.proxy.base import wait_closed
+from balancer.proxy.base import HttpStatus, wait_closed
 from balancer.proxy.http.client import ClientConnection
 from balancer.proxy.http.context import Ends
 from balancer.proxy.http.upstream import IdlePool
@@ -170,6 +170,23 @@ class HttpService:
     @property
     def retries(self) -> int:
         return self.retries_made
+
+    def mode_status(self) -> HttpStatus:
+        return {
+            "requests": self.requests,
+            "responses": dict(sorted(self.statuses.items())),
+            "generated": {str(status): n for status, n in sorted(self.generated.items())},
+            "retries": {
+                "backend": self.retries_made,
+                "keepalive_race": self.race_retries,
+                "over_budget": self.retries_over_budget,
+            },
+            "upstream_connections": {"new": self.dialed, "reused": self.reused},
+            "idle_upstream_connections": self.idle.count(),
+            "tunnels": len(self.tunnels),
+            "client_errors": self.client_errors,
+            "bad_responses": self.bad_responses,
+        }
 
     def __repr__(self) -> str:
         return (

@@ -53,6 +53,9 @@ class MessageService(Dispatcher):
     def account(self) -> None:
         """Nothing to do: message mode counts as it goes."""
 
+    def mode_status(self) -> None:
+        """Nothing beyond the counters every mode has."""
+
     async def start(self) -> tuple[str, int]:
         cfg = self.config
         server = await create_listener(

@@ -92,6 +92,9 @@ class TcpService:
         """Connects tried again on another backend (a counter, as message mode's)."""
         return self.retries_made
 
+    def mode_status(self) -> None:
+        """Nothing beyond the counters every mode has."""
+
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
         self._server = await create_listener(
