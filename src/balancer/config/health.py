@@ -94,9 +94,10 @@ def _check_type(t: Table, kind: str, send: str | None, *, written: bool) -> None
         if value is None or (key in LINE_KEYS and value is False):  # false: no probe, as here
             continue
         owner = "line" if key in LINE_KEYS else "http"
+        article = "an" if kind == "http" else "a"
         t.fail(
             key,
-            f'expected no {key} in a {kind} check (it is a setting of type = "{owner}"), '
+            f'expected no {key} in {article} {kind} check (it is a setting of type = "{owner}"), '
             f"got {show_value(value)}",
         )
 
