@@ -74,6 +74,7 @@ timeout = 1
 rise = 2
 fall = 3
 jitter = 0.1
+type = "line"
 send = "!HEALTH_CHECK"
 expect = "!HEALTH_CHECK"
 enabled = true
@@ -156,11 +157,22 @@ strip_prefix = "/api"
 host_rewrite = "internal.example"
 tunnel_timeout = 600
 sticky_cookie = "lb"
+[services.web.health]
+type = "http"
+method = "HEAD"
+path = "/healthz?full=1"
+host = "web.internal:8080"
+expect_status = [200, "300-304"]
+disable_on_404 = true
 
 [services.api]
 listen = "127.0.0.1:8085"
 mode = "http"
 backends = ["127.0.0.1:9005"]
+[services.api.health]
+type = "http"
+expect_status = "200-299"
+expect_body = "ok"
 """
 
 FULL_SERVERS_JSON = {
@@ -293,7 +305,14 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                     tunnel_timeout=600.0,
                     sticky_cookie="lb",
                 ),
-                health=HealthConfig(send=None, expect=None),
+                health=HealthConfig(
+                    type="http",
+                    method="HEAD",
+                    path="/healthz?full=1",
+                    host="web.internal:8080",
+                    expect_status=((200, 200), (300, 304)),
+                    disable_on_404=True,
+                ),
                 routes=(
                     RouteConfig(
                         "api",
@@ -310,7 +329,7 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                 listen_port=8085,
                 backends=(BackendConfig("127.0.0.1", 9005),),
                 mode="http",
-                health=HealthConfig(send=None, expect=None),
+                health=HealthConfig(type="http", expect_status=((200, 299),), expect_body="ok"),
             ),
         ),
         admin=AdminConfig(

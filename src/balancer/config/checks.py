@@ -233,6 +233,8 @@ def _check_framing(svc: ParsedService, problems: Problems) -> None:
         return
     if not cfg.health.enabled:
         reason = "health.enabled = false"
+    elif cfg.health.type == "http":
+        reason = 'health.type = "http"'
     elif cfg.health.send is None:
         reason = (
             "tcp mode checks with a plain connect unless health.send is set"

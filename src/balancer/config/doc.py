@@ -179,6 +179,20 @@ _SPECIAL: dict[str, tuple[str, str, str]] = {
         '`"!HEALTH_CHECK"`; in tcp mode none',
         "one line, not empty; none without `send`",
     ),
+    "services.NAME.health.type": (
+        "string",
+        '`"line"` with `send`, else `"connect"` (tcp and http modes)',
+        'one of `"connect"`, `"line"`, `"http"`',
+    ),
+    "services.NAME.health.method": ("string", '`"GET"`', "a method (token), e.g. `HEAD`"),
+    "services.NAME.health.path": ("string", '`"/"`', "starts with `/`, no spaces"),
+    "services.NAME.health.host": ("string", '`""`', "a host name or host:port"),
+    "services.NAME.health.expect_status": (
+        "string or list",
+        '`"200-399"`',
+        'a range `"200-399"` or a list of statuses and ranges (`[200, "300-304"]`), 100 to 599',
+    ),
+    "services.NAME.health.expect_body": ("string", '`""`', "at most 1024 characters"),
     "servers[].host": ("string", "required", "a host name, an IPv4 or an IPv6 address"),
     "servers[].port": ("integer", "required", "an integer from 1 to 65535"),
 }

@@ -35,6 +35,10 @@ CLIENT_FRAMINGS = ("line", "raw", "auto")
 HASH_KEYS = ("source", "message", "path")
 """Besides these, in http mode: `header:NAME` and `cookie:NAME`."""
 HASH_KEY_RE = re.compile(r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEALTH_TYPES = ("connect", "line", "http")
+"""Health checks: a plain connect, a probe line and its reply, or an HTTP request."""
+HTTP_STATUS = Bound(100, 599)
+"""The statuses `health.expect_status` may name."""
 READ_ACCESS = ("auto", "open", "token")
 MAX_WEIGHT = 1000
 """Largest backend weight, in config and through the runtime API."""
@@ -140,11 +144,37 @@ class HealthConfig:
     fall: int = 3
     jitter: float = 0.1
     """Fraction of `interval` by which each wait is randomly shortened or lengthened."""
+    type: str = ""
+    """"connect", "line" or "http"; "" (the default) is "line" when `send` is set, else
+    "connect". "connect" and "http" have no `send` or `expect` (they are made None)."""
     send: str | None = HEALTH_CHECK
     """Probe sent after connecting; None means a plain TCP connect check."""
     expect: str | None = HEALTH_CHECK
     """Expected reply (exact line); None accepts any reply."""
+    method: str = "GET"
+    """Http checks: the request's method."""
+    path: str = "/"
+    """Http checks: the request target."""
+    host: str = ""
+    """Http checks: the Host header; "" is the backend's host:port."""
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    """Http checks: the statuses that pass, as inclusive ranges."""
+    expect_body: str = ""
+    """Http checks: a string the first 64 KiB of the body must hold; "": any body."""
+    disable_on_404: bool = False
+    """Http checks: a 404 from an up backend drains it (no new work) until a check passes."""
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        kind = self.type or ("line" if self.send is not None else "connect")
+        object.__setattr__(self, "type", kind)
+        if kind != "line":
+            object.__setattr__(self, "send", None)
+            object.__setattr__(self, "expect", None)
+
+    def passes(self, status: int) -> bool:
+        """Is `status` one of `expect_status`?"""
+        return any(low <= status <= high for low, high in self.expect_status)
 
 
 @dataclass(frozen=True)

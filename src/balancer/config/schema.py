@@ -174,9 +174,18 @@ MEANINGS: dict[str, dict[str, str]] = {
         "rise": "good checks in a row before a down backend rejoins",
         "fall": "failed checks in a row before an up backend is dropped",
         "jitter": "share of `interval` by which each wait is randomly shortened or lengthened",
+        "type": '"connect": a plain TCP connect; "line": `send` a probe line and check the '
+        'reply; "http": an HTTP/1.1 request, its status and body checked',
         "send": "probe line sent after connecting (none in tcp mode unless set); false: a "
         "plain TCP connect check",
         "expect": "the reply line the probe must get; false: any reply will do",
+        "method": "http checks: the request's method",
+        "path": "http checks: the request target",
+        "host": "http checks: the Host header sent (empty: the backend's host:port)",
+        "expect_status": "http checks: the statuses that pass",
+        "expect_body": "http checks: a string the first 64 KiB of the body must contain",
+        "disable_on_404": "http checks: a 404 from an up backend drains it (it keeps its "
+        "connections, gets no new work) until a check passes again",
         "enabled": "false turns active checks off",
     },
     "services.NAME.outlier": {

@@ -1,4 +1,5 @@
-"""The `[services.NAME]` tables: settings, backends, `health`, `outlier`, `policy_options`.
+"""The `[services.NAME]` tables: settings, backends, `outlier`, `http`, `policy_options`
+(`health` is `config.health`'s).
 
 Checks that need several values (`hash_key` against `mode`, `slow_start`
 against the algorithm) run only on values that were valid, so one mistake is
@@ -10,6 +11,7 @@ from __future__ import annotations
 from balancer.config.addresses import parse_address
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.checks import ParsedService, Problems
+from balancer.config.health import read_health
 from balancer.config.http import read_http, read_routes
 from balancer.config.keylines import join_key
 from balancer.config.model import (
@@ -20,59 +22,16 @@ from balancer.config.model import (
     MODES,
     SERVICE_NAME_RE,
     BackendConfig,
-    HealthConfig,
     OutlierConfig,
     ServiceConfig,
 )
 from balancer.config.policies import ALGORITHMS, Algorithm, weighted_names
 from balancer.config.schema import (
     BACKEND_KEYS,
-    HEALTH_KEYS,
     OUTLIER_KEYS,
     SERVICE_KEYS,
 )
 from balancer.config.table import Table, did_you_mean
-
-
-def _probe(table: Table, key: str, default: str | None) -> str | None:
-    if not table.has(key):
-        return default
-    value = table.data[key]
-    if value is False:
-        return None
-    if isinstance(value, str) and value and "\n" not in value and "\r" not in value:
-        return value
-    table.fail(
-        key, f"expected a non-empty one-line string, or false to disable, got {show_value(value)}"
-    )
-    return default
-
-
-def _health(data: object, path: str, problems: Problems, mode: str) -> HealthConfig:
-    defaults = HealthConfig()
-    send_default = None if mode in ("tcp", "http") else defaults.send
-    expect_default = None if send_default is None else defaults.expect
-    t = Table.read(data, path, problems, HEALTH_KEYS, what="a table of health check settings")
-    if t is None:
-        return HealthConfig(send=send_default, expect=expect_default)
-    send = _probe(t, "send", send_default)
-    expect = _probe(t, "expect", None if send is None else expect_default)
-    if send is None and expect is not None and t.clean("send"):
-        t.fail(
-            "expect",
-            f"expected no reply check when send = false (there is no probe to reply to), "
-            f"got {expect!r}",
-        )
-    return HealthConfig(
-        interval=t.bounded("interval", defaults.interval, "health.interval"),
-        timeout=t.bounded("timeout", defaults.timeout, "health.timeout"),
-        rise=t.bounded_int("rise", defaults.rise, "health.rise"),
-        fall=t.bounded_int("fall", defaults.fall, "health.fall"),
-        jitter=t.bounded("jitter", defaults.jitter, "health.jitter"),
-        send=send,
-        expect=expect,
-        enabled=t.boolean("enabled", defaults.enabled),
-    )
 
 
 def _outlier(data: object, path: str, problems: Problems) -> OutlierConfig:
@@ -320,7 +279,7 @@ def read_service(
         outlier=_outlier(t.data.get("outlier", {}), t.where("outlier"), problems),
         http=read_http(t.data.get("http", {}), t.where("http"), problems, mode),
         routes=routes,
-        health=_health(t.data.get("health", {}), t.where("health"), problems, mode),
+        health=read_health(t.data.get("health", {}), t.where("health"), problems, mode),
     )
     if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):
         # a line of max_line bytes must fit in what the service may hold (the default

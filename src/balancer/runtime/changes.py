@@ -8,7 +8,7 @@ import logging
 
 from balancer.config.model import BOUNDS, BackendConfig
 from balancer.core.pool import Backend
-from balancer.core.states import ACCEPTED, DOWN, DRAIN
+from balancer.core.states import ACCEPTED, DOWN, DRAIN, READY
 from balancer.errors import Conflict, InvalidInput, NotFound
 from balancer.runtime.services import (
     Removal,
@@ -54,6 +54,7 @@ class ServerChanges(ServerStart):
                 f"invalid weight {weight!r}: expected {BOUNDS['weight'].expected(True)}",
             )
         if state is not None:
+            runtime.checker.drains.release(backend)  # the operator's now, not the check's
             new = ACCEPTED[state]
             if new != backend.admin_state:
                 log.warning(
@@ -125,7 +126,9 @@ class ServerChanges(ServerStart):
         The caller refreshes the pool.
         """
         address = backend.address
-        removal = Removal(backend, backend.admin_state)
+        # a drain by the check is no admin state to give back: called off, it is checked again
+        drained = runtime.checker.drains.release(backend)
+        removal = Removal(backend, READY if drained else backend.admin_state)
         backend.admin_state = DRAIN
         wait = self.config.drain_timeout if timeout is None else timeout
         removal.task = task = asyncio.get_running_loop().create_task(

@@ -24,7 +24,10 @@ What a result means (`apply`):
 - a backend ejected by outlier detection is not readmitted before its ejection
   time is over, however many checks pass;
 - a backend that stays down says why: its `last_reason` is the reason of its
-  last failed check, and the log has one line per change of reason.
+  last failed check, and the log has one line per change of reason;
+- an http check's 404 with `disable_on_404` (`ProbeResult.drain`) drains an up
+  backend, and counts as a good check; the next passing check gives it back
+  (`runtime.drains`). A down backend answering 404 has failed its check.
 
 The first round (`initial_round`, before the service listens) checks every
 backend once with the same bound on concurrency; those that fail start down.
@@ -52,6 +55,7 @@ from balancer.core.health_state import CheckSchedule, HealthState, first_wait, n
 from balancer.core.pool import Backend, BackendPool, LoopOwner, detects_framing
 from balancer.core.states import DOWN, MAINT, UP
 from balancer.net import resources
+from balancer.runtime.drains import CheckDrains
 from balancer.runtime.probe import LINE, RAW, ProbeResult, probe
 
 log = logging.getLogger("balancer")
@@ -144,6 +148,7 @@ class HealthChecker:
         self._round: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self.drains = CheckDrains(pool)
         pool.on_transition.append(self._on_transition)
 
     def __repr__(self) -> str:
@@ -187,6 +192,11 @@ class HealthChecker:
         backend.last_check = time.time()
         backend.last_check_ok = result.ok
         state = self._state(backend)
+        if result.drain and backend.is_up:
+            self.drains.drain(backend, result.reason)
+            result = ProbeResult(True, result.reason)
+        elif result.ok:
+            self.drains.restore(backend, result.reason)
         if result.ok and result.framing:
             self._learn_framing(backend, state, result.framing)
         transition = state.record(result.ok, backend.is_up)
@@ -265,8 +275,8 @@ class HealthChecker:
         summary.log()
 
     def _first_result(self, backend: Backend, result: ProbeResult, summary: _FirstRound) -> None:
-        if result.shortage is not None or result.ok:
-            self.apply(backend, result)  # an alarm, or the framing learnt
+        if result.shortage is not None or result.ok or (result.drain and backend.is_up):
+            self.apply(backend, result)  # an alarm, the framing learnt, or a drain
             return
         backend.last_check = time.time()
         backend.last_check_ok = False
@@ -310,6 +320,7 @@ class HealthChecker:
         if task is not None:
             task.cancel()
         self.states.pop(backend, None)
+        self.drains.release(backend)
 
     def _poke(self) -> None:
         if self._wake is not None:
@@ -387,6 +398,8 @@ class HealthChecker:
                 backend.framing = service.backend_framing
             elif not detects_framing(service):
                 backend.framing = backend.framing or LINE
+        if not (self.config.type == "http" and self.config.disable_on_404):
+            self.drains.restore_all("disable_on_404 is off")
         for task in self._probing.values():
             task.cancel()
         self._probing.clear()

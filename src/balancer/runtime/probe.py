@@ -11,6 +11,10 @@ sends it unterminated and takes one read as the reply; "" (`backend_framing =
 "auto"`, not known yet) finds out which one the backend speaks, see `probe`.
 A line reply without its newline says so ("does it speak raw framing?").
 
+Http checks (`health.type = "http"`) send the request of a `core.http.check.HttpCheck`
+on the same kind of connection and read the response, as little of it as the
+check needs, within the same deadline; the check judges it.
+
 A probe that timed out while the event loop itself was late by more than
 `LATE` (the backend may well have answered) is made once more. A probe that
 failed for want of our own resources (`resources.is_local_shortage`) says so
@@ -27,11 +31,13 @@ import socket
 from dataclasses import dataclass
 
 from balancer.config.model import HealthConfig
+from balancer.core.http.check import HttpCheck
 from balancer.core.pool import LoopOwner
 from balancer.net import loopguard, resources
 
 LINE = "line"
 RAW = "raw"
+HTTP = "http"
 RAW_WINDOW = 0.5
 """`auto` framing: the share of the time left an unterminated probe waits for a raw reply."""
 MAX_REPLY = 65536
@@ -50,6 +56,8 @@ class ProbeResult:
     """`auto` probes: the framing the backend answered in ("line" or "raw")."""
     shortage: OSError | None = None
     """The probe could not run for want of our own resources: no check at all."""
+    drain: bool = False
+    """Http checks with `disable_on_404`: a 404, the backend is alive but takes no new work."""
 
 
 class _Closed(Exception):
@@ -60,10 +68,13 @@ class _Closed(Exception):
 
 
 class _NoReply(Exception):
-    """The deadline came before the connect or a (complete) reply; `data` is what came."""
+    """The deadline came before the connect or a (complete) reply; `data` is what came.
 
-    def __init__(self, data: bytes) -> None:
+    `reason`, when set, says what was missing (http checks)."""
+
+    def __init__(self, data: bytes, reason: str = "") -> None:
         self.data = data
+        self.reason = reason
 
 
 class _TooLong(Exception):
@@ -248,6 +259,31 @@ async def _exchange(
         conn.close()
 
 
+async def _http_exchange(
+    loop: asyncio.AbstractEventLoop,
+    addresses: list[tuple[int, tuple[str, int]]],
+    check: HttpCheck,
+    deadline: float,
+    owner: LoopOwner | None,
+) -> ProbeResult:
+    """Connect, send the check's request and read its response (as little as it needs)."""
+    conn = _Connection(loop, owner)
+    try:
+        await conn.open(addresses, deadline)
+        await conn.send(check.request, deadline)
+        while not check.done:
+            try:
+                check.feed(await conn.read(False, deadline))
+            except _Closed:
+                check.feed_eof()
+            except _NoReply:
+                raise _NoReply(b"", "no complete response" if check.received else "") from None
+    finally:
+        conn.close()
+    verdict = check.verdict()
+    return ProbeResult(verdict.ok, verdict.reason, drain=verdict.drain)
+
+
 async def probe(
     host: str,
     port: int,
@@ -256,7 +292,8 @@ async def probe(
     framing: str = LINE,
     owner: LoopOwner | None = None,
 ) -> ProbeResult:
-    """One check: connect, and when `health.send` is set, send it and check the reply.
+    """One check: connect, and when `health.send` is set, send it and check the reply;
+    an http check (`health.type`) sends its request and checks the response.
 
     `framing` "line": the probe ends with a newline and the reply is one line.
     "raw": the probe goes unterminated and the reply is one read. "" (not known
@@ -289,6 +326,9 @@ async def _probe_once(
     no_answer = f"no answer within {health.timeout:g}s"
     try:
         addresses = await _addresses(loop, host, port, deadline)
+        if health.type == HTTP:
+            check = HttpCheck(health, host, port)
+            return await _http_exchange(loop, addresses, check, deadline, owner), False
         if send is None:
             await _exchange(loop, addresses, None, True, deadline, owner)
             return ProbeResult(True, "connect ok"), False
@@ -311,6 +351,8 @@ async def _probe_once(
         return ProbeResult(ok, reason, LINE if ok else ""), False
     except _NoReply as exc:
         late = loop.time() - deadline > LATE
+        if exc.reason:
+            return ProbeResult(False, f"{exc.reason} within {health.timeout:g}s"), late
         if exc.data:
             return ProbeResult(False, _unterminated(exc.data)), late
         return ProbeResult(False, no_answer), late
