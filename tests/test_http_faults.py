@@ -92,6 +92,39 @@ async def test_a_post_sent_to_a_failing_backend_is_not_replayed_but_a_get_is() -
     assert seen == [b"POST", b"GET"]
 
 
+async def test_a_post_whose_race_retry_finds_the_backend_gone_goes_to_no_other() -> None:
+    """The backend takes the POST on a kept-alive connection, then goes down: the fresh
+    try of the keep-alive race is refused, and the POST, maybe acted on, stops there."""
+    seen: list[bytes] = []
+    listening: list[asyncio.Server] = []
+
+    async def crashing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            seen.append(request.split(b" ", 1)[0])
+            if request.startswith(b"POST"):
+                listening[0].close()  # the whole backend is gone: no new connection either
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    listening.append(await asyncio.start_server(crashing, "127.0.0.1", 0))
+    crash = f"127.0.0.1:{listening[0].sockets[0].getsockname()[1]}"
+    async with echo_backend("good") as good:
+        async with http_service([crash, good.address]) as (svc, port):
+            client = await RawClient.open(port)
+            for path in ("/warm-crash", "/warm-good"):  # one idle connection to each
+                client.send(get(path))
+                assert (await client.response()) is not None
+            client.send(post("/pay", b"once"))
+            response = await client.response(b"POST")
+            assert response is not None
+            assert response.status == 502
+    assert seen == [b"GET", b"POST"]
+    assert svc.race_retries == 1
+    assert [r["method"] for r in good.requests] == ["GET"], "the POST went to a second backend"
+
+
 async def test_a_refused_connect_is_retried_elsewhere_for_any_method() -> None:
     async with echo_backend("good") as good:
         async with http_service([dead_address(), good.address]) as (svc, port):

@@ -4,11 +4,15 @@ A request is sent again only while nothing of its response reached the
 client, and only when its body (if any) is still whole in the replay buffer.
 Then:
 
-- a connect that failed sent nothing: any method goes to another backend;
+- a connect that failed sent nothing: any method goes to another backend,
+  unless it is the keep-alive race's fresh try that failed (below);
 - a reused keep-alive connection that failed before any response byte came
   back (the backend closed it as we reused it, the keep-alive race) costs the
   client nothing: the request goes once more, on a fresh connection to the
-  same backend, whatever its method;
+  same backend, whatever its method. Should that fresh connect fail, the
+  backend was not closing an idle connection but going down, and may have
+  acted on the request: only an idempotent method (or `retry_non_idempotent`)
+  goes on to another backend;
 - a request sent on a connection that then failed, or got no response head
   in time, or whose status is in `retry_on_status`, goes to another backend
   only when its method is idempotent (or `retry_non_idempotent` says so):
@@ -59,10 +63,9 @@ def send_again(
     """May the request go again after a failure at `stage`, and where."""
     if not replayable:
         return Again.NO
+    may_repeat = method in IDEMPOTENT or retry_non_idempotent
     if stage is Stage.CONNECT:
-        return Again.OTHER
+        return Again.OTHER if may_repeat or not race_retried else Again.NO
     if stage is Stage.SENT and reused and not response_byte and not race_retried:
         return Again.FRESH
-    if method in IDEMPOTENT or retry_non_idempotent:
-        return Again.OTHER
-    return Again.NO
+    return Again.OTHER if may_repeat else Again.NO

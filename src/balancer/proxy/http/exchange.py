@@ -104,7 +104,7 @@ class Exchange(Relay):
         """The generated answer to a request that failed at `stage` and goes no further."""
         if stage is Stage.TIMEOUT:
             return self.answer(504, "sH", "no response from the backend in time")
-        if stage is Stage.CONNECT:
+        if stage is Stage.CONNECT and not self.race_retried:
             return self.answer(503, "SC", "backend unavailable", retry_after=1)
         return self.answer(502, "SH", self.failure or "backend failed")
 
