@@ -37,6 +37,7 @@ BEHAVIOUR_SECTIONS: dict[str, tuple[str, ...]] = {
         "Limits, timeouts and failure handling",
     ),
     "docs/operations.md": ("Operating it",),
+    "docs/http.md": ("HTTP mode",),
 }
 """The documents and the `## ` sections of each whose bullets, table rows and paragraphs are
 promises. A page under docs/ that describes behaviour is added here with its sections."""

@@ -24,7 +24,7 @@ from balancer.config.hosts import address_of
 from balancer.core.http.wire import Body, End, Event, Head, HttpError, RequestReader, Upgrade
 from balancer.core.http.writer import error_response
 from balancer.net import loopguard, resources
-from balancer.net.sockopts import set_nodelay
+from balancer.net.sockopts import reset, set_nodelay
 from balancer.proxy.http.context import Ends, Serving, count
 from balancer.proxy.http.exchange import Exchange
 from balancer.proxy.upstream import admit
@@ -327,3 +327,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if not self.lost:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Cut the connection with an RST: what the client got is not a whole response."""
+        self.closed = True
+        if not self.lost:
+            reset(self.transport)

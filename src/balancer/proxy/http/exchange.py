@@ -201,7 +201,7 @@ class Exchange(Relay):
         if result == "cut":
             self.term = "SD"
             self.client_keep = False
-            self.client.abort()
+            self.client.reset()
             self.note_failure(backend, self.failure or "connection lost mid-response")
             return None
         if result == "status":
