@@ -170,14 +170,14 @@ class _Reader:
         assert head is not None
         headers = head.headers
         if len(headers) >= self.max_headers:
-            raise HttpError(431, f"more than {self.max_headers} header fields")
+            raise HttpError(self._status(431), f"more than {self.max_headers} header fields")
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self.head
         assert head is not None
         if self.head_bytes > self.max_header_bytes:
-            raise HttpError(431, f"header block over {self.max_header_bytes} bytes")
+            raise HttpError(self._status(431), f"header block over {self.max_header_bytes} bytes")
         self.in_head = False
         self.head_bytes = 0
         self._complete_head(head)
@@ -199,10 +199,14 @@ class _Reader:
 
     # -- checks
 
+    def _status(self, request_status: int) -> int:
+        """The answer to a message refused: `request_status` for a request, 502 for a response."""
+        return request_status if self.status_on_error == 400 else 502
+
     def _complete_head(self, head: Head) -> None:
         version = self.parser.get_http_version().encode()
         if version not in (b"1.1", b"1.0"):
-            raise HttpError(505, f"HTTP version {version.decode()} is not supported")
+            raise HttpError(self._status(505), f"HTTP version {version.decode()} is not supported")
         head.version = version
         lengths = 0
         encodings: list[bytes] = []
@@ -234,10 +238,7 @@ class _Reader:
             if version == b"1.0":
                 raise HttpError(self.status_on_error, "Transfer-Encoding on HTTP/1.0")
             if encodings != [b"chunked"]:
-                raise HttpError(
-                    501 if self.status_on_error == 400 else 502,
-                    "Transfer-Encoding other than chunked",
-                )
+                raise HttpError(self._status(501), "Transfer-Encoding other than chunked")
             head.chunked = True
         head.connection = frozenset(connection)
         if version == b"1.1":
@@ -285,7 +286,8 @@ class _Reader:
             except httptools.HttpParserError as exc:
                 self._break(HttpError(self.status_on_error, str(exc) or "invalid message"))
             if self.in_head and self.head_bytes > self.max_header_bytes:
-                self._break(HttpError(431, f"header block over {self.max_header_bytes} bytes"))
+                limit = f"header block over {self.max_header_bytes} bytes"
+                self._break(HttpError(self._status(431), limit))
         return events
 
     def _stopped(self, clean: bool) -> None:
