@@ -147,8 +147,8 @@ class _Reader:
         self.head: Head | None = None
         self.in_head = False
         self.head_bytes = 0
-        """Bytes of the head being read so far (exact, but for a head that follows a chunked
-        body in one piece: that whole piece is counted)."""
+        """Bytes of the head being read so far (exact, but for a head that begins in a piece
+        of a chunked body: that whole piece, at most half the limit, is counted)."""
         self.tail = b""
         """The last bytes of a head fed so far, to find its end across feeds."""
         self.body_left: int | None = None
@@ -306,8 +306,8 @@ class _Reader:
         """Where the next piece fed to llhttp ends. A head is fed up to its end (the first
         CRLF CRLF: strict llhttp allows no bare CR or LF), HEAD_PIECE bytes at most at a
         time, so that its size is known (llhttp has no limit of its own) and the next message
-        starts a piece; a Content-Length body exactly; a chunked body HEAD_PIECE at a time;
-        a close-delimited one in one go."""
+        starts a piece; a Content-Length body exactly; a chunked body in pieces of at most
+        half `max_header_bytes`; a close-delimited one in one go."""
         end = len(view)
         head = self.head
         self.counted = self.in_head or head is None
@@ -324,7 +324,9 @@ class _Reader:
         if self.body_left is not None:
             return min(end, at + max(self.body_left, 1))
         assert head is not None
-        return min(end, at + HEAD_PIECE) if head.chunked else end
+        if head.chunked:
+            return min(end, at + min(HEAD_PIECE, self.max_header_bytes // 2))
+        return end
 
     def _stopped(self, clean: bool) -> None:
         """llhttp was stopped at the end of a head (only responses to HEAD do that);
