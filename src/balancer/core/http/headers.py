@@ -96,8 +96,9 @@ def _quote_node(ip: str, port: int | None = None) -> bytes:
 
 
 def _kept(head: Head) -> Iterable[tuple[bytes, bytes, bytes]]:
-    """(lower-cased name, name, value) of the end-to-end headers of `head`."""
-    named = head.connection
+    """(lower-cased name, name, value) of the end-to-end headers of `head`; Connection
+    cannot name Host away (the request would reach the backend without one)."""
+    named = head.connection - {b"host"}
     for name, value in head.headers:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named:

@@ -147,7 +147,15 @@ class _Reader:
         self.head: Head | None = None
         self.in_head = False
         self.head_bytes = 0
-        """Bytes of the head being read so far (an upper bound: whole chunks are counted)."""
+        """Bytes of the head being read so far (exact, but for a head that begins in a piece
+        of a chunked body: that whole piece, at most half the limit, is counted)."""
+        self.tail = b""
+        """The last bytes of a head fed so far, to find its end across feeds."""
+        self.body_left: int | None = None
+        """Bytes of a Content-Length body still to come."""
+        self.counted = False
+        """The piece being fed was counted in `head_bytes`."""
+        self.piece_len = 0
         self.trailers: Headers | None = None
         self.broken: HttpError | None = None
         self.parser: Any = None
@@ -158,6 +166,9 @@ class _Reader:
         self.head = Head()
         self.in_head = True
         self.trailers = None
+        self.body_left = None
+        if not self.counted:  # after a chunked body, somewhere in this piece
+            self.head_bytes = self.piece_len
 
     def on_header(self, name: bytes, value: bytes) -> None:
         trailers = self.trailers
@@ -170,20 +181,23 @@ class _Reader:
         assert head is not None
         headers = head.headers
         if len(headers) >= self.max_headers:
-            raise HttpError(431, f"more than {self.max_headers} header fields")
+            raise HttpError(self._status(431), f"more than {self.max_headers} header fields")
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self.head
         assert head is not None
         if self.head_bytes > self.max_header_bytes:
-            raise HttpError(431, f"header block over {self.max_header_bytes} bytes")
+            raise HttpError(self._status(431), f"header block over {self.max_header_bytes} bytes")
         self.in_head = False
         self.head_bytes = 0
         self._complete_head(head)
+        self.body_left = None if head.chunked else head.content_length
         self.events.append(head)
 
     def on_body(self, data: bytes) -> None:
+        if self.body_left is not None:
+            self.body_left -= len(data)
         self.events.append(Body(data))
 
     def on_chunk_header(self) -> None:
@@ -199,10 +213,14 @@ class _Reader:
 
     # -- checks
 
+    def _status(self, request_status: int) -> int:
+        """The answer to a message refused: `request_status` for a request, 502 for a response."""
+        return request_status if self.status_on_error == 400 else 502
+
     def _complete_head(self, head: Head) -> None:
         version = self.parser.get_http_version().encode()
         if version not in (b"1.1", b"1.0"):
-            raise HttpError(505, f"HTTP version {version.decode()} is not supported")
+            raise HttpError(self._status(505), f"HTTP version {version.decode()} is not supported")
         head.version = version
         lengths = 0
         encodings: list[bytes] = []
@@ -234,10 +252,7 @@ class _Reader:
             if version == b"1.0":
                 raise HttpError(self.status_on_error, "Transfer-Encoding on HTTP/1.0")
             if encodings != [b"chunked"]:
-                raise HttpError(
-                    501 if self.status_on_error == 400 else 502,
-                    "Transfer-Encoding other than chunked",
-                )
+                raise HttpError(self._status(501), "Transfer-Encoding other than chunked")
             head.chunked = True
         head.connection = frozenset(connection)
         if version == b"1.1":
@@ -260,12 +275,10 @@ class _Reader:
         end = len(data)
         at = 0
         while at < end:
-            # A head is fed in pieces of HEAD_PIECE bytes, so that its size is known to
-            # within one piece (llhttp has no limit of its own); a body in one go.
-            counting = self.in_head or self.head is None
-            upto = min(end, at + HEAD_PIECE) if counting else end
+            upto = self._piece_end(view, at)
             piece = view[at:upto]
-            if counting:
+            self.piece_len = upto - at
+            if self.counted:
                 self.head_bytes += upto - at
             at = upto
             try:
@@ -279,14 +292,41 @@ class _Reader:
                     self._break(cause)
                 if not isinstance(cause, _Stop):
                     self._break(HttpError(self.status_on_error, str(exc) or "invalid message"))
-                self._stopped(bytes(piece).endswith(b"\r\n\r\n") and at == end)
+                self._stopped(at == end)
                 if at < end:
                     return events
             except httptools.HttpParserError as exc:
                 self._break(HttpError(self.status_on_error, str(exc) or "invalid message"))
             if self.in_head and self.head_bytes > self.max_header_bytes:
-                self._break(HttpError(431, f"header block over {self.max_header_bytes} bytes"))
+                limit = f"header block over {self.max_header_bytes} bytes"
+                self._break(HttpError(self._status(431), limit))
         return events
+
+    def _piece_end(self, view: memoryview, at: int) -> int:
+        """Where the next piece fed to llhttp ends. A head is fed up to its end (the first
+        CRLF CRLF: strict llhttp allows no bare CR or LF), HEAD_PIECE bytes at most at a
+        time, so that its size is known (llhttp has no limit of its own) and the next message
+        starts a piece; a Content-Length body exactly; a chunked body in pieces of at most
+        half `max_header_bytes`; a close-delimited one in one go."""
+        end = len(view)
+        head = self.head
+        self.counted = self.in_head or head is None
+        if self.counted:
+            upto = min(end, at + HEAD_PIECE)
+            window = self.tail + bytes(view[at:upto])
+            found = window.find(b"\r\n\r\n")
+            if found >= 0:
+                self.tail = b""
+                return at + found + 4 - (len(window) - (upto - at))
+            self.tail = window[-3:]
+            return upto
+        self.tail = b""
+        if self.body_left is not None:
+            return min(end, at + max(self.body_left, 1))
+        assert head is not None
+        if head.chunked:
+            return min(end, at + min(HEAD_PIECE, self.max_header_bytes // 2))
+        return end
 
     def _stopped(self, clean: bool) -> None:
         """llhttp was stopped at the end of a head (only responses to HEAD do that);
