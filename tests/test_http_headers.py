@@ -346,3 +346,8 @@ def test_is_trusted(address: str | None, trusted: bool) -> None:
 
 def test_nobody_is_trusted_without_trusted_proxies() -> None:
     assert not is_trusted("10.1.2.3", ())
+
+
+def test_with_request_ids_off_the_clients_own_is_passed_on_untouched() -> None:
+    out = sent([HOST, (b"X-Request-Id", b"client's id")], HeaderRules(request_id=False))
+    assert values(out, b"X-Request-Id") == [b"client's id"]

@@ -93,7 +93,7 @@ def test_a_refused_request_is_refused_however_it_is_cut() -> None:
 
 
 def test_connect_is_not_served() -> None:
-    assert refused(request(b"CONNECT", b"h.test:443", [(b"Host", b"h.test:443")])) == 405
+    assert refused(request(b"CONNECT", b"h.test:443", [(b"Host", b"h.test:443")])) == 501
 
 
 PAD = b"x" * 1000

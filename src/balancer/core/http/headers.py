@@ -130,7 +130,7 @@ def request_headers(
                 else:
                     prior.setdefault(lower, value)
             continue
-        if lower == REQUEST_ID:
+        if lower == REQUEST_ID and rules.request_id:
             if rid is None and 0 < len(value) <= 200 and _ID_OK.issuperset(value):
                 rid = value
             continue

@@ -363,7 +363,7 @@ class RequestReader(_Reader):
         if hosts == 0 and head.version == b"1.1":
             raise HttpError(400, "no Host header")
         if head.method == b"CONNECT":
-            raise HttpError(405, "CONNECT is not served")
+            raise HttpError(501, "CONNECT is not served by a reverse proxy")
         if not head.target or (head.target[:1] not in (b"/", b"*") and b"://" not in head.target):
             raise HttpError(400, "invalid request target")
         if head.upgrade is not None and b"upgrade" not in head.connection:
