@@ -12,12 +12,15 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
+
+from balancer.core.pool import Backend, BackendPool
+from balancer.net import loopguard
+from balancer.net.loops import create_listener
 
 if TYPE_CHECKING:
     from balancer.config.model import Config, ServiceConfig
     from balancer.core.lifecycle import DrainCut
-    from balancer.core.pool import Backend
 
 DRAIN_POLL = 0.01
 """How often a drain looks at what is left (seconds)."""
@@ -131,3 +134,52 @@ async def wait_closed(
         if now >= deadline:
             return False
         await asyncio.sleep(DRAIN_POLL)
+
+
+class Listener:
+    """A service's listening socket, entered in the loop guard while it listens (so that
+    a connection from one of our own backend connections to it is known for a loop)."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.AbstractServer | None = None
+        self._bound: list[Any] = []
+
+    async def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+    ) -> tuple[str, int]:
+        """Listen on (host, port); the (host, port) it is bound to."""
+        self._server = server = await create_listener(loop, factory, host, port, backlog=4096)
+        self._bound = [sock.getsockname() for sock in server.sockets]
+        for address in self._bound:
+            loopguard.listening(address)
+        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        return str(bound_host), int(bound_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for address in self._bound:
+            loopguard.not_listening(address)
+        self._bound = []
+
+
+class Owners:
+    """What a service's connections to each backend are registered for in the loop guard
+    (one owner per backend)."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+        self._owners: dict[Backend, loopguard.Owner] = {}
+
+    def __call__(self, backend: Backend) -> loopguard.Owner:
+        owner = self._owners.get(backend)
+        if owner is None:
+            owner = self._owners[backend] = (self.pool, backend)
+        return owner
+
+    def forget(self, backend: Backend) -> None:
+        self._owners.pop(backend, None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from balancer.config.addresses import parse_networks
 from balancer.config.model import Config, HttpConfig, ServiceConfig
@@ -17,11 +16,9 @@ from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.core.retry import RetryBudget
 from balancer.core.stats import LatencyHistogram
-from balancer.net import loopguard
-from balancer.net.loops import create_listener
 from balancer.net.periodic import Periodic
 from balancer.observe.accesslog import AccessLog
-from balancer.proxy.base import HttpStatus, wait_closed
+from balancer.proxy.base import HttpStatus, Listener, Owners, wait_closed
 from balancer.proxy.http.client import ClientConnection
 from balancer.proxy.http.context import Ends
 from balancer.proxy.http.upstream import IdlePool
@@ -97,9 +94,8 @@ class HttpService:
         self.conns: set[ClientConnection] = set()
         self.tunnels: set[Ends] = set()
         self.accepting = False
-        self._server: asyncio.AbstractServer | None = None
-        self._bound: list[Any] = []
-        self._owners: dict[Backend, loopguard.Owner] = {}
+        self._listener = Listener()
+        self.owner = Owners(pool)
         self._tokens: dict[Backend, bytes] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._apply(config)
@@ -130,12 +126,6 @@ class HttpService:
     def configure(self, config: Config) -> None:
         """Nothing of the whole process's settings concerns http mode."""
 
-    def owner(self, backend: Backend) -> loopguard.Owner:
-        owner = self._owners.get(backend)
-        if owner is None:
-            owner = self._owners[backend] = (self.pool, backend)
-        return owner
-
     def route(self, head: Head) -> HttpService | None:
         """The service that serves `head`: a route's, else this one (None: 404, when this
         one has no backends of its own)."""
@@ -160,7 +150,7 @@ class HttpService:
 
     def remove_backend(self, backend: Backend) -> None:
         self._tokens.pop(backend, None)
-        self._owners.pop(backend, None)
+        self.owner.forget(backend)
         self.idle.drop(backend)
 
     @property
@@ -196,28 +186,17 @@ class HttpService:
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
-        self._server = await create_listener(
-            self.loop,
-            lambda: ClientConnection(self),
-            self.config.listen_host,
-            self.config.listen_port,
-            backlog=4096,
+        config = self.config
+        bound = await self._listener.open(
+            self.loop, lambda: ClientConnection(self), config.listen_host, config.listen_port
         )
-        self._bound = [sock.getsockname() for sock in self._server.sockets]
-        for address in self._bound:
-            loopguard.listening(address)
         self.accepting = True
         self._sweeper.start()
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
+        return bound
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
-        for address in self._bound:
-            loopguard.not_listening(address)
-        self._bound = []
+        self._listener.close()
 
     async def drain(self, timeout: float) -> DrainCut:
         """Stop accepting; close idle clients, let exchanges under way finish (their

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
-from balancer.net import loopguard
-from balancer.net.loops import create_listener
 from balancer.net.periodic import Periodic
 from balancer.net.tcpinfo import quiet_ms
-from balancer.proxy.base import wait_closed
+from balancer.proxy.base import Listener, Owners, wait_closed
 from balancer.proxy.tcp.relay import ClientSide
 
 _IDLE_SWEEPS = 4
@@ -35,11 +32,9 @@ class TcpService:
         self._apply(config)
         self.conns: set[ClientSide] = set()
         self.accepting = False
-        self._server: asyncio.AbstractServer | None = None
+        self._listener = Listener()
         self._sweeper = Periodic(lambda: self.idle_timeout / _IDLE_SWEEPS, self.sweep_idle)
-        self._bound: list[Any] = []
-        """The listener's bound addresses, entered in `loopguard` while it listens."""
-        self._owners: dict[Backend, loopguard.Owner] = {}
+        self.owner = Owners(pool)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -63,16 +58,9 @@ class TcpService:
     def configure(self, config: Config) -> None:
         """Nothing of the whole process's settings concerns tcp mode."""
 
-    def owner(self, backend: Backend) -> loopguard.Owner:
-        """What this service's connections to `backend` are registered for (one per backend)."""
-        owner = self._owners.get(backend)
-        if owner is None:
-            owner = self._owners[backend] = (self.pool, backend)
-        return owner
-
     def remove_backend(self, backend: Backend) -> None:
         """Close what is still relayed to a backend being removed (after its drain)."""
-        self._owners.pop(backend, None)
+        self.owner.forget(backend)
         for conn in list(self.conns):
             if conn.backend is backend:
                 conn.close()
@@ -97,29 +85,18 @@ class TcpService:
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
-        self._server = await create_listener(
-            self.loop,
-            lambda: ClientSide(self),
-            self.config.listen_host,
-            self.config.listen_port,
-            backlog=4096,
+        config = self.config
+        bound = await self._listener.open(
+            self.loop, lambda: ClientSide(self), config.listen_host, config.listen_port
         )
-        self._bound = [sock.getsockname() for sock in self._server.sockets]
-        for address in self._bound:
-            loopguard.listening(address)
         self.accepting = True
         if self.idle_timeout > 0:
             self._sweeper.start()
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
+        return bound
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
-        for address in self._bound:
-            loopguard.not_listening(address)
-        self._bound = []
+        self._listener.close()
 
     async def drain(self, timeout: float) -> DrainCut:
         """Stop accepting; wait up to `timeout` for the relayed connections to end, then
