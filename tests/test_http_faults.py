@@ -328,3 +328,19 @@ async def test_a_drain_lets_the_exchange_under_way_finish_with_connection_close(
             assert response.header(b"connection") == b"close"
             cut = await drain
             assert cut.connections == 0
+
+
+async def test_a_response_that_stalls_mid_body_is_cut_after_response_header_timeout() -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await reader.read()  # sends nothing more
+
+    async with raw_backend(stalls) as backend:
+        async with http_service([backend.address], response_header_timeout=0.3) as (svc, port):
+            client = await RawClient.open(port)
+            client.send(get("/"))
+            with pytest.raises((HttpError, ConnectionError)):
+                await client.response()
+            await until(lambda: not svc.conns)

@@ -139,7 +139,8 @@ MEANINGS: dict[str, dict[str, str]] = {
         "byte (slow clients get 408)",
         "request_body_timeout": "a request body with no byte for this long ends the exchange",
         "response_header_timeout": "a backend that sends no response head within this after "
-        "the request: 504 (idempotent requests are retried)",
+        "the request: 504 (idempotent requests are retried); a response body with no byte "
+        "for this long is cut",
         "keepalive_timeout": "a client connection idle between requests this long is closed",
         "upstream_idle_timeout": "an idle upstream connection is closed after this",
         "max_idle": "idle upstream connections kept per backend for reuse",

@@ -65,6 +65,8 @@ class Relay:
         self.reused = False
         self.response_byte = False
         self.header_at = 0.0
+        self.last_byte = 0.0
+        """When the backend last sent a byte of the response being relayed."""
         self.sticky_seen: bytes | None = None
         """The sticky cookie's value in the request."""
 
@@ -91,6 +93,7 @@ class Relay:
         """What the upstream connection parsed; what it completes goes to the client in
         one write."""
         self.response_byte = True
+        self.last_byte = monotonic()
         out: list[bytes] = []
         for event in events:
             kind = type(event)
@@ -169,6 +172,18 @@ class Relay:
             retry_non_idempotent=self.svc.http.retry_non_idempotent,
         )  # fmt: skip
         return again is Again.OTHER and self.retry_allowed()
+
+    def cut_if_stalled(self, now: float) -> None:
+        """A response begun whose backend sent nothing for `response_header_timeout` is cut."""
+        outcome = self.outcome
+        if (
+            self.relaying
+            and outcome is not None
+            and not outcome.done()
+            and now - self.last_byte > self.svc.http.response_header_timeout
+        ):
+            self.failure = "the response stalled mid-body"
+            self._resolve("cut")
 
     def upstream_error(self, error: HttpError) -> None:
         self.failure = f"invalid response: {error.reason}"

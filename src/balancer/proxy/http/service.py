@@ -115,7 +115,7 @@ class HttpService:
         idle.max_requests = config.http.max_requests_per_connection
 
     def _sweep_period(self) -> float:
-        period = self.http.upstream_idle_timeout
+        period = min(self.http.upstream_idle_timeout, self.http.response_header_timeout)
         if self.http.tunnel_timeout > 0:
             period = min(period, self.http.tunnel_timeout)
         return max(0.05, period / _SWEEPS)
@@ -224,7 +224,14 @@ class HttpService:
         self.budget.advance(time.monotonic())
 
     def sweep(self) -> None:
-        self.idle.sweep(time.monotonic())
+        """Close idle upstream connections, quiet tunnels, and responses whose backend
+        stopped sending mid-body."""
+        now = time.monotonic()
+        self.idle.sweep(now)
+        for conn in self.conns:
+            exchange = conn.exchange
+            if exchange is not None:
+                exchange.cut_if_stalled(now)
         limit = self.http.tunnel_timeout * 1000
         if limit > 0:
             for tunnel in [t for t in self.tunnels if t.quiet_ms() >= limit]:
