@@ -25,6 +25,7 @@ from balancer.config.model import (
     BackendConfig,
     Config,
     HealthConfig,
+    RouteConfig,
     ServiceConfig,
 )
 from balancer.runtime.server import Server
@@ -120,6 +121,7 @@ async def test_status_and_metrics_count_what_http_mode_served(running: Running) 
         "tunnels": 0,
         "client_errors": 0,
         "bad_responses": 0,
+        "routes": [],
     }
 
     # a malformed request (two lengths that disagree): a 400 of ours, the connection closed
@@ -170,7 +172,11 @@ async def test_status_and_metrics_count_what_http_mode_served(running: Running) 
 
 def test_every_counter_lands_in_its_field_and_sample() -> None:
     """Distinct values in every counter: none is read from the wrong one."""
-    svc = make_service([f"{HOST}:1"])
+    routes = (
+        RouteConfig("api", ("api.test", "*.api.test"), "/v1", ("GET",), (("X-Canary", "1"),)),
+        RouteConfig("www"),
+    )
+    svc = make_service([f"{HOST}:1"], service={"name": "observed", "routes": routes})
     svc.requests, svc.retries_made, svc.race_retries, svc.retries_over_budget = 40, 3, 2, 1
     svc.dialed, svc.reused, svc.client_errors, svc.bad_responses = 5, 35, 6, 7
     svc.statuses = {"5xx": 9, "2xx": 31}
@@ -187,6 +193,7 @@ def test_every_counter_lands_in_its_field_and_sample() -> None:
         "tunnels": 2,
         "client_errors": 6,
         "bad_responses": 7,
+        "routes": ["api.test,*.api.test /v1 GET X-Canary=1 -> api", "* -> www"],
     }
     registry = CollectorRegistry(auto_describe=False)
 

@@ -47,6 +47,8 @@ class HttpStatus(TypedDict):
     """Requests refused with a 4xx of ours: malformed, too large, too slow."""
     bad_responses: int
     """Backend responses that broke the protocol."""
+    routes: list[str]
+    """The service's routes in order, each as `conditions -> service`."""
 
 
 class Proxy(Protocol):

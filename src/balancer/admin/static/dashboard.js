@@ -165,7 +165,8 @@ function makeCard(name) {
 const HTTP_COLUMNS = [["requests", "requests"], ["responses", "responses"],
                       ["generated", "generated errors"], ["retries", "retries"],
                       ["upstream", "upstream connections"], ["tunnels", "tunnels"],
-                      ["client_errors", "client errors"], ["bad_responses", "bad responses"]];
+                      ["client_errors", "client errors"], ["bad_responses", "bad responses"],
+                      ["routes", "routes"]];
 
 function makeHttpTable() {
   const head = $("tr"), row = $("tr"), cells = {};
@@ -197,6 +198,7 @@ function renderHttp(http, counts) {
   c.tunnels.textContent = fmt.int(counts.tunnels);
   c.client_errors.textContent = fmt.int(counts.client_errors);
   c.bad_responses.textContent = fmt.int(counts.bad_responses);
+  c.routes.textContent = counts.routes.join(" · ") || "–";
 }
 
 function makeRow(card, service, address) {

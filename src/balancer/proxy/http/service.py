@@ -7,7 +7,7 @@ import logging
 import time
 
 from balancer.config.addresses import parse_networks
-from balancer.config.model import Config, HttpConfig, ServiceConfig
+from balancer.config.model import Config, HttpConfig, RouteConfig, ServiceConfig
 from balancer.core.http.affinity import backend_token
 from balancer.core.http.headers import HeaderRules
 from balancer.core.http.routing import RouteTable
@@ -56,6 +56,17 @@ def header_rules(http: HttpConfig) -> HeaderRules:
         strip_prefix=http.strip_prefix.encode(),
         host_rewrite=http.host_rewrite.encode() if http.host_rewrite else None,
     )
+
+
+def describe_route(route: RouteConfig) -> str:
+    """`hosts path methods headers -> service`, what is not set left out (`*`: any)."""
+    parts = [",".join(route.hosts) or "*"]
+    if route.path_prefix:
+        parts.append(route.path_prefix)
+    if route.methods:
+        parts.append(",".join(route.methods))
+    parts += [f"{name}={value}" for name, value in route.headers]
+    return f"{' '.join(parts)} -> {route.service}"
 
 
 class HttpService:
@@ -176,6 +187,7 @@ class HttpService:
             "tunnels": len(self.tunnels),
             "client_errors": self.client_errors,
             "bad_responses": self.bad_responses,
+            "routes": [describe_route(r) for r in self.config.routes],
         }
 
     def __repr__(self) -> str:
