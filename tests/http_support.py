@@ -98,9 +98,10 @@ def _echo_app(echo: Echo) -> web.Application:
 
 
 @asynccontextmanager
-async def echo_backend(name: str = "a") -> AsyncIterator[Echo]:
+async def echo_backend(name: str = "a", keepalive_timeout: float = 75.0) -> AsyncIterator[Echo]:
+    """An echo backend; it closes a connection idle for `keepalive_timeout`, as servers do."""
     echo = Echo(0, name)
-    runner = web.AppRunner(_echo_app(echo), access_log=None)
+    runner = web.AppRunner(_echo_app(echo), access_log=None, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0)
     await site.start()

@@ -8,6 +8,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
 from balancer.core.http.wire import HttpError
@@ -344,3 +345,22 @@ async def test_a_response_that_stalls_mid_body_is_cut_after_response_header_time
             with pytest.raises((HttpError, ConnectionError)):
                 await client.response()
             await until(lambda: not svc.conns)
+
+
+async def test_a_backend_closing_idle_connections_sooner_than_we_do_costs_no_request() -> None:
+    """The keep-alive race as servers make it: the backend's idle timeout (0.1 s) is shorter
+    than ours (4 s), and requests come about that far apart, so reused connections are
+    closed before, while and after they are reused."""
+    async with echo_backend("a", keepalive_timeout=0.1) as a:
+        async with http_service([a.address]) as (svc, port):
+            async with aiohttp.ClientSession() as session:
+                statuses = []
+                for i in range(24):
+                    async with session.get(f"http://127.0.0.1:{port}/{i}") as resp:
+                        statuses.append(resp.status)
+                        await resp.read()
+                    await asyncio.sleep(0.07 + (i % 7) * 0.01)  # the gaps are the test
+    assert statuses == [200] * 24
+    assert len(a.requests) == 24  # each request reached the backend once
+    assert len(a.peers) > 1  # the backend did close connections under us
+    assert svc.dialed == len(a.peers)
