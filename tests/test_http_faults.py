@@ -364,3 +364,54 @@ async def test_a_backend_closing_idle_connections_sooner_than_we_do_costs_no_req
     assert len(a.requests) == 24  # each request reached the backend once
     assert len(a.peers) > 1  # the backend did close connections under us
     assert svc.dialed == len(a.peers)
+
+
+async def test_requests_over_max_backend_requests_wait_their_turn_or_get_503() -> None:
+    gate = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    limits = {"max_backend_requests": 1, "queue_size": 1, "queue_timeout": STEP}
+    async with raw_backend(held) as backend:
+        async with http_service([backend.address], service=limits) as (svc, port):
+            first, second, third = [await RawClient.open(port) for _ in range(3)]
+            first.send(get("/1"))
+            await until(lambda: backend.connections == 1)
+            second.send(get("/2"))
+            await until(lambda: len(svc.queue) == 1)  # waits for the busy backend
+            third.send(get("/3"))
+            refused = await third.response()  # the queue holds one: no room
+            assert refused is not None
+            assert refused.status == 503
+            assert refused.header(b"retry-after") == b"1"
+            gate.set()
+            answered = [await first.response(), await second.response()]
+            assert [r.status for r in answered if r is not None] == [200, 200]
+            (only,) = svc.pool
+            assert only.in_flight == 0
+            assert only.requests == 2
+            assert only.bytes_out == 4  # the body bytes relayed from it, 2 per response
+
+
+async def test_a_client_over_max_connections_gets_503_and_the_others_are_served() -> None:
+    async with echo_backend() as a:
+        async with http_service([a.address], service={"max_connections": 1}) as (svc, port):
+            inside = await RawClient.open(port)
+            inside.send(get("/in"))
+            assert await inside.response() is not None
+            over = await RawClient.open(port)
+            refused = await over.response()
+            assert refused is not None
+            assert refused.status == 503
+            assert refused.header(b"retry-after") == b"1"
+            assert await over.response() is None  # and closed
+            inside.send(get("/again"))
+            again = await inside.response()
+            assert again is not None
+            assert again.status == 200
+            assert svc.refused == 1

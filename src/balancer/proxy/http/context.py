@@ -64,6 +64,8 @@ class Serving(Protocol):
     bad_responses: int
     client_errors: int
 
+    queue: deque[asyncio.Future[None]]
+    """Requests waiting for a backend under `max_backend_requests`, oldest first."""
     generated: dict[int, int]
     """Responses of our own, by status."""
     statuses: dict[str, int]
@@ -73,6 +75,8 @@ class Serving(Protocol):
     """The sticky cookie's name (empty: none)."""
 
     def owner(self, backend: Backend) -> loopguard.Owner: ...
+
+    def pass_turn(self) -> None: ...
 
     def route(self, head: Head) -> Serving | None: ...
 

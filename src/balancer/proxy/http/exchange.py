@@ -73,8 +73,10 @@ class Exchange(Relay):
         stage: Stage | None = None
         while True:
             if not fresh:
-                backend = self.pick(tried)
+                backend = await self.choose(tried)
                 if backend is None:
+                    if self.queue_full:
+                        return self.answer(503, "sQ", "every backend is busy", retry_after=1)
                     if stage is None:
                         return self.answer(503, "SC", "no backend available", retry_after=1)
                     return self.failed(stage)
@@ -108,7 +110,41 @@ class Exchange(Relay):
             return self.answer(503, "SC", "backend unavailable", retry_after=1)
         return self.answer(502, "SH", self.failure or "backend failed")
 
-    def pick(self, tried: list[Backend]) -> Backend | None:
+    async def choose(self, tried: list[Backend]) -> Backend | None:
+        """A backend for the next try. When every one left is at `max_backend_requests`,
+        the request waits its turn (at most `queue_size` wait, each `queue_timeout`)."""
+        busy: list[Backend] = []
+        backend = self.pick(tried, busy)
+        if backend is not None or not busy:
+            return backend
+        svc = self.svc
+        config = svc.config
+        if len(svc.queue) >= config.queue_size:
+            self.queue_full = True
+            return None
+        deadline = monotonic() + config.queue_timeout
+        while backend is None and busy:
+            left = deadline - monotonic()
+            if left <= 0 or self.client.lost:
+                self.queue_full = True
+                svc.pass_turn()  # a turn this request was given goes to the next one
+                return None
+            turn = self.loop.create_future()
+            svc.queue.append(turn)
+            try:
+                async with asyncio.timeout(left):
+                    await turn
+            except TimeoutError:
+                pass
+            finally:
+                if turn in svc.queue:
+                    svc.queue.remove(turn)
+            busy = []
+            backend = self.pick(tried, busy)
+        return backend
+
+    def pick(self, tried: list[Backend], busy: list[Backend]) -> Backend | None:
+        """The algorithm's backend for this request; those at their limit go to `busy`."""
         svc = self.svc
         pool = svc.pool
         limit = svc.config.max_backend_requests
@@ -123,11 +159,13 @@ class Exchange(Relay):
             key = self.client.peer_ip.encode()
         else:
             key = request_key(self.head, hash_key, self.client.peer_ip)
+        excluded = [*tried]
         while True:
-            backend = pool.pick(key, tried) or pool.fallback(tried)
+            backend = pool.pick(key, excluded) or pool.fallback(excluded)
             if backend is None or has_room(backend.in_flight, limit):
                 return backend
-            tried.append(backend)
+            busy.append(backend)
+            excluded.append(backend)
 
     async def attempt(self, backend: Backend, target: bytes, fresh: bool) -> Stage | None:
         """One try on `backend`: None when it answered (or the client went), else where
@@ -153,6 +191,7 @@ class Exchange(Relay):
             svc.dialed += 1
         self.conn = conn
         self.backend = backend
+        self.out_mark = self.bytes_out
         backend.requests += 1
         backend.in_flight += 1
         svc.pool.policy.on_start(backend)
@@ -272,7 +311,10 @@ class Exchange(Relay):
         """The backend no longer holds the request: count it, and keep or close `conn`."""
         backend = conn.backend
         backend.in_flight -= 1
+        backend.bytes_in += self.bytes_in
+        backend.bytes_out += self.bytes_out - self.out_mark
         svc = self.svc
+        svc.pass_turn()
         if ok is not None:
             svc.pool.policy.on_finish(backend, monotonic() - self.started, ok)
         self.conn = None

@@ -65,6 +65,9 @@ class Relay:
         self.reused = False
         self.response_byte = False
         self.header_at = 0.0
+        self.queue_full = False
+        """No turn came in the queue of requests waiting for a backend under its limit."""
+        self.out_mark = 0
         self.last_byte = 0.0
         """When the backend last sent a byte of the response being relayed."""
         self.sticky_seen: bytes | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from balancer.config.addresses import parse_networks
 from balancer.config.model import Config, HttpConfig, RouteConfig, ServiceConfig
@@ -102,6 +103,7 @@ class HttpService:
         """Responses sent to clients, by status class ("2xx", ...)."""
         self.budget = RetryBudget(time.monotonic())
         self.idle = IdlePool()
+        self.queue: deque[asyncio.Future[None]] = deque()
         self.conns: set[ClientConnection] = set()
         self.tunnels: set[Ends] = set()
         self.accepting = False
@@ -145,6 +147,15 @@ class HttpService:
             if name is not None:
                 return running(name)
         return self if len(self.pool) else None
+
+    def pass_turn(self) -> None:
+        """A backend may take one more request: the oldest request waiting for one goes."""
+        queue = self.queue
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
 
     def sticky_token(self, backend: Backend) -> bytes:
         token = self._tokens.get(backend)
