@@ -139,7 +139,8 @@ class AccessLog:
                 text = (
                     f"{stamp} {self.service} {peer} -> {get('backend')} {request} "
                     f"{get('status')} in={get('bytes_in')} out={get('bytes_out')} "
-                    f"retries={get('retries')} connect={get('connect_ms')}ms "
+                    f"retries={get('retries')} queue={get('queue_ms')}ms "
+                    f"connect={get('connect_ms')}ms "
                     f"header={get('header_ms')}ms total={get('total_ms')}ms "
                     f"term={get('term')} id={get('request_id') or '-'}"
                 )

@@ -122,8 +122,18 @@ class Exchange(Relay):
         if len(svc.queue) >= config.queue_size:
             self.queue_full = True
             return None
-        deadline = monotonic() + config.queue_timeout
-        while backend is None and busy:
+        queued_at = monotonic()
+        deadline = queued_at + config.queue_timeout
+        try:
+            return await self._wait_turn(tried, deadline)
+        finally:
+            self.queue_time += monotonic() - queued_at
+
+    async def _wait_turn(self, tried: list[Backend], deadline: float) -> Backend | None:
+        """Wait for a turn (a backend finishing a request), then pick again, until
+        `deadline`."""
+        svc = self.svc
+        while True:
             left = deadline - monotonic()
             if left <= 0 or self.client.lost:
                 self.queue_full = True
@@ -139,9 +149,10 @@ class Exchange(Relay):
             finally:
                 if turn in svc.queue:
                     svc.queue.remove(turn)
-            busy = []
+            busy: list[Backend] = []
             backend = self.pick(tried, busy)
-        return backend
+            if backend is not None or not busy:
+                return backend
 
     def pick(self, tried: list[Backend], busy: list[Backend]) -> Backend | None:
         """The algorithm's backend for this request; those at their limit go to `busy`."""
@@ -386,6 +397,7 @@ class Exchange(Relay):
                 "bytes_out": self.bytes_out,
                 "backend": backend.address if backend is not None else "-",
                 "retries": self.retries + self.race_retried,
+                "queue_ms": round(self.queue_time * 1000, 3),
                 "connect_ms": round(self.connect_time * 1000, 3),
                 "header_ms": round(self.header_time * 1000, 3),
                 "total_ms": round((now - self.started) * 1000, 3),

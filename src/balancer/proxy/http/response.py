@@ -65,6 +65,7 @@ class Relay:
         self.reused = False
         self.response_byte = False
         self.header_at = 0.0
+        self.queue_time = 0.0
         self.queue_full = False
         """No turn came in the queue of requests waiting for a backend under its limit."""
         self.out_mark = 0
