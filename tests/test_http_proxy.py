@@ -309,3 +309,18 @@ async def test_a_sticky_cookie_pins_a_client_while_its_backend_is_up() -> None:
             assert moved is not None
             assert moved.json()["backend"] != pinned
             assert moved.header(b"set-cookie") is not None  # re-pinned to the one up
+
+
+async def test_a_body_too_big_to_replay_never_rides_a_kept_alive_connection() -> None:
+    """Should a kept-alive connection be closed under it, such a request could not be sent
+    again: it gets a new connection, and the pool keeps serving the others."""
+    async with echo_backend() as a:
+        async with http_service([a.address], replay_buffer=1024) as (svc, port):
+            client = await RawClient.open(port)
+            for data in (get("/warm"), post("/big", b"x" * 2000), post("/small", b"x" * 10)):
+                client.send(data)
+                response = await client.response()
+                assert response is not None
+                assert response.status == 200
+    assert svc.dialed == 2  # /warm's connection was not used for /big
+    assert svc.reused == 1  # /small took a kept-alive one

@@ -186,7 +186,11 @@ class Exchange(Relay):
         self.failure = ""
         self.reused = False
         self.response_byte = False
-        conn = None if fresh else svc.idle.take(backend, monotonic())
+        head = self.head
+        # A body that may not fit the replay buffer could not be sent again should a kept-alive
+        # connection turn out closed under it: such a request gets a new connection.
+        unsure = head.chunked or (head.content_length or 0) > svc.http.replay_buffer
+        conn = None if fresh or unsure else svc.idle.take(backend, monotonic())
         if conn is not None:
             self.reused = True
             svc.reused += 1
@@ -210,7 +214,6 @@ class Exchange(Relay):
         self.outcome = outcome = loop.create_future()
         self.response = None
         self.header_at = 0.0
-        head = self.head
         conn.begin(self, head.method)
         headers = self.headers
         if head.host is None:
