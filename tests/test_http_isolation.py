@@ -18,8 +18,10 @@ from tests.http_support import (
     RawClient,
     close_clients,
     echo_backend,
+    get,
     http_service,
     raw_backend,
+    until,
 )
 
 
@@ -100,3 +102,31 @@ async def test_every_client_gets_its_own_answers_in_order(seed: int) -> None:
     answered = len(a.requests) + len(b.requests)
     assert answered <= 192  # no request answered twice by the echo backends
     assert svc.race_retries > 0  # the flaky backend's closes were met and survived
+
+
+async def test_a_client_that_does_not_read_costs_bounded_memory_and_nobody_else_waits() -> None:
+    """200 pipelined requests for 100 KB each, never read: the proxy stops answering them
+    once the client's socket is full (no 20 MB queued for it), and serves others meanwhile."""
+    async with echo_backend("a") as a:
+        async with http_service([a.address]) as (svc, port):
+            hog = await RawClient.open(port)
+            hog.send(b"".join(get(f"/bytes/100000?{i}") for i in range(200)))
+            progress: list[int] = []
+
+            def stalled() -> bool:
+                progress.append(len(a.requests))
+                return len(progress) > 20 and progress[-20] == progress[-1] > 0
+
+            await until(stalled, "the backend to stop getting the hog's requests")
+            (conn,) = svc.conns
+            assert conn.transport.get_write_buffer_size() < 2 * 1024 * 1024
+            assert len(a.requests) < 200
+            other = await RawClient.open(port)
+            other.send(get("/other"))
+            answered = await other.response()
+            assert answered is not None
+            assert answered.json()["path"] == "/other"
+            for _ in range(200):  # and the hog, reading at last, gets every answer whole
+                response = await hog.response()
+                assert response is not None
+                assert len(response.body) == 100000

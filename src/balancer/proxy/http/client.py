@@ -182,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._wake()
         if self.tunnel is not None:
             self.tunnel.client_paused(False)
         elif self.exchange is not None:
@@ -213,6 +214,13 @@ class ClientConnection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    async def _woken(self) -> None:
+        self.waiter = self.svc.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
 
     async def next_event(self) -> Event | HttpError | None:
         """The next event in order; None once the client has closed (or gone)."""
@@ -274,6 +282,10 @@ class ClientConnection(asyncio.Protocol):
         svc = self.svc
         try:
             while not self.closed:
+                while self.write_paused and not self.lost:
+                    # A client not reading what it was sent gets no more answers until it
+                    # does: its pipelined requests wait (and it is not read meanwhile).
+                    await self._woken()
                 self.idle = True
                 if not self.queue and not self.reader.in_head:
                     self._arm_idle()

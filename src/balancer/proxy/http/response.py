@@ -210,11 +210,8 @@ class Relay:
 
     def client_paused(self, paused: bool) -> None:
         conn = self.conn
-        if conn is not None and not conn.lost:
-            if paused:
-                conn.transport.pause_reading()
-            else:
-                conn.transport.resume_reading()
+        if conn is not None:
+            conn.pause(paused)
 
     def client_lost(self) -> None:
         self._resolve("client")

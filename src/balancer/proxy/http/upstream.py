@@ -46,6 +46,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "lost",
         "on_eof",
+        "paused",
         "reader",
         "received",
         "registration",
@@ -70,6 +71,8 @@ class UpstreamConnection(asyncio.Protocol):
         """A byte of the current exchange's response came."""
         self.idle_since = 0.0
         self.lost = False
+        self.paused = False
+        """Not read for now: the client it answers is not reading."""
         self.on_eof: Callable[[], None] | None = None
         """Set by a tunnel: the backend's EOF is a half-close to pass on."""
         self.data_received = self._parse
@@ -138,6 +141,15 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.upstream_lost(exc)
 
+    def pause(self, paused: bool) -> None:
+        """Stop (or go back to) reading the backend, for the client's flow control."""
+        if paused != self.paused and not self.lost:
+            self.paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
     def close(self) -> None:
         self.sink = None
         self.transport.close()
@@ -170,6 +182,7 @@ class IdlePool:
         conn.sink = None
         if conn.lost:
             return
+        conn.pause(False)  # the next exchange on it reads it from the start
         if self.max_requests and conn.served >= self.max_requests:
             conn.close()
             return
