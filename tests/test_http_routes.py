@@ -11,8 +11,8 @@ import pytest
 from balancer.config.errors import ConfigError
 from balancer.config.load import load_config
 from balancer.config.model import RouteConfig
-from balancer.core.http.routing import RouteTable, host_name
-from balancer.core.http.wire import Head, RequestReader
+from balancer.core.http.routing import RouteTable, host_name, normalize_target, origin_form
+from balancer.core.http.wire import Head, HttpError, RequestReader
 from tests.http_support import RawClient, close_clients, echo_backend, get, http_service
 
 
@@ -153,3 +153,58 @@ def test_a_valid_route_loads(tmp_path: Path) -> None:
         RouteConfig("api", hosts=("api.test",), methods=("GET",), headers=(("X-Canary", "1"),)),
     )
     assert web.backends == ()
+
+
+@pytest.mark.parametrize(
+    ("target", "normal"),
+    [
+        (b"/a/./b/../c", b"/a/c"),
+        (b"/public/../admin", b"/admin"),
+        (b"/%61dmin", b"/admin"),
+        (b"/%2e%2e/admin", b"/admin"),
+        (b"/../../etc/passwd", b"/etc/passwd"),
+        (b"/x/..", b"/"),
+        (b"/x/.", b"/x/"),
+        (b"/a%2fb", b"/a%2Fb"),  # an encoded slash stays encoded (not a segment boundary)
+        (b"/a/../b?next=/../c", b"/b?next=/../c"),  # the query is left alone
+        (b"/%zz/%4", b"/%zz/%4"),
+        (b"*", b"*"),
+    ],
+)
+def test_paths_are_normalized_before_routes_see_them(target: bytes, normal: bytes) -> None:
+    assert normalize_target(target) == normal
+
+
+def test_an_absolute_target_is_made_origin_form_with_its_authority_as_host() -> None:
+    head = head_of(b"GET http://Admin.test:8080/v1/x?q HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    origin_form(head)
+    assert head.target == b"/v1/x?q"
+    assert head.host == b"Admin.test:8080"
+    assert head.headers == [(b"Host", b"Admin.test:8080")]
+    for bad in (b"ftp://h/x", b"http://user@h/x", b"http:///x"):
+        with pytest.raises(HttpError):
+            origin_form(head_of(b"GET " + bad + b" HTTP/1.1\r\nHost: h\r\n\r\n"))
+
+
+async def test_a_route_cannot_be_dodged_with_dots_escapes_or_an_absolute_target() -> None:
+    """The admin route's service is where /admin goes, however the path is written."""
+    async with echo_backend("admin") as admin, echo_backend("www") as www:
+        async with (
+            http_service([admin.address], service={"name": "admin"}),
+            http_service(
+                [www.address], service={"routes": (RouteConfig("admin", path_prefix="/admin"),)}
+            ) as (_, port),
+        ):
+            client = await RawClient.open(port)
+            for target in ("/admin/x", "/public/../admin/x", "/%61dmin/x", "/./admin/x"):
+                client.send(get(target))
+                response = await client.response()
+                assert response is not None
+                assert (response.json()["backend"], response.json()["path"]) == (
+                    "admin",
+                    "/admin/x",
+                )
+            client.send(b"GET http://h.test/admin/x HTTP/1.1\r\nHost: h.test\r\n\r\n")
+            absolute = await client.response()
+            assert absolute is not None
+            assert absolute.json()["backend"] == "admin"

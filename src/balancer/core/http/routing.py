@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from balancer.config.model import RouteConfig
-from balancer.core.http.wire import Head
+from balancer.core.http.wire import Head, HttpError
 
 
 def host_name(host: bytes | None) -> bytes:
@@ -73,3 +73,72 @@ class RouteTable:
             if route.matches(head, host):
                 return route.service
         return None
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def _decode_unreserved(path: bytes) -> bytes:
+    """`%41` -> `A` for unreserved characters only (RFC 3986 6.2.2.2); the rest kept."""
+    if b"%" not in path:
+        return path
+    out = bytearray()
+    at = 0
+    while at < len(path):
+        char = path[at]
+        if char == 0x25 and at + 2 < len(path) and path[at + 1] in _HEX and path[at + 2] in _HEX:
+            value = int(path[at + 1 : at + 3], 16)
+            if value in _UNRESERVED:
+                out.append(value)
+            else:
+                out += path[at : at + 3].upper()
+            at += 3
+        else:
+            out.append(char)
+            at += 1
+    return bytes(out)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 5.2.4 on an absolute path: `/a/./b/../c` -> `/a/c`; never above `/`."""
+    if b"." not in path:
+        return path
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == b".":
+            if last:
+                out.append(b"")
+        elif segment == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def normalize_target(target: bytes) -> bytes:
+    """The path of `target` as routes see it and backends get it: unreserved characters
+    percent-decoded, dot segments removed (the query is left as it is). `*` is kept."""
+    if not target.startswith(b"/"):
+        return target
+    path, sep, query = target.partition(b"?")
+    normal = _remove_dot_segments(_decode_unreserved(path))
+    return normal + sep + query if normal != path else target
+
+
+def origin_form(head: Head) -> None:
+    """An absolute-form target (`http://host/path`) made origin-form (`/path`), its
+    authority the Host (RFC 9112 3.2.2), so that routes and backends see one path."""
+    scheme, _, rest = head.target.partition(b"://")
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if scheme.lower() not in (b"http", b"https") or not authority or b"@" in authority:
+        raise HttpError(400, "invalid absolute request target")
+    head.target = path if path.startswith(b"/") else b"/" + path
+    head.host = authority
+    head.headers = [(n, authority if n.lower() == b"host" else v) for n, v in head.headers]

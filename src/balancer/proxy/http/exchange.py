@@ -22,6 +22,7 @@ from time import monotonic
 from balancer.core.http.affinity import cookie_value, request_key
 from balancer.core.http.headers import is_trusted, request_headers, rewrite_target, trailer_fields
 from balancer.core.http.replay import Again, Stage, send_again
+from balancer.core.http.routing import normalize_target, origin_form
 from balancer.core.http.wire import Body, End, HttpError
 from balancer.core.http.writer import chunk, error_response, last_chunk, request_head
 from balancer.core.pool import Backend
@@ -41,6 +42,12 @@ class Exchange(Relay):
     async def run(self) -> bool:
         """Serve the request; whether the client connection may serve another."""
         head = self.head
+        if head.target[:1] != b"/" and b"://" in head.target:
+            try:
+                origin_form(head)
+            except HttpError as exc:
+                return self.answer(exc.status, "CR", exc.reason)
+        head.target = normalize_target(head.target)
         front = self.svc
         front.requests += 1
         svc = front.route(head)
