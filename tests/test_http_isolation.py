@@ -130,3 +130,26 @@ async def test_a_client_that_does_not_read_costs_bounded_memory_and_nobody_else_
                 response = await hog.response()
                 assert response is not None
                 assert len(response.body) == 100000
+
+
+async def test_a_switch_of_protocols_nobody_asked_for_is_a_502_not_a_tunnel() -> None:
+    """A backend answering 101 to a plain request would get the client's connection raw,
+    past every route and header rule: the proxy refuses it as a broken response."""
+
+    async def switcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()
+
+    async with raw_backend(switcher) as backend:
+        async with http_service([backend.address], retries=0) as (svc, port):
+            client = await RawClient.open(port)
+            client.send(get("/"))
+            response = await client.response()
+            assert response is not None
+            assert response.status == 502
+            assert not svc.tunnels
+            assert svc.bad_responses == 1

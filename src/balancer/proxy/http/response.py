@@ -131,6 +131,11 @@ class Relay:
             if self.head.version == b"1.1":
                 out.append(write_response_head(status, rh.reason or REASONS.get(status, b""), []))
             return
+        if status == 101 and (self.head.upgrade is None or rh.upgrade is None):
+            # A switch nobody asked for would hand the client's connection to the backend
+            # raw, past every rule of ours: a broken response.
+            self.upstream_error(HttpError(502, "101 Switching Protocols without an upgrade"))
+            return
         self.response = rh
         self.header_at = monotonic()
         self.status = status
