@@ -208,3 +208,16 @@ async def test_a_route_cannot_be_dodged_with_dots_escapes_or_an_absolute_target(
             absolute = await client.response()
             assert absolute is not None
             assert absolute.json()["backend"] == "admin"
+
+
+def test_the_readmes_http_example_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("```toml\n", text.index("## HTTP mode")) + len("```toml\n")
+    path = tmp_path / "readme.toml"
+    path.write_text(text[start : text.index("```", start)])
+    config = load_config(path)
+    web, api = config.service("web"), config.service("api")
+    assert (web.mode, api.mode) == ("http", "http")
+    assert [r.service for r in web.routes] == ["api", "api"]
+    assert api.http.strip_prefix == "/api"
+    assert web.health.type == "http"
