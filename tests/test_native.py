@@ -65,13 +65,14 @@ def test_the_test_run_has_the_implementation_it_asked_for() -> None:
 
 
 def test_version_names_the_implementation_and_the_switch_turns_it_off() -> None:
-    assert "message hot path pure Python (BALANCER_NO_EXTENSIONS is set)" in run_version(
-        {"BALANCER_NO_EXTENSIONS": "1"}
+    assert (
+        "hot path (message and http mode) pure Python (BALANCER_NO_EXTENSIONS is set)"
+        in run_version({"BALANCER_NO_EXTENSIONS": "1"})
     )
     normal = run_version({"BALANCER_NO_EXTENSIONS": ""})
     assert normal.startswith("balancer ")
     if compiled_build():
-        assert "message hot path compiled" in normal
+        assert "hot path (message and http mode) compiled" in normal
 
 
 @pytest.mark.e2e
@@ -91,7 +92,7 @@ def test_both_builds_serve_the_same_replies_and_log_which_one_runs(
     for name, env in builds.items():
         bal = start_balancer(config, admin=False, env=env)
         try:
-            assert f"message hot path {name}" in bal.output()
+            assert f"hot path (message and http mode) {name}" in bal.output()
             report = run_load(bal.port, "--client_count", "4", "--pipeline", "8")
         finally:
             bal.stop()

@@ -71,7 +71,7 @@ async def serve(server: Server, sockets: Sockets | None = None) -> int:
 def runtime_summary() -> str:
     """What runs: the hot path's implementation, the event loop, the Python."""
     return (
-        f"message hot path {native.implementation()}, event loop {loop_name()}, "
+        f"hot path (message and http mode) {native.implementation()}, event loop {loop_name()}, "
         f"Python {platform.python_version()}"
     )
 

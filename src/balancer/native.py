@@ -42,10 +42,22 @@ COMPILED = (
     "balancer.proxy.message.channel",
     "balancer.proxy.message.dispatch",
     "balancer.proxy.message.session",
+    "balancer.core.http.wire",
+    "balancer.core.http.writer",
+    "balancer.core.http.headers",
+    "balancer.core.http.routing",
+    "balancer.core.http.affinity",
+    "balancer.core.http.replay",
+    "balancer.proxy.http.upstream",
+    "balancer.proxy.http.response",
+    "balancer.proxy.http.exchange",
+    "balancer.proxy.http.client",
 )
-"""The modules of message mode's per-request path (framing, the backends and their
-policies' `pick`, the latency histogram, dispatch, the reply queue and its in-order flush,
-the backend connections' reply matching), compiled when the extension is built."""
+"""The modules of the per-request paths, compiled when the extension is built: message
+mode's (framing, the backends and their policies' `pick`, the latency histogram, dispatch,
+the reply queue and its in-order flush, the backend connections' reply matching) and http
+mode's (the llhttp wrapper and writers, header rules, routing, the exchange, its response
+relay, the client and upstream connections)."""
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
