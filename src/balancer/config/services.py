@@ -239,9 +239,10 @@ def read_service(
     framing_default = "auto" if raw_backends else defaults.client_framing
     client_framing = t.choice("client_framing", framing_default, CLIENT_FRAMINGS)
     if t.has("client_framing") and mode != "message" and t.clean("mode"):
+        why = "HTTP frames its own messages" if mode == "http" else "it relays bytes as they come"
         t.fail(
             "client_framing",
-            f"expected no client_framing in {mode} mode (it relays bytes as they come), "
+            f"expected no client_framing in {mode} mode ({why}), "
             f"got {show_value(t.data['client_framing'])}",
         )
 
