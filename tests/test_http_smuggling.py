@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from balancer.core.http.wire import HttpError, RequestReader, ResponseReader
+from balancer.core.http.wire import Body, End, HttpError, RequestReader, ResponseReader
 from tests.http_wire_support import feed_requests, request
 
 HOST = (b"Host", b"h.test")
@@ -180,3 +180,35 @@ def test_a_bad_response_is_a_502(data: bytes) -> None:
     with pytest.raises(HttpError) as caught:
         reader.feed(data)
     assert caught.value.status == 502
+
+
+@pytest.mark.parametrize("reader", [RequestReader, ResponseReader])
+def test_an_endless_trailer_or_chunk_extension_is_refused_within_the_header_limit(
+    reader: type[RequestReader] | type[ResponseReader],
+) -> None:
+    first = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        if reader is RequestReader
+        else b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for tail in (b"5\r\nhello\r\n0\r\nX-Trailer: ", b"5;ext="):
+        parser = reader(max_header_bytes=1024)
+        parser.feed(first + tail)
+        fed, refused = 0, None
+        while fed < 1_000_000 and refused is None:  # bounded: a broken limit fails, not hangs
+            try:
+                parser.feed(b"a" * 100)
+            except HttpError as exc:
+                refused = exc
+            fed += 100
+        assert refused is not None
+        assert refused.status == (400 if reader is RequestReader else 502)
+        assert fed <= 2048
+
+
+def test_many_small_chunks_are_no_framing_abuse() -> None:
+    parser = RequestReader(max_header_bytes=1024)
+    body = b"".join(b"1\r\nx\r\n" for _ in range(5000)) + b"0\r\n\r\n"
+    events = parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert isinstance(events[-1], End)
+    assert b"".join(e.data for e in events if isinstance(e, Body)) == b"x" * 5000

@@ -153,6 +153,8 @@ class _Reader:
         """The last bytes of a head fed so far, to find its end across feeds."""
         self.body_left: int | None = None
         """Bytes of a Content-Length body still to come."""
+        self.framing = 0
+        """Bytes of a chunked body fed in a row without data coming of them."""
         self.counted = False
         """The piece being fed was counted in `head_bytes`."""
         self.piece_len = 0
@@ -281,6 +283,7 @@ class _Reader:
             if self.counted:
                 self.head_bytes += upto - at
             at = upto
+            before = len(events)
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as exc:
@@ -300,6 +303,13 @@ class _Reader:
             if self.in_head and self.head_bytes > self.max_header_bytes:
                 limit = f"header block over {self.max_header_bytes} bytes"
                 self._break(HttpError(self._status(431), limit))
+            if not self.counted and self.head is not None and self.head.chunked:
+                # chunk sizes, extensions and trailers carry no data: bounded like a head
+                # (llhttp would keep a trailer's value in memory however long it grows)
+                self.framing = 0 if len(events) > before else self.framing + self.piece_len
+                if self.framing > self.max_header_bytes:
+                    limit = f"chunk framing or trailers over {self.max_header_bytes} bytes"
+                    self._break(HttpError(self.status_on_error, limit))
         return events
 
     def _piece_end(self, view: memoryview, at: int) -> int:
