@@ -122,6 +122,7 @@ async def test_status_and_metrics_count_what_http_mode_served(running: Running) 
         "client_errors": 0,
         "bad_responses": 0,
         "routes": [],
+        "backend_responses": {running.echo.address: {"2xx": 3, "4xx": 1}},
     }
 
     # a malformed request (two lengths that disagree): a 400 of ours, the connection closed
@@ -152,9 +153,13 @@ async def test_status_and_metrics_count_what_http_mode_served(running: Running) 
     assert http["upstream_connections"] == {"new": 1, "reused": 3}
     assert http["retries"] == {"backend": 0, "keepalive_race": 0, "over_budget": 0}
     assert (http["tunnels"], http["bad_responses"]) == (0, 0)
+    # the backend answered the 2xx and the 404; the 400 and the 503 were ours
+    assert http["backend_responses"] == {address: {"2xx": 3, "4xx": 1}}
 
     metrics = await running.metrics()
     idle = http["idle_upstream_connections"]
+    per_backend = f'balancer_http_backend_responses_total{{backend="{address}",'
+
     assert metrics == {
         'balancer_http_responses_total{class="2xx",service="web"}': 3.0,
         'balancer_http_responses_total{class="4xx",service="web"}': 2.0,
@@ -167,6 +172,8 @@ async def test_status_and_metrics_count_what_http_mode_served(running: Running) 
         'balancer_http_retries_total{kind="keepalive_race",service="web"}': 0.0,
         'balancer_http_idle_upstream_connections{service="web"}': float(idle),
         'balancer_http_tunnels{service="web"}': 0.0,
+        f'{per_backend}class="2xx",service="web"}}': 3.0,
+        f'{per_backend}class="4xx",service="web"}}': 1.0,
     }
 
 
@@ -180,6 +187,7 @@ def test_every_counter_lands_in_its_field_and_sample() -> None:
     svc.requests, svc.retries_made, svc.race_retries, svc.retries_over_budget = 40, 3, 2, 1
     svc.dialed, svc.reused, svc.client_errors, svc.bad_responses = 5, 35, 6, 7
     svc.statuses = {"5xx": 9, "2xx": 31}
+    svc.backend_statuses = {"10.0.0.2:80": {"5xx": 2}, "10.0.0.1:80": {"2xx": 30}}
     svc.generated = {504: 4, 502: 8}
     svc.tunnels = {object(), object()}  # type: ignore[arg-type]
     status = svc.mode_status()
@@ -194,6 +202,7 @@ def test_every_counter_lands_in_its_field_and_sample() -> None:
         "client_errors": 6,
         "bad_responses": 7,
         "routes": ["api.test,*.api.test /v1 GET X-Canary=1 -> api", "* -> www"],
+        "backend_responses": {"10.0.0.2:80": {"5xx": 2}, "10.0.0.1:80": {"2xx": 30}},
     }
     registry = CollectorRegistry(auto_describe=False)
 

@@ -173,6 +173,11 @@ def http_metrics(services: dict[str, HttpStatus]) -> Iterator[Metric]:
         "Kept-alive upstream connections idle now (http mode).",
         labels=["service"],
     )
+    by_backend = CounterMetricFamily(
+        "balancer_http_backend_responses",
+        "Responses of each backend relayed to clients, by status class (http mode).",
+        labels=["service", "backend", "class"],
+    )
     tunnels = GaugeMetricFamily(
         "balancer_http_tunnels",
         "Upgraded connections (WebSocket, ...) relayed now (http mode).",
@@ -191,7 +196,10 @@ def http_metrics(services: dict[str, HttpStatus]) -> Iterator[Metric]:
         retries.add_metric([name, "keepalive_race"], again["keepalive_race"])
         idle.add_metric([name], counters["idle_upstream_connections"])
         tunnels.add_metric([name], counters["tunnels"])
-    yield from (responses, generated, connections, retries, idle, tunnels)
+        for backend, classes in counters["backend_responses"].items():
+            for status_class, n in classes.items():
+                by_backend.add_metric([name, backend, status_class], n)
+    yield from (responses, generated, connections, retries, idle, tunnels, by_backend)
 
 
 def process_metrics() -> Iterator[Metric]:

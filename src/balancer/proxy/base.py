@@ -49,6 +49,8 @@ class HttpStatus(TypedDict):
     """Backend responses that broke the protocol."""
     routes: list[str]
     """The service's routes in order, each as `conditions -> service`."""
+    backend_responses: dict[str, dict[str, int]]
+    """Responses relayed from each backend (by address), by status class."""
 
 
 class Proxy(Protocol):

@@ -70,6 +70,7 @@ class Serving(Protocol):
     """Responses of our own, by status."""
     statuses: dict[str, int]
     """Responses to clients, by status class ("2xx", ...)."""
+    backend_statuses: dict[str, dict[str, int]]
 
     sticky_name: bytes
     """The sticky cookie's name (empty: none)."""

@@ -388,7 +388,14 @@ class Exchange(Relay):
         if self.term == "SC":
             svc.not_available += 1
         if self.status:
-            count(svc.statuses, f"{self.status // 100}xx")
+            status_class = f"{self.status // 100}xx"
+            count(svc.statuses, status_class)
+            if self.relaying and self.backend is not None:
+                address = self.backend.address
+                classes = svc.backend_statuses.get(address)
+                if classes is None:
+                    classes = svc.backend_statuses[address] = {}
+                count(classes, status_class)
             if svc.histogram is not None:
                 svc.histogram.observe(now - self.started)
         access = svc.access_log

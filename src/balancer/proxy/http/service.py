@@ -100,6 +100,8 @@ class HttpService:
         self.generated: dict[int, int] = {}
         """Responses of our own, by status."""
         self.statuses: dict[str, int] = {}
+        self.backend_statuses: dict[str, dict[str, int]] = {}
+        """Responses relayed from each backend (by address), by status class."""
         """Responses sent to clients, by status class ("2xx", ...)."""
         self.budget = RetryBudget(time.monotonic())
         self.idle = IdlePool()
@@ -199,6 +201,10 @@ class HttpService:
             "client_errors": self.client_errors,
             "bad_responses": self.bad_responses,
             "routes": [describe_route(r) for r in self.config.routes],
+            "backend_responses": {
+                address: dict(sorted(classes.items()))
+                for address, classes in sorted(self.backend_statuses.items())
+            },
         }
 
     def __repr__(self) -> str:
