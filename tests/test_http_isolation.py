@@ -153,3 +153,17 @@ async def test_a_switch_of_protocols_nobody_asked_for_is_a_502_not_a_tunnel() ->
             assert response.status == 502
             assert not svc.tunnels
             assert svc.bad_responses == 1
+
+
+async def test_a_long_lived_connection_is_served_past_any_amount_of_request_heads() -> None:
+    """Heads are not queued bytes that wait: 150 requests of 4 KB heads (600 KB, past the
+    client's pause threshold) one after another on one connection are all answered."""
+    async with echo_backend("a") as a:
+        async with http_service([a.address]) as (_svc, port):
+            client = await RawClient.open(port)
+            big = f"X-Padding: {'p' * 4000}\r\n"
+            for i in range(150):
+                client.send(get(f"/{i}", extra=big))
+                response = await client.response()
+                assert response is not None, i
+                assert response.json()["path"] == f"/{i}"

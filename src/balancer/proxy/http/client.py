@@ -46,7 +46,7 @@ class ClientConnection(asyncio.Protocol):
         self.reader = RequestReader(svc.http.max_header_bytes, svc.http.max_headers)
         self.queue: deque[Event | HttpError] = deque()
         self.queued = 0
-        """Bytes received and not yet taken from the queue."""
+        """Bytes of request bodies (or of an upgrade's tunnel) received and not yet taken."""
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer: Any = None
@@ -141,14 +141,19 @@ class ClientConnection(asyncio.Protocol):
         except HttpError as exc:
             events = list(reader.events)
             failed = exc
+        held = 0
         for event in events:
-            if type(event) is Upgrade:
-                self.raw = bytearray(event.rest)
+            kind = type(event)
+            if kind is Body:
+                held += len(event.data)  # type: ignore[union-attr]
+            elif kind is Upgrade:
+                self.raw = bytearray(event.rest)  # type: ignore[union-attr]
+                held += len(event.rest)  # type: ignore[union-attr]
         if failed is not None:
             events.append(failed)
             self.transport.pause_reading()
         self.queue.extend(events)
-        self._hold(len(data))
+        self._hold(held)
         if reader.in_head and failed is None:
             if self.head_timer is None:
                 self.head_timer = self.svc.loop.call_later(
@@ -160,6 +165,8 @@ class ClientConnection(asyncio.Protocol):
         self._wake()
 
     def _hold(self, size: int) -> None:
+        """`size` more bytes of body wait in the queue (heads are bounded by their count:
+        each by `max_header_bytes`, and at most MAX_QUEUED events wait)."""
         self.queued += size
         if not self.paused and (self.queued > HIGH_WATER or len(self.queue) > MAX_QUEUED):
             self.paused = True
