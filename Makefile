@@ -28,11 +28,14 @@ bench:
 	$(PYTHON) bench/report.py
 
 # Soak: mixed load with backend kills and restarts for SOAK_MINUTES (default 10), redis
-# through tcp mode with redis kills for TCP_SOAK_MINUTES (default 5), and 10,000 idle
-# connections; writes bench/results/{soak,tcp_soak,idle}.{json,md}.
+# through tcp mode with redis kills for TCP_SOAK_MINUTES (default 5), GETs through http
+# mode with backend kills for HTTP_SOAK_MINUTES (default 2), and 10,000 idle connections;
+# writes bench/results/{soak,tcp_soak,http_soak,idle}.{json,md}.
 SOAK_MINUTES ?= 10
 TCP_SOAK_MINUTES ?= 5
+HTTP_SOAK_MINUTES ?= 2
 soak:
 	$(PYTHON) bench/soak.py --minutes $(SOAK_MINUTES)
 	$(PYTHON) bench/tcp_soak.py --minutes $(TCP_SOAK_MINUTES)
+	$(PYTHON) bench/http_soak.py --minutes $(HTTP_SOAK_MINUTES)
 	$(PYTHON) bench/idle_connections.py
