@@ -7,8 +7,10 @@ kept-alive connections, each answer checked (status 200, the path it asked for, 
 Every `--kill-every` seconds one backend (in turn) is killed with SIGKILL and started again
 on its port 1 s later.
 
-What must hold (the goals): no GET fails (a GET a dying backend held is sent again, on
-another backend or, after the keep-alive race, on a fresh connection), none is answered
+Every fourth request is a POST with an id of its own, which the backends record. What must
+hold (the goals): no POST reaches two backends (a POST a dying backend held is answered 502,
+never sent elsewhere), no request fails otherwise (a GET a dying backend held is sent again,
+on another backend or, after the keep-alive race, on a fresh connection), none is answered
 with another request's answer, the balancer holds no client connection once the clients are
 gone, its RSS after the run is within 10 % of its RSS after warm-up, and it exits 0 on
 SIGTERM.
@@ -47,9 +49,9 @@ OUTAGE = 1.0
 ECHO = ROOT / "tests" / "http_echo_backend.py"
 
 
-def start_echo(name: str, port: int) -> subprocess.Popen[bytes]:
+def start_echo(name: str, port: int, record: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, str(ECHO), name, str(port)],
+        [sys.executable, str(ECHO), name, str(port), str(record)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -72,6 +74,10 @@ class Tally:
     def __init__(self) -> None:
         self.ok = 0
         self.failed = 0
+        self.posts_ok = 0
+        self.posts_refused = 0
+        """POSTs answered 502/503/504: not sent again, the backend having maybe acted."""
+        self.posts_sent = 0
         self.mixed = 0
         """Answers that were another request's."""
         self.errors: dict[str, int] = {}
@@ -83,6 +89,9 @@ async def worker(n: int, port: int, stop_at: float, tally: Tally) -> None:
         seq = 0
         while time.monotonic() < stop_at:
             seq += 1
+            if seq % 4 == 0:
+                await post(session, port, f"/rec/w{n}/{seq}", tally)
+                continue
             path = f"/w{n}/{seq}"
             try:
                 async with session.get(f"http://{HOST}:{port}{path}") as resp:
@@ -101,8 +110,41 @@ async def worker(n: int, port: int, stop_at: float, tally: Tally) -> None:
                 tally.errors[key] = tally.errors.get(key, 0) + 1
 
 
+async def post(session: aiohttp.ClientSession, port: int, path: str, tally: Tally) -> None:
+    """A POST with an id of its own; the backends record every one they get."""
+    tally.posts_sent += 1
+    try:
+        async with session.post(f"http://{HOST}:{port}{path}", data=path.encode() * 8) as resp:
+            await resp.read()
+            if resp.status == 200:
+                tally.posts_ok += 1
+            elif resp.status in (502, 503, 504):
+                tally.posts_refused += 1
+            else:
+                tally.failed += 1
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        tally.failed += 1
+        key = f"POST {type(exc).__name__}"
+        tally.errors[key] = tally.errors.get(key, 0) + 1
+
+
+def recorded(records: list[Path]) -> dict[str, int]:
+    """How many times each recorded POST reached a backend, by path."""
+    seen: dict[str, int] = {}
+    for record in records:
+        if record.exists():
+            for line in record.read_text().splitlines():
+                path = json.loads(line)["path"]
+                seen[path] = seen.get(path, 0) + 1
+    return seen
+
+
 async def kill_in_turn(
-    procs: list[subprocess.Popen[bytes]], ports: list[int], every: float, stop_at: float
+    procs: list[subprocess.Popen[bytes]],
+    ports: list[int],
+    records: list[Path],
+    every: float,
+    stop_at: float,
 ) -> int:
     kills = 0
     turn = 0
@@ -113,7 +155,7 @@ async def kill_in_turn(
         procs[at].wait(10)
         kills += 1
         await asyncio.sleep(OUTAGE)
-        procs[at] = await asyncio.to_thread(start_echo, f"b{at}", ports[at])
+        procs[at] = await asyncio.to_thread(start_echo, f"b{at}", ports[at], records[at])
         turn += 1
     return kills
 
@@ -132,11 +174,12 @@ def read_status(admin_port: int) -> dict[str, Any]:
 
 def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
     ports = [free_port() for _ in range(3)]
-    echoes = [start_echo(f"b{i}", p) for i, p in enumerate(ports)]
     port, admin_port = free_port(), free_port()
     tally = Tally()
     samples: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="balancer-http-soak-") as tmp:
+        records = [Path(tmp) / f"b{i}.jsonl" for i in range(3)]
+        echoes = [start_echo(f"b{i}", p, records[i]) for i, p in enumerate(ports)]
         cfg = Path(tmp) / "http.toml"
         cfg.write_text(config(port, admin_port, ports))
         env = {"PYTHONPATH": str(ROOT / "src")}
@@ -154,7 +197,9 @@ def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
 
             async def soak() -> int:
                 rss = asyncio.to_thread(sample_rss, bal.pid, samples, start, stop_at)
-                killer = asyncio.ensure_future(kill_in_turn(echoes, ports, kill_every, stop_at))
+                killer = asyncio.ensure_future(
+                    kill_in_turn(echoes, ports, records, kill_every, stop_at)
+                )
                 await asyncio.gather(
                     killer, rss, *(worker(n, port, stop_at, tally) for n in range(clients))
                 )
@@ -176,6 +221,7 @@ def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
             for proc in echoes:
                 proc.kill()
                 proc.wait(10)
+        reached = recorded(records)
     warm = next((mb for t, mb in samples if t >= 20), samples[0][1])
     http = status["http"]
     return {
@@ -186,6 +232,11 @@ def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
         "gets_ok": tally.ok,
         "gets_failed": tally.failed,
         "answers_mixed_up": tally.mixed,
+        "posts_sent": tally.posts_sent,
+        "posts_ok": tally.posts_ok,
+        "posts_refused": tally.posts_refused,
+        "posts_reaching_two_backends": sum(1 for n in reached.values() if n > 1),
+        "posts_ok_not_recorded": max(0, tally.posts_ok - len(reached)),
         "errors": tally.errors,
         "retries": http["retries"],
         "upstream_connections": http["upstream_connections"],
@@ -202,6 +253,7 @@ def passed(doc: dict[str, Any]) -> bool:
     return bool(
         doc["gets_failed"] == 0
         and doc["answers_mixed_up"] == 0
+        and doc["posts_reaching_two_backends"] == 0
         and doc["client_connections_after"] == 0
         and abs(doc["rss_mb"]["end_vs_warm_percent"]) <= 10
         and doc["balancer_exit_code"] == 0
@@ -220,8 +272,11 @@ def markdown(doc: dict[str, Any]) -> str:
             "| | value |",
             "|---|---:|",
             f"| GETs answered 200 with their own answer | {doc['gets_ok']:,} |",
-            f"| GETs failed (goal 0) | {doc['gets_failed']} {doc['errors'] or ''} |",
+            f"| requests failed otherwise (goal 0) | {doc['gets_failed']} {doc['errors'] or ''} |",
             f"| answers that were another request's (goal 0) | {doc['answers_mixed_up']} |",
+            f"| POSTs sent / answered 200 / answered 502-504 (not sent again) | "
+            f"{doc['posts_sent']:,} / {doc['posts_ok']:,} / {doc['posts_refused']} |",
+            f"| POSTs that reached two backends (goal 0) | {doc['posts_reaching_two_backends']} |",
             f"| backend kills (SIGKILL, restart {OUTAGE:g} s later) | {doc['kills']} |",
             f"| retries: to another backend / keep-alive race | {retries['backend']} / "
             f"{retries['keepalive_race']} |",
@@ -234,7 +289,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| end vs warm-up (goal within 10%) | {rss['end_vs_warm_percent']:+.1f}% |",
             f"| balancer exit code after SIGTERM | {doc['balancer_exit_code']} |",
             "",
-            f"Load: {doc['clients']} aiohttp workers sending GETs on kept-alive connections, "
+            f"Load: {doc['clients']} aiohttp workers sending GETs (and every fourth request a "
+            f"POST with an id of its own, recorded by the backend) on kept-alive connections, "
             f"each answer checked; one echo backend of three killed every "
             f"{doc['kill_every']:g} s, in turn. Goals {'met' if passed(doc) else 'MISSED'}.",
             "",

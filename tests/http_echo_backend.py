@@ -13,7 +13,9 @@ method, path, headers, body sha256 and length. Besides:
 - `/ws` is a WebSocket echo (`NAME:text`);
 - `/die` appends what it received to RECORD_FILE as a JSON line, then exits at once
   (`os._exit(1)`) without answering: a backend that acted on a request and crashed;
-- `/hang` records the same way, then never answers (for the test to kill the process).
+- `/hang` records the same way, then never answers (for the test to kill the process);
+- `/rec/...` records the same way, then answers as any other path (a soak counts how often
+  each request reached a backend).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def app(name: str, record: str | None) -> web.Application:
             "length": length,
         }
         path = request.path
+        if path.startswith("/rec/") and record is not None:
+            note(record, seen)
         if path in ("/die", "/hang"):
             if record is not None:
                 note(record, seen)
