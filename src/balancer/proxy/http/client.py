@@ -35,6 +35,8 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_QUEUED = 256
 """Events (heads, body pieces) queued before the client is paused."""
+PARSE_PIECE = 16 * 1024
+"""Bytes parsed at a time, the queue's room looked at between pieces."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -58,6 +60,8 @@ class ClientConnection(asyncio.Protocol):
         self.lost = False
         self.paused = False
         self.write_paused = False
+        self.unparsed: bytearray | None = None
+        """Bytes received while the queue was full, parsed as it drains."""
         self.raw: bytearray | None = None
         """After an upgrade request: the bytes that follow it, held for the tunnel."""
         self.tunnel_write: Any = None
@@ -134,10 +138,50 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.reader.broken is not None:
             return
         self._cancel_idle()
+        if self.unparsed is not None:
+            self.unparsed += data  # a read under way when the client was paused
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse `data` a piece at a time while the queue has room; what is left waits,
+        unparsed, with the client not read, until the queue drains (so a burst of tiny
+        pipelined requests costs a bounded number of parsed events, not one per request)."""
+        at = 0
+        end = len(data)
+        while at < end:
+            if len(self.queue) >= MAX_QUEUED:
+                self.unparsed = bytearray(data[at:])
+                if not self.paused:
+                    self.paused = True
+                    self.transport.pause_reading()
+                break
+            piece = data[at : at + PARSE_PIECE]
+            at += len(piece)
+            self._feed(piece)
+            if self.raw is not None:  # an upgrade request: the rest is for the tunnel
+                rest = data[at:]
+                self.raw += rest
+                self._hold(len(rest))
+                break
+            if self.reader.broken is not None:
+                break
+        reader = self.reader
+        if reader.in_head and reader.broken is None:
+            if self.head_timer is None:
+                self.head_timer = self.svc.loop.call_later(
+                    self.svc.http.header_timeout, self._head_expired
+                )
+        elif self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        self._wake()
+
+    def _feed(self, piece: bytes) -> None:
         reader = self.reader
         failed: HttpError | None = None
         try:
-            events: list[Event | HttpError] = list(reader.feed(data))
+            events: list[Event | HttpError] = list(reader.feed(piece))
         except HttpError as exc:
             events = list(reader.events)
             failed = exc
@@ -154,15 +198,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
         self.queue.extend(events)
         self._hold(held)
-        if reader.in_head and failed is None:
-            if self.head_timer is None:
-                self.head_timer = self.svc.loop.call_later(
-                    self.svc.http.header_timeout, self._head_expired
-                )
-        elif self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        self._wake()
 
     def _hold(self, size: int) -> None:
         """`size` more bytes of body wait in the queue (heads are bounded by their count:
@@ -242,7 +277,16 @@ class ClientConnection(asyncio.Protocol):
         event = self.queue.popleft()
         if type(event) is Body:
             self.queued -= len(event.data)
-        if self.paused and self.queued < LOW_WATER and len(self.queue) < MAX_QUEUED // 2:
+        if self.unparsed is not None and len(self.queue) < MAX_QUEUED // 2:
+            data = bytes(self.unparsed)
+            self.unparsed = None
+            self._parse(data)
+        if (
+            self.paused
+            and self.unparsed is None
+            and self.queued < LOW_WATER
+            and len(self.queue) < MAX_QUEUED // 2
+        ):
             self.paused = False
             if not self.closed:
                 self.transport.resume_reading()
