@@ -338,6 +338,21 @@ def test_the_property_sees_the_raw_newline_attack() -> None:
         asyncio.run(run_scenario("auto", ["line"], 2, ops))
 
 
+def test_backends_reset_in_the_turn_their_writes_were_queued_cost_no_request() -> None:
+    """Found by the property: a backend aborted in the same loop turn as a flush was due was
+    written to after its close, and the flush of every other connection of that turn was
+    lost with it (2 of 10 replies came)."""
+    ops: list[tuple[Any, ...]] = [
+        *[("send", 0, ["line"])] * 6,
+        ("hello", 0, None),
+        *[("send", 0, ["line"])] * 3,
+        ("reset", 0, None),
+        ("reset", 2, None),
+    ]
+    with quiet_period_by_hand():
+        asyncio.run(run_scenario("raw", ["line", "line", "line"], 2, ops))
+
+
 # -- over real sockets ---------------------------------------------------------------------
 
 

@@ -101,7 +101,10 @@ class BackendConnection:
 
     def flush(self) -> None:
         out = self.out
-        if out and self.connected and self.transport is not None:
+        transport = self.transport
+        # A connection aborted this turn is closing before its connection_lost: what it
+        # holds goes again elsewhere then, and nothing is written to it meanwhile.
+        if out and self.connected and transport is not None and not transport.is_closing():
             self.out = []
             n = len(out)
             if self._raw:
@@ -116,7 +119,7 @@ class BackendConnection:
                 data = self._refuse_unsafe(n)
                 if not data:
                     return
-            self.transport.write(data)
+            transport.write(data)
 
     def _refuse_unsafe(self, n: int) -> bytes:
         """Answer locally the requests of this batch that are not exactly one line;
