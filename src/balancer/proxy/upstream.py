@@ -22,6 +22,7 @@ import os
 import socket
 from typing import Any
 
+from balancer.config.addresses import format_address
 from balancer.config.hosts import address_of
 from balancer.core.pool import Backend
 from balancer.errors import BackendError, ConnectRefused, ConnectTimeout
@@ -30,6 +31,23 @@ from balancer.net import loopguard, resources
 
 class OwnListener(Exception):
     """A backend address resolves to a listener of this process."""
+
+
+def mark_own_listener(pool: loopguard.Pool, backend: Backend, exc: OwnListener) -> None:
+    """`backend` is one of our own listeners (`dial` said so): a loop, marked as such."""
+    host, port = exc.args[0]
+    where = format_address(host, port)
+    pool.mark_loop(backend, f"{backend.address} is {where}, where this balancer listens")
+
+
+def mark_accepted_loop(found: loopguard.Loop, service: str) -> None:
+    """A listener of `service` accepted one of our own backend connections: the backend it
+    went to is a loop, marked as such."""
+    pool, backend = found.owner
+    pool.mark_loop(
+        backend,
+        f"service {service} accepted a connection from its own connection to {backend.address}",
+    )
 
 
 def numeric_addresses(host: str, port: int) -> list[Any] | None:

@@ -27,7 +27,7 @@ from balancer.net import loopguard, resources
 from balancer.net.sockopts import reset, set_nodelay
 from balancer.proxy.http.context import Ends, Serving, count
 from balancer.proxy.http.exchange import Exchange
-from balancer.proxy.upstream import admit
+from balancer.proxy.upstream import admit, mark_accepted_loop
 
 log = logging.getLogger("balancer")
 
@@ -115,14 +115,9 @@ class ClientConnection(asyncio.Protocol):
         if not isinstance(found, loopguard.Loop):
             self.loop_suspect = found is not None
             return False
-        pool, backend = found.owner
         svc = self.svc
         svc.loops += 1
-        pool.mark_loop(
-            backend,
-            f"service {svc.config.name} accepted a connection from its own connection "
-            f"to {backend.address}",
-        )
+        mark_accepted_loop(found, svc.config.name)
         self.closed = True
         self.transport.abort()
         return True

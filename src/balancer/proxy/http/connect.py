@@ -13,12 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from balancer.config.addresses import format_address
 from balancer.core.pool import Backend
 from balancer.net import loopguard
 from balancer.proxy.http.context import Serving
 from balancer.proxy.http.upstream import UpstreamConnection
-from balancer.proxy.upstream import OwnListener, adopt, connect_failure, dial, local_shortage
+from balancer.proxy.upstream import (
+    OwnListener,
+    adopt,
+    connect_failure,
+    dial,
+    local_shortage,
+    mark_own_listener,
+)
 
 log = logging.getLogger("balancer")
 
@@ -37,11 +43,7 @@ async def connect(
         async with asyncio.timeout(timeout):
             sock, registration = await dial(loop, backend, svc.owner(backend), origin)
     except OwnListener as exc:
-        host, port = exc.args[0]
-        pool.mark_loop(
-            backend,
-            f"{backend.address} is {format_address(host, port)}, where this balancer listens",
-        )
+        mark_own_listener(pool, backend, exc)
         raise Refused(f"{backend.address} is this balancer") from None
     except (OSError, TimeoutError) as exc:
         what = f"connecting to backend {backend.address} of service {svc.config.name}"

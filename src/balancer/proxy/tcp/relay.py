@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from balancer.config.addresses import format_address
 from balancer.config.hosts import address_of
 from balancer.config.model import ServiceConfig
 from balancer.core.pool import Backend, BackendPool
@@ -22,6 +21,8 @@ from balancer.proxy.upstream import (
     dial,
     has_room,
     local_shortage,
+    mark_accepted_loop,
+    mark_own_listener,
 )
 
 log = logging.getLogger("balancer")
@@ -220,14 +221,9 @@ class ClientSide(asyncio.Protocol):
         if not isinstance(found, loopguard.Loop):
             self.loop_suspect = True
             return False
-        pool, backend = found.owner
         svc = self.svc
         svc.loops += 1
-        pool.mark_loop(
-            backend,
-            f"service {svc.config.name} accepted a connection from its own connection "
-            f"to {backend.address}",
-        )
+        mark_accepted_loop(found, svc.config.name)
         self.abort()
         origin = found.origin
         if isinstance(origin, ClientSide) and origin.upstream is not None:
@@ -400,12 +396,7 @@ class ClientSide(asyncio.Protocol):
                     sock, registration = await dial(loop, backend, svc.owner(backend), self)
             except OwnListener as exc:
                 self._release(ok=None)
-                host, port = exc.args[0]
-                pool.mark_loop(
-                    backend,
-                    f"{backend.address} is {format_address(host, port)}, where this "
-                    "balancer listens",
-                )
+                mark_own_listener(pool, backend, exc)
                 continue
             except (OSError, TimeoutError) as exc:
                 what = f"connecting to backend {backend.address} of service {svc.config.name}"
