@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 
 import pytest
 import uvloop
 from _pytest.reports import CollectReport, TestReport
 from hypothesis import settings
 
+from tests.http_support import close_clients
 from tests.support import OPEN_CLIENTS, Balancers, Services
 
 # `scripts/mutation` runs the fast tests with `--hypothesis-profile=mutation`: the same examples
@@ -85,6 +86,13 @@ def _close_line_clients() -> Iterator[None]:
     yield
     while OPEN_CLIENTS:
         OPEN_CLIENTS.pop().close()
+
+
+@pytest.fixture
+async def http_clients() -> AsyncIterator[None]:
+    """Raw http clients a test opened (`tests.http_support.RawClient`) closed after it."""
+    yield
+    await close_clients()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -154,6 +155,13 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
         if line.lower().startswith(b"content-length:"):
             head += await reader.readexactly(int(line.split(b":", 1)[1]))
     return head
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Drop a raw backend's connection with an RST (SO_LINGER 0), as a crashing server does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def make_service(

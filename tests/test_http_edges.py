@@ -4,8 +4,6 @@ replay buffer, the retry count, 1xx for HTTP/1.0 clients, half-closed tunnels.""
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,26 +11,16 @@ from balancer.proxy.http.client import HIGH_WATER, MAX_QUEUED, PARSE_PIECE
 from tests.http_support import (
     STEP,
     RawClient,
-    close_clients,
     echo_backend,
     get,
     http_service,
     raw_backend,
     read_request,
+    reset,
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 async def test_a_client_pipelining_past_the_queue_is_not_read_meanwhile() -> None:

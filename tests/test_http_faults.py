@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -15,33 +13,23 @@ from balancer.core.http.wire import HttpError
 from tests.http_support import (
     STEP,
     RawClient,
-    close_clients,
     echo_backend,
     get,
     http_service,
     post,
     raw_backend,
     read_request,
+    reset,
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 def dead_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def test_the_keepalive_race_costs_the_client_nothing_whatever_the_method() -> None:

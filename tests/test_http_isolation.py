@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,7 +15,6 @@ from balancer.core.http.wire import Body, End, Head, RequestReader
 from tests.http_support import (
     STEP,
     RawClient,
-    close_clients,
     echo_backend,
     get,
     http_service,
@@ -24,11 +22,7 @@ from tests.http_support import (
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

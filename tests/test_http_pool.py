@@ -4,7 +4,6 @@ client connection may go on after an answer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
@@ -13,7 +12,6 @@ import pytest
 from balancer.proxy.http.upstream import IdlePool
 from tests.http_support import (
     RawClient,
-    close_clients,
     echo_backend,
     get,
     http_service,
@@ -22,11 +20,7 @@ from tests.http_support import (
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 async def sequential(port: int, count: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,6 @@ import pytest
 from tests.http_support import (
     STEP,
     RawClient,
-    close_clients,
     echo_backend,
     get,
     http_service,
@@ -24,11 +22,7 @@ from tests.http_support import (
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 def headers_of(seen: dict[str, Any]) -> dict[str, str]:

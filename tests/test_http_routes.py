@@ -3,7 +3,6 @@ services its routes name, and the config errors routes can have."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,9 @@ from balancer.config.load import load_config
 from balancer.config.model import RouteConfig
 from balancer.core.http.routing import RouteTable, host_name, normalize_target, origin_form
 from balancer.core.http.wire import Head, HttpError, RequestReader
-from tests.http_support import RawClient, close_clients, echo_backend, get, http_service
+from tests.http_support import RawClient, echo_backend, get, http_service
 
-
-@pytest.fixture(autouse=True)
-async def _clients() -> AsyncIterator[None]:
-    yield
-    await close_clients()
+pytestmark = pytest.mark.usefixtures("http_clients")
 
 
 def head_of(raw: bytes) -> Head:
