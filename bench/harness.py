@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,14 @@ def rss_mb(pid: int) -> float:
     """A process's resident memory in MB (10^6 bytes)."""
     rss: int = psutil.Process(pid).memory_info().rss
     return rss / 1e6
+
+
+def sample_rss(pid: int, samples: list[tuple[float, float]], start: float, stop_at: float) -> None:
+    """Append (seconds since `start`, RSS MB) of `pid` to `samples` every 2 s until `stop_at`
+    (a soak runs it in a thread beside its load)."""
+    while time.monotonic() < stop_at:
+        samples.append((time.monotonic() - start, rss_mb(pid)))
+        time.sleep(2.0)
 
 
 def rss_summary(samples: list[tuple[float, float]], warm: float, end: float) -> dict[str, Any]:

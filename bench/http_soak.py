@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from tests.peers import HOST, free_port, wait_connectable  # noqa: E402
 
 from balancer.net.loops import loop_name  # noqa: E402
-from harness import rss_mb, rss_summary, save_results  # noqa: E402
+from harness import rss_mb, rss_summary, sample_rss, save_results  # noqa: E402
 
 OUTAGE = 1.0
 ECHO = ROOT / "tests" / "http_echo_backend.py"
@@ -158,12 +158,6 @@ async def kill_in_turn(
         procs[at] = await asyncio.to_thread(start_echo, f"b{at}", ports[at], records[at])
         turn += 1
     return kills
-
-
-def sample_rss(pid: int, samples: list[tuple[float, float]], start: float, stop_at: float) -> None:
-    while time.monotonic() < stop_at:
-        samples.append((time.monotonic() - start, rss_mb(pid)))
-        time.sleep(2.0)
 
 
 def read_status(admin_port: int) -> dict[str, Any]:

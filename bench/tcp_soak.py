@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from tests.peers import HOST, Resp, free_port, need, wait_connectable  # noqa: E402
 
 from balancer.net.loops import loop_name  # noqa: E402
-from harness import rss_mb, rss_summary, save_results  # noqa: E402
+from harness import rss_mb, rss_summary, sample_rss, save_results  # noqa: E402
 
 OUTAGE = 1.0
 PAIRS = 20
@@ -137,12 +137,6 @@ async def kill_in_turn(
         await asyncio.sleep(OUTAGE)
         redis[victim] = await asyncio.to_thread(start_redis, ports[victim])
     return kills
-
-
-def sample_rss(pid: int, samples: list[tuple[float, float]], start: float, stop_at: float) -> None:
-    while time.monotonic() < stop_at:
-        samples.append((time.monotonic() - start, rss_mb(pid)))
-        time.sleep(2.0)
 
 
 def run(minutes: float, clients: int, kill_every: float) -> dict[str, Any]:
