@@ -223,6 +223,93 @@ def test_a_time_that_is_not_a_date_is_refused(pki: Pki) -> None:
         read_certificate(der[:start] + b"2001010000+0Z" + der[start + 13 :])
 
 
+# -- hand-built DER
+
+
+def der(tag: int, *parts: bytes) -> bytes:
+    """One DER element; lengths over 127 in the long form."""
+    body = b"".join(parts)
+    n = len(body)
+    size = bytes([n]) if n < 0x80 else bytes([0x82]) + n.to_bytes(2, "big")
+    return bytes([tag]) + size + body
+
+
+def cn_name(value: bytes, oid: bytes = b"\x55\x04\x03") -> bytes:
+    return der(0x30, der(0x31, der(0x30, der(0x06, oid), der(0x0C, value))))
+
+
+def built(
+    *,
+    validity: bytes = der(0x17, b"250101000000Z") + der(0x18, b"20500101000000Z"),
+    subject: bytes = cn_name(b"s"),
+    extensions: bytes | None = None,
+) -> bytes:
+    """A certificate with its fields as given: enough to be read, nothing to verify."""
+    tbs = der(0xA0, der(0x02, b"\x02")) + der(0x02, b"\x01") + der(0x30)
+    tbs += cn_name(b"i") + der(0x30, validity) + subject + der(0x30)
+    if extensions is not None:
+        tbs += der(0xA3, extensions)
+    return der(0x30, der(0x30, tbs), der(0x30), der(0x03, b"\x00"))
+
+
+def san(*names: bytes, critical: bool = False) -> bytes:
+    flag = der(0x01, b"\xff") if critical else b""
+    return der(0x30, der(0x06, b"\x55\x1d\x11"), flag, der(0x04, der(0x30, *names)))
+
+
+def test_a_hand_built_certificate_reads() -> None:
+    info = read_certificate(built(extensions=der(0x30, san(der(0x82, b"a.example")))))
+    assert info == CertificateInfo(
+        datetime(2025, 1, 1, tzinfo=UTC), datetime(2050, 1, 1, tzinfo=UTC), "CN=s",
+        ("a.example",), "CN=i",
+    )  # fmt: skip
+
+
+def test_san_dns_names_only_of_the_san_extension() -> None:
+    other = der(0x30, der(0x06, b"\x55\x1d\x12"), der(0x04, der(0x30, der(0x82, b"no"))))
+    names = san(der(0x87, b"\x7f\x00\x00\x01"), der(0x82, b"b"), der(0x81, b"m@x"), critical=True)
+    info = read_certificate(built(extensions=der(0x30, other, names)))
+    assert info.dns_names == ("b",)
+
+
+@pytest.mark.parametrize(
+    ("certificate", "message"),
+    [
+        (built(validity=der(0x17, b"250101000000Z") * 3), "after notAfter"),
+        (built(extensions=der(0x30, san()) + b"\x00"), "after the extensions"),
+        (built(extensions=der(0x30, san(der(0x82, b"\xc3\xa9")))), "not ASCII"),
+        (built(subject=cn_name(b"\xff")), "not utf-8"),
+        (built(validity=der(0x17, b"250101000000") + der(0x17, b"250101000000Z")), "notBefore"),
+        (built(validity=der(0x18, b"250101000000Z") * 2), "notBefore"),
+        (built(subject=der(0x30, der(0x30))), "relative name"),
+        (built(extensions=der(0x30, der(0x30, der(0x06, b"\x55\x1d\x11")))), "extension value"),
+    ],
+)
+def test_hand_built_certificates_that_break_a_rule(certificate: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_certificate(certificate)
+
+
+@pytest.mark.parametrize(
+    ("oid", "dotted"),
+    [(b"\x2a\x03\x04", "1.2.3.4"), (b"\x88\x37", "2.999"), (b"\x81\x00\x01", "2.48.1")],
+)
+def test_an_unknown_attribute_type_is_its_dotted_oid(oid: bytes, dotted: str) -> None:
+    info = read_certificate(built(subject=cn_name(b"v", oid)))
+    assert info.subject == f"{dotted}=#0C0176"
+
+
+def test_a_cut_object_identifier_is_refused() -> None:
+    with pytest.raises(ValueError, match="object identifier"):
+        read_certificate(built(subject=cn_name(b"v", b"\x2a\x83")))
+
+
+def test_values_are_escaped_as_rfc_4514_says() -> None:
+    value = b'#a,b+c"d\\e<f>g;h\x01 '
+    info = read_certificate(built(subject=cn_name(value)))
+    assert info.subject == 'CN=\\#a\\,b\\+c\\"d\\\\e\\<f\\>g\\;h\\01\\ '
+
+
 # -- properties
 
 

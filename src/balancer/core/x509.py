@@ -261,13 +261,14 @@ def _extensions(data: bytes, at: int, end: int) -> tuple[str, ...]:
     while start < stop:
         e_at, e_end = _expect(data, start, stop, _SEQUENCE, "an extension")
         start = e_end
-        o_at, at = _expect(data, e_at, e_end, _OID, "an extension id")
+        o_at, o_end = _expect(data, e_at, e_end, _OID, "an extension id")
+        at = o_end
         if _peek(data, at, e_end) == _BOOLEAN:
             at = _skip(data, at, e_end, "an extension's critical flag")
         v_at, v_end = _expect(data, at, e_end, _OCTET_STRING, "an extension value")
         if v_end != e_end:
             raise ValueError("bytes after an extension value")
-        if data[o_at:at] == _SUBJECT_ALT_NAME:
+        if data[o_at:o_end] == _SUBJECT_ALT_NAME:
             names = _dns_names(data, v_at, v_end)
     return names
 
