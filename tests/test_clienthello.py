@@ -290,6 +290,13 @@ def test_records_and_handshake_framing_that_break_a_rule_are_malformed(data: byt
     refused(data)
 
 
+def test_bytes_after_the_hello_in_its_record_are_malformed() -> None:
+    data = hand_hello(None)
+    assert hello(data).versions == (TLS12,)
+    fragment = data[5:] + b"\x00\x00"  # would read as an empty extensions list
+    refused(record(fragment))
+
+
 def test_a_message_announced_past_the_limit_is_too_large_once_its_length_is_read() -> None:
     start = record(b"\x01\x00\x40\x00")  # 16384 bytes announced
     refused(start, "too_large")

@@ -130,10 +130,11 @@ def test_v1_a_character_of_no_address_is_refused_before_the_crlf(start: bytes) -
 
 
 def test_v1_line_of_107_bytes_is_read_and_a_longer_one_is_too_large() -> None:
-    longest = b"PROXY UNKNOWN " + b"x" * (V1_MAX - 16) + b"\r\n"
-    assert len(longest) == V1_MAX
-    assert header(longest).length == V1_MAX
-    assert parse(longest[: V1_MAX - 1]) == V1_MAX
+    assert V1_MAX == 107
+    longest = b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n"
+    assert len(longest) == 107
+    assert header(longest).length == 107
+    assert parse(longest[:106]) == 107
     refused(longest[:-2] + b"x\r\n", "too_large")
     refused(longest[:-2] + b"xx", "too_large")  # known without the CRLF
 
@@ -256,11 +257,19 @@ def test_v2_length_below_the_address_block_is_malformed(family: int, block: int)
 
 
 @pytest.mark.parametrize(
-    "tail",
-    [b"\x04", b"\x04\x00", b"\x04\x00\x02z", b"\x04\x00\x00\x05", b"\x04\x00\x01z\x01"],
+    ("tail", "cut"),
+    [
+        (b"\x04", True),
+        (b"\x04\x00", True),
+        (b"\x04\x00\x02z", False),
+        (b"\x04\x00\x00\x05", True),
+        (b"\x04\x00\x01z\x01", True),
+        (b"\x04\x00\x01z\x01\x00\x05abcd", False),
+    ],
 )
-def test_v2_tlvs_must_fill_the_header_exactly(tail: bytes) -> None:
-    refused(v2(0x21, 0x11, bytes(12) + tail))
+def test_v2_tlvs_must_fill_the_header_exactly(tail: bytes, cut: bool) -> None:
+    error = refused(v2(0x21, 0x11, bytes(12) + tail))
+    assert ("cut in its type or length" in str(error)) == cut
 
 
 def test_v2_checksum_verifies_and_any_changed_byte_is_refused() -> None:
@@ -277,6 +286,10 @@ def test_v2_checksum_verifies_and_any_changed_byte_is_refused() -> None:
 
 def test_v2_checksum_of_another_size_is_malformed() -> None:
     refused(v2(0x21, 0x11, bytes(12) + b"\x03\x00\x03abc"))
+    # five bytes whose first four are the right checksum of the header
+    zeroed = v2(0x21, 0x11, bytes(12) + b"\x03\x00\x05" + bytes(5))
+    data = zeroed[:-5] + crc32c(zeroed).to_bytes(4, "big") + b"\x00"
+    assert "of 5 bytes" in str(refused(data))
 
 
 def test_crc32c_known_values() -> None:
