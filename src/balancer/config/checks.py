@@ -225,6 +225,25 @@ def _check_routes(
                          f"{route.service!r}, which has {len(target.routes)}")  # fmt: skip
 
 
+def _check_sni_routes(
+    svc: ParsedService, by_name: dict[str, ServiceConfig], problems: Problems
+) -> None:
+    """An SNI route names another tcp service of the file that relays TLS untouched."""
+    for i, route in enumerate(svc.config.sni_routes):
+        where = f"{svc.path}.sni_routes[{i}].service"
+        target = by_name.get(route.service)
+        if target is None:
+            known = [n for n, c in by_name.items() if c.mode == "tcp" and n != svc.config.name]
+            problems.add(where, f"expected the name of a tcp service of this file (one of "
+                         f"{known}), got {route.service!r}")  # fmt: skip
+        elif target.name == svc.config.name:
+            problems.add(where, "expected another service than this one (its own backends "
+                         "serve what no route takes)")  # fmt: skip
+        elif target.mode != "tcp" or target.tls is not None:
+            problems.add(where, f"expected a tcp service without tls (the connection's TLS "
+                         f"is relayed untouched), got {route.service!r}")  # fmt: skip
+
+
 def _check_framing(svc: ParsedService, problems: Problems) -> None:
     cfg = svc.config
     key = join_key(svc.path, "backend_framing")
@@ -276,3 +295,4 @@ def check_services(
         _check_weights(svc, problems)
         _check_framing(svc, problems)
         _check_routes(svc, by_name, problems)
+        _check_sni_routes(svc, by_name, problems)

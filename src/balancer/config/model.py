@@ -17,6 +17,27 @@ from dataclasses import dataclass, field, replace
 from balancer.config.addresses import format_address, parse_address
 from balancer.config.bounds import Bound as Bound
 from balancer.config.bounds import as_number, is_integer, show_value
+from balancer.config.edge import (
+    PROXY_VERSIONS as PROXY_VERSIONS,
+)
+from balancer.config.edge import (
+    TLS_VERSIONS as TLS_VERSIONS,
+)
+from balancer.config.edge import (
+    VERIFY_CLIENT as VERIFY_CLIENT,
+)
+from balancer.config.edge import (
+    BackendTlsConfig as BackendTlsConfig,
+)
+from balancer.config.edge import (
+    CertConfig as CertConfig,
+)
+from balancer.config.edge import (
+    SniRouteConfig as SniRouteConfig,
+)
+from balancer.config.edge import (
+    TlsConfig as TlsConfig,
+)
 from balancer.config.errors import ConfigError
 from balancer.wire import HEALTH_CHECK
 
@@ -70,6 +91,9 @@ BOUNDS: dict[str, Bound] = {
     "max_buffered": Bound(64 * 1024, 64 * 1024 * _MIB, unit="bytes"),
     "weight": Bound(0, MAX_WEIGHT),
     # [http]
+    "proxy_timeout": Bound(0.05, 300, unit="seconds"),
+    "client_hello_timeout": Bound(0.05, 300, unit="seconds"),
+    "tls.handshake_timeout": Bound(0.05, 300, unit="seconds"),
     "http.max_header_bytes": Bound(1024, 1 * _MIB, unit="bytes"),
     "http.max_headers": Bound(1, 1000),
     "http.header_timeout": Bound(0.1, 3600, unit="seconds"),
@@ -316,10 +340,30 @@ class ServiceConfig:
     routes: tuple[RouteConfig, ...] = ()
     """Http mode: requests are matched against these in order; unmatched ones use `backends`."""
     health: HealthConfig = field(default_factory=HealthConfig)
+    accept_proxy: bool = False
+    """Every client connection starts with a PROXY protocol header (v1 or v2)."""
+    accept_proxy_from: tuple[str, ...] = ()
+    """With accept_proxy: the addresses (CIDRs) that may connect; empty: any."""
+    proxy_timeout: float = 5.0
+    """With accept_proxy: the PROXY header must arrive within this."""
+    send_proxy: str = ""
+    """"v1" or "v2": a PROXY header with the client's address starts each backend connection."""
+    client_hello_timeout: float = 5.0
+    """With sni_routes: the ClientHello must arrive within this."""
+    tls: TlsConfig | None = None
+    backend_tls: BackendTlsConfig | None = None
+    sni_routes: tuple[SniRouteConfig, ...] = ()
+    """Tcp mode: connections are routed by the server name of their ClientHello (TLS is
+    relayed, not terminated); the others go to `backends`."""
 
     @property
     def listen(self) -> str:
         return format_address(self.listen_host, self.listen_port)
+
+    @property
+    def front(self) -> bool:
+        """Whether connections are read before the mode gets them (PROXY header, TLS)."""
+        return self.accept_proxy or self.tls is not None or bool(self.sni_routes)
 
 
 @dataclass(frozen=True)

@@ -10,24 +10,29 @@ them naming the same keys.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import fields, is_dataclass
 
 from balancer.config.model import (
     AdminConfig,
     BackendConfig,
+    BackendTlsConfig,
+    CertConfig,
     Config,
     HealthConfig,
     HttpConfig,
     OutlierConfig,
     RouteConfig,
     ServiceConfig,
+    SniRouteConfig,
+    TlsConfig,
 )
 
 
 def _holds_tables(hint: object) -> bool:
-    """A field of a config dataclass, or of a tuple of them."""
-    if typing.get_origin(hint) is tuple:
+    """A field of a config dataclass (or None), or of a tuple of them."""
+    if typing.get_origin(hint) in (tuple, types.UnionType):
         return any(is_dataclass(arg) for arg in typing.get_args(hint))
     return is_dataclass(hint)
 
@@ -60,6 +65,11 @@ HTTP_KEYS = table_keys(HttpConfig)
 ROUTE_KEYS = table_keys(RouteConfig)
 BACKEND_KEYS = table_keys(BackendConfig, address=("address", "host", "port"))
 SERVER_KEYS = table_keys(BackendConfig)
+TLS_KEYS = ("cert", "key", *table_keys(TlsConfig))
+"""`cert` and `key` name the one certificate of a service that has no `certs` list."""
+CERT_KEYS = table_keys(CertConfig)
+BACKEND_TLS_KEYS = table_keys(BackendTlsConfig)
+SNI_ROUTE_KEYS = table_keys(SniRouteConfig)
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "": TOP_KEYS,
@@ -69,6 +79,10 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "services.NAME.outlier": OUTLIER_KEYS,
     "services.NAME.http": HTTP_KEYS,
     "services.NAME.routes[]": ROUTE_KEYS,
+    "services.NAME.tls": TLS_KEYS,
+    "services.NAME.tls.certs[]": CERT_KEYS,
+    "services.NAME.backend_tls": BACKEND_TLS_KEYS,
+    "services.NAME.sni_routes[]": SNI_ROUTE_KEYS,
     "services.NAME.backends[]": BACKEND_KEYS,
     "servers[]": SERVER_KEYS,
 }
@@ -131,6 +145,51 @@ MEANINGS: dict[str, dict[str, str]] = {
         "http": "http mode's limits, timeouts, keep-alive, retries and header rules",
         "routes": "http mode: requests matching a route go to the http service it names "
         "(first match wins); the others to `backends` (404 when it is empty)",
+        "accept_proxy": "every client connection starts with a PROXY protocol header (v1 or "
+        "v2, from HAProxy, a cloud load balancer...); its client address is the one used",
+        "accept_proxy_from": "with accept_proxy: the addresses (CIDRs) that may connect; "
+        "empty: any",
+        "proxy_timeout": "with accept_proxy: the PROXY header must arrive within this",
+        "send_proxy": '"v1" or "v2": each backend connection starts with a PROXY header '
+        "carrying the client's address (tcp and http mode)",
+        "client_hello_timeout": "with sni_routes: the ClientHello must arrive within this",
+        "tls": "TLS termination: certificates (chosen by SNI), versions, ALPN, client certificates",
+        "backend_tls": "TLS towards the backends (and their health checks)",
+        "sni_routes": "tcp mode: connections whose TLS ClientHello names one of `server_names` "
+        "go to the tcp service named, TLS untouched (first match wins); the others to "
+        "`backends` (closed when it is empty)",
+    },
+    "services.NAME.tls": {
+        "cert": "the PEM certificate chain (the service's one certificate)",
+        "key": "its PEM private key",
+        "min_version": 'the oldest TLS version accepted: "1.2" or "1.3"',
+        "ciphers": "an OpenSSL cipher list for TLS 1.2 (empty: OpenSSL's default)",
+        "alpn": "protocols offered by ALPN, in order of preference",
+        "client_ca": "PEM CA certificates client certificates are verified against",
+        "verify_client": '"none", "optional" (verified when given) or "required"',
+        "handshake_timeout": "the ClientHello and the handshake must be done within this",
+        "subject_header": "http mode: the header that carries a verified client "
+        "certificate's subject (a client's own is removed); empty: none",
+        "certs": "several certificates, chosen by the SNI name (instead of cert and key)",
+    },
+    "services.NAME.tls.certs[]": {
+        "cert": "the PEM certificate chain",
+        "key": "its PEM private key",
+        "server_names": 'the names it serves, exact or "*.example.com"; the first '
+        "certificate serves any name no other lists",
+    },
+    "services.NAME.backend_tls": {
+        "ca": "PEM CA certificates backends are verified against (empty: the system's)",
+        "server_name": "the name sent by SNI and verified (empty: the backend's host)",
+        "verify": "false accepts any backend certificate",
+        "client_cert": "a PEM client certificate chain presented to backends",
+        "client_key": "its PEM private key",
+        "min_version": 'the oldest TLS version used: "1.2" or "1.3"',
+        "alpn": "protocols offered by ALPN",
+    },
+    "services.NAME.sni_routes[]": {
+        "service": "the tcp service whose backends get the connection",
+        "server_names": 'server names, exact or "*.example.com"',
     },
     "services.NAME.http": {
         "max_header_bytes": "a request head larger than this gets 431",

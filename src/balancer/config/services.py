@@ -8,7 +8,9 @@ reported once.
 
 from __future__ import annotations
 
-from balancer.config.addresses import parse_address
+from typing import Any
+
+from balancer.config.addresses import parse_address, parse_networks
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.checks import ParsedService, Problems
 from balancer.config.health import read_health
@@ -20,6 +22,7 @@ from balancer.config.model import (
     HASH_KEY_RE,
     HASH_KEYS,
     MODES,
+    PROXY_VERSIONS,
     SERVICE_NAME_RE,
     BackendConfig,
     OutlierConfig,
@@ -32,6 +35,7 @@ from balancer.config.schema import (
     SERVICE_KEYS,
 )
 from balancer.config.table import Table, did_you_mean
+from balancer.config.tls import read_backend_tls, read_sni_routes, read_tls
 
 
 def _outlier(data: object, path: str, problems: Problems) -> OutlierConfig:
@@ -169,6 +173,54 @@ def _policy_options(
     return options
 
 
+def _proxy_from(t: Table) -> tuple[str, ...]:
+    value = t.data.get("accept_proxy_from", [])
+    try:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        parse_networks(value)
+    except ValueError:
+        expected = 'expected a list of addresses or CIDRs like "10.0.0.0/8"'
+        t.fail("accept_proxy_from", f"{expected}, got {show_value(value)}")
+        return ()
+    return tuple(value)
+
+
+def _front(t: Table, mode: str) -> dict[str, Any]:
+    """The settings of what reads a connection before its mode does: PROXY header, TLS."""
+    d = ServiceConfig("", "", 0, ())
+    accept_proxy = t.boolean("accept_proxy", d.accept_proxy)
+    proxy_from = _proxy_from(t)
+    if proxy_from and not accept_proxy and t.clean("accept_proxy"):
+        t.fail("accept_proxy_from", "expected no accept_proxy_from without accept_proxy = true")
+    send_proxy = t.choice("send_proxy", d.send_proxy, PROXY_VERSIONS)
+    if send_proxy and mode == "message" and t.clean("mode"):
+        t.fail("send_proxy", "expected no send_proxy in message mode: its backend connections "
+               "carry many clients' requests, a PROXY header names one client")  # fmt: skip
+    tls = read_tls(t.data["tls"], t.where("tls"), t.problems) if t.has("tls") else None
+    backend_tls = None
+    if t.has("backend_tls"):
+        backend_tls = read_backend_tls(t.data["backend_tls"], t.where("backend_tls"), t.problems)
+    sni_routes = read_sni_routes(t.data.get("sni_routes", []), t.where("sni_routes"), t.problems)
+    if t.has("sni_routes") and t.clean("mode"):
+        if mode != "tcp":
+            t.fail("sni_routes", f"expected no sni_routes in {mode} mode (they need mode = "
+                   '"tcp": TLS relayed untouched)')  # fmt: skip
+        elif t.has("tls"):
+            t.fail("sni_routes", "expected either tls (terminated here, the certificate chosen "
+                   "by SNI) or sni_routes (TLS relayed untouched), not both")  # fmt: skip
+    return {
+        "accept_proxy": accept_proxy,
+        "accept_proxy_from": proxy_from,
+        "proxy_timeout": t.bounded("proxy_timeout", d.proxy_timeout),
+        "send_proxy": send_proxy,
+        "client_hello_timeout": t.bounded("client_hello_timeout", d.client_hello_timeout),
+        "tls": tls,
+        "backend_tls": backend_tls,
+        "sni_routes": sni_routes,
+    }
+
+
 def read_service(
     name: str, data: object, problems: Problems, default_listen: tuple[str, int]
 ) -> ParsedService | None:
@@ -224,12 +276,14 @@ def read_service(
         )
 
     routes = read_routes(t.data.get("routes", []), t.where("routes"), problems, mode)
+    front = _front(t, mode)
+    routed = routes or front["sni_routes"]
     backends: list[tuple[BackendConfig, str]] = []
     if not t.has("backends"):
-        if not routes:
+        if not routed:
             t.fail("backends", 'missing: expected a list of "host:port"')
-    elif routes and t.data["backends"] == []:
-        pass  # every request a route does not take gets 404
+    elif routed and t.data["backends"] == []:
+        pass  # every request (connection) a route does not take gets 404 (is closed)
     else:
         backends = _backends(t.data["backends"], t.where("backends"), problems)
 
@@ -281,6 +335,7 @@ def read_service(
         http=read_http(t.data.get("http", {}), t.where("http"), problems, mode),
         routes=routes,
         health=read_health(t.data.get("health", {}), t.where("health"), problems, mode),
+        **front,
     )
     if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):
         # a line of max_line bytes must fit in what the service may hold (the default
