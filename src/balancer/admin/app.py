@@ -36,6 +36,7 @@ from balancer.admin.handlers import (
     SERVER_KEY,
     STATIC_DIR,
     handle_add_backend,
+    handle_certificates,
     handle_history,
     handle_index,
     handle_metrics,
@@ -121,6 +122,7 @@ class AdminServer:
             "/api/services/{service}/backends", api_handler(handle_add_backend, access=WRITE)
         )
         r.add_post("/api/reload", api_handler(handle_reload, access=WRITE))
+        r.add_post("/api/certificates/reload", api_handler(handle_certificates, access=WRITE))
         self.runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._removals: dict[tuple[str, str], asyncio.Task[None]] = {}

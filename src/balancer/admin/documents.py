@@ -60,6 +60,9 @@ def status_document(server: Server) -> dict[str, Any]:
         extra = proxy.mode_status()
         if extra is not None:
             services[name]["http"] = dict(extra)
+        cfg = runtime.config
+        if cfg.front or cfg.backend_tls is not None:
+            services[name]["tls"] = dict(proxy.edge_status())
     return {"services": services}
 
 

@@ -157,6 +157,12 @@ async def handle_reload(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True, **status_document(server)})
 
 
+async def handle_certificates(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    services = await server.reload_certificates()  # a bad file: InvalidInput, nothing changed
+    return web.json_response({"reloaded": True, "services": services})
+
+
 async def handle_openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 

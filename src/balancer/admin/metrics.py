@@ -6,7 +6,8 @@ Prometheus families when `/metrics` is scraped, so serving a request costs no
 metric-library call.
 Shortages of the process's own resources (`balancer.net.resources`) are exported
 too: errors by kind, and the file-descriptor budget once the server has set it.
-Services in http mode add the `balancer_http_*` families, from `Proxy.mode_status`.
+Services in http mode add the `balancer_http_*` families, from `Proxy.mode_status`;
+services with TLS or the PROXY protocol the `balancer_tls_*` ones (`admin.tls_metrics`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from balancer.admin.tls_metrics import edge_metrics
 from balancer.net import resources
 
 if TYPE_CHECKING:
-    from balancer.proxy.base import HttpStatus
+    from balancer.proxy.base import EdgeStatus, HttpStatus
     from balancer.runtime.server import Server
 
 
@@ -100,6 +102,7 @@ class BalancerCollector(Collector):
             labels=["service"],
         )
         http: dict[str, HttpStatus] = {}
+        edges: dict[str, EdgeStatus] = {}
         for name, runtime in self.server.services.items():
             runtime.proxy.account()
             for b in runtime.pool:
@@ -123,9 +126,14 @@ class BalancerCollector(Collector):
             counters = proxy.mode_status()
             if counters is not None:
                 http[name] = counters
+            cfg = runtime.config
+            if cfg.front or cfg.backend_tls is not None:
+                edges[name] = proxy.edge_status()
         yield from process_metrics()
         if http:
             yield from http_metrics(http)
+        if edges:
+            yield from edge_metrics(edges)
         yield from (
             requests,
             failures,

@@ -42,8 +42,11 @@ class DrainCut:
         return bool(self.connections or self.requests)
 
 
-def _listener(svc: ServiceConfig) -> tuple[str, int, str]:
-    return svc.listen_host, svc.listen_port, svc.mode
+def _listener(svc: ServiceConfig) -> tuple[str, int, str, bool]:
+    """What a listener is made for: a change of any of it needs a new one (the socket is
+    taken over, not one connection in its backlog lost). `front`: connections are read
+    before the mode gets them (PROXY header, TLS), by a listener of another kind."""
+    return svc.listen_host, svc.listen_port, svc.mode, svc.front
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,49 @@ def listening_addresses(bound: Address) -> list[Address]:
     return [a for a in map(_bound, _sockets(server)) if a is not None]
 
 
+def bind_listener(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for (host, port), not accepting: the one handed over for it in
+    the current `ListenerBatch`, else one bound now (every address of a name)."""
+    batch = _BATCH.get()
+    handed = batch.handover.pop((host, port), None) if batch is not None else None
+    if handed is not None:
+        return [handed]
+    sock = listen_socket(host, port, backlog)
+    if sock is not None:
+        return [sock]
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if any(s.family == family and s.getsockname()[:2] == address[:2] for s in bound):
+                continue
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def enlist(server: asyncio.AbstractServer) -> bool:
+    """Enter a listener made of `bind_listener`'s sockets in the current batch; whether
+    it is to serve at once (there is no batch)."""
+    batch = _BATCH.get()
+    if batch is None:
+        _remember(server)
+        return True
+    batch.servers.append(server)
+    return False
+
+
 async def create_listener(
     loop: asyncio.AbstractEventLoop,
     factory: Callable[[], asyncio.BaseProtocol],

@@ -30,3 +30,12 @@ def reset(transport: asyncio.Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def half_close(transport: asyncio.Transport) -> None:
+    """Pass an EOF on: `write_eof`, or a close (after what is queued) where the transport
+    has no half-close (TLS)."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()

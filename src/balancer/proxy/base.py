@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
 from balancer.core.pool import Backend, BackendPool
 from balancer.net import loopguard
 from balancer.net.loops import create_listener
+from balancer.proxy.front import Arrival, Front, FrontStats, open_front
 
 if TYPE_CHECKING:
     from balancer.config.model import Config, ServiceConfig
     from balancer.core.lifecycle import DrainCut
+    from balancer.proxy.tls import BackendTls, ServerTls
 
 DRAIN_POLL = 0.01
 """How often a drain looks at what is left (seconds)."""
@@ -53,6 +55,29 @@ class HttpStatus(TypedDict):
     """Responses relayed from each backend (by address), by status class."""
 
 
+class CertView(TypedDict):
+    path: str
+    server_names: list[str]
+    subject: str
+    not_after: float
+    days_left: float
+
+
+class EdgeStatus(TypedDict):
+    """What `/status` shows of a service's TLS and PROXY protocol ("tls" object)."""
+
+    terminating: bool
+    certificates: list[CertView]
+    loaded_at: float
+    handshakes: int
+    proxied: int
+    errors: dict[str, int]
+    """Connections closed before their mode got them, by reason."""
+    routed: dict[str, int]
+    backend_handshakes: int
+    backend_resumed: int
+
+
 class Proxy(Protocol):
     """What the server needs of a service's listener (message, tcp or http mode)."""
 
@@ -78,6 +103,14 @@ class Proxy(Protocol):
         ...
 
     def remove_backend(self, backend: Backend) -> None: ...
+
+    def set_tls(self, server: ServerTls | None, backend: BackendTls | None) -> None:
+        """The certificates and backend TLS of the prepared config (start-up, reload)."""
+        ...
+
+    def edge_status(self) -> EdgeStatus:
+        """What the service counted of TLS and the PROXY protocol, and its certificates."""
+        ...
 
     def account(self) -> None:
         """Bring counters kept outside the loop's callbacks up to date (before a read)."""
@@ -157,10 +190,27 @@ class Listener:
     ) -> tuple[str, int]:
         """Listen on (host, port); the (host, port) it is bound to."""
         self._server = server = await create_listener(loop, factory, host, port, backlog=4096)
-        self._bound = [sock.getsockname() for sock in server.sockets]
+        return self._listening(server)
+
+    async def open_front(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[Arrival], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        front: Callable[[], Front],
+        stats: FrontStats,
+    ) -> tuple[str, int]:
+        """Listen on (host, port) through a front door (PROXY header, TLS: `proxy.front`)."""
+        self._server = server = await open_front(loop, factory, host, port, front, stats)
+        return self._listening(server)
+
+    def _listening(self, server: asyncio.AbstractServer) -> tuple[str, int]:
+        sockets = list(getattr(server, "sockets", ()))
+        self._bound = [sock.getsockname() for sock in sockets]
         for address in self._bound:
             loopguard.listening(address)
-        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        bound_host, bound_port = sockets[0].getsockname()[:2]
         return str(bound_host), int(bound_port)
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ import asyncio
 import errno
 import os
 import socket
+import ssl
+from dataclasses import dataclass
 from typing import Any
 
 from balancer.config.addresses import format_address
@@ -27,6 +29,7 @@ from balancer.config.hosts import address_of
 from balancer.core.pool import Backend
 from balancer.errors import BackendError, ConnectRefused, ConnectTimeout
 from balancer.net import loopguard, resources
+from balancer.proxy.tls import BackendTls
 
 
 class OwnListener(Exception):
@@ -135,28 +138,74 @@ def _abort_adopted(task: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProto
         task.result()[0].abort()
 
 
+class TlsFailed(Exception):
+    """The TLS handshake with a backend failed (the message says why): its failure."""
+
+
+@dataclass(frozen=True)
+class Origination:
+    """What starts a backend connection after its connect: a PROXY header, a handshake."""
+
+    header: bytes = b""
+    tls: BackendTls | None = None
+    timeout: float = 10.0
+
+
 async def adopt(
-    loop: asyncio.AbstractEventLoop, side: asyncio.BaseProtocol, sock: socket.socket
+    loop: asyncio.AbstractEventLoop,
+    side: asyncio.BaseProtocol,
+    sock: socket.socket,
+    backend: Backend | None = None,
+    origination: Origination | None = None,
 ) -> asyncio.Transport:
-    """Hand a connected socket to the loop as `side`'s transport.
+    """Hand a connected socket to the loop as `side`'s transport, after what
+    `origination` says comes first (raises TlsFailed when the handshake fails).
 
     Not cancelled half-way (a client that goes meanwhile): the hand-over
     finishes and its transport is aborted then, so that no loop is left with a
     socket object whose descriptor it has already closed.
     """
+    tls = origination.tls if origination is not None else None
+    if origination is not None and origination.header:
+        await loop.sock_sendall(sock, origination.header)
+    if tls is None or backend is None:
+        connecting = loop.create_connection(lambda: side, sock=sock)
+    else:
+        connecting = loop.create_connection(
+            lambda: side,
+            sock=sock,
+            ssl=tls.context_for(backend.address),
+            server_hostname=tls.server_name(backend.host),
+            ssl_handshake_timeout=origination.timeout if origination is not None else None,
+        )
     handover: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProtocol]] = loop.create_task(
-        loop.create_connection(lambda: side, sock=sock)
+        connecting
     )
     try:
         transport, _ = await asyncio.shield(handover)
     except asyncio.CancelledError:
         handover.add_done_callback(_abort_adopted)
         raise
-    except OSError:  # pragma: no cover - the loop refused a connected socket
-        if type(loop).__module__.startswith("uvloop"):
+    except OSError as exc:
+        if tls is not None:  # the handshake failed: the loop has closed the socket
+            raise TlsFailed(f"TLS handshake failed: {_tls_why(exc)}") from None
+        if type(loop).__module__.startswith("uvloop"):  # pragma: no cover
             sock.detach()  # uvloop has closed the descriptor already
-        raise
+        raise  # pragma: no cover - the loop refused a connected socket
+    if tls is not None and backend is not None:
+        tls.handshake_done(backend.address, transport)
+        # a TLS 1.3 session ticket comes just after the handshake: kept once it is there
+        sslobj = transport.get_extra_info("ssl_object")
+        loop.call_later(0.05, tls.keep_session, backend.address, sslobj)
     return transport
+
+
+def _tls_why(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or "certificate verify failed"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
 
 
 def connect_failure(exc: BaseException, timeout: float) -> BackendError:

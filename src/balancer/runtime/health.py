@@ -55,6 +55,7 @@ from balancer.core.health_state import CheckSchedule, HealthState, first_wait, n
 from balancer.core.pool import Backend, BackendPool, LoopOwner, detects_framing
 from balancer.core.states import DOWN, MAINT, UP
 from balancer.net import resources
+from balancer.proxy.tls import probe_tls
 from balancer.runtime.drains import CheckDrains
 from balancer.runtime.probe import LINE, RAW, ProbeResult, probe
 
@@ -174,7 +175,10 @@ class HealthChecker:
 
     async def _probe_backend(self, backend: Backend, framing: str) -> ProbeResult:
         owner: LoopOwner = (self.pool, backend)
-        return await probe(backend.host, backend.port, self.config, framing=framing, owner=owner)
+        tls = probe_tls(self.pool.service, backend.host)
+        return await probe(
+            backend.host, backend.port, self.config, framing=framing, owner=owner, tls=tls
+        )
 
     def _framing_to_probe(self, backend: Backend) -> str:
         if detects_framing(self.pool.service):

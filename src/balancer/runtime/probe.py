@@ -28,6 +28,7 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 
 from balancer.config.model import HealthConfig
@@ -35,6 +36,8 @@ from balancer.core.http.check import HttpCheck
 from balancer.core.pool import LoopOwner
 from balancer.net import loopguard, resources
 
+ProbeTls = tuple[ssl.SSLContext, str | None]
+"""TLS for a probe: the client context and the server name to send and verify."""
 LINE = "line"
 RAW = "raw"
 HTTP = "http"
@@ -222,6 +225,54 @@ class _Connection:
             self.sock = None
 
 
+class _TlsConnection(_Connection):
+    """A probe connection that speaks TLS (a service with `backend_tls`), on memory BIOs
+    over the same socket, so every wait keeps its deadline."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, owner: LoopOwner | None, tls: ProbeTls
+    ) -> None:
+        super().__init__(loop, owner)
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = tls[0].wrap_bio(self.incoming, self.outgoing, server_hostname=tls[1])
+
+    async def open(self, addresses: list[tuple[int, tuple[str, int]]], deadline: float) -> None:
+        await super().open(addresses, deadline)
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await super().send(self.outgoing.read(), deadline)
+                raw = await super().read(False, deadline)
+                self.incoming.write(raw)
+                continue
+            await super().send(self.outgoing.read(), deadline)
+            return
+
+    async def send(self, data: bytes, deadline: float) -> None:
+        self.tls.write(data)
+        await super().send(self.outgoing.read(), deadline)
+
+    def _recv(self) -> bytes | None:
+        while True:
+            try:
+                return self.tls.read(MAX_REPLY)
+            except ssl.SSLWantReadError:
+                raw = super()._recv()
+            except ssl.SSLZeroReturnError:
+                return b""
+            if not raw:
+                return raw
+            self.incoming.write(raw)
+
+
+def _connection(
+    loop: asyncio.AbstractEventLoop, owner: LoopOwner | None, tls: ProbeTls | None
+) -> _Connection:
+    return _Connection(loop, owner) if tls is None else _TlsConnection(loop, owner, tls)
+
+
 def _preview(data: bytes) -> str:
     text = data.decode("utf-8", "replace")
     return repr(text if len(text) <= PREVIEW else text[:PREVIEW] + "...")
@@ -241,13 +292,14 @@ async def _exchange(
     line: bool,
     deadline: float,
     owner: LoopOwner | None,
+    tls: ProbeTls | None,
     read_share: float = 1.0,
 ) -> bytes | None:
     """Connect, send `payload` and read the reply by `deadline` (None: connect only).
 
     The reply is waited for `read_share` of the time left once the payload is sent.
     """
-    conn = _Connection(loop, owner)
+    conn = _connection(loop, owner, tls)
     try:
         await conn.open(addresses, deadline)
         if payload is None:
@@ -265,9 +317,10 @@ async def _http_exchange(
     check: HttpCheck,
     deadline: float,
     owner: LoopOwner | None,
+    tls: ProbeTls | None,
 ) -> ProbeResult:
     """Connect, send the check's request and read its response (as little as it needs)."""
-    conn = _Connection(loop, owner)
+    conn = _connection(loop, owner, tls)
     try:
         await conn.open(addresses, deadline)
         await conn.send(check.request, deadline)
@@ -291,6 +344,7 @@ async def probe(
     *,
     framing: str = LINE,
     owner: LoopOwner | None = None,
+    tls: ProbeTls | None = None,
 ) -> ProbeResult:
     """One check: connect, and when `health.send` is set, send it and check the reply;
     an http check (`health.type`) sends its request and checks the response.
@@ -310,14 +364,19 @@ async def probe(
     fired more than `LATE` seconds after its deadline: the loop was busy, the
     backend may well have answered) proves nothing: it is made once more.
     """
-    result, late = await _probe_once(host, port, health, framing, owner)
+    result, late = await _probe_once(host, port, health, framing, owner, tls)
     if late:
-        result, _ = await _probe_once(host, port, health, framing, owner)
+        result, _ = await _probe_once(host, port, health, framing, owner, tls)
     return result
 
 
 async def _probe_once(
-    host: str, port: int, health: HealthConfig, framing: str, owner: LoopOwner | None
+    host: str,
+    port: int,
+    health: HealthConfig,
+    framing: str,
+    owner: LoopOwner | None,
+    tls: ProbeTls | None,
 ) -> tuple[ProbeResult, bool]:
     """A probe's result, and whether it timed out with the loop late (inconclusive)."""
     loop = asyncio.get_running_loop()
@@ -328,24 +387,24 @@ async def _probe_once(
         addresses = await _addresses(loop, host, port, deadline)
         if health.type == HTTP:
             check = HttpCheck(health, host, port)
-            return await _http_exchange(loop, addresses, check, deadline, owner), False
+            return await _http_exchange(loop, addresses, check, deadline, owner, tls), False
         if send is None:
-            await _exchange(loop, addresses, None, True, deadline, owner)
+            await _exchange(loop, addresses, None, True, deadline, owner, tls)
             return ProbeResult(True, "connect ok"), False
         if framing in (RAW, LINE):
             payload = send if framing == RAW else send + b"\n"
-            reply = await _exchange(loop, addresses, payload, framing == LINE, deadline, owner)
+            reply = await _exchange(loop, addresses, payload, framing == LINE, deadline, owner, tls)
             assert reply is not None
             return ProbeResult(*_judge(reply, health)), False
         try:
-            reply = await _exchange(loop, addresses, send, False, deadline, owner, RAW_WINDOW)
+            reply = await _exchange(loop, addresses, send, False, deadline, owner, tls, RAW_WINDOW)
         except _NoReply:
             pass
         else:
             assert reply is not None
             ok, reason = _judge(reply, health, "reply ok (raw framing)")
             return ProbeResult(ok, reason, RAW if ok else ""), False
-        reply = await _exchange(loop, addresses, send + b"\n", True, deadline, owner)
+        reply = await _exchange(loop, addresses, send + b"\n", True, deadline, owner, tls)
         assert reply is not None
         ok, reason = _judge(reply, health, "reply ok (line framing)")
         return ProbeResult(ok, reason, LINE if ok else ""), False
@@ -369,6 +428,12 @@ async def _probe_once(
         return ProbeResult(False, f"cannot resolve {host!r}: {exc.strerror or exc}"), False
     except ConnectionRefusedError:
         return ProbeResult(False, "connection refused"), False
+    except ssl.SSLCertVerificationError as exc:
+        return ProbeResult(
+            False, f"TLS: {exc.verify_message or 'certificate verify failed'}"
+        ), False
+    except ssl.SSLError as exc:
+        return ProbeResult(False, f"TLS handshake failed: {exc.reason or exc}"), False
     except OSError as exc:
         if resources.is_local_shortage(exc):
             return ProbeResult(False, exc.strerror or str(exc), shortage=exc), False

@@ -20,6 +20,8 @@ from balancer.core.lifecycle import plan_backends, plan_reload
 from balancer.core.pool import Backend
 from balancer.core.states import DOWN
 from balancer.errors import BalancerError, Conflict, InvalidInput
+from balancer.proxy.base import EdgeStatus
+from balancer.proxy.tls import load_service_tls
 from balancer.runtime.changes import ServerChanges
 from balancer.runtime.services import (
     Address,
@@ -115,6 +117,24 @@ class ServerReloads(ServerChanges):
         await self._commit(prepared)
         log.info("reload done: %d service(s)", len(self.services))
 
+    async def reload_certificates(self) -> dict[str, EdgeStatus]:
+        """Read again the certificate, key and CA files of every service with TLS, the
+        config kept; all are swapped in, or none (InvalidInput naming every bad file)."""
+        if self.stopping:
+            raise Conflict("the balancer is stopping")
+        async with self._reload_lock:
+            configs = [r.config for r in self.services.values()]
+            tls = [c for c in configs if c.tls is not None or c.backend_tls is not None]
+            try:
+                loaded = load_service_tls(tls, self.config.source)
+            except ConfigError as exc:
+                log.error("certificate reload rejected, keeping the running ones: %s", exc)
+                raise InvalidInput(str(exc)) from None
+            for name, (server, backend) in loaded.items():
+                self.services[name].proxy.set_tls(server, backend)
+            log.info("certificates reloaded: %d service(s)", len(loaded))
+            return {name: self.services[name].proxy.edge_status() for name in loaded}
+
     # -- start-up ----------------------------------------------------------------------
     async def start(self, sockets: Mapping[Address, socket.socket] | None = None) -> None:
         """Bind every listener, start the admin endpoint, check, then serve.
@@ -152,6 +172,7 @@ class ServerReloads(ServerChanges):
             kept = {b.address for b in svc.backends}
             self._retire(old[svc.name], "listen address or mode changed", kept)
         for svc in plan.update:
+            old[svc.name].proxy.set_tls(*prepared.tls[svc.name])
             self._update_service(
                 old[svc.name], svc, prepared.config, prepared.joining.get(svc.name, {})
             )

@@ -27,6 +27,7 @@ from balancer.errors import BalancerError
 from balancer.net.loops import ListenerBatch
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.base import Proxy
+from balancer.proxy.tls import BackendTls, ServerTls
 from balancer.runtime.health import HealthChecker
 
 log = logging.getLogger("balancer")
@@ -105,6 +106,8 @@ class Prepared:
     runtimes: dict[str, ServiceRuntime] = field(default_factory=dict)
     joining: dict[str, dict[str, Backend]] = field(default_factory=dict)
     """Backends a service changed in place gains, first check done: service -> address ->."""
+    tls: dict[str, tuple[ServerTls | None, BackendTls | None]] = field(default_factory=dict)
+    """Each new or changed service's certificates and backend TLS, files read."""
 
     async def abandon(self) -> None:
         """Close and stop everything prepared (it has served nothing)."""

@@ -25,6 +25,7 @@ from balancer.net import resources
 from balancer.net.loops import listening_addresses, listening_socket
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.registry import build_proxy
+from balancer.proxy.tls import load_service_tls, probe_tls
 from balancer.runtime.health import HealthChecker, check_concurrency
 from balancer.runtime.probe import ProbeResult, probe
 from balancer.runtime.services import (
@@ -121,9 +122,11 @@ class ServerStart:
                         "its listener is bound to several addresses; restart to make this change",
                     )
                 prepared.batch.hand_over((svc.listen_host, svc.listen_port), sock)
+            prepared.tls = load_service_tls((*plan.listeners, *plan.update), new.source)
             with prepared.batch.binding():
                 for svc in plan.listeners:
                     runtime = prepared.runtimes[svc.name] = self._build(svc, new)
+                    runtime.proxy.set_tls(*prepared.tls[svc.name])
                     try:
                         runtime.bound = await runtime.proxy.start()
                     except OSError as exc:
@@ -164,6 +167,7 @@ class ServerStart:
                     svc.health,
                     framing=backend.framing,
                     owner=(pool, backend),
+                    tls=probe_tls(svc, backend.host),
                 )
 
         results = await asyncio.gather(*(check(b) for b in backends))

@@ -25,8 +25,10 @@ from balancer.core.http.wire import Body, End, Event, Head, HttpError, RequestRe
 from balancer.core.http.writer import error_response
 from balancer.net import loopguard, resources
 from balancer.net.sockopts import reset, set_nodelay
+from balancer.proxy.front import Arrival, client_subject
 from balancer.proxy.http.context import Ends, Serving, count
 from balancer.proxy.http.exchange import Exchange
+from balancer.proxy.http.upstream import IdlePool
 from balancer.proxy.upstream import admit, mark_accepted_loop
 
 log = logging.getLogger("balancer")
@@ -42,8 +44,13 @@ PARSE_PIECE = 16 * 1024
 class ClientConnection(asyncio.Protocol):
     """One client connection: the request queue, its timers, and the task serving it."""
 
-    def __init__(self, svc: Serving) -> None:
+    def __init__(self, svc: Serving, arrival: Arrival | None = None) -> None:
         self.svc = svc
+        self.arrival = arrival
+        self.proto = b"http"
+        self.subject_header = b""
+        self.subject = b""
+        self.private: IdlePool | None = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.reader = RequestReader(svc.http.max_header_bytes, svc.http.max_headers)
         self.queue: deque[Event | HttpError] = deque()
@@ -85,6 +92,10 @@ class ClientConnection(asyncio.Protocol):
             return
         peername = transport.get_extra_info("peername")
         self.peer = address_of(peername)
+        arrival = self.arrival
+        if arrival is not None:
+            self._arrived(arrival, transport)
+            peername = arrival.client
         self.peer_ip = str(peername[0]) if peername else ""
         self.peer_text = f"{self.peer_ip}:{peername[1]}" if peername else "-"
         sockname = transport.get_extra_info("sockname")
@@ -100,6 +111,33 @@ class ClientConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self._arm_idle()
         self.task = svc.loop.create_task(self.serve())
+
+    def _arrived(self, arrival: Arrival, transport: asyncio.BaseTransport) -> None:
+        tls = self.svc.config.tls
+        if not arrival.terminated or tls is None:
+            return
+        self.proto = b"https"
+        if tls.verify_client != "none" and tls.subject_header:
+            self.subject_header = tls.subject_header.encode()
+            sslobj = transport.get_extra_info("ssl_object")
+            self.subject = client_subject(sslobj).encode() if sslobj is not None else b""
+
+    def with_subject(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        name = self.subject_header.lower()
+        out = [h for h in headers if h[0].lower() != name]
+        if self.subject:
+            out.append((self.subject_header, self.subject))
+        return out
+
+    def idle_pool(self, svc: Serving) -> IdlePool:
+        if not svc.config.send_proxy:
+            return svc.idle
+        private = self.private
+        if private is None:
+            private = self.private = IdlePool()
+            private.max_idle = 1
+            private.idle_timeout = svc.http.upstream_idle_timeout
+        return private
 
     def refuse(self) -> None:
         """Over a limit (or stopping): a 503 and the connection closed."""
@@ -206,9 +244,10 @@ class ClientConnection(asyncio.Protocol):
         self.eof = True
         if self.tunnel is not None:
             self.tunnel.on_client_eof()
-            return True
+            return self.transport.can_write_eof()
         self._wake()
-        return True  # the answers to what was sent may still go out
+        # the answers to what was sent may still go out (TLS: the loop closes after them)
+        return self.transport.can_write_eof()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -243,6 +282,8 @@ class ClientConnection(asyncio.Protocol):
             self.fds = None
             fds.release()
             fds.release()
+        if self.private is not None:
+            self.private.drop()
         self.svc.conns.discard(self)
 
     # -- the queue

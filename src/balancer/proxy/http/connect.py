@@ -14,11 +14,11 @@ import asyncio
 import logging
 
 from balancer.core.pool import Backend
-from balancer.net import loopguard
-from balancer.proxy.http.context import Serving
+from balancer.proxy.http.context import Client, Serving
 from balancer.proxy.http.upstream import UpstreamConnection
 from balancer.proxy.upstream import (
     OwnListener,
+    TlsFailed,
     adopt,
     connect_failure,
     dial,
@@ -33,9 +33,8 @@ class Refused(Exception):
     """No connection to the backend; the message says why."""
 
 
-async def connect(
-    svc: Serving, backend: Backend, origin: loopguard.Origin | None
-) -> UpstreamConnection:
+async def connect(svc: Serving, backend: Backend, origin: Client) -> UpstreamConnection:
+    """A new connection to `backend` for the client connection `origin`."""
     loop = asyncio.get_running_loop()
     pool = svc.pool
     timeout = svc.config.connect_timeout
@@ -55,8 +54,15 @@ async def connect(
         pool.report_failure(backend, reason)
         raise Refused(reason) from None
     conn = UpstreamConnection(backend, registration, svc.http.max_header_bytes)
+    origination = svc.origination(origin.arrival, origin.transport)
     try:
-        await adopt(loop, conn, sock)
+        await adopt(loop, conn, sock, backend, origination)
+    except TlsFailed as exc:
+        registration.release()
+        backend.connect_failures += 1
+        backend.failures += 1
+        pool.report_failure(backend, str(exc))
+        raise Refused(str(exc)) from None
     except OSError as exc:  # pragma: no cover - a connected socket the loop refused
         registration.release()
         log.warning("service %s: backend connection lost: %s", svc.config.name, exc)

@@ -77,6 +77,8 @@ class Serving(Protocol):
 
     def owner(self, backend: Backend) -> loopguard.Owner: ...
 
+    def origination(self, arrival: Any, transport: Any) -> Any: ...
+
     def pass_turn(self) -> None: ...
 
     def route(self, head: Head) -> Serving | None: ...
@@ -100,6 +102,22 @@ class Client(Protocol):
     queue: deque[Event | HttpError]
     tunnel: Ends | None
     tunnel_write: Any
+    proto: bytes
+    """b"https" for a connection whose TLS was terminated here, else b"http"."""
+    subject_header: bytes
+    """The header carrying the client certificate's subject (b"": none, and no removal)."""
+    arrival: Any
+    """What the front door read first (PROXY header, ClientHello); None: nothing."""
+
+    def with_subject(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """`headers` without any copy of the subject header, then with ours if verified."""
+        ...
+
+    def idle_pool(self, svc: Serving) -> IdlePool:
+        """Where upstream connections for this client wait between requests: the service's
+        pool, or with `send_proxy` one of this connection's own (its PROXY header names
+        this client only)."""
+        ...
 
     async def next_event(self) -> Event | HttpError | None: ...
 

@@ -64,9 +64,11 @@ class Exchange(Relay):
         rules = svc.rules
         trusted = is_trusted(client.peer_ip, rules.trusted_proxies)
         headers, rid = request_headers(
-            head, rules, client_ip=client.peer_ip, proto=b"http", port=client.port,
+            head, rules, client_ip=client.peer_ip, proto=client.proto, port=client.port,
             trusted=trusted, request_id=None,
         )  # fmt: skip
+        if client.subject_header:
+            headers = client.with_subject(headers)
         self.request_id = rid or b""
         if head.content_length is not None:
             headers.append((b"Content-Length", b"%d" % head.content_length))
@@ -197,7 +199,7 @@ class Exchange(Relay):
         # A body that may not fit the replay buffer could not be sent again should a kept-alive
         # connection turn out closed under it: such a request gets a new connection.
         unsure = head.chunked or (head.content_length or 0) > svc.http.replay_buffer
-        conn = None if fresh or unsure else svc.idle.take(backend, monotonic())
+        conn = None if fresh or unsure else self.client.idle_pool(svc).take(backend, monotonic())
         if conn is not None:
             self.reused = True
             svc.reused += 1
@@ -353,7 +355,7 @@ class Exchange(Relay):
             and not reader.extra
             and svc.accepting
         ):
-            svc.idle.put(conn, monotonic())
+            self.client.idle_pool(svc).put(conn, monotonic())
         elif not conn.lost:
             if reuse:
                 conn.close()

@@ -20,6 +20,7 @@ from balancer.core.stats import LatencyHistogram
 from balancer.net.periodic import Periodic
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.base import HttpStatus, Listener, Owners, wait_closed
+from balancer.proxy.edge import Edge
 from balancer.proxy.http.client import ClientConnection
 from balancer.proxy.http.context import Ends
 from balancer.proxy.http.upstream import IdlePool
@@ -70,7 +71,7 @@ def describe_route(route: RouteConfig) -> str:
     return f"{' '.join(parts)} -> {route.service}"
 
 
-class HttpService:
+class HttpService(Edge):
     """An http-mode service: each request balanced on its own."""
 
     def __init__(
@@ -114,6 +115,7 @@ class HttpService:
         self._tokens: dict[Backend, bytes] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._apply(config)
+        self.init_edge()
         self._sweeper = Periodic(self._sweep_period, self.sweep)
         _RUNNING.setdefault(config.name, []).append(self)
 
@@ -137,6 +139,7 @@ class HttpService:
 
     def reconfigure(self, config: ServiceConfig) -> None:
         self._apply(config)
+        self.refront()
 
     def configure(self, config: Config) -> None:
         """Nothing of the whole process's settings concerns http mode."""
@@ -215,9 +218,8 @@ class HttpService:
 
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
-        config = self.config
-        bound = await self._listener.open(
-            self.loop, lambda: ClientConnection(self), config.listen_host, config.listen_port
+        bound = await self.open_listener(
+            self._listener, self.loop, lambda arrival: ClientConnection(self, arrival)
         )
         self.accepting = True
         self._sweeper.start()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from balancer.core.http.wire import Event, HttpError
-from balancer.net.sockopts import reset
+from balancer.net.sockopts import half_close, reset
 from balancer.net.tcpinfo import quiet_ms
 from balancer.proxy.http.context import Client, Serving
 from balancer.proxy.http.upstream import UpstreamConnection
@@ -75,14 +75,14 @@ class Tunnel:
         if self.upstream_eof:
             self.finish()
         elif not self.conn.lost:
-            self.conn.transport.write_eof()
+            half_close(self.conn.transport)
 
     def on_upstream_eof(self) -> None:
         self.upstream_eof = True
         if self.client_eof:
             self.finish()
         elif not self.client.lost:
-            self.client.transport.write_eof()
+            half_close(self.client.transport)
 
     def client_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self.conn.lost:

@@ -111,7 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.on_eof is not None:
             self.on_eof()
-            return True
+            return self.transport.can_write_eof()
         sink = self.sink
         if sink is not None:
             try:

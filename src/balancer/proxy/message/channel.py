@@ -236,12 +236,19 @@ class BackendChannel:
 
     async def _connect(self, conn: BackendConnection) -> None:
         backend = self.backend
+        tls = getattr(self.service, "backend_tls", None)
+        extra = {}
+        if tls is not None:
+            extra = {"ssl": tls.context_for(backend.address),
+                     "server_hostname": tls.server_name(backend.host)}  # fmt: skip
         try:
             async with asyncio.timeout(self.service.config.connect_timeout):
-                await self.service.loop.create_connection(
-                    lambda: cast(asyncio.Protocol, conn), backend.host, backend.port
+                transport, _ = await self.service.loop.create_connection(
+                    lambda: cast(asyncio.Protocol, conn), backend.host, backend.port, **extra
                 )
-        except OSError as exc:  # TimeoutError included
+            if tls is not None:
+                tls.handshake_done(backend.address, transport)
+        except OSError as exc:  # TimeoutError and TLS handshake failures included
             if local_shortage(exc, f"connecting to backend {backend.address}"):
                 conn.closed = True
                 self.connection_short(conn)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
-from balancer.net import loopguard
 from balancer.net.heap import TRIM_AFTER_FREED, TRIM_HEAP
-from balancer.net.loops import create_listener
 from balancer.net.periodic import Periodic
-from balancer.proxy.base import wait_closed
+from balancer.proxy.base import Listener, wait_closed
+from balancer.proxy.edge import Edge
 from balancer.proxy.message.dispatch import Dispatcher
 from balancer.proxy.message.session import ClientSession
 from balancer.wire import QUEUE_TIMEOUT
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from balancer.observe.accesslog import AccessLog
 
 
-class MessageService(Dispatcher):
+class MessageService(Dispatcher, Edge):
     """A message-mode listener and the backend channels behind it."""
 
     def __init__(
@@ -41,9 +40,8 @@ class MessageService(Dispatcher):
     ) -> None:
         super().__init__(config, pool, histogram=histogram, access_log=access_log)
         self.drain_close_window = 1.0
-        self.servers: list[asyncio.Server] = []
-        self._listening: list[Any] = []
-        """The listener's bound addresses, entered in `loopguard` while it listens."""
+        self._listener = Listener()
+        self.init_edge()
         self._sweeper = Periodic(self._sweep_period, self._sweep)
 
     @property
@@ -57,21 +55,12 @@ class MessageService(Dispatcher):
         """Nothing beyond the counters every mode has."""
 
     async def start(self) -> tuple[str, int]:
-        cfg = self.config
-        server = await create_listener(
+        self.bound = await self.open_listener(
+            self._listener,
             self.loop,
-            lambda: cast(asyncio.Protocol, ClientSession(self)),
-            cfg.listen_host,
-            cfg.listen_port,
-            backlog=1024,
+            lambda arrival: cast(asyncio.Protocol, ClientSession(self, arrival)),
         )
-        self.servers.append(server)
-        self._listening = [sock.getsockname() for sock in server.sockets]
-        for address in self._listening:
-            loopguard.listening(address)  # a tcp service will not connect to it
         self._sweeper.start()
-        addr = self._listening[0]
-        self.bound = (str(addr[0]), int(addr[1]))
         return self.bound
 
     def configure(self, config: Config) -> None:
@@ -112,11 +101,7 @@ class MessageService(Dispatcher):
     # -- lifecycle ------------------------------------------------------------
     def stop_accepting(self) -> None:
         self.draining = True
-        for server in self.servers:
-            server.close()
-        for address in self._listening:
-            loopguard.not_listening(address)
-        self._listening = []
+        self._listener.close()
 
     async def drain(self, timeout: float) -> DrainCut:
         """Let in-flight requests be answered, then close every connection.
@@ -162,6 +147,7 @@ class MessageService(Dispatcher):
         self.client_framing = config.client_framing
         self.max_buffered = config.max_buffered
         self._bind_policy_hooks()
+        self.refront()
         for channel in self.channels.values():
             channel.max_connections = max(1, config.backend_connections)
 

@@ -11,6 +11,7 @@ cdef class ClientSession:
     cdef public object peer
     cdef public object peer_key
     cdef public object _peername
+    cdef public object arrival
     cdef public object _fds
     cdef public object framing
     cdef public object framer

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from time import monotonic
-from typing import cast
+from typing import Any, cast
 
 from balancer.core.framing import LineFramer, LineTooLong
 from balancer.net import loopguard, resources
@@ -56,6 +56,7 @@ class ClientSession:
         "_peername",
         "_raw_buf",
         "_raw_timer",
+        "arrival",
         "framer",
         "framing",
         "gone",
@@ -68,9 +69,11 @@ class ClientSession:
         "transport",
     )
 
-    def __init__(self, service: Dispatcher) -> None:
+    def __init__(self, service: Dispatcher, arrival: Any = None) -> None:
         # the connection
         self.service = service
+        self.arrival = arrival
+        """What the front door read first (`proxy.front.Arrival`: PROXY header, TLS)."""
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.peer_key = b""
@@ -104,6 +107,8 @@ class ClientSession:
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self._peername = peer
+        if self.arrival is not None:
+            peer = self.arrival.client
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
             self.peer_key = str(peer[0]).encode()

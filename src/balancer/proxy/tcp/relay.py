@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from balancer.config.hosts import address_of
-from balancer.config.model import ServiceConfig
-from balancer.core.pool import Backend, BackendPool
+from balancer.core.pool import Backend
 from balancer.net import loopguard, resources
-from balancer.net.sockopts import reset, set_nodelay
+from balancer.net.sockopts import half_close, reset, set_nodelay
 from balancer.net.tcpinfo import newly_received
+from balancer.proxy.front import Arrival
+from balancer.proxy.tcp.context import Relays
 from balancer.proxy.upstream import (
     OwnListener,
+    TlsFailed,
     admit,
     adopt,
     connect_failure,
@@ -29,27 +31,6 @@ log = logging.getLogger("balancer")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-
-
-class Relays(Protocol):
-    """What a relayed connection needs of its service."""
-
-    config: ServiceConfig
-    pool: BackendPool
-    loop: asyncio.AbstractEventLoop
-    conns: set[ClientSide]
-    accepting: bool
-    max_connections: int
-    max_backend_connections: int
-    connect_buffer: int
-    connect_timeout: float
-    retry_limit: int
-    refused: int
-    not_available: int
-    retries_made: int
-    loops: int
-
-    def owner(self, backend: Backend) -> loopguard.Owner: ...
 
 
 def _ignore(data: bytes) -> None:
@@ -109,7 +90,7 @@ class BackendSide(asyncio.Protocol):
         if self.client.upstream is self:
             self.client.backend_eof()
             self.account()
-        return True
+        return self.transport.can_write_eof()  # TLS has no half-close: the loop closes
 
     def pause_writing(self) -> None:
         self.client.upstream_full = True
@@ -136,6 +117,7 @@ class ClientSide(asyncio.Protocol):
     """A client connection: picks and connects the backend, then relays."""
 
     __slots__ = (
+        "arrival",
         "backend",
         "client_eof",
         "closed",
@@ -159,8 +141,10 @@ class ClientSide(asyncio.Protocol):
     data_received: Callable[[bytes], None]  # type: ignore[assignment]
     """Holds what the client sends until a backend accepts, then is its transport's write."""
 
-    def __init__(self, svc: Relays) -> None:
+    def __init__(self, svc: Relays, arrival: Arrival | None = None) -> None:
         self.svc = svc
+        self.arrival = arrival
+        """What the front door read first (PROXY header, ClientHello); None: nothing."""
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.upstream: BackendSide | None = None
         self.backend: Backend | None = None
@@ -253,8 +237,8 @@ class ClientSide(asyncio.Protocol):
             if self.server_eof:
                 self.close()
             else:
-                upstream.transport.write_eof()
-        return True
+                half_close(upstream.transport)
+        return self.transport.can_write_eof()  # TLS has no half-close: the loop closes
 
     def pause_writing(self) -> None:
         upstream = self.upstream
@@ -306,7 +290,7 @@ class ClientSide(asyncio.Protocol):
         self.data_received = dst.write
         self.transport.set_protocol(self)  # the loop looks data_received up again
         if self.client_eof:
-            dst.write_eof()
+            half_close(dst)
         elif not self.upstream_full:
             self.transport.resume_reading()
 
@@ -315,7 +299,7 @@ class ClientSide(asyncio.Protocol):
         if self.client_eof:
             self.close()
         elif not self.closed:
-            self.transport.write_eof()
+            half_close(self.transport)
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -362,12 +346,21 @@ class ClientSide(asyncio.Protocol):
         if ok is not None:
             self.svc.pool.policy.on_finish(backend, self.svc.loop.time() - self.started, ok)
 
+    def _connect_failed(self, backend: Backend, reason: str) -> None:
+        self._release(ok=False)
+        backend.connect_failures += 1
+        backend.failures += 1
+        self.svc.pool.report_failure(backend, reason)
+
     async def _connect(self) -> None:
         svc = self.svc
         pool = svc.pool
         loop = svc.loop
         peer = self.peer
-        key = peer[0].encode() if peer else None
+        arrival = self.arrival
+        client = arrival.client if arrival is not None else peer
+        key = client[0].encode() if client else None
+        origination = svc.origination(arrival, self.transport)
         tried: list[Backend] = []
         failures = 0
         at_limit = False
@@ -405,18 +398,21 @@ class ClientSide(asyncio.Protocol):
                     self._release(ok=None)
                     shortage = True
                     break
-                reason = str(connect_failure(exc, svc.connect_timeout))
-                self._release(ok=False)
-                backend.connect_failures += 1
-                backend.failures += 1
-                pool.report_failure(backend, reason)
+                self._connect_failed(backend, str(connect_failure(exc, svc.connect_timeout)))
                 failures += 1
                 if self.closed or failures > svc.retry_limit:
                     break
                 continue
             side = BackendSide(self, backend, registration)
             try:
-                transport = await adopt(loop, side, sock)
+                transport = await adopt(loop, side, sock, backend, origination)
+            except TlsFailed as exc:
+                registration.release()
+                self._connect_failed(backend, str(exc))
+                failures += 1
+                if self.closed or failures > svc.retry_limit:
+                    break
+                continue
             except OSError as exc:  # pragma: no cover - a connected socket the loop refused
                 registration.release()
                 self._release(ok=None)

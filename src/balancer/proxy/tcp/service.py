@@ -10,13 +10,28 @@ from balancer.core.pool import Backend, BackendPool
 from balancer.net.periodic import Periodic
 from balancer.net.tcpinfo import quiet_ms
 from balancer.proxy.base import Listener, Owners, wait_closed
+from balancer.proxy.edge import Edge
+from balancer.proxy.front import Arrival, ArrivalFactory, Router
 from balancer.proxy.tcp.relay import ClientSide
 
 _IDLE_SWEEPS = 4
 """The idle timeout is checked this many times per period (detection within +25%)."""
 
 
-class TcpService:
+_RUNNING: dict[str, list[TcpService]] = {}
+"""The tcp services of this process by name, newest last: where SNI routes send
+connections (a reload may hold an old and a new service of one name for a while)."""
+
+
+def running(name: str) -> TcpService | None:
+    """The newest accepting tcp service named `name`."""
+    for svc in reversed(_RUNNING.get(name, ())):
+        if svc.accepting:
+            return svc
+    return None
+
+
+class TcpService(Edge):
     """A tcp-mode service: its listener and its relayed connections."""
 
     def __init__(self, config: ServiceConfig, pool: BackendPool) -> None:
@@ -36,6 +51,7 @@ class TcpService:
         self._sweeper = Periodic(lambda: self.idle_timeout / _IDLE_SWEEPS, self.sweep_idle)
         self.owner = Owners(pool)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.init_edge()
 
     def _apply(self, config: ServiceConfig) -> None:
         self.config = config
@@ -50,6 +66,7 @@ class TcpService:
         """New settings for this service (same listener and mode), from a reload."""
         had_idle = self.idle_timeout > 0
         self._apply(config)
+        self.refront()
         if self.idle_timeout > 0 and not had_idle and self.accepting:
             self._sweeper.start()
         elif self.idle_timeout <= 0:
@@ -83,13 +100,45 @@ class TcpService:
     def mode_status(self) -> None:
         """Nothing beyond the counters every mode has."""
 
+    def client(self, arrival: Arrival | None) -> ClientSide:
+        return ClientSide(self, arrival)
+
+    def sni_router(self) -> Router | None:
+        routes = self.config.sni_routes
+        if not routes:
+            return None
+        exact: dict[str, str] = {}
+        wildcard: dict[str, str] = {}
+        for sni in routes:
+            for name in sni.server_names:
+                if name.startswith("*."):
+                    wildcard.setdefault(name[2:], sni.service)
+                else:
+                    exact.setdefault(name, sni.service)
+        own = self.client if self.config.backends else None
+        stats = self.front_stats
+
+        def route(name: str | None) -> ArrivalFactory | None:
+            target = None
+            if name:
+                target = exact.get(name)
+                if target is None and "." in name:
+                    target = wildcard.get(name.split(".", 1)[1])
+            if target is None:
+                return own
+            svc = running(target)
+            if svc is None:
+                return None
+            stats.routed[target] = stats.routed.get(target, 0) + 1
+            return svc.client
+
+        return route
+
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
-        config = self.config
-        bound = await self._listener.open(
-            self.loop, lambda: ClientSide(self), config.listen_host, config.listen_port
-        )
+        bound = await self.open_listener(self._listener, self.loop, self.client)
         self.accepting = True
+        _RUNNING.setdefault(self.config.name, []).append(self)
         if self.idle_timeout > 0:
             self._sweeper.start()
         return bound
@@ -97,6 +146,11 @@ class TcpService:
     def stop_accepting(self) -> None:
         self.accepting = False
         self._listener.close()
+        services = _RUNNING.get(self.config.name, [])
+        if self in services:
+            services.remove(self)
+            if not services:
+                del _RUNNING[self.config.name]
 
     async def drain(self, timeout: float) -> DrainCut:
         """Stop accepting; wait up to `timeout` for the relayed connections to end, then
