@@ -24,13 +24,20 @@ from tests.support import OPEN_CLIENTS, Balancers, Services
 settings.register_profile("mutation", derandomize=True, database=None)
 
 
+BOTH_LOOPS = ("tests/test_tcp.py", "tests/test_tls.py", "tests/test_proxy_protocol.py")
+"""Test files whose async tests run on both loops (see `pytest_asyncio_loop_factories`)."""
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """The tcp relay's in-process tests run on both loops: its data path leans on how each
-    loop calls a protocol (uvloop, which `balancer serve` uses, caches data_received).
+    """The tcp relay's and the front door's in-process tests run on both loops: their data
+    paths lean on how each loop calls a protocol and hands sockets over (uvloop, which
+    `balancer serve` uses, caches data_received).
     Other async tests run on asyncio's own loop, as they would without this hook."""
-    if item.nodeid.startswith("tests/test_tcp.py"):
+    if item.nodeid.startswith(
+        ("tests/test_tcp.py", "tests/test_tls.py", "tests/test_proxy_protocol.py")
+    ):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 

@@ -23,7 +23,10 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 def reset(transport: asyncio.Transport) -> None:
     """Abort `transport` so that the peer sees a reset, not an orderly close."""
-    sock = transport.get_extra_info("socket")
+    try:
+        sock = transport.get_extra_info("socket")
+    except AttributeError:  # asyncio's TLS transport, closed: its protocol is gone
+        sock = None
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

@@ -18,7 +18,10 @@ _TCP_CLOSE = 7
 
 def tcp_info(transport: asyncio.BaseTransport) -> bytes | None:
     """The kernel's `TCP_INFO` of a transport's socket, None where there is none."""
-    sock = transport.get_extra_info("socket")
+    try:
+        sock = transport.get_extra_info("socket")
+    except AttributeError:  # asyncio's TLS transport, closed: its protocol is gone
+        return None
     if sock is None:
         return None
     try:

@@ -151,6 +151,19 @@ class Origination:
     timeout: float = 10.0
 
 
+async def send_first(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    """Write `data` on a connected socket not yet handed to the loop (`loop.sock_sendall`
+    would leave uvloop unable to take the socket after)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except (BlockingIOError, InterruptedError):
+            pass
+        if view:
+            await writable(loop, sock)
+
+
 async def adopt(
     loop: asyncio.AbstractEventLoop,
     side: asyncio.BaseProtocol,
@@ -167,7 +180,7 @@ async def adopt(
     """
     tls = origination.tls if origination is not None else None
     if origination is not None and origination.header:
-        await loop.sock_sendall(sock, origination.header)
+        await send_first(loop, sock, origination.header)
     if tls is None or backend is None:
         connecting = loop.create_connection(lambda: side, sock=sock)
     else:

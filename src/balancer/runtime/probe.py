@@ -244,7 +244,11 @@ class _TlsConnection(_Connection):
                 self.tls.do_handshake()
             except ssl.SSLWantReadError:
                 await super().send(self.outgoing.read(), deadline)
-                raw = await super().read(False, deadline)
+                while (raw := super()._recv()) is None:
+                    if not await self._ready(False, deadline):
+                        raise _NoReply(b"") from None
+                if not raw:
+                    raise _Closed(b"") from None
                 self.incoming.write(raw)
                 continue
             await super().send(self.outgoing.read(), deadline)
