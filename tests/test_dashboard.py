@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.support import (
     wait_until,
     write_toml,
 )
+from tests.tls_support import default_pki
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -204,6 +207,29 @@ def test_dashboard_shows_the_responses_and_errors_of_an_http_service(
         expect(http.locator('td[data-http="generated"]')).to_have_text("400 ×1")
         expect(http.locator('td[data-http="client_errors"]')).to_have_text("1")
         expect(http.locator('td[data-http="upstream"]')).to_contain_text("1 new · 2 reused")
+    assert tab.errors == []
+
+
+def test_dashboard_shows_a_tls_services_certificates_and_refused_connections(
+    tmp_path: Path, balancers: Balancers, tab: Tab, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pki = default_pki(tmp_path_factory)
+    with threaded_backend() as backend:
+        cfg = write_toml(tmp_path / "b.toml", [backend], mode="http", health={"enabled": False})
+        cert, key = pki.server.cert_path, pki.server.key_path
+        with cfg.open("a") as f:
+            f.write(f'[services.numbers.tls]\ncert = "{cert}"\nkey = "{key}"\n')
+        bal = balancers.start(cfg)
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=30) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # plain text to a TLS port
+            assert plain.recv(100).startswith(b"HTTP/1.1 400 ")
+        expect = sync_api().expect
+        tab.page.goto(f"http://127.0.0.1:{bal.admin_port}/")
+        tls = tab.page.locator('section[data-service="numbers"] table.tls')
+        expect(tls).to_be_visible()
+        expect(tls.locator('td[data-tls="certificates"]')).to_have_text(re.compile(r"a\.example (29|30)d"))
+        expect(tls.locator('td[data-tls="errors"]')).to_have_text("not_tls ×1")
+        expect(tab.page.locator("table.http")).to_be_visible()
     assert tab.errors == []
 
 

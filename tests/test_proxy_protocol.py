@@ -319,3 +319,50 @@ def test_backend_ids_are_kept_apart() -> None:
     first = tls.context_for("127.0.0.1:1")
     assert tls.context_for("127.0.0.1:1") is first
     assert tls.context_for("127.0.0.1:2") is not first
+
+
+async def test_http_mode_keeps_an_upstream_connection_to_one_client_with_send_proxy() -> None:
+    """A PROXY header names one client: its upstream connection is never lent to another."""
+    seen: list[tuple[str, int]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(65536)
+        header = proxyproto.parse(data)
+        assert not isinstance(header, int)
+        assert header.source is not None
+        seen.append(header.source)
+        data = data[header.length :]
+        try:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = await reader.read(65536)
+                    if not more:
+                        return
+                    data += more
+                _, data = data.split(b"\r\n\r\n", 1)
+                body = f"{header.source[0]} {len(seen)}".encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    backend = server.sockets[0].getsockname()[1]
+    try:
+        cfg = service_config(
+            "web", [f"{HOST}:{backend}"], mode="http", accept_proxy=True, send_proxy="v2"
+        )
+        async with running(cfg) as [(_, port)]:
+            clients = []
+            for source in (("198.51.100.1", 1000), ("198.51.100.2", 2000)):
+                reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(proxyproto.build_v1(source, (HOST, port)))
+                clients.append((source, RawClient(reader, writer)))
+            for _ in range(3):
+                for source, client in clients:
+                    client.send(get("/"))
+                    response = await client.response()
+                    assert response is not None
+                    assert response.body.split()[0] == source[0].encode()
+            assert sorted(ip for ip, _ in seen) == ["198.51.100.1", "198.51.100.2"]
+    finally:
+        server.close()

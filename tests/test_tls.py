@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from balancer.config.errors import ConfigError
 from balancer.config.model import CertConfig, TlsConfig
 from balancer.proxy.tls import load_service_tls
 from tests.http_support import RawClient, echo_backend, get, until
@@ -199,3 +200,54 @@ async def test_message_mode_answers_lines_over_tls(pki: Pki) -> None:
             assert svc.edge_status()["handshakes"] == 1
     finally:
         server.close()
+
+
+async def test_a_plain_http_request_on_an_https_port_gets_a_400_saying_so(pki: Pki) -> None:
+    async with echo_backend() as echo:
+        cfg = service_config("web", [echo.address], mode="http", tls=tls_of(pki))
+        async with running(cfg) as [(svc, port)]:
+            client = await RawClient.open(port)
+            client.send(get("/"))
+            response = await client.response()
+            assert response is not None
+            assert response.status == 400
+            assert b"HTTPS" in response.body
+            assert echo.requests == []
+            assert svc.edge_status()["errors"] == {"not_tls": 1}
+
+
+def test_a_private_key_others_can_read_gets_a_warning(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tmp_path / "open.key"
+    key.write_bytes(pki.server.key_path.read_bytes())
+    key.chmod(0o644)
+    certs = (CertConfig(str(pki.server.cert_path), str(key)),)
+    cfg = service_config("t", ["127.0.0.1:1"], tls=TlsConfig(certs=certs))
+    with caplog.at_level("WARNING", logger="balancer"):
+        load_service_tls([cfg], "test")
+    assert f"private key {key} is readable by other users" in caplog.text
+    caplog.clear()
+    key.chmod(0o600)
+    with caplog.at_level("WARNING", logger="balancer"):
+        load_service_tls([cfg], "test")
+    assert "readable" not in caplog.text
+
+
+def test_a_bad_certificate_file_is_named_with_its_key_and_nothing_is_built(
+    pki: Pki, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "bad.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    good = service_config("good", ["127.0.0.1:1"], tls=tls_of(pki))
+    bad_certs = (CertConfig(str(garbage), str(pki.server.key_path)),)
+    bad = service_config("bad", ["127.0.0.1:1"], tls=TlsConfig(certs=bad_certs))
+    wrong_key = (CertConfig(str(pki.server.cert_path), str(pki.other.key_path)),)
+    mismatch = service_config("mismatch", ["127.0.0.1:1"], tls=TlsConfig(certs=wrong_key))
+    with pytest.raises(ConfigError) as info:
+        load_service_tls([good, bad, mismatch], "balancer.toml")
+    errors = info.value.errors
+    assert [e.where for e in errors] == ["services.bad.tls", "services.mismatch.tls"]
+    assert str(garbage) in errors[0].message
+    assert "KEY_VALUES_MISMATCH" in errors[1].message
+    assert all(e.source == "balancer.toml" for e in errors)

@@ -226,22 +226,31 @@ def _check_routes(
 
 
 def _check_sni_routes(
-    svc: ParsedService, by_name: dict[str, ServiceConfig], problems: Problems
+    svc: ParsedService, parsed: dict[str, ParsedService], problems: Problems
 ) -> None:
     """An SNI route names another tcp service of the file that relays TLS untouched."""
     for i, route in enumerate(svc.config.sni_routes):
         where = f"{svc.path}.sni_routes[{i}].service"
-        target = by_name.get(route.service)
+        target = parsed.get(route.service)
         if target is None:
-            known = [n for n, c in by_name.items() if c.mode == "tcp" and n != svc.config.name]
-            problems.add(where, f"expected the name of a tcp service of this file (one of "
-                         f"{known}), got {route.service!r}")  # fmt: skip
-        elif target.name == svc.config.name:
+            known = [name for name, other in parsed.items() if other is not svc
+                     and other.config.mode == "tcp" and other.config.tls is None]  # fmt: skip
+            choices = f"one of {known}" if known else "there is none"
+            problems.add(where, f"expected the name of another tcp service without tls of "
+                         f"this file ({choices}), got {route.service!r}")  # fmt: skip
+        elif target is svc:
             problems.add(where, "expected another service than this one (its own backends "
                          "serve what no route takes)")  # fmt: skip
-        elif target.mode != "tcp" or target.tls is not None:
-            problems.add(where, f"expected a tcp service without tls (the connection's TLS "
-                         f"is relayed untouched), got {route.service!r}")  # fmt: skip
+        elif not problems.clean(join_key(target.path, "mode")):
+            continue  # its mode is not known: its own mistake, reported there
+        elif target.config.mode != "tcp":
+            got = f"got {route.service!r} in {target.config.mode} mode"
+            problems.add(where, f"expected a tcp service (the connection is relayed, its TLS "
+                         f"untouched), {got}")  # fmt: skip
+        elif target.config.tls is not None:
+            got = f"got {route.service!r}, which terminates TLS"
+            problems.add(where, f"expected a tcp service without tls (the connection's TLS is "
+                         f"relayed untouched), {got}")  # fmt: skip
 
 
 def _check_framing(svc: ParsedService, problems: Problems) -> None:
@@ -290,9 +299,10 @@ def check_services(
     if admin_listener is not None:
         listeners.append(admin_listener)
     by_name = {svc.config.name: svc.config for svc in services}
+    parsed = {svc.config.name: svc for svc in services}
     for svc in services:
         _check_loops(svc, listeners, problems)
         _check_weights(svc, problems)
         _check_framing(svc, problems)
         _check_routes(svc, by_name, problems)
-        _check_sni_routes(svc, by_name, problems)
+        _check_sni_routes(svc, parsed, problems)

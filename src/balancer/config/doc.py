@@ -33,15 +33,22 @@ from balancer.config.model import (
     HASH_KEYS,
     INTEGER_KEYS,
     MODES,
+    PROXY_VERSIONS,
     READ_ACCESS,
+    TLS_VERSIONS,
+    VERIFY_CLIENT,
     AdminConfig,
     BackendConfig,
+    BackendTlsConfig,
+    CertConfig,
     Config,
     HealthConfig,
     HttpConfig,
     OutlierConfig,
     RouteConfig,
     ServiceConfig,
+    SniRouteConfig,
+    TlsConfig,
 )
 from balancer.config.policies import ALGORITHMS
 from balancer.config.schema import MEANINGS, TABLE_KEYS
@@ -83,6 +90,9 @@ def bounds_table() -> str:
         elif table == "http":
             default = _default(HttpConfig, key)
             rows.append(_row(key, "`[services.NAME.http]`", default, bound, integer))
+        elif table == "tls":
+            default = _default(TlsConfig, key)
+            rows.append(_row(key, "`[services.NAME.tls]`", default, bound, integer))
         elif name in _TOP:
             rows.append(_row(key, "top level", _default(Config, key), bound, integer))
         elif name == "weight":
@@ -125,6 +135,18 @@ _TABLES: dict[str, tuple[str, type, str]] = {
         RouteConfig,
         "",
     ),
+    "services.NAME.tls": ("`[services.NAME.tls]`", TlsConfig, "tls."),
+    "services.NAME.tls.certs[]": (
+        'A certificate: `{ cert = "...", key = "...", server_names = [...] }`',
+        CertConfig,
+        "",
+    ),
+    "services.NAME.backend_tls": ("`[services.NAME.backend_tls]`", BackendTlsConfig, ""),
+    "services.NAME.sni_routes[]": (
+        'An SNI route: `{ service = "NAME", server_names = [...] }`',
+        SniRouteConfig,
+        "",
+    ),
     "services.NAME.backends[]": (
         'A backend: `"host:port"` or `{ address = "host:port", weight = N }`',
         BackendConfig,
@@ -142,8 +164,15 @@ _CHOICES: dict[str, Sequence[str]] = {
     "services.NAME.algorithm": tuple(ALGORITHMS),
     "services.NAME.backend_framing": FRAMINGS,
     "services.NAME.client_framing": CLIENT_FRAMINGS,
+    "services.NAME.send_proxy": PROXY_VERSIONS,
+    "services.NAME.tls.min_version": TLS_VERSIONS,
+    "services.NAME.tls.verify_client": VERIFY_CLIENT,
+    "services.NAME.backend_tls.min_version": TLS_VERSIONS,
 }
 _ADDRESS = '`"host:port"` (IPv6 as `[::1]:8080`)'
+_FILE = "a readable file, relative to the config file's directory"
+_NAMES = 'host names (case ignored) or wildcards like `"*.example.com"`'
+_ALPN = 'protocol names, e.g. `["h2", "http/1.1"]`'
 _SPECIAL: dict[str, tuple[str, str, str]] = {
     # keys that are no one field of the model, or whose TOML form differs: type, default, accepted
     "services": ("table of tables", "required", "at least one service"),
@@ -160,7 +189,54 @@ _SPECIAL: dict[str, tuple[str, str, str]] = {
     "services.NAME.backends": (
         "list",
         "required",
-        'at least one, each `"host:port"` or `{ address, weight }`, each backend once',
+        'at least one (`[]` or none with `routes` or `sni_routes`), each `"host:port"` or '
+        "`{ address, weight }`, each backend once",
+    ),
+    "services.NAME.accept_proxy_from": (
+        "list of strings",
+        "`[]`",
+        'addresses or CIDRs, e.g. `"10.0.0.0/8"`; none without `accept_proxy`',
+    ),
+    "services.NAME.sni_routes": (
+        "list of tables",
+        "`[]`",
+        "tcp mode, without `tls`; each naming another tcp service without `tls`",
+    ),
+    "services.NAME.tls.cert": ("string", "required without `certs`", _FILE),
+    "services.NAME.tls.key": ("string", "required without `certs`", _FILE),
+    "services.NAME.tls.client_ca": (
+        "string",
+        '`""`',
+        f'{_FILE}; required unless verify_client is `"none"`',
+    ),
+    "services.NAME.tls.alpn": ("list of strings", "`[]`", _ALPN),
+    "services.NAME.tls.subject_header": (
+        "string",
+        '`"X-Client-Cert-Subject"`',
+        'a header name, or `""`',
+    ),
+    "services.NAME.tls.certs": (
+        "list of tables",
+        "none (`cert` and `key`)",
+        "at least one, each but the first with `server_names`; not with `cert` and `key`",
+    ),
+    "services.NAME.tls.certs[].cert": ("string", "required", _FILE),
+    "services.NAME.tls.certs[].key": ("string", "required", _FILE),
+    "services.NAME.tls.certs[].server_names": ("list of strings", "`[]`", _NAMES),
+    "services.NAME.backend_tls.ca": ("string", '`""`', _FILE),
+    "services.NAME.backend_tls.server_name": ("string", '`""`', "a host name"),
+    "services.NAME.backend_tls.client_cert": ("string", '`""`', f"{_FILE}; with client_key"),
+    "services.NAME.backend_tls.client_key": ("string", '`""`', f"{_FILE}; with client_cert"),
+    "services.NAME.backend_tls.alpn": ("list of strings", "`[]`", _ALPN),
+    "services.NAME.sni_routes[].service": (
+        "string",
+        "required",
+        "another tcp service of the file, without `tls`",
+    ),
+    "services.NAME.sni_routes[].server_names": (
+        "list of strings",
+        "required",
+        f"at least one; {_NAMES}",
     ),
     "services.NAME.policy_options": ("table of numbers", "`{}`", "the algorithm's (below)"),
     "services.NAME.hash_key": (

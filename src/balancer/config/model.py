@@ -90,10 +90,11 @@ BOUNDS: dict[str, Bound] = {
     "retry_budget_min": Bound(0, 100_000),
     "max_buffered": Bound(64 * 1024, 64 * 1024 * _MIB, unit="bytes"),
     "weight": Bound(0, MAX_WEIGHT),
-    # [http]
+    # the PROXY header, the ClientHello (sni_routes), [tls]
     "proxy_timeout": Bound(0.05, 300, unit="seconds"),
     "client_hello_timeout": Bound(0.05, 300, unit="seconds"),
     "tls.handshake_timeout": Bound(0.05, 300, unit="seconds"),
+    # [http]
     "http.max_header_bytes": Bound(1024, 1 * _MIB, unit="bytes"),
     "http.max_headers": Bound(1, 1000),
     "http.header_timeout": Bound(0.1, 3600, unit="seconds"),

@@ -34,18 +34,21 @@ def _base_dir(source: str) -> str:
     return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
 
 
-def _file(t: Table, key: str, base: str, *, required: bool, what: str) -> str:
-    """The absolute path of a readable file named by `key` ("" when absent and optional)."""
+def _file(t: Table, key: str, base: str, *, required: bool, what: str, why: str = "") -> str:
+    """The absolute path of a readable file named by `key` ("" when absent and optional);
+    `why` says, when it is missing, why it is required."""
     if key not in t.data:
         if required:
-            t.fail(key, f"missing: expected the path of {what}")
+            t.fail(key, f"missing: expected the path of {what}" + (f" ({why})" if why else ""))
         return ""
     value = t.data[key]
     if not isinstance(value, str) or not value:
         t.fail(key, f"expected the path of {what}, got {show_value(value)}")
         return ""
     path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        t.fail(key, f"expected the path of {what}, got {value!r}: a directory ({path})")
+    elif not os.path.isfile(path):
         t.fail(key, f"expected the path of {what}, got {value!r}: no such file ({path})")
     elif not os.access(path, os.R_OK):
         t.fail(key, f"expected the path of {what}, got {value!r}: not readable by this user")
@@ -80,13 +83,23 @@ def _text(t: Table, key: str, default: str) -> str:
     return default
 
 
-def _cert(item: object, where: str, problems: Problems, base: str) -> CertConfig | None:
+def _cert(
+    item: object, where: str, problems: Problems, base: str, *, first: bool
+) -> CertConfig | None:
+    """One item of `certs`: all but the `first` (the default certificate) list their names."""
     t = Table.read(item, where, problems, CERT_KEYS, what="a table with cert, key, server_names")
     if t is None:
         return None
     cert = _file(t, "cert", base, required=True, what="a PEM certificate chain")
     key = _file(t, "key", base, required=True, what="a PEM private key")
     names = _names(t, "server_names")
+    if not names and not first and t.clean("server_names"):
+        expected = ("expected the server names this certificate serves (only the first, "
+                    "the default, may go without)")  # fmt: skip
+        if t.has("server_names"):
+            t.fail("server_names", f"{expected}, got []")
+        else:
+            t.fail("server_names", f"missing: {expected}")
     return CertConfig(cert, key, names) if cert and key else None
 
 
@@ -106,33 +119,27 @@ def read_tls(data: object, path: str, problems: Problems) -> TlsConfig | None:
                    f"{show_value(value)}")  # fmt: skip
         else:
             for i, item in enumerate(value):
-                cert = _cert(item, f"{t.where('certs')}[{i}]", problems, base)
+                cert = _cert(item, f"{t.where('certs')}[{i}]", problems, base, first=i == 0)
                 if cert is not None:
                     certs.append(cert)
-            for i, cert in enumerate(certs[1:], 1):
-                if not cert.server_names:
-                    problems.add(f"{t.where('certs')}[{i}].server_names",
-                                 "missing: expected the server names this certificate serves "
-                                 "(only the first, the default, may go without)")  # fmt: skip
     else:
-        chain = _file(t, "cert", base, required=True, what="a PEM certificate chain")
-        key = _file(t, "key", base, required=True, what="a PEM private key")
+        alone = "or a certs list"
+        chain = _file(t, "cert", base, required=True, what="a PEM certificate chain", why=alone)
+        key = _file(t, "key", base, required=True, what="a PEM private key", why=alone)
         if chain and key:
             certs.append(CertConfig(chain, key))
     d = TlsConfig(certs=())
     verify = t.choice("verify_client", d.verify_client, VERIFY_CLIENT)
     client_ca = _file(t, "client_ca", base, required=verify != "none",
-                      what="PEM CA certificates for client certificates")  # fmt: skip
+                      what="PEM CA certificates for client certificates",
+                      why=f"verify_client = {verify!r} verifies them against it")  # fmt: skip
     subject_header = _text(t, "subject_header", d.subject_header)
     if subject_header and not _HEADER_RE.fullmatch(subject_header):
         t.fail("subject_header", f"expected a header name, got {subject_header!r}")
-    ciphers = _text(t, "ciphers", d.ciphers)
-    if not certs:
-        return None
-    return TlsConfig(
+    settings = TlsConfig(  # every key read, so that each mistake is reported
         certs=tuple(certs),
         min_version=t.choice("min_version", d.min_version, TLS_VERSIONS),
-        ciphers=ciphers,
+        ciphers=_text(t, "ciphers", d.ciphers),
         alpn=_alpn(t),
         client_ca=client_ca,
         verify_client=verify,
@@ -141,6 +148,7 @@ def read_tls(data: object, path: str, problems: Problems) -> TlsConfig | None:
         ),
         subject_header=subject_header,
     )
+    return settings if certs else None
 
 
 def read_backend_tls(data: object, path: str, problems: Problems) -> BackendTlsConfig | None:
@@ -151,12 +159,14 @@ def read_backend_tls(data: object, path: str, problems: Problems) -> BackendTlsC
     base = _base_dir(problems.source)
     d = BackendTlsConfig()
     server_name = _text(t, "server_name", "").lower().rstrip(".")
-    if server_name and not SERVER_NAME_RE.fullmatch(server_name.removeprefix("*.")):
-        t.fail("server_name", f"expected a host name, got {server_name!r}")
+    if server_name and (server_name.startswith("*") or not SERVER_NAME_RE.fullmatch(server_name)):
+        t.fail("server_name", f"expected a host name (no wildcard), got {server_name!r}")
     client_cert = _file(t, "client_cert", base, required=t.has("client_key"),
-                        what="a PEM client certificate chain")  # fmt: skip
+                        what="a PEM client certificate chain",
+                        why="client_key is set")  # fmt: skip
     client_key = _file(t, "client_key", base, required=t.has("client_cert"),
-                       what="a PEM private key for client_cert")  # fmt: skip
+                       what="a PEM private key for client_cert",
+                       why="client_cert is set")  # fmt: skip
     return BackendTlsConfig(
         ca=_file(t, "ca", base, required=False, what="PEM CA certificates"),
         server_name=server_name,

@@ -144,6 +144,11 @@ class AccessLog:
                     f"header={get('header_ms')}ms total={get('total_ms')}ms "
                     f"term={get('term')} id={get('request_id') or '-'}"
                 )
+                if "tls_version" in fields:
+                    text += (
+                        f" tls={get('tls_version')} sni={get('sni') or '-'}"
+                        f" subject={json.dumps(get('client_subject') or '-')}"
+                    )
             else:
                 text = (
                     f"{stamp} {self.service} {peer} -> - {get('status')} "

@@ -105,6 +105,28 @@ class Edge:
         }
 
 
+def describe(svc: ServiceConfig) -> str:
+    """The start-up log's words for a service's TLS and PROXY settings ("" without any)."""
+    parts = []
+    if svc.accept_proxy:
+        parts.append("PROXY header required")
+    if svc.tls is not None:
+        n = len(svc.tls.certs)
+        clients = (
+            ""
+            if svc.tls.verify_client == "none"
+            else f", client certificates {svc.tls.verify_client}"
+        )
+        parts.append(f"TLS terminated ({n} certificate{'s' if n > 1 else ''}{clients})")
+    if svc.sni_routes:
+        parts.append(f"{len(svc.sni_routes)} SNI route(s)")
+    if svc.send_proxy:
+        parts.append(f"PROXY {svc.send_proxy} to backends")
+    if svc.backend_tls is not None:
+        parts.append("TLS to backends")
+    return "; ".join(parts)
+
+
 def _address(value: Any) -> tuple[str, int] | None:
     if isinstance(value, tuple) and len(value) >= 2:
         return str(value[0]), int(value[1])

@@ -97,6 +97,9 @@ class Front:
     tls: ServerTls | None = None
     client_hello_timeout: float = 5.0
     router: Router | None = None
+    plain_reply: bytes = b""
+    """What a plain-text client on a TLS port is sent before its connection is closed
+    (http mode: a 400 saying the port speaks HTTPS)."""
 
     @classmethod
     def of(cls, svc: ServiceConfig, tls: ServerTls | None, router: Router | None) -> Front:
@@ -107,6 +110,7 @@ class Front:
             tls=tls,
             client_hello_timeout=svc.client_hello_timeout,
             router=router if svc.sni_routes else None,
+            plain_reply=PLAIN_HTTP_REPLY if svc.mode == "http" and tls is not None else b"",
         )
 
 
@@ -139,6 +143,30 @@ def _allowed(peer: tuple[str, int], networks: tuple[Network, ...]) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return any(ip in net or (mapped is not None and mapped in net) for net in networks)
+
+
+_PLAIN_BODY = b"This port speaks HTTPS: use https:// to reach it.\n"
+PLAIN_HTTP_REPLY = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_BODY), _PLAIN_BODY)
+)
+
+
+def _answer_plain(conn: socket.socket, reply: bytes) -> None:
+    """Take what a plain-text client sent (so that the close is a FIN, not a reset) and
+    send it `reply`, all without waiting."""
+    try:
+        for _ in range(16):
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+    if reply:
+        try:
+            conn.send(reply)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 class FrontDoor(asyncio.AbstractServer):
@@ -258,6 +286,8 @@ class FrontDoor(asyncio.AbstractServer):
                     raise PreambleError("sni_no_route")
         except PreambleError as exc:
             stats.count(exc.reason)
+            if exc.reason == "not_tls":
+                _answer_plain(conn, front.plain_reply)
             conn.close()
             return
         except asyncio.CancelledError:
@@ -296,12 +326,17 @@ class FrontDoor(asyncio.AbstractServer):
         self.stats.handshakes += 1
 
 
-def tls_details(transport: Any) -> dict[str, Any]:
+def tls_details(transport: Any, server_name: str | None) -> dict[str, object]:
     """What the access log shows of a TLS client connection ({} for a plain one)."""
     sslobj = transport.get_extra_info("ssl_object")
     if sslobj is None:
         return {}
-    details: dict[str, Any] = {"tls_version": sslobj.version(), "tls_cipher": sslobj.cipher()[0]}
+    cipher = sslobj.cipher()
+    details: dict[str, object] = {
+        "tls_version": sslobj.version(),
+        "tls_cipher": cipher[0] if cipher else "",
+        "sni": server_name or "",
+    }
     subject = client_subject(sslobj)
     if subject:
         details["client_subject"] = subject

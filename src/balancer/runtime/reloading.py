@@ -21,6 +21,7 @@ from balancer.core.pool import Backend
 from balancer.core.states import DOWN
 from balancer.errors import BalancerError, Conflict, InvalidInput
 from balancer.proxy.base import EdgeStatus
+from balancer.proxy.edge import describe
 from balancer.proxy.tls import load_service_tls
 from balancer.runtime.changes import ServerChanges
 from balancer.runtime.services import (
@@ -182,12 +183,14 @@ class ServerReloads(ServerChanges):
         for name, runtime in prepared.runtimes.items():
             runtime.checker.start()
             svc = runtime.config
+            edge = describe(svc)
             log.info(
-                "service %s listening on %s (mode %s, algorithm %s); %d of %d backends up",
+                "service %s listening on %s (mode %s, algorithm %s%s); %d of %d backends up",
                 name,
                 runtime.listen,
                 svc.mode,
                 svc.algorithm,
+                f"; {edge}" if edge else "",
                 sum(1 for b in runtime.pool if b.is_up),
                 len(runtime.pool),
             )

@@ -157,8 +157,10 @@ function makeCard(name) {
   );
   const http = makeHttpTable();
   root.append(http.table);
+  const tls = makeTlsTable();
+  root.append(tls.table);
   document.getElementById("services").append(root);
-  return { root, meta, tbody, rows: new Map(), rpsCanvas, p99Canvas, rpsNow, p99Now, http };
+  return { root, meta, tbody, rows: new Map(), rpsCanvas, p99Canvas, rpsNow, p99Now, http, tls };
 }
 
 // http mode's counters, one row (hidden for the other modes)
@@ -199,6 +201,41 @@ function renderHttp(http, counts) {
   c.client_errors.textContent = fmt.int(counts.client_errors);
   c.bad_responses.textContent = fmt.int(counts.bad_responses);
   c.routes.textContent = counts.routes.join(" · ") || "–";
+}
+
+// TLS and the PROXY protocol, one row (hidden for services without them)
+const TLS_COLUMNS = [["certificates", "certificates (days left)"], ["handshakes", "handshakes"],
+                     ["proxied", "PROXY headers"], ["errors", "closed before the mode"],
+                     ["routed", "SNI routed"], ["backend", "backend TLS"]];
+
+function makeTlsTable() {
+  const head = $("tr"), row = $("tr"), cells = {};
+  for (const [key, label] of TLS_COLUMNS) {
+    head.append($("th", { text: label }));
+    cells[key] = $("td", { "data-tls": key });
+    row.append(cells[key]);
+  }
+  const table = $("table", { class: "tls" }, $("thead", {}, head), $("tbody", {}, row));
+  table.hidden = true;
+  return { table, cells };
+}
+
+function renderTls(tls, counts) {
+  tls.table.hidden = !counts;
+  if (!counts) return;
+  const c = tls.cells;
+  c.certificates.replaceChildren(...counts.certificates.map((cert, i) => $("span", {
+    class: cert.days_left < 14 ? "cert expiring" : "cert",
+    title: `${cert.subject} · ${cert.path}`,
+    text: `${i ? " · " : ""}${cert.server_names[0] || cert.subject} ${Math.floor(cert.days_left)}d`,
+  })));
+  if (!counts.certificates.length) c.certificates.textContent = "–";
+  c.handshakes.textContent = fmt.int(counts.handshakes);
+  c.proxied.textContent = fmt.int(counts.proxied);
+  c.errors.textContent = byKey(counts.errors, " ×");
+  c.routed.textContent = byKey(counts.routed, " ×");
+  c.backend.textContent = `${fmt.int(counts.backend_handshakes)} handshakes · ` +
+    `${fmt.int(counts.backend_resumed)} resumed`;
 }
 
 function makeRow(card, service, address) {
@@ -248,6 +285,7 @@ function render(doc) {
       $("b", { text: fmt.ms(svc.p99_ms || 0) }), ` · ${fmt.int(svc.client_connections)} clients`,
     );
     renderHttp(card.http, svc.http);
+    renderTls(card.tls, svc.tls);
     const rowsSeen = new Set();
     for (const b of svc.backends) {
       rowsSeen.add(b.address);

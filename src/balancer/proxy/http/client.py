@@ -25,7 +25,7 @@ from balancer.core.http.wire import Body, End, Event, Head, HttpError, RequestRe
 from balancer.core.http.writer import error_response
 from balancer.net import loopguard, resources
 from balancer.net.sockopts import reset, set_nodelay
-from balancer.proxy.front import Arrival, client_subject
+from balancer.proxy.front import Arrival, client_subject, tls_details
 from balancer.proxy.http.context import Ends, Serving, count
 from balancer.proxy.http.exchange import Exchange
 from balancer.proxy.http.upstream import IdlePool
@@ -50,6 +50,7 @@ class ClientConnection(asyncio.Protocol):
         self.proto = b"http"
         self.subject_header = b""
         self.subject = b""
+        self.tls_log: dict[str, object] = {}
         self.private: IdlePool | None = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.reader = RequestReader(svc.http.max_header_bytes, svc.http.max_headers)
@@ -117,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         if not arrival.terminated or tls is None:
             return
         self.proto = b"https"
+        self.tls_log = tls_details(transport, arrival.server_name)
         if tls.verify_client != "none" and tls.subject_header:
             self.subject_header = tls.subject_header.encode()
             sslobj = transport.get_extra_info("ssl_object")

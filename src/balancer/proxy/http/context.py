@@ -108,6 +108,8 @@ class Client(Protocol):
     """The header carrying the client certificate's subject (b"": none, and no removal)."""
     arrival: Any
     """What the front door read first (PROXY header, ClientHello); None: nothing."""
+    tls_log: dict[str, object]
+    """What the access log shows of the connection's TLS ({} without)."""
 
     def with_subject(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """`headers` without any copy of the subject header, then with ours if verified."""

@@ -422,5 +422,6 @@ class Exchange(Relay):
                 "total_ms": round((now - self.started) * 1000, 3),
                 "term": self.term,
                 "request_id": self.request_id.decode("latin-1"),
+                **self.client.tls_log,
             },
         )
