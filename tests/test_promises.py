@@ -38,6 +38,7 @@ BEHAVIOUR_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "docs/operations.md": ("Operating it",),
     "docs/http.md": ("HTTP mode",),
+    "docs/tls.md": ("TLS and the PROXY protocol",),
 }
 """The documents and the `## ` sections of each whose bullets, table rows and paragraphs are
 promises. A page under docs/ that describes behaviour is added here with its sections."""

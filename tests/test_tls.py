@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from balancer.config.errors import ConfigError
+from balancer.config.load import load_config
 from balancer.config.model import CertConfig, TlsConfig
 from balancer.proxy.tls import load_service_tls
 from tests.http_support import RawClient, echo_backend, get, until
@@ -251,3 +252,33 @@ def test_a_bad_certificate_file_is_named_with_its_key_and_nothing_is_built(
     assert str(garbage) in errors[0].message
     assert "KEY_VALUES_MISMATCH" in errors[1].message
     assert all(e.source == "balancer.toml" for e in errors)
+
+
+def test_the_readmes_tls_example_loads_and_its_certificates_are_built(
+    pki: Pki, tmp_path: Path
+) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("```toml\n", text.index("## TLS and the PROXY protocol")) + len("```toml\n")
+    example = text[start : text.index("```", start)]
+    files = {
+        "internal-ca.pem": pki.ca.cert_path,
+        "clients-ca.pem": pki.ca.cert_path,
+        "www.pem": pki.other.cert_path,
+        "www.key": pki.other.key_path,
+        "api.pem": pki.server.cert_path,
+        "api.key": pki.server.key_path,
+    }
+    for name, source in files.items():
+        (tmp_path / name).write_bytes(source.read_bytes())
+        (tmp_path / name).chmod(0o600)
+    path = tmp_path / "readme.toml"
+    path.write_text(example.replace("/etc/balancer/", ""))
+    web = load_config(path).service("web")
+    assert web.accept_proxy
+    assert web.tls is not None
+    assert web.tls.verify_client == "optional"
+    server, backend = load_service_tls([web], str(path))["web"]
+    assert server is not None
+    assert backend is not None
+    assert server.context_for("api.example.com") is not server.default
+    assert [c.subject for c in server.certs] == ["CN=c.example", "CN=a.example"]
