@@ -4,6 +4,7 @@ routing without terminating, in process on real sockets."""
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
 import struct
 
@@ -365,4 +366,36 @@ async def test_http_mode_keeps_an_upstream_connection_to_one_client_with_send_pr
                     assert response.body.split()[0] == source[0].encode()
             assert sorted(ip for ip, _ in seen) == ["198.51.100.1", "198.51.100.2"]
     finally:
+        server.close()
+
+
+async def test_message_mode_logs_and_hashes_the_proxy_headers_client() -> None:
+    from balancer.core.pool import BackendPool
+    from balancer.core.stats import LatencyHistogram
+    from balancer.observe.accesslog import AccessLog
+    from balancer.proxy.message.service import MessageService
+    from tests.support import Numbers
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Numbers, HOST, 0)
+    backend = server.sockets[0].getsockname()[1]
+    stream = io.BytesIO()
+    cfg = service_config("numbers", [f"{HOST}:{backend}"], mode="message", accept_proxy=True)
+    svc = MessageService(
+        cfg, BackendPool(cfg), histogram=LatencyHistogram(), access_log=AccessLog("numbers", stream)
+    )
+    svc.set_tls(None, None)
+    try:
+        _, port = await svc.start()
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(proxyproto.build_v2(FAKE, (HOST, port)) + b"7\n")
+        assert await reader.readline() == "It’s instance number 7\n".encode()
+        session = next(iter(svc.sessions))
+        assert session.peer_key == FAKE[0].encode()  # what hash_key = "source" hashes
+        writer.close()
+        assert svc.access_log is not None
+        svc.access_log.flush()
+        assert f"{FAKE[0]}:{FAKE[1]}".encode() in stream.getvalue()
+    finally:
+        await svc.drain(1.0)
         server.close()
