@@ -272,6 +272,7 @@ class FrontDoor(asyncio.AbstractServer):
                 if not header.local and header.source is not None:
                     arrival.client = header.source
             tls = front.tls
+            hello_started = self._loop.time()
             if tls is not None or front.router is not None:
                 wait = tls.config.handshake_timeout if tls is not None else None
                 try:
@@ -294,7 +295,10 @@ class FrontDoor(asyncio.AbstractServer):
             conn.close()
             raise
         assert factory is not None
-        await self._hand_over(conn, arrival, factory, tls)
+        left = 0.0
+        if tls is not None:  # the ClientHello and the handshake share handshake_timeout
+            left = tls.config.handshake_timeout - (self._loop.time() - hello_started)
+        await self._hand_over(conn, arrival, factory, tls, max(0.05, left))
 
     async def _hand_over(
         self,
@@ -302,6 +306,7 @@ class FrontDoor(asyncio.AbstractServer):
         arrival: Arrival,
         factory: ArrivalFactory,
         tls: ServerTls | None,
+        timeout: float,
     ) -> None:
         def protocol() -> asyncio.BaseProtocol:
             return factory(arrival)
@@ -316,7 +321,7 @@ class FrontDoor(asyncio.AbstractServer):
                 protocol,
                 conn,
                 ssl=tls.context_for(arrival.server_name),
-                ssl_handshake_timeout=tls.config.handshake_timeout,
+                ssl_handshake_timeout=timeout,
             )
         except (OSError, ValueError) as exc:
             self.stats.count(_handshake_reason(exc))
