@@ -21,17 +21,22 @@ from balancer.config.model import (
     INTEGER_KEYS,
     AdminConfig,
     BackendConfig,
+    BackendTlsConfig,
+    CertConfig,
     Config,
     HealthConfig,
     HttpConfig,
     OutlierConfig,
     RouteConfig,
     ServiceConfig,
+    SniRouteConfig,
+    TlsConfig,
     parse_admin,
 )
 from balancer.config.policies import ALGORITHMS
 from balancer.config.schema import TABLE_KEYS
 from balancer.config.tutorial import config_from_backends
+from tests.config_files import write_named_files
 from tests.support import config_error, write_config
 
 FULL_TOML = """\
@@ -101,10 +106,23 @@ idle_timeout = 600
 max_connections = 100
 max_backend_connections = 10
 connect_buffer = 65536
+accept_proxy = true
+accept_proxy_from = ["10.0.0.0/8", "::1"]
+proxy_timeout = 2.5
+send_proxy = "v1"
+client_hello_timeout = 3
 backends = ["[::1]:9000", { address = "127.0.0.1:9001", weight = 0 }]
+[[services.raw.sni_routes]]
+service = "mail"
+server_names = ["mail.example", "*.Mail.Example."]
 [services.raw.health]
 interval = 0.5
 jitter = 0
+
+[services.mail]
+listen = "127.0.0.1:8086"
+mode = "tcp"
+backends = ["127.0.0.1:9006"]
 
 [services.hash]
 listen = "127.0.0.1:8082"
@@ -126,7 +144,23 @@ probe = 0.05
 [services.web]
 listen = "127.0.0.1:8084"
 mode = "http"
+send_proxy = "v2"
 backends = ["127.0.0.1:9004"]
+[services.web.tls]
+min_version = "1.3"
+ciphers = "ECDHE+AESGCM"
+alpn = ["h2", "http/1.1"]
+client_ca = "certs/clients.pem"
+verify_client = "optional"
+handshake_timeout = 4
+subject_header = "X-Subject"
+[[services.web.tls.certs]]
+cert = "certs/web.pem"
+key = "certs/web.key"
+[[services.web.tls.certs]]
+cert = "certs/api.pem"
+key = "certs/api.key"
+server_names = ["api.example", "*.api.example"]
 [[services.web.routes]]
 service = "api"
 hosts = ["api.example", "*.api.example"]
@@ -173,6 +207,17 @@ backends = ["127.0.0.1:9005"]
 type = "http"
 expect_status = "200-299"
 expect_body = "ok"
+[services.api.tls]
+cert = "api.pem"
+key = "api.key"
+[services.api.backend_tls]
+ca = "certs/internal-ca.pem"
+server_name = "API.Internal."
+verify = false
+client_cert = "certs/lb.pem"
+client_key = "certs/lb.key"
+min_version = "1.3"
+alpn = ["http/1.1"]
 """
 
 FULL_SERVERS_JSON = {
@@ -203,7 +248,9 @@ def assert_error(err: ConfigError, path: Path, where: str, *fragments: str) -> N
 
 
 def test_full_toml_loads_every_key(tmp_path: Path) -> None:
+    write_named_files(tmp_path, tomllib.loads(FULL_TOML))
     path = write_config(tmp_path, "config.toml", FULL_TOML)
+    certs = tmp_path / "certs"
     expected = Config(
         services=(
             ServiceConfig(
@@ -251,6 +298,20 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                 max_backend_connections=10,
                 connect_buffer=65536,
                 health=HealthConfig(interval=0.5, jitter=0.0, send=None, expect=None),
+                accept_proxy=True,
+                accept_proxy_from=("10.0.0.0/8", "::1"),
+                proxy_timeout=2.5,
+                send_proxy="v1",
+                client_hello_timeout=3.0,
+                sni_routes=(SniRouteConfig("mail", ("mail.example", "*.mail.example")),),
+            ),
+            ServiceConfig(
+                name="mail",
+                listen_host="127.0.0.1",
+                listen_port=8086,
+                backends=(BackendConfig("127.0.0.1", 9006),),
+                mode="tcp",
+                health=HealthConfig(send=None, expect=None),
             ),
             ServiceConfig(
                 name="hash",
@@ -322,6 +383,24 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                         headers=(("X-Canary", "1"),),
                     ),
                 ),
+                send_proxy="v2",
+                tls=TlsConfig(
+                    certs=(
+                        CertConfig(str(certs / "web.pem"), str(certs / "web.key")),
+                        CertConfig(
+                            str(certs / "api.pem"),
+                            str(certs / "api.key"),
+                            ("api.example", "*.api.example"),
+                        ),
+                    ),
+                    min_version="1.3",
+                    ciphers="ECDHE+AESGCM",
+                    alpn=("h2", "http/1.1"),
+                    client_ca=str(certs / "clients.pem"),
+                    verify_client="optional",
+                    handshake_timeout=4.0,
+                    subject_header="X-Subject",
+                ),
             ),
             ServiceConfig(
                 name="api",
@@ -330,6 +409,18 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                 backends=(BackendConfig("127.0.0.1", 9005),),
                 mode="http",
                 health=HealthConfig(type="http", expect_status=((200, 299),), expect_body="ok"),
+                tls=TlsConfig(
+                    certs=(CertConfig(str(tmp_path / "api.pem"), str(tmp_path / "api.key")),)
+                ),
+                backend_tls=BackendTlsConfig(
+                    ca=str(certs / "internal-ca.pem"),
+                    server_name="api.internal",
+                    verify=False,
+                    client_cert=str(certs / "lb.pem"),
+                    client_key=str(certs / "lb.key"),
+                    min_version="1.3",
+                    alpn=("http/1.1",),
+                ),
             ),
         ),
         admin=AdminConfig(
@@ -360,6 +451,12 @@ def _keys_by_table(doc: dict[str, Any]) -> dict[str, set[str]]:
         found["services.NAME.http"] |= set(svc.get("http", {}))
         for route in svc.get("routes", []):
             found["services.NAME.routes[]"] |= set(route)
+        found["services.NAME.tls"] |= set(svc.get("tls", {}))
+        for cert in svc.get("tls", {}).get("certs", []):
+            found["services.NAME.tls.certs[]"] |= set(cert)
+        found["services.NAME.backend_tls"] |= set(svc.get("backend_tls", {}))
+        for route in svc.get("sni_routes", []):
+            found["services.NAME.sni_routes[]"] |= set(route)
         for backend in svc.get("backends", []):
             if isinstance(backend, dict):
                 found["services.NAME.backends[]"] |= set(backend)
@@ -395,6 +492,10 @@ def test_every_number_of_the_config_model_is_bounded() -> None:
         ("health.", HealthConfig),
         ("outlier.", OutlierConfig),
         ("http.", HttpConfig),
+        ("tls.", TlsConfig),
+        ("tls.certs[].", CertConfig),
+        ("backend_tls.", BackendTlsConfig),
+        ("sni_routes[].", SniRouteConfig),
     )
     for prefix, cls in models:
         for f in dataclasses.fields(cls):
@@ -530,6 +631,7 @@ def test_json_servers_form_with_weight(tmp_path: Path) -> None:
 
 def test_json_services_form_equals_toml(tmp_path: Path) -> None:
     doc = tomllib.loads(FULL_TOML)
+    write_named_files(tmp_path, doc)
     from_json = load_config(write_config(tmp_path, "config.json", json.dumps(doc, indent=2)))
     from_toml = load_config(write_config(tmp_path, "config.toml", FULL_TOML))
     assert from_json == Config(**{**vars(from_toml), "source": from_json.source})

@@ -18,6 +18,7 @@ from balancer.config.load import load_config
 from balancer.config.model import BOUNDS, INTEGER_KEYS, Config
 from balancer.config.policies import ALGORITHMS
 from balancer.config.schema import TABLE_KEYS
+from tests.config_files import named_files, write_named_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,8 @@ SERVICE = (
     'backends = ["h:2", "h:1"]\n'
 )
 TOP = ("drain_timeout", "drain_close_window")
+TLS_FILES = {"cert": "cert.pem", "key": "key.pem"}
+"""What a `tls` table needs besides the number: files beside the config (see `pem_files`)."""
 
 # every bounded number: BOUNDS, and each policy's options (as "policy:ALGORITHM.KEY")
 NUMBERS: dict[str, tuple[Bound, bool]] = {
@@ -51,9 +54,11 @@ def placed(name: str, value: str) -> tuple[str, str, int]:
         return text, "services.s.backends[1].weight", 4
     if table:
         extra = "base_ejection_time = 0.01\n" if name == "outlier.max_ejection_time" else ""
+        if table == "tls":
+            extra = "".join(f'{k} = "{v}"\n' for k, v in TLS_FILES.items())
         mode = 'mode = "http"\n' if table == "http" else ""
         text = SERVICE + mode + f"[services.s.{table}]\n{extra}{key} = {value}\n"
-        return text, f"services.s.{name}", 6 + bool(extra) + bool(mode)
+        return text, f"services.s.{name}", 6 + extra.count("\n") + bool(mode)
     if name == "max_buffered":  # it must hold a line of max_line bytes
         return SERVICE + f"max_line = 1\n{key} = {value}\n", f"services.s.{key}", 6
     return SERVICE + f"{key} = {value}\n", f"services.s.{key}", 5
@@ -71,6 +76,13 @@ def loaded(config: Config, name: str) -> object:
     if table:
         return getattr(getattr(svc, table), key)
     return getattr(svc, key)
+
+
+@pytest.fixture(autouse=True)
+def pem_files(tmp_path: Path) -> None:
+    """The files `TLS_FILES` names, beside each test's config: dummies, since the loader
+    only checks that they exist and are readable."""
+    write_named_files(tmp_path, {"services": {"s": {"tls": TLS_FILES}}})
 
 
 def toml_number(value: float, integer: bool) -> str:
@@ -188,6 +200,8 @@ def json_doc(name: str, value: object) -> dict[str, object]:
             svc["mode"] = "http"
         if name == "outlier.max_ejection_time":
             svc[table]["base_ejection_time"] = 0.01
+        if table == "tls":
+            svc[table] = {**TLS_FILES, key: value}
     else:
         svc[key] = value
         if name == "max_buffered":
@@ -259,18 +273,40 @@ def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
     text = guide()
     start = text.index("```toml\n", text.index("## Configuration")) + len("```toml\n")
     example = text[start : text.index("```", start)]
-    path = tmp_path / "example.toml"
+    doc = tomllib.loads(example)
+    guide_dir = tmp_path / "guide"
+    guide_dir.mkdir()
+    path = guide_dir / "example.toml"
     path.write_text(example)
+    with pytest.raises(ConfigError) as info:  # the certificates it names are not there yet
+        load_config(path)
+    errors = info.value.errors
+    assert all("no such file" in e.message for e in errors)
+    assert len(errors) == len(named_files(doc)) > 0
+    files = write_named_files(guide_dir, doc)  # dummies: the loader checks they exist
     config = load_config(path)
     assert config.services
-    doc = tomllib.loads(example)
+    tls_paths = set()
+    for svc in config.services:
+        if svc.tls is not None:
+            tls_paths |= {svc.tls.client_ca} | {p for c in svc.tls.certs for p in (c.cert, c.key)}
+        if svc.backend_tls is not None:
+            b = svc.backend_tls
+            tls_paths |= {b.ca, b.client_cert, b.client_key}
+    assert tls_paths - {""} == {str(f) for f in files}
     seen: dict[str, set[str]] = {"": set(doc), "admin": set(doc["admin"])}
     for svc in doc["services"].values():
         seen.setdefault("services.NAME", set()).update(svc)
         for sub in ("health", "outlier", "http"):
             seen.setdefault(f"services.NAME.{sub}", set()).update(svc.get(sub, {}))
+        for sub in ("tls", "backend_tls"):
+            seen.setdefault(f"services.NAME.{sub}", set()).update(svc.get(sub, {}))
+        for cert in svc.get("tls", {}).get("certs", []):
+            seen.setdefault("services.NAME.tls.certs[]", set()).update(cert)
         for route in svc.get("routes", []):
             seen.setdefault("services.NAME.routes[]", set()).update(route)
+        for route in svc.get("sni_routes", []):
+            seen.setdefault("services.NAME.sni_routes[]", set()).update(route)
         for backend in svc["backends"]:
             if isinstance(backend, dict):
                 seen.setdefault("services.NAME.backends[]", set()).update(backend)

@@ -507,8 +507,9 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
         "response_timeout, backend_connections, hash_key, hash_balance_factor, slow_start, "
         "policy_options, client_timeout, idle_timeout, max_connections, "
         "max_backend_connections, connect_buffer, max_backend_requests, queue_size, "
-        "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, backends, "
-        "health, http, outlier, routes"
+        "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, accept_proxy, "
+        "accept_proxy_from, proxy_timeout, send_proxy, client_hello_timeout, backend_tls, "
+        "backends, health, http, outlier, routes, sni_routes, tls"
     )
     backend = error_of(tmp_path, "a.toml", SERVICE.replace("['127.0.0.1:2']", "[{ zzzzzzzz = 1 }]"))
     assert "backends[0].zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: address, weight" in (

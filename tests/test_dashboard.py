@@ -227,7 +227,9 @@ def test_dashboard_shows_a_tls_services_certificates_and_refused_connections(
         tab.page.goto(f"http://127.0.0.1:{bal.admin_port}/")
         tls = tab.page.locator('section[data-service="numbers"] table.tls')
         expect(tls).to_be_visible()
-        expect(tls.locator('td[data-tls="certificates"]')).to_have_text(re.compile(r"a\.example (29|30)d"))
+        expect(tls.locator('td[data-tls="certificates"]')).to_have_text(
+            re.compile(r"a\.example (29|30)d")
+        )
         expect(tls.locator('td[data-tls="errors"]')).to_have_text("not_tls ×1")
         expect(tab.page.locator("table.http")).to_be_visible()
     assert tab.errors == []
