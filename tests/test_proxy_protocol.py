@@ -160,12 +160,13 @@ async def test_http_mode_forwards_the_proxy_headers_client_address() -> None:
         async with running(cfg) as [(_, port)]:
             reader, writer = await asyncio.open_connection(HOST, port)
             client = RawClient(reader, writer)
-            client.send(proxyproto.build_v2(FAKE, (HOST, port)) + get("/"))
+            client.send(proxyproto.build_v2(FAKE, ("192.0.2.1", 8443)) + get("/"))
             response = await client.response()
             assert response is not None
             assert response.status == 200
             seen = {k.lower(): v for k, v in response.json()["headers"]}
             assert seen["x-forwarded-for"] == FAKE[0]
+            assert seen["x-forwarded-port"] == "8443"  # what the client reached, in front
 
 
 async def test_a_v2_header_after_termination_names_the_server_and_protocol(pki: Pki) -> None:

@@ -282,3 +282,18 @@ def test_the_readmes_tls_example_loads_and_its_certificates_are_built(
     assert backend is not None
     assert server.context_for("api.example.com") is not server.default
     assert [c.subject for c in server.certs] == ["CN=c.example", "CN=a.example"]
+
+
+async def test_a_forged_subject_header_is_removed_without_client_verification(pki: Pki) -> None:
+    async with echo_backend() as echo:
+        cfg = service_config("web", [echo.address], mode="http", tls=tls_of(pki))
+        async with running(cfg) as [(_, port)]:
+            reader, writer = await asyncio.open_connection(
+                HOST, port, ssl=client_context(pki.ca), server_hostname="a.example"
+            )
+            client = RawClient(reader, writer)
+            client.send(get("/", extra="X-Client-Cert-Subject: CN=admin\r\n"))
+            response = await client.response()
+            assert response is not None
+            seen = {k.lower() for k, _ in response.json()["headers"]}
+            assert "x-client-cert-subject" not in seen

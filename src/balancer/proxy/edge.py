@@ -41,8 +41,14 @@ class Edge:
         """The certificates and backend TLS of the prepared config (start-up, reload):
         new connections use them, established ones keep theirs."""
         self.server_tls = server
-        if backend is None or self.backend_tls is None or backend.config != self.backend_tls.config:
-            self.backend_tls = backend  # the same settings keep their sessions
+        old = self.backend_tls
+        same = (
+            backend is not None
+            and old is not None
+            and (backend.config, backend.files) == (old.config, old.files)
+        )
+        if not same:
+            self.backend_tls = backend  # the same settings and files keep their sessions
         self.refront()
 
     def refront(self) -> None:

@@ -181,6 +181,9 @@ class BackendTls:
 
     config: BackendTlsConfig
     service: str
+    files: tuple[tuple[str, int, int, int], ...] = ()
+    """(path, inode, size, mtime) of each file read: a reload keeps this object (and its
+    sessions) only when the settings and every file are the same."""
     contexts: dict[str, ResumingContext] = field(default_factory=dict)
     resumed: int = 0
     """Handshakes that resumed a session instead of a full one."""
@@ -206,9 +209,17 @@ class BackendTls:
         self.keep_session(address, sslobj)
 
     def keep_session(self, address: str, sslobj: Any) -> None:
-        session = getattr(sslobj, "session", None)
+        """Offer `sslobj`'s session to the next connection to `address`, once it can be
+        resumed (TLS 1.3: with its ticket; TLS 1.2: with its id)."""
+        try:
+            session = sslobj.session
+            resumable = session is not None and (
+                session.has_ticket or (sslobj.version() == "TLSv1.2" and session.id)
+            )
+        except (AttributeError, ValueError, ssl.SSLError):  # the connection is gone
+            return
         ctx = self.contexts.get(address)
-        if session is not None and ctx is not None and (session.has_ticket or session.id):
+        if resumable and ctx is not None:
             ctx.session = session
 
 
@@ -259,7 +270,21 @@ def load_backend_tls(svc: ServiceConfig, source: str) -> BackendTls:
     if cfg.client_key:
         warn_open_key(svc.name, cfg.client_key)
     probe_context.cache_clear()
-    return BackendTls(cfg, svc.name)
+    return BackendTls(cfg, svc.name, file_stamps(cfg.ca, cfg.client_cert, cfg.client_key))
+
+
+def file_stamps(*paths: str) -> tuple[tuple[str, int, int, int], ...]:
+    """What tells a file's new content from its old: inode, size, modification time."""
+    stamps = []
+    for path in paths:
+        if path:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((path, 0, 0, 0))
+                continue
+            stamps.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
 
 
 def load_service_tls(

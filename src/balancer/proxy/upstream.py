@@ -138,6 +138,11 @@ def _abort_adopted(task: asyncio.Task[tuple[asyncio.Transport, asyncio.BaseProto
         task.result()[0].abort()
 
 
+TICKET_LOOKS = (0.002, 0.02, 0.2)
+"""Seconds after a backend handshake its session is looked at again for a TLS 1.3 ticket
+(the ticket comes after the handshake, read with the connection's first bytes)."""
+
+
 class TlsFailed(Exception):
     """The TLS handshake with a backend failed (the message says why): its failure."""
 
@@ -209,7 +214,8 @@ async def adopt(
         tls.handshake_done(backend.address, transport)
         # a TLS 1.3 session ticket comes just after the handshake: kept once it is there
         sslobj = transport.get_extra_info("ssl_object")
-        loop.call_later(0.05, tls.keep_session, backend.address, sslobj)
+        for delay in TICKET_LOOKS:
+            loop.call_later(delay, tls.keep_session, backend.address, sslobj)
     return transport
 
 

@@ -101,6 +101,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_text = f"{self.peer_ip}:{peername[1]}" if peername else "-"
         sockname = transport.get_extra_info("sockname")
         self.port = int(sockname[1]) if sockname else 0
+        header = arrival.header if arrival is not None else None
+        if header is not None and header.destination is not None:
+            self.port = header.destination[1]  # the port the client reached, in front of us
         if self._loop_found(sockname):
             return
         admitted, self.fds = admit(len(svc.conns), svc.max_connections, 2)
@@ -119,10 +122,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.proto = b"https"
         self.tls_log = tls_details(transport, arrival.server_name)
-        if tls.verify_client != "none" and tls.subject_header:
+        if tls.subject_header:  # a client's own copy is removed, verifying or not
             self.subject_header = tls.subject_header.encode()
             sslobj = transport.get_extra_info("ssl_object")
-            self.subject = client_subject(sslobj).encode() if sslobj is not None else b""
+            if tls.verify_client != "none" and sslobj is not None:
+                self.subject = client_subject(sslobj).encode()
 
     def with_subject(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         name = self.subject_header.lower()
