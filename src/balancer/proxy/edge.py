@@ -18,7 +18,7 @@ from balancer.config.model import ServiceConfig
 from balancer.core import proxyproto
 from balancer.proxy.base import EdgeStatus, Listener
 from balancer.proxy.front import Arrival, Front, FrontStats, Router, client_subject
-from balancer.proxy.tls import BackendTls, ServerTls
+from balancer.proxy.tls import BackendTls, ServerTls, sni_of
 from balancer.proxy.upstream import Origination
 
 SecuredFactory = Callable[[Arrival | None], asyncio.BaseProtocol]
@@ -164,9 +164,10 @@ def tlvs(arrival: Arrival | None, transport: Any) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     if arrival is None:
         return out
-    if arrival.server_name:
-        out.append((proxyproto.AUTHORITY, arrival.server_name.encode("ascii")))
     sslobj = transport.get_extra_info("ssl_object") if arrival.terminated else None
+    server_name = arrival.server_name or (sni_of(sslobj) if sslobj is not None else None)
+    if server_name:
+        out.append((proxyproto.AUTHORITY, server_name.encode("ascii")))
     if sslobj is None:
         return out
     alpn = sslobj.selected_alpn_protocol()

@@ -37,8 +37,14 @@ from balancer.config.model import ServiceConfig
 from balancer.core.proxyproto import ProxyHeader
 from balancer.net import resources
 from balancer.net.loops import bind_listener, enlist
-from balancer.proxy.preamble import PreambleError, peek_client_hello, read_proxy_header
-from balancer.proxy.tls import ServerTls
+from balancer.proxy.preamble import (
+    PreambleError,
+    first_bytes,
+    peek_client_hello,
+    read_proxy_header,
+    refuse_plain_text,
+)
+from balancer.proxy.tls import ServerTls, sni_of
 
 log = logging.getLogger("balancer")
 
@@ -114,20 +120,26 @@ class Front:
         )
 
 
+_PLAIN_TEXT = frozenset(
+    {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"}
+)
+"""OpenSSL's reasons for a first record that is not TLS at all."""
+
+
 def _handshake_reason(exc: BaseException) -> str:
     """A bounded label for a failed handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "client_cert_rejected"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
+        if reason in _PLAIN_TEXT:  # bytes that are no TLS record came first
+            return "not_tls"
         if "CERTIFICATE" in reason or "PEER_DID_NOT_RETURN" in reason:
             return "client_cert_rejected"
         if "VERSION" in reason or "PROTOCOL" in reason:
             return "tls_version"
         if "CIPHER" in reason:
             return "no_shared_cipher"
-        if "HTTP" in reason or "WRONG_VERSION_NUMBER" in reason:
-            return "not_tls"
         return "handshake_failed"
     if isinstance(exc, (TimeoutError, ConnectionAbortedError)):
         return "handshake_timeout"
@@ -272,19 +284,24 @@ class FrontDoor(asyncio.AbstractServer):
                 if not header.local and header.source is not None:
                     arrival.client = header.source
             tls = front.tls
-            hello_started = self._loop.time()
-            if tls is not None or front.router is not None:
-                wait = tls.config.handshake_timeout if tls is not None else None
+            if front.router is not None:
                 try:
-                    async with asyncio.timeout(wait or front.client_hello_timeout):
+                    async with asyncio.timeout(front.client_hello_timeout):
                         hello = await peek_client_hello(self._loop, conn)
                 except TimeoutError:
                     raise PreambleError("client_hello_timeout") from None
                 arrival.server_name = hello.server_name
-            if front.router is not None:
                 factory = front.router(arrival.server_name)
                 if factory is None:
                     raise PreambleError("sni_no_route")
+            elif tls is not None:
+                if front.plain_reply:  # http mode: a plain-text client gets told, so wait
+                    try:
+                        async with asyncio.timeout(tls.config.handshake_timeout):
+                            await first_bytes(self._loop, conn)
+                    except TimeoutError:
+                        raise PreambleError("client_hello_timeout") from None
+                refuse_plain_text(conn)  # what came already; the handshake reads the rest
         except PreambleError as exc:
             stats.count(exc.reason)
             if exc.reason == "not_tls":
@@ -295,10 +312,7 @@ class FrontDoor(asyncio.AbstractServer):
             conn.close()
             raise
         assert factory is not None
-        left = 0.0
-        if tls is not None:  # the ClientHello and the handshake share handshake_timeout
-            left = tls.config.handshake_timeout - (self._loop.time() - hello_started)
-        await self._hand_over(conn, arrival, factory, tls, max(0.05, left))
+        await self._hand_over(conn, arrival, factory, tls)
 
     async def _hand_over(
         self,
@@ -306,7 +320,6 @@ class FrontDoor(asyncio.AbstractServer):
         arrival: Arrival,
         factory: ArrivalFactory,
         tls: ServerTls | None,
-        timeout: float,
     ) -> None:
         def protocol() -> asyncio.BaseProtocol:
             return factory(arrival)
@@ -320,8 +333,8 @@ class FrontDoor(asyncio.AbstractServer):
             await loop.connect_accepted_socket(
                 protocol,
                 conn,
-                ssl=tls.context_for(arrival.server_name),
-                ssl_handshake_timeout=timeout,
+                ssl=tls.default,  # the certificate is chosen by the SNI callback
+                ssl_handshake_timeout=tls.config.handshake_timeout,
             )
         except (OSError, ValueError) as exc:
             self.stats.count(_handshake_reason(exc))
@@ -331,11 +344,12 @@ class FrontDoor(asyncio.AbstractServer):
         self.stats.handshakes += 1
 
 
-def tls_details(transport: Any, server_name: str | None) -> dict[str, object]:
+def tls_details(transport: Any) -> dict[str, object]:
     """What the access log shows of a TLS client connection ({} for a plain one)."""
     sslobj = transport.get_extra_info("ssl_object")
     if sslobj is None:
         return {}
+    server_name = sni_of(sslobj)
     cipher = sslobj.cipher()
     details: dict[str, object] = {
         "tls_version": sslobj.version(),

@@ -7,18 +7,23 @@ ClientHello is then handed, untouched, to the TLS handshake or relayed as it cam
 for more bytes without reading them, the socket's `SO_RCVLOWAT` is set to the
 number the parser needs, so the loop reports it readable only once they are all
 there (or at end of stream): no polling, one wake-up per step. Every wait has the
-caller's deadline, and each parser bounds the bytes it will ask for.
+caller's deadline, and each parser bounds the bytes it will ask for. What is there at
+the accept (most often all of it) is looked at before any wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 from balancer.core import clienthello, proxyproto
 
 PEEK_LIMIT = 16 * 1024 + 5
 """Most bytes of a ClientHello looked at (one full TLS record)."""
+PROXY_PEEK = proxyproto.V2_FIXED + proxyproto.DEFAULT_MAX_V2
+"""Most bytes of a PROXY header looked at (v2's fixed part and its largest body)."""
 
 
 class PreambleError(Exception):
@@ -55,53 +60,97 @@ def _peek(sock: socket.socket, limit: int) -> bytes:
         raise PreambleError("reset") from None
 
 
+async def first_bytes(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until `sock` has received something (or ended)."""
+    try:
+        if sock.recv(1, socket.MSG_PEEK):
+            return
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        raise PreambleError("reset") from None
+    await _readable(loop, sock, 1)
+
+
+def refuse_plain_text(sock: socket.socket) -> None:
+    """Raise PreambleError when what `sock` has received already cannot start TLS (a
+    plain-text client), or it has ended; nothing received yet says nothing."""
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        raise PreambleError("reset") from None
+    if not first:
+        raise PreambleError("closed_early")
+    if first[0] != clienthello.HANDSHAKE:
+        raise PreambleError("not_tls")
+
+
+T = TypeVar("T")
+
+
+async def _peeked(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    parse: Callable[[bytes], T | int],
+    limit: int,
+) -> T:
+    """What `parse` makes of the bytes `sock` starts with, left unread: tried first on what
+    is there already, then each time the kernel holds the bytes it asked for."""
+    need = 1
+    lowered = False
+    data = _peek(sock, limit)
+    try:
+        while True:
+            if len(data) >= need:
+                parsed = parse(data)
+                if not isinstance(parsed, int):
+                    return parsed
+                need = parsed
+                continue
+            await _readable(loop, sock, need)
+            lowered = True
+            data = _peek(sock, limit)
+            if len(data) < need:  # readable with fewer bytes: the stream ended
+                raise PreambleError("closed_early")
+    finally:
+        if lowered:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass
+
+
+def _proxy_header(data: bytes) -> proxyproto.ProxyHeader | int:
+    try:
+        return proxyproto.parse(data)
+    except proxyproto.ProxyHeaderError as exc:
+        raise PreambleError(f"proxy_header_{exc.reason}") from None
+
+
+def _client_hello(data: bytes) -> clienthello.ClientHello | int:
+    try:
+        return clienthello.parse(data, limit=PEEK_LIMIT)
+    except clienthello.NotTls:
+        raise PreambleError("not_tls") from None
+    except clienthello.ClientHelloError as exc:
+        raise PreambleError(f"client_hello_{exc.reason}") from None
+
+
 async def read_proxy_header(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, what: str = "proxy_header"
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
 ) -> proxyproto.ProxyHeader:
     """Read and consume the PROXY header `sock` starts with (within the caller's timeout)."""
-    need = 1
-    while True:
-        await _readable(loop, sock, need)
-        data = _peek(sock, 16 + 2048)
-        if len(data) < need:
-            raise PreambleError("closed_early")
-        try:
-            parsed = proxyproto.parse(data)
-        except proxyproto.ProxyHeaderError as exc:
-            raise PreambleError(f"{what}_{exc.reason}") from None
-        if isinstance(parsed, int):
-            need = parsed
-            continue
-        taken = sock.recv(parsed.length)  # there: it was just peeked
-        if len(taken) != parsed.length:  # pragma: no cover - the kernel lost peeked bytes
-            raise PreambleError("reset")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        return parsed
+    header = await _peeked(loop, sock, _proxy_header, PROXY_PEEK)
+    taken = sock.recv(header.length)  # there: it was just peeked
+    if len(taken) != header.length:  # pragma: no cover - the kernel lost peeked bytes
+        raise PreambleError("reset")
+    return header
 
 
 async def peek_client_hello(
     loop: asyncio.AbstractEventLoop, sock: socket.socket
 ) -> clienthello.ClientHello:
     """The ClientHello `sock` starts with, left unread (within the caller's timeout)."""
-    need = 1
-    try:
-        while True:
-            await _readable(loop, sock, need)
-            data = _peek(sock, PEEK_LIMIT)
-            if len(data) < need:
-                raise PreambleError("closed_early")
-            try:
-                parsed = clienthello.parse(data, limit=PEEK_LIMIT)
-            except clienthello.NotTls:
-                raise PreambleError("not_tls") from None
-            except clienthello.ClientHelloError as exc:
-                raise PreambleError(f"client_hello_{exc.reason}") from None
-            if isinstance(parsed, int):
-                need = parsed
-                continue
-            return parsed
-    finally:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        except OSError:
-            pass
+    return await _peeked(loop, sock, _client_hello, PEEK_LIMIT)

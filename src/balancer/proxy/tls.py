@@ -4,9 +4,9 @@ How it works:
 
 - `load_server_tls` builds a terminating service's contexts, one per certificate,
   each with the service's versions, ciphers, ALPN and client-certificate checks.
-  A connection's context is picked by the server name of its ClientHello (read
-  before the handshake, `balancer.proxy.preamble`): an exact name, then the
-  longest wildcard, then the first certificate. Every file is read here, at the
+  A connection's context is picked by the server name of its ClientHello, in
+  OpenSSL's SNI callback (`ServerTls.choose`): an exact name, then a wildcard one
+  label up, then the first certificate. Every file is read here, at the
   prepare step of a start-up or a reload, and every problem is raised at once as
   a `ConfigError` naming the key and the file: a bad file changes nothing, and the
   contexts already serving keep serving. Certificates are swapped whole on a
@@ -80,6 +80,21 @@ class ServerTls:
     @property
     def verifies_clients(self) -> bool:
         return self.config.verify_client != "none"
+
+    def choose(self, sslobj: Any, name: str | None, ctx: ssl.SSLContext) -> None:
+        """The SNI callback (OpenSSL's, during the ClientHello): the certificate for the
+        client's server name, and the name kept for the logs and PROXY v2 TLVs."""
+        name = name.lower().rstrip(".") if name else None
+        sslobj.sni_name = name
+        chosen = self.context_for(name)
+        if chosen is not ctx:
+            sslobj.context = chosen
+
+
+def sni_of(sslobj: Any) -> str | None:
+    """The server name a TLS connection terminated here asked for (None: none)."""
+    name: str | None = getattr(sslobj, "sni_name", None)
+    return name
 
 
 def _server_context(cfg: TlsConfig, cert: str, key: str) -> ssl.SSLContext:
@@ -155,6 +170,7 @@ def load_server_tls(svc: ServiceConfig, source: str) -> ServerTls:
     for cert in cfg.certs:
         warn_open_key(svc.name, cert.key)
     tls = ServerTls(cfg, built[0][0], certs=[status for _, _, status in built])
+    tls.default.sni_callback = tls.choose
     for ctx, names, _ in built:
         for name in names:
             if name.startswith("*."):

@@ -121,7 +121,7 @@ class ClientConnection(asyncio.Protocol):
         if not arrival.terminated or tls is None:
             return
         self.proto = b"https"
-        self.tls_log = tls_details(transport, arrival.server_name)
+        self.tls_log = tls_details(transport)
         if tls.subject_header:  # a client's own copy is removed, verifying or not
             self.subject_header = tls.subject_header.encode()
             sslobj = transport.get_extra_info("ssl_object")
