@@ -258,9 +258,7 @@ class FrontDoor(asyncio.AbstractServer):
                 elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                     log.warning("accept failed: %s", exc)
                 return
-            conn.setblocking(False)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)  # TCP_NODELAY: set by either loop on its transport
             task = self._loop.create_task(self._welcome(conn, (str(peer[0]), int(peer[1]))))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
