@@ -7,6 +7,11 @@ stop during a long start-up cancels it; `run` does that in a new event loop
 (uvloop when installed) and turns start-up failures into exit codes. Already
 bound listening sockets (`sockets`, by the (host, port) a service's `listen`
 names) are served instead of binding anew, so a supervisor can bind once.
+
+A restart that drops nothing (`takeover`): before the loop starts, the listening sockets
+of the balancer answering on a handover socket are received (`balancer.runtime.handover`)
+and given (`assign`: by service and address) to the services and the admin endpoint of
+this config; a socket that none of them names is closed with a warning.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from collections.abc import Callable, Mapping
 
 from balancer import __version__, native
 from balancer.admin.app import AdminServer
+from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
 from balancer.config.model import Config
+from balancer.net.handover import HandoverError, NothingToTakeOver, assign, check_path
 from balancer.net.loops import loop_factory, loop_name
+from balancer.runtime.handover import Takeover
 from balancer.runtime.server import Server
 from balancer.runtime.services import ListenError
 from balancer.runtime.starting import ServerStart
@@ -76,17 +84,67 @@ def runtime_summary() -> str:
     )
 
 
+def take_over(
+    config: Config, path: str, if_running: bool = False
+) -> tuple[Takeover, dict[str, socket.socket], socket.socket | None] | None:
+    """The listening sockets of the balancer answering on `path`, by the name of the
+    service that is to serve on each, and the admin endpoint's; None when nothing answers
+    there and `if_running`. HandoverError when they cannot be had."""
+    try:
+        takeover, received = Takeover.receive(path)
+    except NothingToTakeOver as exc:
+        if not if_running:
+            raise
+        log.info("takeover: %s; starting afresh", exc)
+        return None
+    services = [(s.name, (s.listen_host, s.listen_port)) for s in config.services]
+    admin = (config.admin.host, config.admin.port) if config.admin.enabled else None
+    given = assign([h for h, _ in received], services, admin)
+    for i in given.unused:
+        handed, sock = received[i]
+        log.warning(
+            "takeover: no listener of this config is at %s (%s there): its socket is closed",
+            format_address(*handed.listen),
+            handed.what,
+        )
+        sock.close()
+    by_name = {name: received[i][1] for name, i in given.services.items()}
+    return takeover, by_name, received[given.admin][1] if given.admin is not None else None
+
+
 def run(
     config: Config,
     reader: Callable[[], Config] | None = None,
     sockets: Sockets | None = None,
+    *,
+    handover: str | None = None,
+    takeover: str | None = None,
+    takeover_if_running: bool = False,
 ) -> int:
-    """Serve `config` until stopped; the exit code (1: a listen address cannot be bound,
-    2: a backend is the balancer itself, 130: interrupted before the loop took over)."""
+    """Serve `config` until stopped; the exit code (1: a listen address cannot be bound or
+    the takeover failed, 2: a backend is the balancer itself, 130: interrupted before the
+    loop took over). `handover`: once ready, listen on that Unix socket path for a new
+    process to take the listeners over; `takeover`: take them from the one on that path."""
     log.info("balancer %s, %s", __version__, runtime_summary())
+    server = build_server(config, reader)
+    server.handover_path = handover
+    try:
+        if handover is not None:
+            check_path(handover, replacing=takeover)
+    except HandoverError as exc:
+        log.error("handover socket: %s", exc)
+        return 1
+    if takeover is not None:
+        try:
+            taken = take_over(config, takeover, takeover_if_running)
+        except HandoverError as exc:
+            log.error("takeover from %s failed: %s", takeover, exc)
+            return 1
+        if taken is not None:
+            server.takeover, server.handed_services, server.handed_admin = taken
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return runner.run(serve(build_server(config, reader), sockets))
+            return runner.run(serve(server, sockets))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -95,3 +153,10 @@ def run(
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if server.takeover is not None:
+            server.takeover.close()
+        if server.handed_admin is not None:
+            server.handed_admin.close()
+        for sock in server.handed_services.values():
+            sock.close()

@@ -50,6 +50,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fall", type=int, help="failed checks before a backend is dropped")
     parser.add_argument("--drain-timeout", type=float, metavar="SECONDS")
     parser.add_argument(
+        "--handover-socket",
+        metavar="PATH",
+        help="once ready, listen on this Unix socket (mode 0600) for a new balancer to take "
+        "the listening sockets over (--takeover PATH); removed at exit",
+    )
+    takeover = parser.add_mutually_exclusive_group()
+    takeover.add_argument(
+        "--takeover",
+        metavar="PATH",
+        help="start on the listening sockets of the balancer whose --handover-socket is PATH; "
+        "it drains and exits once this one serves (a restart that drops nothing)",
+    )
+    takeover.add_argument(
+        "--takeover-if-running",
+        metavar="PATH",
+        help="as --takeover when a balancer answers on PATH, else start afresh",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
@@ -134,11 +152,24 @@ def build_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
-def run_server(config: Config, reader: Callable[[], Config] | None = None) -> int:
-    """Serve `config` until stopped (see `balancer.app.run`); the exit code."""
+def run_server(
+    config: Config,
+    reader: Callable[[], Config] | None = None,
+    args: argparse.Namespace | None = None,
+) -> int:
+    """Serve `config` until stopped (see `balancer.app.run`), with the restart options
+    of a `serve` command line; the exit code."""
     from balancer.app import run
 
-    return run(config, reader)
+    if args is None:
+        return run(config, reader)
+    return run(
+        config,
+        reader,
+        handover=args.handover_socket,
+        takeover=args.takeover or args.takeover_if_running,
+        takeover_if_running=args.takeover_if_running is not None,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -152,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    return run_server(config, lambda: build_config(args))
+    return run_server(config, lambda: build_config(args), args)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -161,14 +162,17 @@ class AdminServer:
                 delay = 0.0
             await asyncio.sleep(delay)
 
-    async def start(self) -> tuple[str, int]:
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Serve on `sock` (a listening socket bound beforehand, or handed over by the
+        balancer this one takes over from), or else on one bound here; the bound address."""
         cfg = self.server.config.admin
         check_admin_security(cfg)
         runner = web.AppRunner(self.app, **RUNNER_OPTIONS)
         await runner.setup()
         try:
             # A socket bound here keeps aiohttp (uvloop) off the resolver's thread pool.
-            sock = listen_socket(cfg.host, cfg.port, backlog=128)
+            if sock is None:
+                sock = listen_socket(cfg.host, cfg.port, backlog=128)
             site: web.BaseSite = (
                 web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
                 if sock is None

@@ -19,6 +19,12 @@ How it works:
   unanswered request gets an error line) and logged as cut by the stop, not as a
   backend failure. A second signal cuts at once (`balancer.runtime.stop`). A stop takes at most
   `drain_timeout` and a grace of about a second for what is closed after the drain.
+- Ready (every listener serves, the first health round done: `balancer ready`): the
+  process that took its listeners over from another tells it so (`--takeover`), the
+  handover socket opens (`--handover-socket`, `balancer.runtime.handover`) and the
+  service manager hears `READY=1` (`balancer.net.notify`; `RELOADING=1` and `READY=1`
+  around a SIGHUP reload, `STOPPING=1` at a stop). A process whose listeners were taken
+  over stops as at SIGTERM, its admin endpoint closed at once rather than after the drain.
 """
 
 from __future__ import annotations
@@ -26,17 +32,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from balancer.config.addresses import format_address
+from balancer.config.model import Config
 from balancer.core.lifecycle import DrainCut
 from balancer.net import resources
+from balancer.net.handover import Handed, HandoverError
+from balancer.net.loops import listening_socket
+from balancer.net.notify import Notifier
+from balancer.runtime.handover import HandoverListener, Takeover
 from balancer.runtime.reloading import ServerReloads
 from balancer.runtime.services import (
     Address,
     ServiceRuntime,
 )
+from balancer.runtime.starting import AdminFactory
 from balancer.runtime.stop import STOP_GRACE, drain_all, log_cut
 
 log = logging.getLogger("balancer")
@@ -48,11 +62,114 @@ SUMMARY_BACKENDS = 100
 class Server(ServerReloads):
     """Runs every service of a `Config` in one event loop, plus the admin endpoint."""
 
+    def __init__(
+        self,
+        config: Config,
+        reader: Callable[[], Config] | None = None,
+        admin: AdminFactory | None = None,
+    ) -> None:
+        super().__init__(config, reader, admin)
+        # restarts and the service manager (`balancer.app` sets them from the command line)
+        self.notifier = Notifier.from_environ()
+        self.handover_path: str | None = None
+        """Once ready, listen there for a new process to take the listeners over."""
+        self.takeover: Takeover | None = None
+        """The control connection to the process this one took its listeners from."""
+        self.handover: HandoverListener | None = None
+        self.handed_to: int | None = None
+        """The pid of the process that took this one's listeners over."""
+        self.ready = False
+        self._admin_stop: asyncio.Task[None] | None = None
+
+    # -- readiness, reloads, hand-over ----------------------------------------------------
+    async def _ready(self) -> None:
+        """Every listener serves and the first health round is done: say so."""
+        if self.handed_admin is not None:
+            log.warning("takeover: the admin endpoint is off: its socket handed over is closed")
+            self.handed_admin.close()
+            self.handed_admin = None
+        for name, sock in self.handed_services.items():
+            log.warning(
+                "takeover: service %s did not start: its socket handed over is closed", name
+            )
+            sock.close()
+        self.handed_services.clear()
+        if self.handover_path is not None:
+            listener = HandoverListener(self.handover_path, self, self._reload_lock)
+            try:
+                listener.open(replacing=self.takeover.path if self.takeover else None)
+            except (HandoverError, OSError) as exc:
+                log.error(
+                    "handover socket not opened: %s; no new process can take over from this one",
+                    exc,
+                )
+            else:
+                self.handover = listener
+        if self.takeover is not None:
+            self._background(self.takeover.ready(), "takeover: ready")
+        self.ready = True
+        self.notifier.ready(self.status_text())
+
+    def status_text(self) -> str:
+        listening = ", ".join(format_address(*a) for a in self.listen_addresses())
+        return f"serving {len(self.services)} service(s); listening on {listening or 'nothing'}"
+
+    def reload_on_signal(self) -> None:
+        """SIGHUP: reload, the service manager told `RELOADING=1`, then `READY=1`."""
+        if self.ready and not self.stopping:
+            self.notifier.reloading()
+        log.info("SIGHUP: reloading %s", self.config.source)
+        task = self._background(self._reload_logged(), "reload")
+        task.add_done_callback(lambda _: self._reloaded())
+
+    def _reloaded(self) -> None:
+        if self.ready and not self._stop.is_set():
+            self.notifier.ready(self.status_text())
+
+    def handover_listeners(self) -> list[tuple[Handed, socket.socket]]:
+        """Duplicates of every listening socket (the same kernel sockets), with what each
+        is; the caller closes them."""
+        out: list[tuple[Handed, socket.socket]] = []
+        for name, runtime in self.services.items():
+            svc = runtime.config
+            sock = listening_socket(runtime.bound)
+            if sock is None:
+                log.warning(
+                    "handover: service %s listens on several addresses (%s is a name): not "
+                    "handed over, the new process binds its own",
+                    name,
+                    svc.listen,
+                )
+                continue
+            out.append(
+                (Handed(f"service {name}", (svc.listen_host, svc.listen_port), runtime.bound), sock)
+            )
+        admin = self.admin_socket
+        if self.admin_address is not None and admin is not None and admin.fileno() >= 0:
+            cfg = self.config.admin
+            dup = socket.socket(fileno=os.dup(admin.fileno()))
+            out.append((Handed("admin", (cfg.host, cfg.port), self.admin_address), dup))
+        return out
+
+    def handed_over(self, pid: int) -> None:
+        """The process `pid` serves on this one's listeners: stop accepting, drain, exit 0."""
+        log.info(
+            "handover: the balancer pid %d serves on every listener now; this process stops "
+            "accepting, drains for at most %gs and exits",
+            pid,
+            self.config.drain_timeout,
+        )
+        self.handed_to = pid
+        if not self._stop.is_set():
+            self.notifier.stopping(f"handed over to pid {pid}; draining")
+            self._stop.set()
+
     # -- stop ---------------------------------------------------------------------------
     def request_stop(self, sig: int | None = None) -> None:
         """A stop signal: the first drains, a second one cuts what is left at once."""
         what = signal.Signals(sig).name if sig is not None else "stop"
         if not self._stop.is_set():
+            self.notifier.stopping()
             log.info(
                 "%s: stopping; draining for at most %gs (a second signal stops at once)",
                 what,
@@ -84,6 +201,11 @@ class Server(ServerReloads):
             for removal in list(runtime.removals.values()):
                 if removal.task is not None:
                     removal.task.cancel()
+        if self.handover is not None:
+            self.handover.close()
+        if self.handed_to is not None and self.admin is not None:
+            # the new process serves the admin endpoint on the same socket: leave it that
+            self._admin_stop = loop.create_task(self._stop_admin(end), name="admin stop")
         drains: dict[asyncio.Task[DrainCut | None], ServiceRuntime] = {
             loop.create_task(r.proxy.drain(timeout), name=f"drain {r.config.name}"): r
             for r in runtimes
@@ -111,12 +233,20 @@ class Server(ServerReloads):
         for runtime in runtimes:
             if runtime.access_log is not None:
                 runtime.access_log.flush()
-        if self.admin is not None:
-            try:
-                async with asyncio.timeout(left()):
-                    await self.admin.stop()
-            except TimeoutError:
-                log.warning("admin endpoint not closed in time; left to the exit")
+        if self._admin_stop is not None:
+            await self._admin_stop
+        else:
+            await self._stop_admin(end)
+
+    async def _stop_admin(self, end: float) -> None:
+        if self.admin is None:
+            return
+        left = max(0.1, end - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(left):
+                await self.admin.stop()
+        except TimeoutError:
+            log.warning("admin endpoint not closed in time; left to the exit")
 
     def log_summary(self) -> None:
         """One line per backend at the stop, or per service beyond SUMMARY_BACKENDS."""
@@ -173,6 +303,7 @@ class Server(ServerReloads):
             await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
             if starting.done():
                 starting.result()  # a start-up error ends the process here
+                await self._ready()
                 await stop
             else:
                 log.warning("stop requested during start-up: abandoning the start")
@@ -182,5 +313,7 @@ class Server(ServerReloads):
             stop.cancel()
             await self.shutdown()
             resources.FDS = fds_before
+            if self.takeover is not None:
+                self.takeover.close()
         log.info("balancer stopped")
         return 0

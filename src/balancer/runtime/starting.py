@@ -22,7 +22,7 @@ from balancer.core.states import DOWN
 from balancer.core.stats import LatencyHistogram
 from balancer.errors import Conflict, InvalidInput
 from balancer.net import resources
-from balancer.net.loops import listening_addresses, listening_socket
+from balancer.net.loops import listen_socket, listening_addresses, listening_socket
 from balancer.observe.accesslog import AccessLog
 from balancer.proxy.registry import build_proxy
 from balancer.proxy.tls import load_service_tls, probe_tls
@@ -40,11 +40,16 @@ from balancer.runtime.services import (
 
 log = logging.getLogger("balancer")
 
+ADMIN_BACKLOG = 128
+
 
 class AdminEndpoint(Protocol):
     """What the runtime needs of the admin endpoint: start it, stop it."""
 
-    async def start(self) -> tuple[str, int]: ...
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Serve on `sock` (a listening socket, bound beforehand) or bind the listen
+        address; the bound (host, port)."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -70,6 +75,13 @@ class ServerStart:
         self.services: dict[str, ServiceRuntime] = {}
         self.admin: AdminEndpoint | None = None
         self.admin_address: tuple[str, int] | None = None
+        self.admin_socket: socket.socket | None = None
+        """The admin endpoint's listening socket (None when it listens on a name)."""
+        self.handed_admin: socket.socket | None = None
+        """A listening socket handed over for the admin endpoint (a takeover), until used."""
+        self.handed_services: dict[str, socket.socket] = {}
+        """Listening sockets handed over (a takeover), by the service to serve on each."""
+        """A listening socket handed over for the admin endpoint (a takeover), until used."""
         # background work: reloads on SIGHUP, retired services draining
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining: dict[ServiceRuntime, asyncio.Task[None]] = {}
@@ -127,6 +139,7 @@ class ServerStart:
                 for svc in plan.listeners:
                     runtime = prepared.runtimes[svc.name] = self._build(svc, new)
                     runtime.proxy.set_tls(*prepared.tls[svc.name])
+                    self._hand_over(prepared, svc)
                     try:
                         runtime.bound = await runtime.proxy.start()
                     except OSError as exc:
@@ -145,6 +158,17 @@ class ServerStart:
             await prepared.abandon()
             raise
         return prepared
+
+    def _hand_over(self, prepared: Prepared, svc: ServiceConfig) -> None:
+        """The socket handed over for this very service (a takeover) is the one it binds:
+        by name, as two services on port 0 name the same (host, port)."""
+        sock = self.handed_services.pop(svc.name, None)
+        if sock is None:
+            return
+        replaced = prepared.batch.handover.get((svc.listen_host, svc.listen_port))
+        if replaced is not None:
+            replaced.close()
+        prepared.batch.hand_over((svc.listen_host, svc.listen_port), sock)
 
     async def _first_checks(self, svc: ServiceConfig, prepared: Prepared) -> None:
         """The backends an updated service gains, checked once as at start-up: those that
@@ -258,17 +282,28 @@ class ServerStart:
     async def _start_admin(self) -> None:
         if self.admin_factory is None:
             return
+        cfg = self.config.admin
         admin = self.admin_factory(self)
+        sock, self.handed_admin = self.handed_admin, None
         try:
-            self.admin_address = await admin.start()
+            if sock is None:  # bound here: its socket can be handed over at a restart
+                sock = listen_socket(cfg.host, cfg.port, backlog=ADMIN_BACKLOG)
+            self.admin_address = await admin.start(sock)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             log.warning(
                 "admin endpoint not started: cannot listen on %s: %s; balancing goes on",
                 self.config.admin.listen,
                 exc.strerror or exc,
             )
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         else:
             self.admin = admin
+            self.admin_socket = sock
             host, port = self.admin_address
             log.info("admin listening on http://%s:%d", host, port)
 
