@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 DRAIN_POLL = 0.01
 """How often a drain looks at what is left (seconds)."""
+LATE_ACCEPTS = 0.02
+"""How long a drain lets the loop hand over connections it accepted before the listener
+closed (seconds): they are served within the drain, not refused."""
+
+
+async def settle_accepts() -> None:
+    """Let the connections accepted before the listener closed reach their mode."""
+    await asyncio.sleep(LATE_ACCEPTS)
 
 
 class HttpStatus(TypedDict):

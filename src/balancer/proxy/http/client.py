@@ -88,7 +88,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         svc = self.svc
-        if not svc.accepting:
+        if svc.stopped:  # one accepted as the listener closed is served within the drain
             self.refuse()
             return
         peername = transport.get_extra_info("peername")

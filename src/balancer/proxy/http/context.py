@@ -49,6 +49,7 @@ class Serving(Protocol):
     histogram: LatencyHistogram | None
     access_log: AccessLog | None
     accepting: bool
+    stopped: bool
     max_connections: int
     conns: set[Any]
     tunnels: set[Ends]

@@ -19,7 +19,7 @@ from balancer.core.retry import RetryBudget
 from balancer.core.stats import LatencyHistogram
 from balancer.net.periodic import Periodic
 from balancer.observe.accesslog import AccessLog
-from balancer.proxy.base import HttpStatus, Listener, Owners, wait_closed
+from balancer.proxy.base import HttpStatus, Listener, Owners, settle_accepts, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.http.client import ClientConnection
 from balancer.proxy.http.context import Ends
@@ -110,6 +110,8 @@ class HttpService(Edge):
         self.conns: set[ClientConnection] = set()
         self.tunnels: set[Ends] = set()
         self.accepting = False
+        self.stopped = False
+        """The drain is over: a connection the loop still hands over gets a 503."""
         self._listener = Listener()
         self.owner = Owners(pool)
         self._tokens: dict[Backend, bytes] = {}
@@ -233,6 +235,7 @@ class HttpService(Edge):
         """Stop accepting; close idle clients, let exchanges under way finish (their
         responses say `Connection: close`) for up to `timeout`, then cut the rest."""
         self.stop_accepting()
+        await settle_accepts()
         conns = self.conns
         idle = [c for c in conns if c.idle and not c.queue and not c.reader.in_head]
         cut = 0
@@ -242,6 +245,7 @@ class HttpService(Edge):
             for conn in left:
                 conn.abort()
             await wait_closed(lambda: len(conns), 1.0)
+        self.stopped = True
         self.idle.drop()
         self._sweeper.stop()
         services = _RUNNING.get(self.config.name, [])

@@ -15,7 +15,7 @@ from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.net.heap import TRIM_AFTER_FREED, TRIM_HEAP
 from balancer.net.periodic import Periodic
-from balancer.proxy.base import Listener, wait_closed
+from balancer.proxy.base import Listener, settle_accepts, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.message.dispatch import Dispatcher
 from balancer.proxy.message.session import ClientSession
@@ -113,6 +113,9 @@ class MessageService(Dispatcher, Edge):
         (the stop's doing, not a backend failure) and are returned as cut. A call
         with 0 while a drain runs cuts at once.
         """
+        if not self.draining:
+            self.stop_accepting()
+        await settle_accepts()
         for session in list(self.sessions):
             session.begin_drain()
         # busy sessions close themselves after their last reply (begin_drain); idle ones

@@ -113,7 +113,7 @@ class ClientSession:
             self.peer = f"{peer[0]}:{peer[1]}"
             self.peer_key = str(peer[0]).encode()
         service = self.service
-        if service.draining:
+        if service.stopped:
             self._closing = True
             transport.close()
             return
@@ -177,6 +177,13 @@ class ClientSession:
         if owner is not None:
             self._loop_detected(owner)
             return
+        self._framed(data)
+        if self.service.draining:
+            # accepted while the listener was closing: what it sent first is answered,
+            # then it is closed like every other connection of the drain
+            self.begin_drain()
+
+    def _framed(self, data: bytes) -> None:
         mode = self.service.client_framing
         if mode == "line":
             self.framing = LINE

@@ -21,6 +21,8 @@ class Relays(Protocol):
     loop: asyncio.AbstractEventLoop
     conns: set[Any]
     accepting: bool
+    stopped: bool
+    """The drain is over: a connection accepted now is refused."""
     max_connections: int
     max_backend_connections: int
     connect_buffer: int

@@ -173,7 +173,7 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         svc = self.svc
-        if not svc.accepting:
+        if svc.stopped:  # one accepted as the listener closed is relayed within the drain
             self._refuse()
             return
         self.peer = address_of(transport.get_extra_info("peername"))

@@ -9,7 +9,7 @@ from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.net.periodic import Periodic
 from balancer.net.tcpinfo import quiet_ms
-from balancer.proxy.base import Listener, Owners, wait_closed
+from balancer.proxy.base import Listener, Owners, settle_accepts, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.front import Arrival, ArrivalFactory, Router
 from balancer.proxy.tcp.relay import ClientSide
@@ -47,6 +47,8 @@ class TcpService(Edge):
         self._apply(config)
         self.conns: set[ClientSide] = set()
         self.accepting = False
+        self.stopped = False
+        """The drain is over: a connection the loop still hands over is refused."""
         self._listener = Listener()
         self._sweeper = Periodic(lambda: self.idle_timeout / _IDLE_SWEEPS, self.sweep_idle)
         self.owner = Owners(pool)
@@ -157,6 +159,7 @@ class TcpService(Edge):
         abort what is left and return it as cut. A call with 0 while a drain waits
         cuts at once (the first call then returns too)."""
         self.stop_accepting()
+        await settle_accepts()
         cut = 0
         conns = self.conns
         if not await wait_closed(lambda: len(conns), timeout):
@@ -168,6 +171,7 @@ class TcpService(Edge):
                 conn.abort()
             # aborted transports report connection_lost on the next loop turns
             await wait_closed(lambda: len(conns), 1.0)
+        self.stopped = True
         self._sweeper.stop()
         return DrainCut(cut, 0)
 
