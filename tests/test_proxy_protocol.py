@@ -90,8 +90,9 @@ async def test_a_header_sent_a_byte_at_a_time_is_read_whole() -> None:
                 writer.write(bytes([byte]))
                 await writer.drain()
                 await asyncio.sleep(0)
-            writer.write(b"ping")
-            assert await reader.readexactly(4) == b"ping"
+            # one byte alone is relayed: the wait's low-water mark was put back to 1
+            writer.write(b"!")
+            assert await reader.readexactly(1) == b"!"
             writer.close()
             assert backend.firsts == [proxyproto.build_v1(FAKE, (HOST, port))]
 
@@ -219,6 +220,8 @@ async def test_backends_are_reached_over_tls_verified_and_sessions_resumed(pki: 
             assert status["backend_handshakes"] == 3
             assert status["backend_resumed"] >= 1
             assert backend.tls_peers[-1] is True
+            # counted as the backend saw it: the first handshake is never a resumed one
+            assert status["backend_resumed"] == sum(backend.tls_peers)
 
 
 async def test_a_backend_whose_certificate_fails_is_a_failure_and_the_next_one_serves(
@@ -400,3 +403,30 @@ async def test_message_mode_logs_and_hashes_the_proxy_headers_client() -> None:
     finally:
         await svc.drain(1.0)
         server.close()
+
+
+async def test_tcp_mode_hashes_on_the_proxy_headers_client_address() -> None:
+    """`hash_key = "source"` keys on the PROXY source: one source, one backend; many
+    sources, both backends (the socket's own address, 127.0.0.1, would give one)."""
+    async with recorder() as a, recorder() as b:
+        cfg = service_config(
+            "t",
+            [f"{HOST}:{a.port}", f"{HOST}:{b.port}"],
+            algorithm="consistent_hash",
+            accept_proxy=True,
+        )
+        async with running(cfg) as [(_, port)]:
+
+            def counts() -> tuple[int, int]:
+                return a.connections, b.connections
+
+            before = counts()
+            for _ in range(5):
+                assert await exchange(port, proxyproto.build_v1(FAKE, (HOST, port))) == b"ping"
+            after = counts()
+            assert sorted(x - y for x, y in zip(after, before, strict=True)) == [0, 5]
+            for i in range(40):
+                source = (f"198.51.100.{i + 1}", 1000 + i)
+                assert await exchange(port, proxyproto.build_v1(source, (HOST, port))) == b"ping"
+            assert a.connections > 0
+            assert b.connections > 0

@@ -223,13 +223,14 @@ def test_a_private_key_others_can_read_gets_a_warning(
 ) -> None:
     key = tmp_path / "open.key"
     key.write_bytes(pki.server.key_path.read_bytes())
-    key.chmod(0o644)
     certs = (CertConfig(str(pki.server.cert_path), str(key)),)
     cfg = service_config("t", ["127.0.0.1:1"], tls=TlsConfig(certs=certs))
-    with caplog.at_level("WARNING", logger="balancer"):
-        load_service_tls([cfg], "test")
-    assert f"private key {key} is readable by other users" in caplog.text
-    caplog.clear()
+    for mode in (0o644, 0o640):  # readable by everyone, by its group
+        key.chmod(mode)
+        with caplog.at_level("WARNING", logger="balancer"):
+            load_service_tls([cfg], "test")
+        assert f"private key {key} is readable by other users" in caplog.text
+        caplog.clear()
     key.chmod(0o600)
     with caplog.at_level("WARNING", logger="balancer"):
         load_service_tls([cfg], "test")
