@@ -8,6 +8,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 
@@ -58,7 +59,7 @@ def factory_of(proxy: Proxy) -> Callable[[], asyncio.BaseProtocol]:
 
     if isinstance(proxy, HttpService):
         return lambda: ClientConnection(proxy, None)
-    return lambda: ClientSession(proxy, None)  # type: ignore[arg-type]
+    return lambda: cast(asyncio.BaseProtocol, ClientSession(proxy, None))  # type: ignore[arg-type]
 
 
 async def test_tcp_mode_relays_a_connection_accepted_as_the_listener_closed() -> None:

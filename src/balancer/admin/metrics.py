@@ -8,6 +8,10 @@ Shortages of the process's own resources (`balancer.net.resources`) are exported
 too: errors by kind, and the file-descriptor budget once the server has set it.
 Services in http mode add the `balancer_http_*` families, from `Proxy.mode_status`;
 services with TLS or the PROXY protocol the `balancer_tls_*` ones (`admin.tls_metrics`).
+`balancer_config_info{revision}` names the running config, and each consistent_hash service
+has `balancer_hash_table_info{service, digest}` and `balancer_hash_table_rebuilds`: instances
+with different digests for a service send some keys to different backends
+(`admin.documents`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from balancer.admin.documents import config_revision, hash_table
 from balancer.admin.tls_metrics import edge_metrics
 from balancer.net import resources
 
@@ -130,6 +135,7 @@ class BalancerCollector(Collector):
             if cfg.front or cfg.backend_tls is not None:
                 edges[name] = proxy.edge_status()
         yield from process_metrics()
+        yield from consistency_metrics(self.server)
         if http:
             yield from http_metrics(http)
         if edges:
@@ -208,6 +214,36 @@ def http_metrics(services: dict[str, HttpStatus]) -> Iterator[Metric]:
             for status_class, n in classes.items():
                 by_backend.add_metric([name, backend, status_class], n)
     yield from (responses, generated, connections, retries, idle, tunnels, by_backend)
+
+
+def consistency_metrics(server: Server) -> Iterator[Metric]:
+    """The config's revision and, per consistent_hash service, its table's digest."""
+    config = GaugeMetricFamily(
+        "balancer_config_info",
+        "The running config's revision (BLAKE2b-64 of its services' settings); always 1.",
+        labels=["revision"],
+    )
+    config.add_metric([config_revision(server)], 1.0)
+    yield config
+    info = GaugeMetricFamily(
+        "balancer_hash_table_info",
+        "The Maglev table's digest of each consistent_hash service: equal digests, equal "
+        "tables, the same backend for every key; always 1.",
+        labels=["service", "digest"],
+    )
+    rebuilds = CounterMetricFamily(
+        "balancer_hash_table_rebuilds",
+        "Maglev table rebuilds of each consistent_hash service (a backend joined or left, or "
+        "a weight changed) since its policy was made.",
+        labels=["service"],
+    )
+    for name, runtime in server.services.items():
+        table = hash_table(runtime)
+        if table is not None:
+            info.add_metric([name, table["digest"]], 1.0)
+            rebuilds.add_metric([name], table["rebuilds"])
+    yield info
+    yield rebuilds
 
 
 def process_metrics() -> Iterator[Metric]:
