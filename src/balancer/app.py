@@ -12,6 +12,11 @@ A restart that drops nothing (`takeover`): before the loop starts, the listening
 of the balancer answering on a handover socket are received (`balancer.runtime.handover`)
 and given (`assign`: by service and address) to the services and the admin endpoint of
 this config; a socket that none of them names is closed with a warning.
+
+Worker processes (`--workers N`, N > 1): `run_supervisor` binds every listener once and
+keeps N workers serving on them (`balancer.runtime.supervisor`), with the admin endpoint
+that shows them as one balancer (`balancer.admin.cluster`); `run_worker` is one of them,
+a `Server` on the sockets it inherited, with its admin API on its control socket only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Mapping
 
 from balancer import __version__, native
 from balancer.admin.app import AdminServer
+from balancer.admin.cluster import ClusterAdmin, add_worker_routes
 from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
 from balancer.config.model import Config
@@ -35,6 +41,8 @@ from balancer.runtime.handover import Takeover
 from balancer.runtime.server import Server
 from balancer.runtime.services import ListenError
 from balancer.runtime.starting import ServerStart
+from balancer.runtime.supervisor import Supervisor
+from balancer.runtime.workers import WorkerServer, WorkerSpec, worker_log_filter
 
 log = logging.getLogger("balancer")
 
@@ -51,7 +59,7 @@ def build_server(config: Config, reader: Callable[[], Config] | None = None) -> 
     return Server(config, reader, admin=_admin)
 
 
-def _signals(loop: asyncio.AbstractEventLoop, server: Server, install: bool) -> None:
+def _signals(loop: asyncio.AbstractEventLoop, server: Server | Supervisor, install: bool) -> None:
     handlers: dict[signal.Signals, Callable[[], None]] = {
         signal.SIGINT: lambda: server.request_stop(signal.SIGINT),
         signal.SIGTERM: lambda: server.request_stop(signal.SIGTERM),
@@ -158,5 +166,80 @@ def run(
             server.takeover.close()
         if server.handed_admin is not None:
             server.handed_admin.close()
+        for sock in server.handed_services.values():
+            sock.close()
+
+
+# -- worker processes -------------------------------------------------------------------
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, ListenError):
+        log.error("%s", exc)
+        return 1
+    if isinstance(exc, ConfigError):
+        log.error("invalid configuration: %s", exc)
+        return 2
+    return 130
+
+
+def run_supervisor(
+    config: Config,
+    reader: Callable[[], Config] | None,
+    workers: int,
+    argv: list[str],
+    sockets: str = "shared",
+) -> int:
+    """Bind every listener once, serve with `workers` worker processes until stopped (each
+    started as `argv` is); the exit code (1: a listen address cannot be bound, or that of
+    a worker that failed to start)."""
+    log.info("balancer %s, %s; %d worker processes", __version__, runtime_summary(), workers)
+    supervisor = Supervisor(
+        config, workers, argv, sockets=sockets, reader=reader, control=ClusterAdmin
+    )
+    try:
+        supervisor.bind()
+    except ListenError as exc:
+        return _exit_code(exc)
+
+    async def supervise() -> int:
+        loop = asyncio.get_running_loop()
+        _signals(loop, supervisor, install=True)
+        try:
+            return await supervisor.run()
+        finally:
+            _signals(loop, supervisor, install=False)
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(supervise())
+    except KeyboardInterrupt as exc:
+        return _exit_code(exc)
+
+
+def run_worker(config: Config, reader: Callable[[], Config] | None, spec: WorkerSpec) -> int:
+    """Serve `config` as worker `spec.index` of a supervisor, on the sockets it inherited;
+    the exit code."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(worker_log_filter(spec.index))
+    server = WorkerServer(config, reader, spec)
+    control = socket.socket(fileno=spec.control)
+    control.setblocking(False)
+
+    async def work() -> int:
+        admin = AdminServer(server)
+        add_worker_routes(admin)
+        await admin.start(control)
+        try:
+            return await serve(server)
+        finally:
+            await admin.stop()
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(work())
+    except (ListenError, ConfigError, KeyboardInterrupt) as exc:
+        return _exit_code(exc)
+    finally:
         for sock in server.handed_services.values():
             sock.close()

@@ -68,6 +68,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="as --takeover when a balancer answers on PATH, else start afresh",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes serving the same listeners, 1..64 (default 1: one process); "
+        "a command-line setting only, no config key",
+    )
+    parser.add_argument(
+        "--worker-sockets",
+        default="shared",
+        choices=["shared", "reuseport"],
+        help="with --workers: one listening socket all workers accept on (shared), or one "
+        "per worker in a SO_REUSEPORT group (default: shared)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
@@ -152,6 +167,23 @@ def build_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
+def check_workers(args: argparse.Namespace) -> None:
+    """`--workers N`: 1..64, and not with a hand-over (each worker would need its own)."""
+    from balancer.runtime.workers import MAX_WORKERS
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(
+            "command line", "--workers", f"expected 1..{MAX_WORKERS} processes, got {args.workers}"
+        )
+    restart = args.handover_socket or args.takeover or args.takeover_if_running
+    if args.workers > 1 and restart:
+        raise ConfigError(
+            "command line",
+            "--workers",
+            "--handover-socket and --takeover serve one process: not with --workers over 1",
+        )
+
+
 def run_server(
     config: Config,
     reader: Callable[[], Config] | None = None,
@@ -159,10 +191,17 @@ def run_server(
 ) -> int:
     """Serve `config` until stopped (see `balancer.app.run`), with the restart options
     of a `serve` command line; the exit code."""
-    from balancer.app import run
+    from balancer.app import run, run_supervisor, run_worker
+    from balancer.runtime.workers import WorkerSpec
 
     if args is None:
         return run(config, reader)
+    spec = WorkerSpec.from_env()
+    if spec is not None:
+        return run_worker(config, reader, spec)
+    if args.workers > 1:
+        argv = [sys.executable, "-m", "balancer", *getattr(args, "argv", sys.argv[1:])]
+        return run_supervisor(config, reader, args.workers, argv, args.worker_sockets)
     return run(
         config,
         reader,
@@ -178,6 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, args.log_format)
     try:
+        check_workers(args)
         config = build_config(args)
         check_admin_security(config.admin)
     except ConfigError as exc:
@@ -269,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if args.func is not cmd_serve and threading.current_thread() is threading.main_thread():
             # the tools clean up on KeyboardInterrupt (the demo stops its children)
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -187,7 +187,10 @@ class AdminServer:
         server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
-        host, port = sockets[0].getsockname()[:2]
+        name = sockets[0].getsockname()
+        if isinstance(name, str):  # a Unix socket: a worker's control socket
+            return name, 0
+        host, port = name[:2]
         self.guard.listening_on(str(host))
         return str(host), int(port)
 

@@ -1,0 +1,404 @@
+"""The admin endpoint of `balancer serve --workers N`: one balancer's view of the workers.
+
+How it works:
+- Each worker serves the admin API on its control socket (a Unix socket of the
+  supervisor's private directory, `balancer.runtime.supervisor`), plus WORKER_STATE:
+  its backends' health states (GET) and the states relayed to it (PUT). The supervisor
+  talks to each worker there, with the write token when there is one.
+- `ClusterAdmin` serves the configured admin address with the same guard (Host, Origin,
+  tokens) as a single process. Reads are asked of every ready worker and merged
+  (`balancer.runtime.merging`): `/status`, `/api/services`, `/api/history` summed, with
+  backend states from worker 0; `/metrics` summed plus each worker's samples under a
+  `worker` label; `/status?worker=I` is worker I's own document; `/api/workers` lists the
+  workers. Writes (backend state, weight, add, remove, reload, certificates reload) are
+  sent to every ready worker: the answer is the workers' when they all agree, else a
+  502 that says which workers applied it and which did not.
+- The relay: every half health interval (the shortest of the services', at least
+  MIN_RELAY), each ready worker's states are read and `relay_plan` sets what differs,
+  so a transition worker 0's checks see (or an ejection any worker's traffic sees)
+  reaches the others within half an interval and a round trip. A restarted worker is
+  first brought to the runtime API's changes of a worker that lived on (admin state,
+  weight, backends added or removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.admin.app import RUNNER_OPTIONS, AdminServer, guarded_app
+from balancer.admin.checks import ApiError, api_handler, error_response
+from balancer.admin.handlers import SERVER_KEY, STATIC_DIR, handle_index, handle_openapi
+from balancer.admin.security import OPEN, READ, WRITE, AdminGuard, admin_token
+from balancer.core.states import DRAIN, MAINT
+from balancer.runtime.merging import merge_history, merge_status, relay_plan
+from balancer.runtime.workers import apply_states, backend_states
+
+if TYPE_CHECKING:
+    from balancer.runtime.supervisor import Supervisor, WorkerSlot
+
+log = logging.getLogger("balancer")
+
+WORKER_STATE = "/_worker/state"
+CALL_TIMEOUT = 5.0
+MIN_RELAY = 0.05
+API_WORDS = {DRAIN: "drain", MAINT: "maint"}
+STATE_METRICS = frozenset(
+    {
+        "balancer_backend_up",
+        "balancer_backend_weight",
+        "balancer_config_info",
+        "balancer_hash_table_info",
+        "balancer_fd_limit",
+    }
+)
+
+
+# -- the worker's side ---------------------------------------------------------------
+
+
+async def handle_worker_state(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    doc = {"pid": os.getpid(), "ready": server.ready, "services": backend_states(server)}
+    return web.json_response(doc)
+
+
+async def handle_relayed_state(request: web.Request) -> web.Response:
+    try:
+        doc = json.loads(await request.read())
+    except ValueError:
+        raise ApiError(400, "expected a JSON object of services") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "expected a JSON object of services")
+    return web.json_response({"changed": apply_states(request.app[SERVER_KEY], doc)})
+
+
+def add_worker_routes(admin: AdminServer) -> None:
+    """A worker's admin API also reads and takes health states (before it starts)."""
+    admin.app.router.add_get(WORKER_STATE, api_handler(handle_worker_state, access=READ))
+    admin.app.router.add_put(WORKER_STATE, api_handler(handle_relayed_state, access=WRITE))
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def merge_metrics(texts: Mapping[int, str]) -> str:
+    """The Prometheus text of each worker -> every sample summed by name and labels (a
+    histogram's buckets, counts and sums merge so), except those that describe state
+    rather than count (STATE_METRICS), the lowest index's; then each worker's own
+    samples with a `worker` label."""
+    families: dict[str, tuple[str, str]] = {}
+    summed: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    own: dict[str, list[str]] = {}
+    base = min(texts) if texts else 0
+    for index in sorted(texts):
+        for family in text_string_to_metric_families(texts[index]):
+            families.setdefault(family.name, (family.type, family.documentation))
+            sums = summed.setdefault(family.name, {})
+            lines = own.setdefault(family.name, [])
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                if family.name in STATE_METRICS or sample.name.endswith("_created"):
+                    if index == base:
+                        sums[key] = sample.value
+                    else:
+                        sums.setdefault(key, sample.value)
+                else:
+                    sums[key] = sums.get(key, 0.0) + sample.value
+                labelled = {**sample.labels, "worker": str(index)}
+                lines.append(f"{sample.name}{_labels(labelled)} {_value(sample.value)}")
+    out: list[str] = []
+    for name, (kind, documentation) in families.items():
+        help_text = documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for (sample_name, labels), value in summed[name].items():
+            out.append(f"{sample_name}{_labels(dict(labels))} {_value(value)}")
+        out.extend(own[name])
+    return "\n".join(out) + "\n"
+
+
+# -- the supervisor's side -----------------------------------------------------------
+
+
+class WorkerUnreachable(Exception):
+    pass
+
+
+class ClusterAdmin:
+    """The supervisor's admin endpoint (when the config enables it) and the state relay."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.guard = AdminGuard(supervisor.config.admin)
+        self.app = guarded_app(self.guard)
+        token = admin_token(supervisor.config.admin)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        r = self.app.router
+        r.add_get("/status", api_handler(self.status, access=READ))
+        r.add_get("/api/services", api_handler(self.services, access=READ))
+        r.add_get("/api/history", api_handler(self.history, access=READ))
+        r.add_get("/metrics", api_handler(self.metrics, access=READ))
+        r.add_get("/api/workers", api_handler(self.workers, access=READ))
+        r.add_get("/api/openapi.json", api_handler(handle_openapi, access=OPEN))
+        r.add_get("/", handle_index)
+        r.add_static("/static/", STATIC_DIR)
+        backend_path = "/api/services/{service}/backends/{address}"
+        write = api_handler(self.fan_out, access=WRITE)
+        r.add_put(backend_path, write)
+        r.add_delete(backend_path, write)
+        r.add_post("/api/services/{service}/backends", write)
+        r.add_post("/api/reload", write)
+        r.add_post("/api/certificates/reload", write)
+        self.runner: web.AppRunner | None = None
+        self.sessions: dict[int, aiohttp.ClientSession] = {}
+        self._relay: asyncio.Task[None] | None = None
+        self._synced: dict[int, int] = {}
+        """A worker's index -> the start of it whose runtime API state is brought up."""
+
+    # -- talking to workers --------------------------------------------------------
+    def _session(self, slot: WorkerSlot) -> aiohttp.ClientSession:
+        session = self.sessions.get(slot.index)
+        if session is None or session.closed:
+            session = self.sessions[slot.index] = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=slot.control_path),
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT),
+            )
+        return session
+
+    async def call(
+        self, slot: WorkerSlot, method: str, path: str, body: bytes | None = None
+    ) -> tuple[int, bytes]:
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        url = f"http://localhost{path}"
+        try:
+            async with self._session(slot).request(method, url, data=body, headers=headers) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise WorkerUnreachable(f"worker {slot.index}: {exc or type(exc).__name__}") from exc
+
+    def ready(self) -> list[WorkerSlot]:
+        return [s for s in self.supervisor.slots if s.ready]
+
+    async def ask_all(self, path: str) -> dict[int, bytes]:
+        """What every ready worker answers to GET `path` (those that fail left out)."""
+        slots = self.ready()
+        answers = await asyncio.gather(
+            *(self.call(s, "GET", path) for s in slots), return_exceptions=True
+        )
+        out: dict[int, bytes] = {}
+        for slot, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.debug("admin: %s: %s", path, answer)
+            elif answer[0] == 200:
+                out[slot.index] = answer[1]
+        if not out:
+            raise ApiError(503, "no worker answers (starting or restarting)")
+        return out
+
+    async def documents(self, path: str) -> dict[int, dict[str, Any]]:
+        return {i: json.loads(body) for i, body in (await self.ask_all(path)).items()}
+
+    # -- reads ------------------------------------------------------------------------
+    async def status(self, request: web.Request) -> web.Response:
+        which = request.query.get("worker")
+        if which is not None:
+            slot = next((s for s in self.ready() if str(s.index) == which), None)
+            if slot is None:
+                raise ApiError(404, f"no ready worker {which[:20]!r}")
+            code, body = await self.call(slot, "GET", "/status")
+            return web.Response(status=code, body=body, content_type="application/json")
+        return web.json_response(merge_status(await self.documents("/status")))
+
+    async def services(self, request: web.Request) -> web.Response:
+        return web.json_response(merge_status(await self.documents("/api/services")))
+
+    async def history(self, request: web.Request) -> web.Response:
+        path = request.path_qs
+        return web.json_response(merge_history(await self.documents(path)))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        texts = {i: body.decode() for i, body in (await self.ask_all("/metrics")).items()}
+        body = merge_metrics(texts).encode()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def workers(self, request: web.Request) -> web.Response:
+        docs = await self.documents("/status")
+        out = []
+        for slot in self.supervisor.slots:
+            doc = docs.get(slot.index)
+            services = doc["services"] if doc is not None else {}
+            out.append(
+                {
+                    "index": slot.index,
+                    "pid": slot.pid,
+                    "ready": slot.ready,
+                    "checks": slot.index == 0,
+                    "restarts": slot.restarts,
+                    "started_at": slot.started_wall,
+                    "last_exit": slot.last_exit,
+                    "client_connections": {n: s["client_connections"] for n, s in services.items()},
+                    "requests": {
+                        n: sum(b["requests"] for b in s["backends"]) for n, s in services.items()
+                    },
+                }
+            )
+        return web.json_response({"sockets": self.supervisor.mode, "workers": out})
+
+    # -- writes ------------------------------------------------------------------------
+    async def fan_out(self, request: web.Request) -> web.Response:
+        """A runtime API write, made in every ready worker."""
+        body = await request.read()
+        slots = self.ready()
+        if not slots:
+            raise ApiError(503, "no worker is ready (starting or restarting)")
+        answers = await asyncio.gather(
+            *(self.call(s, request.method, request.path_qs, body or None) for s in slots),
+            return_exceptions=True,
+        )
+        codes: dict[int, int] = {}
+        first: tuple[int, bytes] | None = None
+        for slot, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, BaseException):
+                codes[slot.index] = 0
+                continue
+            codes[slot.index] = answer[0]
+            first = first or answer
+        if request.path == "/api/reload" and all(200 <= c < 300 for c in codes.values()):
+            self.supervisor.reread()
+        statuses = set(codes.values())
+        if first is not None and len(statuses) == 1:
+            return web.Response(
+                status=first[0],
+                body=first[1],
+                content_type="application/json",
+                headers={"X-Balancer-Workers": ",".join(map(str, codes))},
+            )
+        done = [i for i, c in codes.items() if 200 <= c < 300]
+        failed = {i: c or "unreachable" for i, c in codes.items() if not 200 <= c < 300}
+        return error_response(
+            502,
+            f"applied by workers {done or 'none'}; not by {failed}: see /api/workers and "
+            "/status?worker=I, and repeat the request",
+        )
+
+    # -- the relay ----------------------------------------------------------------------
+    def relay_interval(self) -> float:
+        intervals = [s.health.interval for s in self.supervisor.config.services]
+        return max(MIN_RELAY, min(intervals, default=1.0) / 2)
+
+    async def relay_once(self) -> None:
+        slots = self.ready()
+        answers = await asyncio.gather(
+            *(self.call(s, "GET", WORKER_STATE) for s in slots), return_exceptions=True
+        )
+        states: dict[int, Any] = {}
+        for slot, answer in zip(slots, answers, strict=True):
+            if not isinstance(answer, BaseException) and answer[0] == 200:
+                states[slot.index] = json.loads(answer[1])["services"]
+        by_index = {s.index: s for s in slots}
+        for index in list(states):
+            slot = by_index[index]
+            if self._synced.get(index) != slot.starts:
+                if slot.restarts:
+                    await self._sync(slot, states)
+                self._synced[index] = slot.starts
+        plan = relay_plan(states, source=0)
+        await asyncio.gather(
+            *(
+                self.call(by_index[i], "PUT", WORKER_STATE, json.dumps(doc).encode())
+                for i, doc in plan.items()
+            ),
+            return_exceptions=True,
+        )
+
+    async def _sync(self, slot: WorkerSlot, states: dict[int, Any]) -> None:
+        """A restarted worker takes the runtime API's changes of a worker that lived on."""
+        others = [i for i in states if i != slot.index and self._synced.get(i) is not None]
+        if not others:
+            return
+        ref, mine = states[min(others)], states[slot.index]
+        calls: list[tuple[str, str, dict[str, Any] | None]] = []
+        for name, backends in ref.items():
+            own = mine.get(name)
+            if own is None:
+                continue
+            base = f"/api/services/{name}/backends"
+            for address, want in backends.items():
+                have = own.get(address)
+                change: dict[str, Any] = {}
+                if have is None:
+                    calls.append(("POST", base, {"address": address, "weight": want["weight"]}))
+                    have = {"admin_state": "ready", "weight": want["weight"]}
+                if have["admin_state"] != want["admin_state"]:
+                    change["state"] = API_WORDS.get(want["admin_state"], "up")
+                if have["weight"] != want["weight"]:
+                    change["weight"] = want["weight"]
+                if change:
+                    calls.append(("PUT", f"{base}/{address}", change))
+            calls.extend(("DELETE", f"{base}/{a}", None) for a in own if a not in backends)
+        for method, path, doc in calls:
+            data = json.dumps(doc).encode() if doc is not None else None
+            code, _ = await self.call(slot, method, path, data)
+            log.info("worker %d restarted: %s %s -> %d", slot.index, method, path, code)
+
+    async def _relay_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.relay_interval())
+            try:
+                await self.relay_once()
+            except Exception:
+                log.exception("relaying health states between workers failed")
+
+    # -- start, stop ----------------------------------------------------------------------
+    async def start(self, sock: socket.socket | None) -> tuple[str, int] | None:
+        self._relay = asyncio.create_task(self._relay_forever(), name="worker state relay")
+        if sock is None:
+            return None
+        runner = web.AppRunner(self.app, **RUNNER_OPTIONS)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        self.runner = runner
+        host, port = sock.getsockname()[:2]
+        self.guard.listening_on(str(host))
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        if self._relay is not None:
+            self._relay.cancel()
+            await asyncio.gather(self._relay, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for session in self.sessions.values():
+            await session.close()

@@ -1,0 +1,190 @@
+"""A worker process of `balancer serve --workers N`: what it is told, how it serves.
+
+How it works:
+- The supervisor (`balancer.runtime.supervisor`) starts each worker as
+  `python -m balancer serve ...` with its own command line, and tells it in the
+  environment variable WORKER_ENV (a `WorkerSpec`, JSON) its index and which inherited
+  file descriptors (pass_fds) are which service's listening socket and which its control
+  socket. A worker is a full `Server` started on those sockets by the takeover's path
+  (`handed_services`, by service name); it binds no listener of its own and has no TCP
+  admin endpoint: it serves the admin API on the control socket (a Unix socket in the
+  supervisor's private directory), for the supervisor to read and write.
+- Readiness, reloads and stops reach the supervisor as `sd_notify` datagrams
+  (`balancer.net.notify`): the worker's NOTIFY_SOCKET is one the supervisor reads.
+- Health checks run once per backend: every worker checks each backend once at start-up
+  (it serves with a known state), then only the worker with `checks` (worker 0) checks;
+  the others' checkers (`RelayedChecker`) schedule nothing and take the states the
+  supervisor relays (`apply_states`, from what `backend_states` reports of each worker).
+  An outlier ejection seen by any worker is relayed to every other one with the time it
+  has left, so none readmits the backend early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from balancer.config.model import Config, ServiceConfig
+from balancer.core.states import DOWN, UP
+from balancer.runtime.health import HealthChecker
+from balancer.runtime.server import Server
+from balancer.runtime.services import ServiceRuntime
+from balancer.runtime.starting import AdminFactory
+
+log = logging.getLogger("balancer")
+
+WORKER_ENV = "BALANCER_WORKER"
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells one worker: its index, its inherited descriptors."""
+
+    index: int
+    count: int
+    sockets: dict[str, int]
+    """A service's name -> the descriptor of its listening socket."""
+    control: int
+    """The descriptor of the listening Unix socket the worker serves its admin API on."""
+    checks: bool
+    """Whether this worker runs the periodic health checks (worker 0)."""
+
+    def to_env(self) -> str:
+        return json.dumps(
+            {
+                "index": self.index,
+                "count": self.count,
+                "sockets": self.sockets,
+                "control": self.control,
+                "checks": self.checks,
+            }
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSpec | None:
+        """The spec in the environment; None when this process is not a worker."""
+        text = (os.environ if environ is None else environ).get(WORKER_ENV)
+        if not text:
+            return None
+        doc = json.loads(text)
+        return cls(
+            index=int(doc["index"]),
+            count=int(doc["count"]),
+            sockets={str(k): int(v) for k, v in doc["sockets"].items()},
+            control=int(doc["control"]),
+            checks=bool(doc["checks"]),
+        )
+
+
+class RelayedChecker(HealthChecker):
+    """A worker's health checker that checks once at start-up and then never: the states
+    come from the checking worker, through the supervisor (`apply_states`)."""
+
+    def start(self) -> None:
+        return
+
+    def watch(self, backend: Any) -> None:
+        return
+
+
+class WorkerServer(Server):
+    """A `Server` on the listening sockets its supervisor inherited to it."""
+
+    def __init__(
+        self,
+        config: Config,
+        reader: Callable[[], Config] | None,
+        spec: WorkerSpec,
+        admin: AdminFactory | None = None,
+    ) -> None:
+        super().__init__(config, reader, admin)
+        self.spec = spec
+        for name, fd in spec.sockets.items():
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.handed_services[name] = sock
+
+    def _build(self, svc: ServiceConfig, config: Config) -> ServiceRuntime:
+        runtime = super()._build(svc, config)
+        if not self.spec.checks:
+            pool = runtime.pool
+            pool.on_transition.remove(runtime.checker._on_transition)
+            runtime.checker = RelayedChecker(pool)
+        return runtime
+
+
+def worker_log_filter(index: int) -> logging.Filter:
+    """Each log line of worker `index` says so; its readiness is not the balancer's."""
+
+    class WorkerLines(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not getattr(record, "worker_marked", False):
+                record.worker_marked = True
+                msg = "ready" if record.msg == "balancer ready" else str(record.msg)
+                record.msg = f"worker {index}: {msg}"
+            return True
+
+    return WorkerLines()
+
+
+# -- the states relayed -----------------------------------------------------------------
+
+
+def backend_states(server: Server) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each backend's health state in this process, by service and address, with the
+    seconds an outlier ejection has left and its admin state and weight."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, runtime in server.services.items():
+        pool = runtime.pool
+        out[name] = {
+            b.address: {
+                "state": b.state,
+                "reason": b.last_reason,
+                "last_check": b.last_check,
+                "last_check_ok": b.last_check_ok,
+                "eject_left": round(pool.ejection_left(b), 3),
+                "admin_state": b.admin_state,
+                "weight": b.weight,
+            }
+            for b in pool
+        }
+    return out
+
+
+def apply_states(server: Server, doc: Mapping[str, Any]) -> int:
+    """Set the health states `doc` relays (as `backend_states` has them); how many
+    backends changed state. Unknown services and backends are left out."""
+    changed = 0
+    now = time.monotonic()
+    for name, backends in doc.items():
+        runtime = server.services.get(name)
+        if runtime is None or not isinstance(backends, dict):
+            continue
+        pool = runtime.pool
+        for address, want in backends.items():
+            backend = pool.get(address)
+            if backend is None or not isinstance(want, dict):
+                continue
+            reason = str(want.get("reason", ""))[:300]
+            left = float(want.get("eject_left") or 0.0)
+            if left > 0:
+                backend.ejected_until = max(backend.ejected_until, now + left)
+            if "last_check" in want:
+                backend.last_check = want["last_check"]
+                backend.last_check_ok = want.get("last_check_ok")
+            if want.get("state") == DOWN and backend.state == UP:
+                pool.mark_down(backend, reason)
+                changed += 1
+            elif want.get("state") == UP and backend.state == DOWN:
+                backend.consecutive_failures = 0
+                changed += int(pool.mark_up(backend, reason))
+            else:
+                backend.last_reason = reason
+    return changed
