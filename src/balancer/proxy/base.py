@@ -27,13 +27,8 @@ if TYPE_CHECKING:
 DRAIN_POLL = 0.01
 """How often a drain looks at what is left (seconds)."""
 LATE_ACCEPTS = 0.02
-"""How long a drain lets the loop hand over connections it accepted before the listener
-closed (seconds): they are served within the drain, not refused."""
-
-
-async def settle_accepts() -> None:
-    """Let the connections accepted before the listener closed reach their mode."""
-    await asyncio.sleep(LATE_ACCEPTS)
+"""How long a drain waits, however few connections are left, for those the loop accepted
+before the listener closed (seconds): they are served within the drain, not refused."""
 
 
 class HttpStatus(TypedDict):
@@ -153,13 +148,16 @@ async def wait_closed(
     timeout: float,
     closing: list[C] | None = None,
     window: float = 0.0,
+    settle: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> bool:
     """Wait at most `timeout` seconds for a service's client connections to end.
 
     Meanwhile the connections in `closing` (idle ones) are closed spread over
     `window` rather than all at once, so clients do not all reconnect in the
-    same instant. True when none is left, False at the timeout.
+    same instant. None left counts only once `settle` seconds have passed (connections
+    accepted as the listener closed may still be on their way). True when none is left,
+    False at the timeout.
     """
     start = clock()
     deadline = start + timeout
@@ -174,7 +172,7 @@ async def wait_closed(
             while closed < due and closing:
                 closing.pop().close()
                 closed += 1
-        if not open_count():
+        if not open_count() and now - start >= settle:
             return True
         if now >= deadline:
             return False

@@ -19,7 +19,7 @@ from balancer.core.retry import RetryBudget
 from balancer.core.stats import LatencyHistogram
 from balancer.net.periodic import Periodic
 from balancer.observe.accesslog import AccessLog
-from balancer.proxy.base import HttpStatus, Listener, Owners, settle_accepts, wait_closed
+from balancer.proxy.base import LATE_ACCEPTS, HttpStatus, Listener, Owners, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.http.client import ClientConnection
 from balancer.proxy.http.context import Ends
@@ -235,11 +235,10 @@ class HttpService(Edge):
         """Stop accepting; close idle clients, let exchanges under way finish (their
         responses say `Connection: close`) for up to `timeout`, then cut the rest."""
         self.stop_accepting()
-        await settle_accepts()
         conns = self.conns
         idle = [c for c in conns if c.idle and not c.queue and not c.reader.in_head]
         cut = 0
-        if not await wait_closed(lambda: len(conns), timeout, idle):
+        if not await wait_closed(lambda: len(conns), timeout, idle, settle=LATE_ACCEPTS):
             left = list(conns)
             cut = len(left)
             for conn in left:

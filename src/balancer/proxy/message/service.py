@@ -15,7 +15,7 @@ from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.net.heap import TRIM_AFTER_FREED, TRIM_HEAP
 from balancer.net.periodic import Periodic
-from balancer.proxy.base import Listener, settle_accepts, wait_closed
+from balancer.proxy.base import LATE_ACCEPTS, Listener, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.message.dispatch import Dispatcher
 from balancer.proxy.message.session import ClientSession
@@ -115,16 +115,18 @@ class MessageService(Dispatcher, Edge):
         """
         if not self.draining:
             self.stop_accepting()
-        await settle_accepts()
         for session in list(self.sessions):
             session.begin_drain()
         # busy sessions close themselves after their last reply (begin_drain); idle ones
         # are closed spread over the close window
         idle = [s for s in self.sessions if s.idle]
         sessions = self.sessions
+        # connections the loop accepted as the listener closed still arrive: each answers
+        # what it sent first, then closes (`ClientSession._first_data`)
         await wait_closed(
-            lambda: len(sessions), timeout, idle, self.drain_close_window, clock=monotonic
-        )
+            lambda: len(sessions), timeout, idle, self.drain_close_window,
+            clock=monotonic, settle=LATE_ACCEPTS,
+        )  # fmt: skip
         self.stopped = True
         self.queue.clear()
         connections = requests = 0

@@ -9,7 +9,7 @@ from balancer.core.lifecycle import DrainCut
 from balancer.core.pool import Backend, BackendPool
 from balancer.net.periodic import Periodic
 from balancer.net.tcpinfo import quiet_ms
-from balancer.proxy.base import Listener, Owners, settle_accepts, wait_closed
+from balancer.proxy.base import LATE_ACCEPTS, Listener, Owners, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.front import Arrival, ArrivalFactory, Router
 from balancer.proxy.tcp.relay import ClientSide
@@ -159,10 +159,9 @@ class TcpService(Edge):
         abort what is left and return it as cut. A call with 0 while a drain waits
         cuts at once (the first call then returns too)."""
         self.stop_accepting()
-        await settle_accepts()
         cut = 0
         conns = self.conns
-        if not await wait_closed(lambda: len(conns), timeout):
+        if not await wait_closed(lambda: len(conns), timeout, settle=LATE_ACCEPTS):
             # a connection is cut (and counted) once, by whichever call gets there first
             left = [conn for conn in conns if not conn.cut]
             cut = len(left)
