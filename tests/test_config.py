@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.config.addresses import parse_address
+from balancer.config.discovery import DiscoveryConfig
 from balancer.config.errors import ConfigError
 from balancer.config.load import load_config
 from balancer.config.model import (
@@ -50,6 +51,11 @@ read_token = "r3ad"
 read_access = "token"
 allowed_hosts = ["admin.example", "Admin.Example:9100"]
 enabled = true
+[discovery]
+kind = "dns"
+interval = 10
+timeout = 1.5
+nameservers = ["127.0.0.1:5353", "::1"]
 [services.numbers]
 listen = "127.0.0.1:8080"
 mode = "message"
@@ -218,6 +224,11 @@ client_cert = "certs/lb.pem"
 client_key = "certs/lb.key"
 min_version = "1.3"
 alpn = ["http/1.1"]
+
+[services.found]
+listen = "127.0.0.1:8089"
+discover = "srv:_api._tcp.internal"
+backends = []
 """
 
 FULL_SERVERS_JSON = {
@@ -422,6 +433,13 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                     alpn=("http/1.1",),
                 ),
             ),
+            ServiceConfig(
+                name="found",
+                listen_host="127.0.0.1",
+                listen_port=8089,
+                backends=(),
+                discover="srv:_api._tcp.internal",
+            ),
         ),
         admin=AdminConfig(
             host="127.0.0.1",
@@ -434,6 +452,9 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
         drain_timeout=10.0,
         drain_close_window=2.0,
         access_log=True,
+        discovery=DiscoveryConfig(
+            interval=10.0, timeout=1.5, nameservers=("127.0.0.1:5353", "::1")
+        ),
         source=str(path),
     )
     assert load_config(path) == expected
@@ -444,6 +465,7 @@ def _keys_by_table(doc: dict[str, Any]) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {name: set() for name in TABLE_KEYS}
     found[""] = set(doc)
     found["admin"] = set(doc.get("admin", {}))
+    found["discovery"] = set(doc.get("discovery", {}))
     for svc in doc.get("services", {}).values():
         found["services.NAME"] |= set(svc)
         found["services.NAME.health"] |= set(svc.get("health", {}))
@@ -496,6 +518,7 @@ def test_every_number_of_the_config_model_is_bounded() -> None:
         ("tls.certs[].", CertConfig),
         ("backend_tls.", BackendTlsConfig),
         ("sni_routes[].", SniRouteConfig),
+        ("discovery.", DiscoveryConfig),
     )
     for prefix, cls in models:
         for f in dataclasses.fields(cls):

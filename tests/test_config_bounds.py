@@ -49,6 +49,8 @@ def placed(name: str, value: str) -> tuple[str, str, int]:
         return text, f"services.s.policy_options.{key}", 6
     if name in TOP:
         return f"{key} = {value}\n" + SERVICE, key, 1
+    if table == "discovery":
+        return f"[discovery]\n{key} = {value}\n" + SERVICE, name, 2
     if name == "weight":
         text = SERVICE.replace('"h:1"', f'{{ address = "h:1", weight = {value} }}')
         return text, "services.s.backends[1].weight", 4
@@ -71,6 +73,8 @@ def loaded(config: Config, name: str) -> object:
         return svc.policy_options[key]
     if name in TOP:
         return getattr(config, key)
+    if table == "discovery":
+        return getattr(config.discovery, key)
     if name == "weight":
         return svc.backends[1].weight
     if table:
@@ -192,6 +196,8 @@ def json_doc(name: str, value: object) -> dict[str, object]:
         svc["policy_options"] = {key: value}
     elif name in TOP:
         doc[key] = value
+    elif table == "discovery":
+        doc["discovery"] = {key: value}
     elif name == "weight":
         svc["backends"][1] = {"address": "h:1", "weight": value}
     elif table:
@@ -294,7 +300,11 @@ def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
             b = svc.backend_tls
             tls_paths |= {b.ca, b.client_cert, b.client_key}
     assert tls_paths - {""} == {str(f) for f in files}
-    seen: dict[str, set[str]] = {"": set(doc), "admin": set(doc["admin"])}
+    seen: dict[str, set[str]] = {
+        "": set(doc),
+        "admin": set(doc["admin"]),
+        "discovery": set(doc.get("discovery", {})),
+    }
     for svc in doc["services"].values():
         seen.setdefault("services.NAME", set()).update(svc)
         for sub in ("health", "outlier", "http"):

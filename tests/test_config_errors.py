@@ -527,3 +527,19 @@ def test_check_bound_holds_a_command_line_value_to_the_config_bounds() -> None:
     )
     with pytest.raises(ConfigError, match=r"expected an integer from 1 to 1000, got 2\.0"):
         check_bound("health.rise", 2.0, source="command line", where="--rise")
+
+
+def test_discover_needs_a_discovery_table_and_a_target_it_knows(tmp_path: Path) -> None:
+    text = (
+        '[services.s]\nlisten = "127.0.0.1:0"\ndiscover = "a:web.test:8080"\nbackends = []\n'
+        '[services.t]\nlisten = "127.0.0.1:0"\ndiscover = "mx:web.test"\nbackends = []\n'
+    )
+    messages = [str(e) for e in config_error(write_config(tmp_path, "c.toml", text)).errors]
+    assert any("services.s.discover: expected a [discovery] table" in m for m in messages)
+    assert any(
+        'services.t.discover: expected "a:NAME:PORT" or "srv:_service._tcp.NAME"' in m
+        for m in messages
+    )
+    bad = '[discovery]\nnameservers = ["dns.example"]\n' + text.replace("mx:", "srv:")
+    errors = config_error(write_config(tmp_path, "d.toml", bad)).errors
+    assert [e.where for e in errors] == ["discovery.nameservers"]

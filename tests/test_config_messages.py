@@ -493,7 +493,7 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
     top = error_of(tmp_path, "a.toml", "zzzzzzzz = 1\n" + SERVICE)
     assert top == (
         "a.toml: line 1: zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: drain_timeout, "
-        "drain_close_window, access_log, admin, services"
+        "drain_close_window, access_log, admin, discovery, services"
     )
     admin = error_of(tmp_path, "a.toml", "[admin]\nzzzzzzzz = 1\n" + SERVICE)
     assert admin == (
@@ -508,8 +508,8 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
         "policy_options, client_timeout, idle_timeout, max_connections, "
         "max_backend_connections, connect_buffer, max_backend_requests, queue_size, "
         "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, accept_proxy, "
-        "accept_proxy_from, proxy_timeout, send_proxy, client_hello_timeout, backend_tls, "
-        "backends, health, http, outlier, routes, sni_routes, tls"
+        "accept_proxy_from, proxy_timeout, send_proxy, client_hello_timeout, discover, "
+        "backend_tls, backends, health, http, outlier, routes, sni_routes, tls"
     )
     backend = error_of(tmp_path, "a.toml", SERVICE.replace("['127.0.0.1:2']", "[{ zzzzzzzz = 1 }]"))
     assert "backends[0].zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: address, weight" in (

@@ -113,6 +113,9 @@ def status_document(server: Server) -> dict[str, Any]:
         if table is not None:
             services[name]["hash_table"] = table
         cfg = runtime.config
+        found = server.discovery.states.get(name) if server.discovery is not None else None
+        if found is not None:
+            services[name]["discovery"] = found.status()
         if cfg.front or cfg.backend_tls is not None:
             services[name]["tls"] = dict(proxy.edge_status())
     return {"config_revision": config_revision(server), "services": services}

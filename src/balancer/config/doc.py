@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from balancer.config.bounds import Bound, fmt_number
+from balancer.config.discovery import DISCOVERY_KINDS, DiscoveryConfig
 from balancer.config.model import (
     BOUNDS,
     CLIENT_FRAMINGS,
@@ -90,6 +91,9 @@ def bounds_table() -> str:
         elif table == "http":
             default = _default(HttpConfig, key)
             rows.append(_row(key, "`[services.NAME.http]`", default, bound, integer))
+        elif table == "discovery":
+            default = _default(DiscoveryConfig, key)
+            rows.append(_row(key, "`[discovery]`", default, bound, integer))
         elif table == "tls":
             default = _default(TlsConfig, key)
             rows.append(_row(key, "`[services.NAME.tls]`", default, bound, integer))
@@ -126,6 +130,7 @@ _TABLES: dict[str, tuple[str, type, str]] = {
     # table: (heading, dataclass, prefix of its keys in BOUNDS)
     "": ("Top level", Config, ""),
     "admin": ("`[admin]`", AdminConfig, ""),
+    "discovery": ("`[discovery]`", DiscoveryConfig, "discovery."),
     "services.NAME": ("`[services.NAME]`", ServiceConfig, ""),
     "services.NAME.health": ("`[services.NAME.health]`", HealthConfig, "health."),
     "services.NAME.outlier": ("`[services.NAME.outlier]`", OutlierConfig, "outlier."),
@@ -160,6 +165,7 @@ _TABLES: dict[str, tuple[str, type, str]] = {
 }
 _CHOICES: dict[str, Sequence[str]] = {
     "admin.read_access": READ_ACCESS,
+    "discovery.kind": DISCOVERY_KINDS,
     "services.NAME.mode": MODES,
     "services.NAME.algorithm": tuple(ALGORITHMS),
     "services.NAME.backend_framing": FRAMINGS,
@@ -189,8 +195,19 @@ _SPECIAL: dict[str, tuple[str, str, str]] = {
     "services.NAME.backends": (
         "list",
         "required",
-        'at least one (`[]` or none with `routes` or `sni_routes`), each `"host:port"` or '
-        "`{ address, weight }`, each backend once",
+        "at least one (`[]` or none with `routes`, `sni_routes` or `discover`), each "
+        '`"host:port"` or `{ address, weight }`, each backend once',
+    ),
+    "services.NAME.discover": (
+        "string",
+        '`""` (none)',
+        '`"a:NAME:PORT"` or `"srv:NAME"`; needs a `[discovery]` table',
+    ),
+    "discovery": ("table", "none", "needed by any `discover`"),
+    "discovery.nameservers": (
+        "list of strings",
+        "`[]` (the system's resolver)",
+        '`"IP"`, `"IP:PORT"` or `"[IPv6]:PORT"`',
     ),
     "services.NAME.accept_proxy_from": (
         "list of strings",

@@ -13,8 +13,10 @@ from typing import Any
 from balancer.config.addresses import parse_address
 from balancer.config.bounds import show_value
 from balancer.config.checks import ParsedService, Problems, check_services
+from balancer.config.discovery import DISCOVERY_KINDS, DiscoveryConfig, parse_nameserver
+from balancer.config.keylines import join_key
 from balancer.config.model import READ_ACCESS, AdminConfig, Config, listen_on, parse_admin
-from balancer.config.schema import ADMIN_KEYS, TOP_KEYS
+from balancer.config.schema import ADMIN_KEYS, DISCOVERY_KEYS, TOP_KEYS
 from balancer.config.services import read_service
 from balancer.config.table import Table
 
@@ -61,6 +63,33 @@ def _admin(data: object, problems: Problems) -> AdminConfig | None:
     return result if admin is not None and problems.clean("admin") else None
 
 
+def _discovery(data: object, problems: Problems) -> DiscoveryConfig | None:
+    """The `[discovery]` table; None when it is not a table."""
+    t = Table.read(data, "discovery", problems, DISCOVERY_KEYS, what="a table of settings")
+    if t is None:
+        return None
+    defaults = DiscoveryConfig()
+    servers: list[str] = []
+    if t.has("nameservers"):
+        value = t.data["nameservers"]
+        if isinstance(value, list) and all(
+            isinstance(v, str) and parse_nameserver(v) is not None for v in value
+        ):
+            servers = list(value)
+        else:
+            t.fail(
+                "nameservers",
+                'expected a list of "IP" or "IP:PORT" (as "127.0.0.1:5353"), '
+                f"got {show_value(value)}",
+            )
+    return DiscoveryConfig(
+        kind=t.choice("kind", defaults.kind, DISCOVERY_KINDS),
+        interval=t.bounded("interval", defaults.interval, "discovery.interval"),
+        timeout=t.bounded("timeout", defaults.timeout, "discovery.timeout"),
+        nameservers=tuple(servers),
+    )
+
+
 def build(
     data: dict[str, Any],
     problems: Problems,
@@ -98,6 +127,13 @@ def build(
             parsed = read_service(name, svc_data, problems, listen)
             if parsed is not None:
                 services.append(parsed)
+    discovery = _discovery(data["discovery"], problems) if "discovery" in data else None
+    for svc in services:
+        if svc.config.discover and discovery is None:
+            problems.add(
+                join_key(svc.path, "discover"),
+                "expected a [discovery] table (how names are resolved) with discover, got none",
+            )
     check_services(services, admin, problems)
     return Config(
         services=tuple(svc.config for svc in services),
@@ -105,5 +141,6 @@ def build(
         drain_timeout=drain_timeout,
         drain_close_window=drain_close_window,
         access_log=access_log,
+        discovery=discovery,
         source=source,
     )

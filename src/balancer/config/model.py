@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from balancer.config.addresses import format_address, parse_address
 from balancer.config.bounds import Bound as Bound
 from balancer.config.bounds import as_number, is_integer, show_value
+from balancer.config.discovery import DiscoveryConfig
 from balancer.config.edge import (
     PROXY_VERSIONS as PROXY_VERSIONS,
 )
@@ -118,6 +119,9 @@ BOUNDS: dict[str, Bound] = {
     "outlier.base_ejection_time": Bound(0.01, 86400, unit="seconds"),
     "outlier.max_ejection_time": Bound(0.01, 86400, unit="seconds"),
     "outlier.max_ejection_percent": Bound(0, 100),
+    # [discovery]
+    "discovery.interval": Bound(0.5, 3600, unit="seconds"),
+    "discovery.timeout": Bound(0.1, 60, unit="seconds"),
 }
 """Every number a user can set, with its bounds (the runtime API checks the same)."""
 INTEGER_KEYS = frozenset(
@@ -356,6 +360,9 @@ class ServiceConfig:
     sni_routes: tuple[SniRouteConfig, ...] = ()
     """Tcp mode: connections are routed by the server name of their ClientHello (TLS is
     relayed, not terminated); the others go to `backends`."""
+    discover: str = ""
+    """`[discovery]`: "a:NAME:PORT" or "srv:NAME"; the backends are its answer (`backends`
+    may be empty). "": none."""
 
     @property
     def listen(self) -> str:
@@ -395,6 +402,8 @@ class Config:
     drain_close_window: float = 1.0
     """Idle client connections are closed spread over this many seconds on a stop."""
     access_log: bool = False
+    discovery: DiscoveryConfig | None = None
+    """How the services' `discover` names are resolved; None: no `[discovery]` table."""
     source: str = "<built-in>"
     """Path of the file this config was read from (used by reload)."""
 

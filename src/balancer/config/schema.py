@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import fields, is_dataclass
 
+from balancer.config.discovery import DiscoveryConfig
 from balancer.config.model import (
     AdminConfig,
     BackendConfig,
@@ -70,10 +71,12 @@ TLS_KEYS = ("cert", "key", *table_keys(TlsConfig))
 CERT_KEYS = table_keys(CertConfig)
 BACKEND_TLS_KEYS = table_keys(BackendTlsConfig)
 SNI_ROUTE_KEYS = table_keys(SniRouteConfig)
+DISCOVERY_KEYS = table_keys(DiscoveryConfig)
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "": TOP_KEYS,
     "admin": ADMIN_KEYS,
+    "discovery": DISCOVERY_KEYS,
     "services.NAME": SERVICE_KEYS,
     "services.NAME.health": HEALTH_KEYS,
     "services.NAME.outlier": OUTLIER_KEYS,
@@ -94,6 +97,7 @@ MEANINGS: dict[str, dict[str, str]] = {
         "drain_close_window": "idle client connections are closed spread over this many seconds",
         "access_log": "one line per request on stdout (also `--access-log`)",
         "admin": "the admin endpoint: status, metrics, runtime changes",
+        "discovery": "how the services' `discover` names are resolved (`[discovery]`)",
         "services": "the services, one `[services.NAME]` table each",
     },
     "admin": {
@@ -104,6 +108,12 @@ MEANINGS: dict[str, dict[str, str]] = {
         '"auto": open on a loopback listener, token elsewhere',
         "allowed_hosts": "Host header values accepted besides the listener's own and loopback",
         "enabled": "false turns the admin endpoint off",
+    },
+    "discovery": {
+        "kind": '"dns": the `discover` names are looked up in the DNS',
+        "interval": "seconds between two resolutions of every `discover` name",
+        "timeout": "a resolution not answered within this has failed (the last set is kept)",
+        "nameservers": 'the DNS servers asked, `"IP"` or `"IP:PORT"`; empty: the system\'s',
     },
     "services.NAME": {
         "listen": "where the service listens (without it: the command line's address)",
@@ -158,6 +168,9 @@ MEANINGS: dict[str, dict[str, str]] = {
         "sni_routes": "tcp mode: connections whose TLS ClientHello names one of `server_names` "
         "go to the tcp service named, TLS untouched (first match wins); the others to "
         "`backends` (closed when it is empty)",
+        "discover": '`"a:NAME:PORT"` (A and AAAA records, weight 1) or `"srv:_svc._tcp.NAME"` '
+        "(SRV records, their weights): the backends are the answer, re-resolved every "
+        "`[discovery] interval`; a failed or empty answer keeps the last set",
     },
     "services.NAME.tls": {
         "cert": "the PEM certificate chain (the service's one certificate)",

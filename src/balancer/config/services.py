@@ -13,6 +13,7 @@ from typing import Any
 from balancer.config.addresses import parse_address, parse_networks
 from balancer.config.bounds import as_number, is_integer, show_value
 from balancer.config.checks import ParsedService, Problems
+from balancer.config.discovery import DISCOVER_EXPECTED, parse_discover
 from balancer.config.health import read_health
 from balancer.config.http import read_http, read_routes
 from balancer.config.keylines import join_key
@@ -221,6 +222,17 @@ def _front(t: Table, mode: str) -> dict[str, Any]:
     }
 
 
+def _discover(t: Table) -> str:
+    """The service's `discover` target, checked ("" without one)."""
+    if not t.has("discover"):
+        return ""
+    value = t.data["discover"]
+    if isinstance(value, str) and parse_discover(value) is not None:
+        return value
+    t.fail("discover", f"expected {DISCOVER_EXPECTED}, got {show_value(value)}")
+    return ""
+
+
 def read_service(
     name: str, data: object, problems: Problems, default_listen: tuple[str, int]
 ) -> ParsedService | None:
@@ -278,12 +290,13 @@ def read_service(
     routes = read_routes(t.data.get("routes", []), t.where("routes"), problems, mode)
     front = _front(t, mode)
     routed = routes or front["sni_routes"]
+    discover = _discover(t)
     backends: list[tuple[BackendConfig, str]] = []
     if not t.has("backends"):
-        if not routed:
+        if not routed and not t.has("discover"):
             t.fail("backends", 'missing: expected a list of "host:port"')
-    elif routed and t.data["backends"] == []:
-        pass  # every request (connection) a route does not take gets 404 (is closed)
+    elif (routed or t.has("discover")) and t.data["backends"] == []:
+        pass  # a route takes the requests (or 404), or discovery fills the pool
     else:
         backends = _backends(t.data["backends"], t.where("backends"), problems)
 
@@ -335,6 +348,7 @@ def read_service(
         http=read_http(t.data.get("http", {}), t.where("http"), problems, mode),
         routes=routes,
         health=read_health(t.data.get("health", {}), t.where("health"), problems, mode),
+        discover=discover,
         **front,
     )
     if config.max_buffered < config.max_line and t.clean("max_line", "max_buffered"):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from balancer.config.model import BOUNDS, BackendConfig
+from balancer.core.lifecycle import plan_backends
 from balancer.core.pool import Backend
 from balancer.core.states import ACCEPTED, DOWN, DRAIN, READY
 from balancer.errors import Conflict, InvalidInput, NotFound
@@ -117,6 +119,42 @@ class ServerChanges(ServerStart):
             runtime.pool.refresh()
         assert removal.task is not None
         await asyncio.wait({removal.task})
+
+    def apply_backends(
+        self, service: str, wanted: Sequence[BackendConfig], why: str
+    ) -> tuple[int, int]:
+        """Make the service's backends `wanted` (service discovery's answer): new ones added
+        as `add_backend` does (checked before they take traffic), missing ones drained and
+        removed as `remove_backend` does, weights changed in place, a removal under way
+        called off for one listed again. (added, removed) counts.
+        """
+        runtime = self.runtime(service)
+        pool = runtime.pool
+        changes = plan_backends(
+            [(b.address, b.weight) for b in pool.backends], runtime.removals.keys(), wanted
+        )
+        for address in changes.rescue:
+            self._call_off_removal(runtime, address, why)
+        for address, _, weight in changes.weights:
+            self.set_backend(service, address, weight=weight)
+        added = 0
+        for config in changes.add:
+            try:
+                self.add_backend(service, config)
+            except (Conflict, InvalidInput) as exc:
+                log.warning("%s: backend %s not added: %s", why, config.address, exc)
+                continue
+            runtime.api_added.discard(config.address)
+            runtime.discovered.add(config.address)
+            added += 1
+        for address in changes.remove:
+            backend = pool.get(address)
+            if backend is not None:
+                runtime.discovered.discard(address)
+                log.warning("%s: backend %s of service %s leaves", why, address, service)
+                self._start_removal(runtime, backend)
+        pool.refresh()
+        return added, len(changes.remove)
 
     def _start_removal(
         self, runtime: ServiceRuntime, backend: Backend, timeout: float | None = None

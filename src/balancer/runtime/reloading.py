@@ -195,6 +195,21 @@ class ServerReloads(ServerChanges):
                 len(runtime.pool),
             )
         prepared.runtimes.clear()
+        self._start_discovery()
+
+    def _start_discovery(self) -> None:
+        """Start re-resolving the services' `discover` names, or take a reload's
+        `[discovery]` (the next round at once)."""
+        from balancer.runtime.discovery import Discovery
+
+        config = self.config.discovery
+        if config is None or not any(s.discover for s in self.config.services):
+            return
+        if self.discovery is None:
+            self.discovery = Discovery(self, config)
+            self._background(self.discovery.run(), "discovery")
+        else:
+            self.discovery.reconfigure(config)
 
     def _retire(self, runtime: ServiceRuntime, why: str, kept: Collection[str] = ()) -> None:
         """Stop accepting, drain in the background (`kept`: backends the file's new
@@ -241,8 +256,18 @@ class ServerReloads(ServerChanges):
         old = runtime.config
         pool = runtime.pool
         name = svc.name
+        wanted = svc.backends
+        if svc.discover:  # what discovery found stays until its next answer
+            listed = {b.address for b in wanted}
+            wanted += tuple(
+                dataclasses.replace(b.config, weight=b.weight)
+                for b in pool.backends
+                if b.address in runtime.discovered and b.address not in listed
+            )
+        else:
+            runtime.discovered.clear()
         changes = plan_backends(
-            [(b.address, b.weight) for b in pool.backends], runtime.removals.keys(), svc.backends
+            [(b.address, b.weight) for b in pool.backends], runtime.removals.keys(), wanted
         )
         by_address = {b.address: b for b in pool.backends}
         runtime.config = svc

@@ -58,6 +58,9 @@ class ServiceRuntime:
     """Backends leaving, by address."""
     api_added: set[str] = field(default_factory=set)
     """Addresses of backends added through the runtime API (a reload removes them)."""
+    discovered: set[str] = field(default_factory=set)
+    """Addresses of backends service discovery added (a reload keeps them while the
+    service still has `discover`)."""
 
     @property
     def listen(self) -> str:

@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
@@ -37,6 +37,9 @@ from balancer.runtime.services import (
     own_listener,
     resolve,
 )
+
+if TYPE_CHECKING:
+    from balancer.runtime.discovery import Discovery
 
 log = logging.getLogger("balancer")
 
@@ -87,6 +90,8 @@ class ServerStart:
         self.draining: dict[ServiceRuntime, asyncio.Task[None]] = {}
         """Services retired by a reload, still draining."""
         self._reload_lock = asyncio.Lock()
+        self.discovery: Discovery | None = None
+        """Re-resolves the services' `discover` names (`runtime.discovery`), once started."""
         self._preparing: asyncio.Task[Prepared] | None = None
         # the stop
         self._stop = asyncio.Event()
