@@ -53,6 +53,7 @@ PACKAGES = {
     "nginx": "nginx-light",
     "wrk": "wrk",
     "chromium": "chromium",
+    "dnsmasq": "dnsmasq",
 }
 """The Debian package of each peer binary (scripts/env.sh installs the same list)."""
 

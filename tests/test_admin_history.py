@@ -32,7 +32,7 @@ def fake_server(backends: int) -> Any:
     runtime = SimpleNamespace(
         config=cfg, pool=pool, proxy=proxy, histogram=LatencyHistogram(), listen="127.0.0.1:8080"
     )
-    return SimpleNamespace(services={"numbers": runtime})
+    return SimpleNamespace(services={"numbers": runtime}, discovery=None)
 
 
 def test_each_second_gives_the_services_rates_and_the_latest_backend_rates() -> None:
