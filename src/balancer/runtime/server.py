@@ -55,6 +55,9 @@ from balancer.runtime.stop import STOP_GRACE, drain_all, log_cut
 
 log = logging.getLogger("balancer")
 
+HANDOVER_GRACE = 0.5
+"""Seconds a process that handed its listeners over keeps reading its connections before
+its drain (requests on their way on connections made just before the switch)."""
 SUMMARY_BACKENDS = 100
 """A service with more backends is summed up in one line at the stop."""
 
@@ -206,6 +209,13 @@ class Server(ServerReloads):
         if self.handed_to is not None and self.admin is not None:
             # the new process serves the admin endpoint on the same socket: leave it that
             self._admin_stop = loop.create_task(self._stop_admin(end), name="admin stop")
+        if self.handed_to is not None and not self._hurry.is_set():
+            # Handed over: no connection comes any more, and those just made may have a
+            # request on its way: they go on being read for a moment before the drain, which
+            # stops reading (a message-mode request in flight would be closed unanswered).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(HANDOVER_GRACE, timeout)):
+                    await self._hurry.wait()
         drains: dict[asyncio.Task[DrainCut | None], ServiceRuntime] = {
             loop.create_task(r.proxy.drain(timeout), name=f"drain {r.config.name}"): r
             for r in runtimes
