@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from balancer.tools.procs import ChildProcess
-from tests.peers import HOST, Peer, free_port, need, running
+from tests.peers import HOST, Peer, free_port, need, nginx_conf, running
 from tests.support import PYTHON, ROOT, BalancerProc, start_balancer
 
 ECHO_SCRIPT = ROOT / "tests" / "http_echo_backend.py"
@@ -89,28 +89,17 @@ def start_http(
 
 
 def nginx_config(tmp: Path, port: int) -> str:
-    return f"""\
-worker_processes 1;
-daemon off;
-error_log {tmp}/error.log warn;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_requests 1000000;
+    return nginx_conf(
+        tmp,
+        f"""\
     server {{
         listen {HOST}:{port};
         location = /missing {{ return 404; }}
         location = /busy {{ return 503; }}
         location / {{ root {tmp}/www; }}
-    }}
-}}
-"""
+    }}""",
+        connections=1024,
+    )
 
 
 @contextmanager

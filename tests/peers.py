@@ -170,13 +170,15 @@ def haproxy(backends: Sequence[str], maxconn: int = 8000) -> Iterator[Peer]:
             yield peer
 
 
-def nginx_config(tmp: Path, port: int) -> str:
+def nginx_conf(tmp: Path, server: str, connections: int = 4096) -> str:
+    """A one-worker, foreground nginx config keeping every file under `tmp`, with the
+    `server { ... }` block(s) given."""
     return f"""\
 worker_processes 1;
 daemon off;
 error_log {tmp}/error.log warn;
 pid {tmp}/nginx.pid;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/body;
@@ -185,12 +187,20 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     keepalive_requests 1000000;
+{server}
+}}
+"""
+
+
+def nginx_config(tmp: Path, port: int) -> str:
+    return nginx_conf(
+        tmp,
+        f"""\
     server {{
         listen {HOST}:{port};
         location / {{ root {tmp}/www; }}
-    }}
-}}
-"""
+    }}""",
+    )
 
 
 @contextmanager

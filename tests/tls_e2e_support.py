@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.http_e2e_support import CHILD_ENV
-from tests.peers import HOST, Peer, free_port, need, running
+from tests.peers import HOST, Peer, free_port, need, nginx_conf, running
 from tests.support import BalancerProc, start_balancer
 from tests.tls_support import OPENSSL, Pair
 
@@ -208,34 +208,22 @@ def echo_headers(answer: Answer) -> dict[str, list[str]]:
 # -- peers ----------------------------------------------------------------------------------
 
 
-NGINX_TLS = """\
-worker_processes 1;
-daemon off;
-error_log {tmp}/error.log warn;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_requests 1000000;
+def nginx_tls_server(port: int, pair: Pair, label: str) -> str:
+    """The HTTPS `server` block of `nginx_tls`."""
+    answer = f'"{label} sni=$ssl_server_name reused=$ssl_session_reused\\n"'
+    return f"""\
     server {{
-        listen {host}:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
+        listen {HOST}:{port} ssl;
+        ssl_certificate {pair.cert_path};
+        ssl_certificate_key {pair.key_path};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:tls:1m;
         ssl_session_tickets on;
         default_type text/plain;
         location / {{
-            return 200 "{label} sni=$ssl_server_name reused=$ssl_session_reused\\n";
+            return 200 {answer};
         }}
-    }}
-}}
-"""
+    }}"""
 
 
 @contextmanager
@@ -251,8 +239,7 @@ def nginx_tls(
         root = Path(tmp)
         root.chmod(0o755)
         cfg = root / "nginx.conf"
-        text = NGINX_TLS.format(tmp=root, host=HOST, port=port, cert=pair.cert_path,
-                                key=pair.key_path, label=label)  # fmt: skip
+        text = nginx_conf(root, nginx_tls_server(port, pair, label), connections=1024)
         if not resumption:
             text = text.replace("ssl_session_cache shared:tls:1m;", "ssl_session_cache off;")
             text = text.replace("ssl_session_tickets on;", "ssl_session_tickets off;")
