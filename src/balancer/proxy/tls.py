@@ -77,10 +77,6 @@ class ServerTls:
                     return found
         return self.default
 
-    @property
-    def verifies_clients(self) -> bool:
-        return self.config.verify_client != "none"
-
     def choose(self, sslobj: Any, name: str | None, ctx: ssl.SSLContext) -> None:
         """The SNI callback (OpenSSL's, during the ClientHello): the certificate for the
         client's server name, and the name kept for the logs and PROXY v2 TLVs."""
