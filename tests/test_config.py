@@ -488,11 +488,41 @@ def _keys_by_table(doc: dict[str, Any]) -> dict[str, set[str]]:
     return found
 
 
+FULL_ETCD_TOML = """
+[discovery]
+kind = "etcd"
+endpoints = ["http://127.0.0.1:2379", "http://[::1]:2379"]
+prefix = "/prod/lb"
+interval = 2
+timeout = 0.5
+[services.web]
+listen = "127.0.0.1:0"
+discover = "etcd:web-backends"
+backends = []
+"""
+"""The `[discovery]` keys FULL_TOML (kind dns) cannot have."""
+
+
+def test_the_etcd_example_is_what_it_says(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "etcd.toml", FULL_ETCD_TOML))
+    assert config.discovery == DiscoveryConfig(
+        kind="etcd",
+        interval=2.0,
+        timeout=0.5,
+        endpoints=("http://127.0.0.1:2379", "http://[::1]:2379"),
+        prefix="/prod/lb",
+    )
+    assert config.services[0].discover == "etcd:web-backends"
+    assert config.services[0].backends == ()
+
+
 def test_the_full_examples_hold_every_key_the_loader_knows() -> None:
-    """A key added to the loader must be added to FULL_TOML (or FULL_SERVERS_JSON) too."""
+    """A key added to the loader must be added to FULL_TOML (or FULL_SERVERS_JSON, or
+    FULL_ETCD_TOML) too."""
     doc = tomllib.loads(FULL_TOML)
     found = _keys_by_table(doc)
     found["servers[]"] = _keys_by_table(FULL_SERVERS_JSON)["servers[]"]
+    found["discovery"] |= _keys_by_table(tomllib.loads(FULL_ETCD_TOML))["discovery"]
     assert found == {name: set(keys) for name, keys in TABLE_KEYS.items()}
     options: dict[str, set[str]] = {}
     for svc in doc["services"].values():

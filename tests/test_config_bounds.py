@@ -19,6 +19,7 @@ from balancer.config.model import BOUNDS, INTEGER_KEYS, Config
 from balancer.config.policies import ALGORITHMS
 from balancer.config.schema import TABLE_KEYS
 from tests.config_files import named_files, write_named_files
+from tests.support import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,10 +301,15 @@ def test_the_guides_example_loads_and_sets_every_key(tmp_path: Path) -> None:
             b = svc.backend_tls
             tls_paths |= {b.ca, b.client_cert, b.client_key}
     assert tls_paths - {""} == {str(f) for f in files}
+    etcd_start = text.index("```toml\n", text.index("### etcd discovery")) + len("```toml\n")
+    etcd_example = text[etcd_start : text.index("```", etcd_start)]
+    etcd = load_config(write_config(tmp_path, "etcd.toml", etcd_example)).discovery
+    assert etcd is not None
+    assert (etcd.kind, len(etcd.endpoints)) == ("etcd", 3)
     seen: dict[str, set[str]] = {
         "": set(doc),
         "admin": set(doc["admin"]),
-        "discovery": set(doc.get("discovery", {})),
+        "discovery": set(doc.get("discovery", {})) | set(tomllib.loads(etcd_example)["discovery"]),
     }
     for svc in doc["services"].values():
         seen.setdefault("services.NAME", set()).update(svc)

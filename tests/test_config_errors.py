@@ -537,9 +537,55 @@ def test_discover_needs_a_discovery_table_and_a_target_it_knows(tmp_path: Path) 
     messages = [str(e) for e in config_error(write_config(tmp_path, "c.toml", text)).errors]
     assert any("services.s.discover: expected a [discovery] table" in m for m in messages)
     assert any(
-        'services.t.discover: expected "a:NAME:PORT" or "srv:_service._tcp.NAME"' in m
+        'services.t.discover: expected "a:NAME:PORT", "srv:_service._tcp.NAME", "etcd"' in m
         for m in messages
     )
     bad = '[discovery]\nnameservers = ["dns.example"]\n' + text.replace("mx:", "srv:")
     errors = config_error(write_config(tmp_path, "d.toml", bad)).errors
     assert [e.where for e in errors] == ["discovery.nameservers"]
+
+
+def test_etcd_discovery_settings_are_checked_all_at_once(tmp_path: Path) -> None:
+    text = (
+        '[discovery]\nkind = "etcd"\nprefix = "balancer/"\nnameservers = ["127.0.0.1"]\n'
+        '[services.s]\nlisten = "127.0.0.1:0"\ndiscover = "etcd"\nbackends = []\n'
+        '[services.t]\nlisten = "127.0.0.1:0"\ndiscover = "srv:_x._tcp.test"\nbackends = []\n'
+        '[services.u]\nlisten = "127.0.0.1:0"\ndiscover = "etcd:no/slash"\nbackends = []\n'
+    )
+    errors = config_error(write_config(tmp_path, "c.toml", text)).errors
+    by_key = {e.where: str(e) for e in errors}
+    assert set(by_key) == {
+        "discovery.endpoints",
+        "discovery.prefix",
+        "discovery.nameservers",
+        "services.t.discover",
+        "services.u.discover",
+    }
+    assert 'kind = "etcd" needs a list of "http://host:port"' in by_key["discovery.endpoints"]
+    assert "got 'balancer/'" in by_key["discovery.prefix"]
+    assert 'only with kind = "dns"' in by_key["discovery.nameservers"]
+    assert 'needs [discovery] kind = "dns", and kind is "etcd"' in by_key["services.t.discover"]
+    assert '"etcd" or "etcd:NAME"' in by_key["services.u.discover"]
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    ['["127.0.0.1:2379"]', '["http://127.0.0.1:0"]', "[]", '"http://127.0.0.1:2379"', "[1]"],
+)
+def test_etcd_endpoints_are_urls_with_ports(tmp_path: Path, endpoints: str) -> None:
+    text = (
+        f'[discovery]\nkind = "etcd"\nendpoints = {endpoints}\n'
+        '[services.s]\nlisten = "127.0.0.1:0"\ndiscover = "etcd"\nbackends = []\n'
+    )
+    errors = config_error(write_config(tmp_path, "c.toml", text)).errors
+    assert [e.where for e in errors] == ["discovery.endpoints"]
+    assert 'expected a list of 1 to 16 "http://host:port"' in str(errors[0])
+
+
+def test_dns_discovery_refuses_etcd_settings(tmp_path: Path) -> None:
+    text = (
+        '[discovery]\nendpoints = ["http://127.0.0.1:2379"]\n'
+        '[services.s]\nlisten = "127.0.0.1:0"\ndiscover = "etcd"\nbackends = []\n'
+    )
+    errors = config_error(write_config(tmp_path, "c.toml", text)).errors
+    assert {e.where for e in errors} == {"discovery.endpoints", "services.s.discover"}

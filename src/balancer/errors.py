@@ -33,6 +33,10 @@ class InvalidInput(BalancerError):
     """A value out of its bounds, or a backend that would be the balancer itself."""
 
 
+class Unavailable(BalancerError):
+    """A change that needs a service the balancer cannot reach now (as etcd): not made."""
+
+
 class BackendError(BalancerError):
     """A backend failed a connection or a request."""
 

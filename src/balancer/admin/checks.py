@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from balancer.admin.security import ACCESS, READ, WRITE, AdminGuard
 from balancer.config.model import BOUNDS
-from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound
+from balancer.errors import BalancerError, Conflict, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger("balancer")
 
@@ -52,7 +52,12 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-HTTP_STATUS: dict[type[BalancerError], int] = {NotFound: 404, Conflict: 409, InvalidInput: 400}
+HTTP_STATUS: dict[type[BalancerError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    InvalidInput: 400,
+    Unavailable: 503,
+}
 """The status each of the balancer's errors is answered with; any other one is a 500."""
 
 

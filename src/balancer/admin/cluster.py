@@ -61,6 +61,8 @@ STATE_METRICS = frozenset(
         "balancer_config_info",
         "balancer_hash_table_info",
         "balancer_fd_limit",
+        "balancer_discovery_up",
+        "balancer_discovery_view_age_seconds",
     }
 )
 

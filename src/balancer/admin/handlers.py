@@ -6,7 +6,9 @@ per-second rates), `/api/history` (the one-second samples of the dashboard's cha
 
 Write side (the runtime API): backend state and weight, adding and removing backends,
 reloading the config. Every write is checked in full before anything changes (here for
-what the client sent, by the server for what the running state allows).
+what the client sent, by the server for what the running state allows). A service whose
+backends are in etcd (`discover = "etcd"`) has its backend writes made in etcd
+(`balancer.runtime.etcd`): they reach every balancer watching it, this one included.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ from balancer.config.model import BackendConfig
 from balancer.core.states import SETTABLE
 
 if TYPE_CHECKING:
+    from balancer.runtime.etcd import EtcdDiscovery
     from balancer.runtime.server import Server
+
+
+def etcd_of(server: Server, service: str) -> EtcdDiscovery | None:
+    """The etcd discovery that holds `service`'s backends, if etcd does."""
+    from balancer.runtime.etcd import EtcdDiscovery
+
+    discovery = server.discovery
+    if isinstance(discovery, EtcdDiscovery) and discovery.directory_of(service) is not None:
+        return discovery
+    return None
 
 
 class AdminState(Protocol):
@@ -98,7 +111,12 @@ async def handle_set_backend(request: web.Request) -> web.Response:
             400, f"invalid state {show(state)}: expected one of {', '.join(BACKEND_STATES)}"
         )
     weight = check_weight(body["weight"]) if "weight" in body else None
-    backend = server.set_backend(service, address, state=state, weight=weight)
+    etcd = etcd_of(server, service)
+    if etcd is not None:
+        await etcd.write_state(service, address, state, weight)  # 503: etcd did not take it
+        _, backend = server.backend(service, address)
+    else:
+        backend = server.set_backend(service, address, state=state, weight=weight)
     return web.json_response(backend_status(backend, time.time()))
 
 
@@ -119,8 +137,20 @@ async def handle_add_backend(request: web.Request) -> web.Response:
     weight = check_weight(body["weight"]) if "weight" in body else 1
     config = BackendConfig(host, port, weight)
     await server.check_backend_address(host, port)  # 400: the balancer itself
-    backend = server.add_backend(service, config)  # 409: the service has it already
-    return web.json_response(backend_status(backend, time.time()), status=201)
+    etcd = etcd_of(server, service)
+    if etcd is None:
+        backend = server.add_backend(service, config)  # 409: the service has it already
+        return web.json_response(backend_status(backend, time.time()), status=201)
+    if server.runtime(service).pool.get(config.address) is not None:
+        raise ApiError(409, f"service {service!r} already has backend {config.address!r}")
+    await etcd.add(service, config)  # 503: etcd did not take it
+    found = server.runtime(service).pool.get(config.address)
+    if found is None:  # in etcd, not applied here yet
+        return web.json_response(
+            {"service": service, "address": config.address, "message": "written to etcd"},
+            status=202,
+        )
+    return web.json_response(backend_status(found, time.time()), status=201)
 
 
 async def handle_remove_backend(request: web.Request) -> web.Response:
@@ -136,9 +166,13 @@ async def handle_remove_backend(request: web.Request) -> web.Response:
                 f"backend {address} is the last of service {service!r}, and a service needs "
                 "at least one: add another backend first",
             )
-        admin.start_removal(service, address)
-        # let the removal task take its first step: the backend is draining before we answer
-        await asyncio.sleep(0)
+        etcd = etcd_of(admin.server, service)
+        if etcd is not None:
+            await etcd.remove(service, address)  # 503: etcd did not take it
+        else:
+            admin.start_removal(service, address)
+            # let the removal task take its first step: the backend drains before we answer
+            await asyncio.sleep(0)
     return web.json_response(
         {
             "service": service,

@@ -16,6 +16,7 @@ with different digests for a service send some keys to different backends
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -136,6 +137,7 @@ class BalancerCollector(Collector):
                 edges[name] = proxy.edge_status()
         yield from process_metrics()
         yield from consistency_metrics(self.server)
+        yield from discovery_metrics(self.server)
         if http:
             yield from http_metrics(http)
         if edges:
@@ -244,6 +246,33 @@ def consistency_metrics(server: Server) -> Iterator[Metric]:
             rebuilds.add_metric([name], table["rebuilds"])
     yield info
     yield rebuilds
+
+
+def discovery_metrics(server: Server) -> Iterator[Metric]:
+    """Per service with `discover`: whether its source answers, and how old its view is."""
+    if server.discovery is None:
+        return
+    up = GaugeMetricFamily(
+        "balancer_discovery_up",
+        "1 when the service's discovery source (DNS, etcd) answers; 0 while the last known "
+        "backends are kept without it.",
+        labels=["service", "kind"],
+    )
+    age = GaugeMetricFamily(
+        "balancer_discovery_view_age_seconds",
+        "Seconds since the source last confirmed the service's backends (absent before it "
+        "ever answered).",
+        labels=["service"],
+    )
+    for name, state in server.discovery.states.items():
+        status = state.status()
+        kind = "etcd" if status.get("kind") == "etcd" else "dns"
+        up.add_metric([name, kind], 1.0 if status["ok"] else 0.0)
+        last = status["last_success"]
+        if last is not None:
+            age.add_metric([name], max(0.0, time.time() - last))
+    yield up
+    yield age
 
 
 def process_metrics() -> Iterator[Metric]:

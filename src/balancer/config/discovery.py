@@ -4,6 +4,9 @@
 PORT (weight 1). `discover = "srv:_service._proto.NAME"`: the SRV records of that name,
 each target and port a backend, its weight the record's (clamped to the weight bounds).
 Both are re-resolved every `[discovery] interval` (`balancer.runtime.discovery`).
+`discover = "etcd"` (or `"etcd:NAME"`, another name than the service's): the backends
+are the keys under `{prefix}/{NAME}/` in the etcd cluster of `[discovery] endpoints`,
+watched (`balancer.runtime.etcd`; the key layout is `balancer.core.etcd_layout`'s).
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DISCOVERY_KINDS = ("dns",)
-DISCOVER_KINDS = ("a", "srv")
-"""`a`: A and AAAA records of a name and a port; `srv`: the SRV records of a name."""
+DISCOVERY_KINDS = ("dns", "etcd")
+DISCOVER_KINDS = ("a", "srv", "etcd")
+"""`a`: A and AAAA records of a name and a port; `srv`: the SRV records of a name;
+`etcd`: the keys of a service's directory in etcd."""
+KIND_OF_TARGET = {"a": "dns", "srv": "dns", "etcd": "etcd"}
+"""The `[discovery] kind` each kind of target needs."""
 
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})"
 _A_RE = re.compile(rf"a:({_NAME}):([0-9]{{1,5}})")
 _SRV_RE = re.compile(rf"srv:({_NAME})")
+_ETCD_RE = re.compile(r"etcd(?::([A-Za-z0-9_.-]{1,128}))?")
+_ENDPOINT_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})/?")
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9_.-]+)+")
+MAX_ENDPOINTS = 16
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,17 @@ class DiscoveryConfig:
 
     kind: str = "dns"
     interval: float = 5.0
-    """Seconds between two resolutions of every name."""
+    """Seconds between two resolutions of every name (dns); between two checks that etcd
+    still answers while its watch is quiet (etcd)."""
     timeout: float = 2.0
-    """A resolution not answered within this has failed (the last set is kept)."""
+    """A resolution (an etcd call) not answered within this has failed (the last set is
+    kept)."""
     nameservers: tuple[str, ...] = ()
     """`"IP"` or `"IP:PORT"` (`"[IPv6]:PORT"`); empty: the system's resolver."""
+    endpoints: tuple[str, ...] = ()
+    """etcd: the cluster's members, `"http://host:port"`."""
+    prefix: str = "/balancer"
+    """etcd: the directory under which each service's keys are (`{prefix}/{service}/`)."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +54,14 @@ class DiscoverTarget:
     """A parsed `discover` value."""
 
     kind: str
-    """"a" or "srv"."""
+    """"a", "srv" or "etcd"."""
     name: str
+    """The DNS name; for "etcd", the service's directory name ("": the service's own)."""
     port: int = 0
     """For "a": the backends' port."""
 
 
-DISCOVER_EXPECTED = '"a:NAME:PORT" or "srv:_service._tcp.NAME"'
+DISCOVER_EXPECTED = '"a:NAME:PORT", "srv:_service._tcp.NAME", "etcd" or "etcd:NAME"'
 
 
 def parse_discover(text: str) -> DiscoverTarget | None:
@@ -56,7 +73,21 @@ def parse_discover(text: str) -> DiscoverTarget | None:
     match = _SRV_RE.fullmatch(text)
     if match is not None:
         return DiscoverTarget("srv", match.group(1))
+    match = _ETCD_RE.fullmatch(text)
+    if match is not None:
+        return DiscoverTarget("etcd", match.group(1) or "")
     return None
+
+
+def valid_endpoint(text: str) -> bool:
+    """An etcd member's URL: `http://host:port` (or https), port 1..65535."""
+    match = _ENDPOINT_RE.fullmatch(text)
+    return match is not None and 1 <= int(match.group(2)) <= 65535
+
+
+def valid_prefix(text: str) -> bool:
+    """An etcd directory: `/name` segments, at most 200 characters, no trailing slash."""
+    return len(text) <= 200 and _PREFIX_RE.fullmatch(text) is not None
 
 
 def parse_nameserver(text: str) -> tuple[str, int] | None:

@@ -201,7 +201,18 @@ _SPECIAL: dict[str, tuple[str, str, str]] = {
     "services.NAME.discover": (
         "string",
         '`""` (none)',
-        '`"a:NAME:PORT"` or `"srv:NAME"`; needs a `[discovery]` table',
+        '`"a:NAME:PORT"`, `"srv:NAME"` (kind dns), `"etcd"` or `"etcd:NAME"` (kind etcd); '
+        "needs a `[discovery]` table",
+    ),
+    "discovery.endpoints": (
+        "list of strings",
+        '`[]` (needed with kind = "etcd")',
+        '1 to 16 `"http://host:port"`; only with kind = "etcd"',
+    ),
+    "discovery.prefix": (
+        "string",
+        '`"/balancer"`',
+        '`/` segments of letters, digits, `_ . -`, no trailing `/`; only with kind = "etcd"',
     ),
     "discovery": ("table", "none", "needed by any `discover`"),
     "discovery.nameservers": (

@@ -13,7 +13,16 @@ from typing import Any
 from balancer.config.addresses import parse_address
 from balancer.config.bounds import show_value
 from balancer.config.checks import ParsedService, Problems, check_services
-from balancer.config.discovery import DISCOVERY_KINDS, DiscoveryConfig, parse_nameserver
+from balancer.config.discovery import (
+    DISCOVERY_KINDS,
+    KIND_OF_TARGET,
+    MAX_ENDPOINTS,
+    DiscoveryConfig,
+    parse_discover,
+    parse_nameserver,
+    valid_endpoint,
+    valid_prefix,
+)
 from balancer.config.keylines import join_key
 from balancer.config.model import READ_ACCESS, AdminConfig, Config, listen_on, parse_admin
 from balancer.config.schema import ADMIN_KEYS, DISCOVERY_KEYS, TOP_KEYS
@@ -82,11 +91,45 @@ def _discovery(data: object, problems: Problems) -> DiscoveryConfig | None:
                 'expected a list of "IP" or "IP:PORT" (as "127.0.0.1:5353"), '
                 f"got {show_value(value)}",
             )
+    kind = t.choice("kind", defaults.kind, DISCOVERY_KINDS)
+    endpoints: list[str] = []
+    if t.has("endpoints"):
+        value = t.data["endpoints"]
+        if (
+            isinstance(value, list)
+            and 1 <= len(value) <= MAX_ENDPOINTS
+            and all(isinstance(v, str) and valid_endpoint(v) for v in value)
+        ):
+            endpoints = list(value)
+        else:
+            t.fail(
+                "endpoints",
+                f'expected a list of 1 to {MAX_ENDPOINTS} "http://host:port" (the etcd '
+                f"cluster's members), got {show_value(value)}",
+            )
+    elif kind == "etcd":
+        t.fail("endpoints", 'missing: kind = "etcd" needs a list of "http://host:port"')
+    prefix = defaults.prefix
+    if t.has("prefix"):
+        value = t.data["prefix"]
+        if isinstance(value, str) and valid_prefix(value):
+            prefix = value
+        else:
+            t.fail(
+                "prefix",
+                'expected a key directory as "/balancer" or "/prod/lb" (segments of letters, '
+                f"digits, _ . -; no trailing /), got {show_value(value)}",
+            )
+    for key, wanted in (("nameservers", "dns"), ("endpoints", "etcd"), ("prefix", "etcd")):
+        if t.has(key) and kind != wanted and problems.clean(f"discovery.{key}"):
+            t.fail(key, f'only with kind = "{wanted}" (kind is "{kind}")')
     return DiscoveryConfig(
-        kind=t.choice("kind", defaults.kind, DISCOVERY_KINDS),
+        kind=kind,
         interval=t.bounded("interval", defaults.interval, "discovery.interval"),
         timeout=t.bounded("timeout", defaults.timeout, "discovery.timeout"),
         nameservers=tuple(servers),
+        endpoints=tuple(endpoints),
+        prefix=prefix,
     )
 
 
@@ -134,6 +177,15 @@ def build(
                 join_key(svc.path, "discover"),
                 "expected a [discovery] table (how names are resolved) with discover, got none",
             )
+        target = parse_discover(svc.config.discover) if svc.config.discover else None
+        if target is not None and discovery is not None:
+            needs = KIND_OF_TARGET[target.kind]
+            if needs != discovery.kind:
+                problems.add(
+                    join_key(svc.path, "discover"),
+                    f'{svc.config.discover!r} needs [discovery] kind = "{needs}", '
+                    f'and kind is "{discovery.kind}"',
+                )
     check_services(services, admin, problems)
     return Config(
         services=tuple(svc.config for svc in services),

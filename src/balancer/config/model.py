@@ -361,8 +361,8 @@ class ServiceConfig:
     """Tcp mode: connections are routed by the server name of their ClientHello (TLS is
     relayed, not terminated); the others go to `backends`."""
     discover: str = ""
-    """`[discovery]`: "a:NAME:PORT" or "srv:NAME"; the backends are its answer (`backends`
-    may be empty). "": none."""
+    """`[discovery]`: "a:NAME:PORT", "srv:NAME", "etcd" or "etcd:NAME"; the backends are its
+    answer (`backends` may be empty). "": none."""
 
     @property
     def listen(self) -> str:

@@ -110,10 +110,16 @@ MEANINGS: dict[str, dict[str, str]] = {
         "enabled": "false turns the admin endpoint off",
     },
     "discovery": {
-        "kind": '"dns": the `discover` names are looked up in the DNS',
-        "interval": "seconds between two resolutions of every `discover` name",
-        "timeout": "a resolution not answered within this has failed (the last set is kept)",
+        "kind": '"dns": the `discover` names are looked up in the DNS; "etcd": the backends '
+        "are keys in etcd, watched",
+        "interval": "seconds between two resolutions of every `discover` name (dns); between "
+        "two checks that etcd still answers while nothing changes (etcd)",
+        "timeout": "a resolution or etcd call not answered within this has failed (the last "
+        "set is kept)",
         "nameservers": 'the DNS servers asked, `"IP"` or `"IP:PORT"`; empty: the system\'s',
+        "endpoints": 'kind = "etcd": the etcd cluster\'s members, `"http://host:port"`',
+        "prefix": 'kind = "etcd": a service\'s keys are under `{prefix}/{service}/` '
+        "(the configuration guide has the key layout)",
     },
     "services.NAME": {
         "listen": "where the service listens (without it: the command line's address)",
@@ -170,7 +176,9 @@ MEANINGS: dict[str, dict[str, str]] = {
         "`backends` (closed when it is empty)",
         "discover": '`"a:NAME:PORT"` (A and AAAA records, weight 1) or `"srv:_svc._tcp.NAME"` '
         "(SRV records, their weights): the backends are the answer, re-resolved every "
-        "`[discovery] interval`; a failed or empty answer keeps the last set",
+        '`[discovery] interval`; a failed or empty answer keeps the last set. `"etcd"` '
+        '(or `"etcd:NAME"`): the backends, weights and states are the keys under '
+        "`{prefix}/{service}/` (or NAME's) in etcd, watched; etcd unreachable keeps the last set",
     },
     "services.NAME.tls": {
         "cert": "the PEM certificate chain (the service's one certificate)",

@@ -145,6 +145,12 @@ class EtcdClient:
         )
         return revision_of(answer), [key_value(kv) for kv in answer.get("kvs", ())]
 
+    async def ping(self, key: str) -> int:
+        """A linearizable read of one key's count (a member cut off from its cluster's
+        quorum does not answer it); the cluster's revision."""
+        answer = await self.call("/v3/kv/range", {"key": _b64(key), "count_only": True})
+        return revision_of(answer)
+
     async def put(
         self, key: str, value: bytes | str, *, lease: int = 0, ignore_lease: bool = False
     ) -> int:

@@ -122,6 +122,7 @@ class DiscoveryState:
     def status(self) -> dict[str, Any]:
         return {
             "target": self.target,
+            "kind": "dns",
             "ok": not self.failing and self.last_success is not None,
             "last_success": self.last_success,
             "last_error": self.last_error,
@@ -141,6 +142,10 @@ class Changes(Protocol):
     def apply_backends(
         self, service: str, wanted: Sequence[BackendConfig], why: str
     ) -> tuple[int, int]: ...
+
+    def set_backend(
+        self, service: str, address: str, *, state: str | None = None, weight: int | None = None
+    ) -> Any: ...
 
 
 @dataclass(eq=False)

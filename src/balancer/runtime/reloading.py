@@ -198,16 +198,22 @@ class ServerReloads(ServerChanges):
         self._start_discovery()
 
     def _start_discovery(self) -> None:
-        """Start re-resolving the services' `discover` names, or take a reload's
-        `[discovery]` (the next round at once)."""
+        """Start discovery (DNS names re-resolved, or etcd watched), or take a reload's
+        `[discovery]` (the next round at once; another kind: the old one stops)."""
         from balancer.runtime.discovery import Discovery
+        from balancer.runtime.etcd import EtcdDiscovery
 
         config = self.config.discovery
         if config is None or not any(s.discover for s in self.config.services):
             return
+        kind = EtcdDiscovery if config.kind == "etcd" else Discovery
+        if self.discovery is not None and not isinstance(self.discovery, kind):
+            if self._discovery_task is not None:
+                self._discovery_task.cancel()
+            self.discovery = None
         if self.discovery is None:
-            self.discovery = Discovery(self, config)
-            self._background(self.discovery.run(), "discovery")
+            self.discovery = kind(self, config)
+            self._discovery_task = self._background(self.discovery.run(), "discovery")
         else:
             self.discovery.reconfigure(config)
 

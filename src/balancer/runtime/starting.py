@@ -40,6 +40,7 @@ from balancer.runtime.services import (
 
 if TYPE_CHECKING:
     from balancer.runtime.discovery import Discovery
+    from balancer.runtime.etcd import EtcdDiscovery
 
 log = logging.getLogger("balancer")
 
@@ -90,8 +91,10 @@ class ServerStart:
         self.draining: dict[ServiceRuntime, asyncio.Task[None]] = {}
         """Services retired by a reload, still draining."""
         self._reload_lock = asyncio.Lock()
-        self.discovery: Discovery | None = None
-        """Re-resolves the services' `discover` names (`runtime.discovery`), once started."""
+        self.discovery: Discovery | EtcdDiscovery | None = None
+        """Re-resolves the services' `discover` names (`runtime.discovery`), or watches
+        etcd (`runtime.etcd`), once started."""
+        self._discovery_task: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[Prepared] | None = None
         # the stop
         self._stop = asyncio.Event()

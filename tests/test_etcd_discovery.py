@@ -1,0 +1,282 @@
+"""etcd discovery end to end: balancer processes following a real 3-member etcd cluster on
+loopback, backends registering themselves with leases (`balancer service --register`),
+members killed, the whole cluster down and back, runtime API writes through one instance
+obeyed by another."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.etcd_cluster import EtcdCluster, etcd_cluster
+from tests.support import (
+    BalancerProc,
+    Balancers,
+    Services,
+    backend_requests,
+    backend_rows,
+    load_summary,
+    start_load,
+    wait_until,
+)
+
+__all__ = ["etcd_cluster"]  # the fixture, imported for this module's tests
+
+pytestmark = pytest.mark.e2e
+PREFIX = "/balancer"
+
+
+def config(tmp_path: Path, cluster: EtcdCluster, name: str = "lb", **extra: str) -> Path:
+    endpoints = ", ".join(json.dumps(e) for e in cluster.endpoints)
+    lines = [
+        "drain_timeout = 5",
+        "[discovery]",
+        'kind = "etcd"',
+        f"endpoints = [{endpoints}]",
+        f'prefix = "{PREFIX}"',
+        "interval = 0.5",
+        "timeout = 1",
+        "[services.numbers]",
+        'listen = "127.0.0.1:0"',
+        'discover = "etcd"',
+        "backends = []",
+        *(f"{key} = {value}" for key, value in extra.items()),
+        "[services.numbers.health]",
+        "interval = 0.2",
+        "timeout = 1",
+        "rise = 1",
+        "fall = 1",
+    ]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def key(port: int, kind: str = "backends") -> str:
+    return f"{PREFIX}/numbers/{kind}/127.0.0.1:{port}"
+
+
+def register(cluster: EtcdCluster, ttl: int = 2) -> list[str]:
+    return ["--register", f"etcd://{','.join(cluster.addresses)}{PREFIX}/numbers",
+            "--register-ttl", str(ttl)]  # fmt: skip
+
+
+def up_ports(bal: BalancerProc) -> set[int]:
+    return {
+        int(address.rsplit(":", 1)[1])
+        for address, row in backend_rows(bal.status()).items()
+        if row["state"] == "up"
+    }
+
+
+def ports(bal: BalancerProc) -> set[int]:
+    return {int(a.rsplit(":", 1)[1]) for a in backend_rows(bal.status())}
+
+
+def discovery(bal: BalancerProc) -> dict[str, Any]:
+    doc: dict[str, Any] = bal.status()["services"]["numbers"]["discovery"]
+    return doc
+
+
+def admin(bal: BalancerProc, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{bal.admin_port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"} if body is not None else {},
+        method=method,
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def metric(bal: BalancerProc, name: str) -> float | None:
+    for line in bal.metrics().splitlines():
+        if line.startswith(name + "{") and 'service="numbers"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture(autouse=True)
+def clean(etcd_cluster: EtcdCluster) -> Any:
+    """Each test starts with every member running and no key under the prefix."""
+    etcd_cluster.start_all()
+    for k in etcd_cluster.get_prefix(PREFIX + "/"):
+        etcd_cluster.delete(k)
+    yield
+    etcd_cluster.start_all()
+
+
+def test_backends_join_and_leave_through_leases_under_load(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b = services.start_many(2, *register(etcd_cluster))
+    wait_until(lambda: len(etcd_cluster.get_prefix(PREFIX + "/")) == 2, what="a, b registered")
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
+    assert discovery(bal)["ok"]
+    client = start_load(bal.port, "--duration", "20", "--rate", "200", "--client_count", "4")
+    try:
+        c = services.start(*register(etcd_cluster))
+        wait_until(
+            lambda: backend_requests(bal.status()).get(f"127.0.0.1:{c.port}", 0) > 20,
+            what="c, registered, to get traffic",
+        )
+        a.popen.send_signal(signal.SIGTERM)  # its lease revoked: it leaves at once
+        wait_until(lambda: ports(bal) == {b.port, c.port}, what="a to leave")
+        a.popen.wait(timeout=10)
+    except BaseException:
+        client.stop()
+        raise
+    doc = load_summary(client, timeout=60, exit_code=None)
+    assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
+    assert doc["ok"] == doc["requests"] > 0
+
+
+def test_a_backend_whose_lease_expires_leaves(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b = services.start_many(2, *register(etcd_cluster, ttl=1))
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
+    b.popen.kill()  # no revoke: the lease runs out
+    wait_until(lambda: ports(bal) == {a.port}, timeout=30, what="b's lease to expire")
+    assert key(b.port) not in etcd_cluster.get_prefix(PREFIX + "/")
+
+
+def test_one_member_killed_nothing_noticed(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b, c = services.start_many(3)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.put(key(b.port), "{}")
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
+    client = start_load(bal.port, "--duration", "15", "--rate", "200", "--client_count", "4")
+    try:
+        current = discovery(bal)["endpoint"]
+        etcd_cluster.kill(etcd_cluster.endpoints.index(current))  # the one it watches
+        etcd_cluster.put(key(c.port), '{"weight": 2}')
+        wait_until(lambda: up_ports(bal) == {a.port, b.port, c.port}, what="c from the others")
+        assert discovery(bal)["endpoint"] != current
+        assert discovery(bal)["ok"]
+    except BaseException:
+        client.stop()
+        raise
+    doc = load_summary(client, timeout=60, exit_code=None)
+    assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
+    assert doc["ok"] == doc["requests"] > 0
+
+
+def test_etcd_gone_keeps_the_last_set_then_catches_up(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b, c = services.start_many(3)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.put(key(b.port), "{}")
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
+    assert metric(bal, "balancer_discovery_up") == 1.0
+    client = start_load(bal.port, "--duration", "20", "--rate", "200", "--client_count", "4")
+    try:
+        etcd_cluster.stop_all()
+        wait_until(lambda: not discovery(bal)["ok"], what="etcd to be seen gone")
+        assert metric(bal, "balancer_discovery_up") == 0.0
+        assert discovery(bal)["last_error"]
+        before = sum(backend_requests(bal.status()).values())
+        wait_until(
+            lambda: sum(backend_requests(bal.status()).values()) > before + 100,
+            what="traffic while etcd is down",
+        )
+        assert up_ports(bal) == {a.port, b.port}
+        age = metric(bal, "balancer_discovery_view_age_seconds")
+        assert age is not None
+        wait_until(
+            lambda: (metric(bal, "balancer_discovery_view_age_seconds") or 0) > age,
+            what="the view to age",
+        )
+        status, body = admin(bal, "PUT", f"/api/services/numbers/backends/127.0.0.1:{a.port}",
+                             {"state": "drain"})  # fmt: skip
+        assert status == 503, body
+        assert "etcd did not take the change" in body["error"]
+        assert backend_rows(bal.status())[f"127.0.0.1:{a.port}"]["admin_state"] == "ready"
+        etcd_cluster.start_all()
+        wait_until(lambda: discovery(bal)["ok"], what="etcd back")
+        assert metric(bal, "balancer_discovery_up") == 1.0
+        etcd_cluster.put(key(c.port), "{}")
+        etcd_cluster.delete(key(a.port))
+        wait_until(lambda: ports(bal) == {b.port, c.port}, what="changes after the return")
+    except BaseException:
+        client.stop()
+        raise
+    doc = load_summary(client, timeout=60, exit_code=None)
+    assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
+    assert doc["ok"] == doc["requests"] > 0
+
+
+def test_runtime_api_writes_on_one_instance_reach_another(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b, c = services.start_many(3)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.put(key(b.port), "{}")
+    one = balancers.start(config(tmp_path, etcd_cluster, "one"))
+    two = balancers.start(config(tmp_path, etcd_cluster, "two"))
+    for bal in (one, two):
+        wait_until(lambda bal=bal: up_ports(bal) == {a.port, b.port}, what="a and b up")
+    path = f"/api/services/numbers/backends/127.0.0.1:{a.port}"
+    status, body = admin(one, "PUT", path, {"state": "drain", "weight": 7})
+    assert status == 200, body
+    assert (body["admin_state"], body["weight"]) == ("drain", 7)  # applied here on return
+
+    def drained_on_two() -> bool:
+        row = backend_rows(two.status())[f"127.0.0.1:{a.port}"]
+        return bool(row["admin_state"] == "drain" and row["weight"] == 7)
+
+    wait_until(drained_on_two, what="the drain on the other instance")
+    stored = json.loads(etcd_cluster.get_prefix(key(a.port, "admin"))[key(a.port, "admin")])
+    assert stored == {"state": "drain", "weight": 7}
+    status, body = admin(one, "PUT", path, {"state": "up"})  # the weight stays
+    assert status == 200, body
+    wait_until(
+        lambda: backend_rows(two.status())[f"127.0.0.1:{a.port}"]["admin_state"] == "ready",
+        what="back up on the other instance",
+    )
+    assert backend_rows(two.status())[f"127.0.0.1:{a.port}"]["weight"] == 7
+    status, body = admin(
+        two, "POST", "/api/services/numbers/backends", {"address": f"127.0.0.1:{c.port}"}
+    )
+    assert status == 201, body
+    wait_until(lambda: up_ports(one) == {a.port, b.port, c.port}, what="c added on one")
+    status, body = admin(one, "DELETE", path)
+    assert status == 202, body
+    for bal in (one, two):
+        wait_until(lambda bal=bal: ports(bal) == {b.port, c.port}, what="a removed")
+    assert set(etcd_cluster.get_prefix(PREFIX + "/")) == {key(b.port), key(c.port)}
+    status, body = admin(two, "POST", "/api/services/numbers/backends",
+                         {"address": f"127.0.0.1:{c.port}"})  # fmt: skip
+    assert status == 409, body
+
+
+def test_keys_that_do_not_fit_are_skipped_and_shown(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    (a,) = services.start_many(1)
+    etcd_cluster.put(key(a.port), '{"weight": 3}')
+    etcd_cluster.put(f"{PREFIX}/numbers/backends/not-an-address", "{}")
+    etcd_cluster.put(key(a.port + 1), "weight=2")
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(lambda: up_ports(bal) == {a.port}, what="a up")
+    doc = discovery(bal)
+    assert len(doc["problems"]) == 2, doc
+    assert backend_rows(bal.status())[f"127.0.0.1:{a.port}"]["weight"] == 3
+    assert any("not a JSON object" in p for p in doc["problems"])
+    assert bal.wait_for("etcd key skipped", timeout=10)
