@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import socketserver
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -73,6 +77,17 @@ def up_ports(bal: BalancerProc) -> set[int]:
         for address, row in backend_rows(bal.status()).items()
         if row["state"] == "up"
     }
+
+
+def ups(bal: BalancerProc, wanted: set[int], worker: int | None = None) -> Callable[[], bool]:
+    """Whether exactly the backends on `wanted` ports are up (in one worker's view)."""
+
+    def check() -> bool:
+        doc = bal.status() if worker is None else worker_status(bal, worker)
+        rows = backend_rows(doc)
+        return {int(a.rsplit(":", 1)[1]) for a, r in rows.items() if r["state"] == "up"} == wanted
+
+    return check
 
 
 def ports(bal: BalancerProc) -> set[int]:
@@ -231,7 +246,7 @@ def test_runtime_api_writes_on_one_instance_reach_another(
     one = balancers.start(config(tmp_path, etcd_cluster, "one"))
     two = balancers.start(config(tmp_path, etcd_cluster, "two"))
     for bal in (one, two):
-        wait_until(lambda bal=bal: up_ports(bal) == {a.port, b.port}, what="a and b up")
+        wait_until(ups(bal, {a.port, b.port}), what="a and b up")
     path = f"/api/services/numbers/backends/127.0.0.1:{a.port}"
     status, body = admin(one, "PUT", path, {"state": "drain", "weight": 7})
     assert status == 200, body
@@ -258,8 +273,7 @@ def test_runtime_api_writes_on_one_instance_reach_another(
     wait_until(lambda: up_ports(one) == {a.port, b.port, c.port}, what="c added on one")
     status, body = admin(one, "DELETE", path)
     assert status == 202, body
-    for bal in (one, two):
-        wait_until(lambda bal=bal: ports(bal) == {b.port, c.port}, what="a removed")
+    wait_until(lambda: ports(one) == ports(two) == {b.port, c.port}, what="a removed")
     assert set(etcd_cluster.get_prefix(PREFIX + "/")) == {key(b.port), key(c.port)}
     status, body = admin(two, "POST", "/api/services/numbers/backends",
                          {"address": f"127.0.0.1:{c.port}"})  # fmt: skip
@@ -280,3 +294,84 @@ def test_keys_that_do_not_fit_are_skipped_and_shown(
     assert backend_rows(bal.status())[f"127.0.0.1:{a.port}"]["weight"] == 3
     assert any("not a JSON object" in p for p in doc["problems"])
     assert bal.wait_for("etcd key skipped", timeout=10)
+
+
+class NamedLines(socketserver.ThreadingTCPServer):
+    """A line backend that answers every line with its own port (health checks echoed)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), NamedHandler)
+        self.port = int(self.server_address[1])
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class NamedHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        port = cast(NamedLines, self.server).port
+        for line in self.rfile:
+            text = line.strip()
+            self.wfile.write(text + b"\n" if text == b"!HEALTH_CHECK" else b"%d\n" % port)
+
+
+def mapping(port: int, keys: list[str], connections: int = 40) -> dict[str, str]:
+    """Which backend answers each key, sent over `connections` connections."""
+    found: dict[str, str] = {}
+    share = len(keys) // connections
+    for i in range(connections):
+        chunk = keys[i * share : (i + 1) * share]
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall("".join(k + "\n" for k in chunk).encode())
+            stream = sock.makefile("rb")
+            for k in chunk:
+                found[k] = stream.readline().decode().strip()
+    return found
+
+
+def test_the_same_keys_go_to_the_same_backends_on_three_instances_and_four_workers(
+    tmp_path: Path, etcd_cluster: EtcdCluster, balancers: Balancers
+) -> None:
+    backends = [NamedLines() for _ in range(5)]
+    try:
+        for b in backends:
+            etcd_cluster.put(key(b.port), "{}")
+        extra = {"algorithm": '"consistent_hash"', "hash_key": '"message"'}
+        one = balancers.start(config(tmp_path, etcd_cluster, "one", **extra))
+        two = balancers.start(config(tmp_path, etcd_cluster, "two", **extra))
+        four = balancers.start(
+            config(tmp_path, etcd_cluster, "four", **extra),
+            "--workers", "4", "--worker-sockets", "reuseport",
+        )  # fmt: skip
+        wanted = {b.port for b in backends}
+        for bal in (one, two, four):
+            wait_until(ups(bal, wanted), what="every backend up")
+        for index in range(4):
+            wait_until(ups(four, wanted, index), what=f"every backend up in worker {index}")
+        digests = {
+            bal.status()["services"]["numbers"]["hash_table"]["digest"] for bal in (one, two)
+        } | {
+            worker_status(four, i)["services"]["numbers"]["hash_table"]["digest"] for i in range(4)
+        }
+        assert len(digests) == 1, digests
+        keys = [str(n) for n in range(10_000)]
+        first = mapping(one.port, keys)
+        assert set(first.values()) == {str(p) for p in wanted}  # every backend has keys
+        assert mapping(two.port, keys) == first
+        assert mapping(four.port, keys) == first
+        served = [
+            sum(w["requests"].values()) for w in admin(four, "GET", "/api/workers")[1]["workers"]
+        ]
+        assert sum(served) == len(keys)
+        assert all(n > 0 for n in served), served  # every worker mapped some keys
+    finally:
+        for b in backends:
+            b.shutdown()
+            b.server_close()
+
+
+def worker_status(bal: BalancerProc, index: int) -> dict[str, Any]:
+    status, doc = admin(bal, "GET", f"/status?worker={index}")
+    assert status == 200, doc
+    return cast(dict[str, Any], doc)
