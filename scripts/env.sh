@@ -34,8 +34,8 @@ ensure_extensions() {
 }
 
 # Real peers for tests and benchmarks, from Debian packages.
-PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium dnsmasq)
-PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium dnsmasq)
+PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium dnsmasq etcd-server)
+PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium dnsmasq etcd)
 
 ensure_peers() {
     local missing=()
@@ -55,7 +55,7 @@ ensure_peers() {
         apt-get update -qq >&2
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
         # the packages' own services are not wanted: tests start their own on free ports
-        for svc in redis-server nginx haproxy dnsmasq; do
+        for svc in redis-server nginx haproxy dnsmasq etcd; do
             (service "$svc" stop || true) >/dev/null 2>&1
         done
     else

@@ -54,6 +54,7 @@ PACKAGES = {
     "wrk": "wrk",
     "chromium": "chromium",
     "dnsmasq": "dnsmasq",
+    "etcd": "etcd-server",
 }
 """The Debian package of each peer binary (scripts/env.sh installs the same list)."""
 
