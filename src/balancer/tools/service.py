@@ -12,12 +12,18 @@ unterminated message and the reply is sent without a newline.
 
 `--delay` adds latency to every reply. Delayed batches wait in a per-connection
 queue drained by one timer, so replies leave in the order the requests came.
+
+`--register etcd://HOST:PORT[,...]/PREFIX/SERVICE` registers the service in etcd once it
+listens, as `--advertise HOST` (default: `--host`) and its port, with `--weight`, under
+a lease of `--register-ttl` seconds kept alive while it runs and revoked on SIGTERM or
+SIGINT before the listener closes (`balancer.tools.registrar`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from collections import deque
@@ -25,10 +31,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from balancer import wire
-from balancer.config.addresses import format_address
+from balancer.config.addresses import format_address, host_problem
 from balancer.config.model import DEFAULT_MAX_LINE
 from balancer.core.framing import LineFramer, LineTooLong
 from balancer.net.loops import create_listener, loop_factory
+from balancer.tools import registrar
 from balancer.wire import INSTANCE_PREFIX, INVALID_MESSAGE
 
 HEALTH_CHECK = wire.HEALTH_CHECK.encode()
@@ -180,14 +187,56 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     sockname: Any = server.sockets[0].getsockname()
     print(f"instance listening on {format_address(sockname[0], sockname[1])}", flush=True)
+    registration = _registrar(args, sockname[1]) if args.register else None
     try:
+        if registration is not None:
+            await registration.start()
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if registration is not None:
+            await registration.stop()  # out of every balancer before the listener closes
         server.close()
         await server.wait_closed()
     return 0
+
+
+def _registrar(args: argparse.Namespace, port: int) -> registrar.Registrar:
+    endpoints, prefix, service = registrar.parse_register_url(args.register)
+    key = registrar.backend_key(prefix, service, args.advertise or args.host, port)
+    return registrar.Registrar(
+        endpoints, key, registrar.backend_value(args.weight), args.register_ttl
+    )
+
+
+def registration_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the registration options, or None."""
+    if not registrar.MIN_TTL <= args.register_ttl <= registrar.MAX_TTL:
+        return f"--register-ttl must be {registrar.MIN_TTL}..{registrar.MAX_TTL} seconds"
+    if not registrar.MIN_WEIGHT <= args.weight <= registrar.MAX_WEIGHT:
+        return f"--weight must be {registrar.MIN_WEIGHT}..{registrar.MAX_WEIGHT}"
+    if args.register is None:
+        return None
+    try:
+        registrar.parse_register_url(args.register)
+    except ValueError as exc:
+        return f"--register: {exc}"
+    host = (args.advertise or args.host).strip("[]")
+    option = "--advertise" if args.advertise else "--host"
+    problem = host_problem(host, bare_ipv6=True) if host else None
+    if problem is not None:
+        return f"{option} {host}: {problem}"
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = not host
+    if unspecified:
+        return (
+            f"{option} {host or '(empty)'} is no address a balancer can reach: "
+            "give the one to register with --advertise HOST"
+        )
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +259,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help=f"longest accepted request line (default: {DEFAULT_MAX_LINE})",
     )
+    parser.add_argument(
+        "--register",
+        metavar="URL",
+        help=f"register in etcd once listening: {registrar.URL_FORM}",
+    )
+    parser.add_argument(
+        "--register-ttl",
+        type=int,
+        default=registrar.DEFAULT_TTL,
+        metavar="SECONDS",
+        help=f"lease of the etcd registration (default: {registrar.DEFAULT_TTL})",
+    )
+    parser.add_argument(
+        "--advertise", metavar="HOST", help="host to register in etcd (default: --host)"
+    )
+    parser.add_argument(
+        "--weight",
+        type=int,
+        default=1,
+        help=f"weight to register in etcd, {registrar.MIN_WEIGHT}..{registrar.MAX_WEIGHT} "
+        "(default: 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,6 +289,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.max_line < 1:
         print("--max-line must be >= 1", file=sys.stderr)
+        return 2
+    problem = registration_problem(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(args))
