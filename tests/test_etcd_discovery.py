@@ -237,14 +237,14 @@ def test_etcd_gone_keeps_the_last_set_then_catches_up(
     assert doc["ok"] == doc["requests"] > 0
 
 
-def test_runtime_api_writes_on_one_instance_reach_another(
+def test_runtime_api_writes_on_one_instance_reach_another_and_its_workers(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     a, b, c = services.start_many(3)
     etcd_cluster.put(key(a.port), "{}")
     etcd_cluster.put(key(b.port), "{}")
     one = balancers.start(config(tmp_path, etcd_cluster, "one"))
-    two = balancers.start(config(tmp_path, etcd_cluster, "two"))
+    two = balancers.start(config(tmp_path, etcd_cluster, "two"), "--workers", "2")
     for bal in (one, two):
         wait_until(ups(bal, {a.port, b.port}), what="a and b up")
     path = f"/api/services/numbers/backends/127.0.0.1:{a.port}"
@@ -253,8 +253,8 @@ def test_runtime_api_writes_on_one_instance_reach_another(
     assert (body["admin_state"], body["weight"]) == ("drain", 7)  # applied here on return
 
     def drained_on_two() -> bool:
-        row = backend_rows(two.status())[f"127.0.0.1:{a.port}"]
-        return bool(row["admin_state"] == "drain" and row["weight"] == 7)
+        rows = [backend_rows(worker_status(two, i))[f"127.0.0.1:{a.port}"] for i in (0, 1)]
+        return all(row["admin_state"] == "drain" and row["weight"] == 7 for row in rows)
 
     wait_until(drained_on_two, what="the drain on the other instance")
     stored = json.loads(etcd_cluster.get_prefix(key(a.port, "admin"))[key(a.port, "admin")])
@@ -271,6 +271,8 @@ def test_runtime_api_writes_on_one_instance_reach_another(
     )
     assert status == 201, body
     wait_until(lambda: up_ports(one) == {a.port, b.port, c.port}, what="c added on one")
+    for index in (0, 1):  # written once, through one worker; applied by both
+        wait_until(ups(two, {a.port, b.port, c.port}, index), what=f"c in worker {index}")
     status, body = admin(one, "DELETE", path)
     assert status == 202, body
     wait_until(lambda: ports(one) == ports(two) == {b.port, c.port}, what="a removed")

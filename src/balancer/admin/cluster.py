@@ -12,7 +12,9 @@ How it works:
   `worker` label; `/status?worker=I` is worker I's own document; `/api/workers` lists the
   workers. Writes (backend state, weight, add, remove, reload, certificates reload) are
   sent to every ready worker: the answer is the workers' when they all agree, else a
-  502 that says which workers applied it and which did not.
+  502 that says which workers applied it and which did not. A backend write to a
+  service whose backends are in etcd goes to one worker, which makes it in etcd; every
+  worker applies it from its own watch.
 - The relay: every half health interval (the shortest of the services', at least
   MIN_RELAY), each ready worker's states are read and `relay_plan` sets what differs,
   so a transition worker 0's checks see (or an ejection any worker's traffic sees)
@@ -41,6 +43,7 @@ from balancer.admin.app import RUNNER_OPTIONS, AdminServer, guarded_app
 from balancer.admin.checks import ApiError, api_handler, error_response
 from balancer.admin.handlers import SERVER_KEY, STATIC_DIR, handle_index, handle_openapi
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard, admin_token
+from balancer.config.discovery import parse_discover
 from balancer.core.states import DRAIN, MAINT
 from balancer.runtime.merging import merge_history, merge_status, relay_plan
 from balancer.runtime.workers import apply_states, backend_states
@@ -279,12 +282,24 @@ class ClusterAdmin:
         return web.json_response({"sockets": self.supervisor.mode, "workers": out})
 
     # -- writes ------------------------------------------------------------------------
+    def etcd_service(self, request: web.Request) -> bool:
+        """A backend write to a service whose backends are in etcd: one worker makes it
+        there, and every worker applies it from its watch."""
+        config = self.supervisor.config
+        name = request.match_info.get("service")
+        if name is None or config.discovery is None or config.discovery.kind != "etcd":
+            return False
+        target = next((parse_discover(s.discover) for s in config.services if s.name == name), None)
+        return target is not None and target.kind == "etcd"
+
     async def fan_out(self, request: web.Request) -> web.Response:
-        """A runtime API write, made in every ready worker."""
+        """A runtime API write, made in every ready worker (in one, for etcd's services)."""
         body = await request.read()
         slots = self.ready()
         if not slots:
             raise ApiError(503, "no worker is ready (starting or restarting)")
+        if self.etcd_service(request):
+            slots = slots[:1]
         answers = await asyncio.gather(
             *(self.call(s, request.method, request.path_qs, body or None) for s in slots),
             return_exceptions=True,
