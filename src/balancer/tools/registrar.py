@@ -12,26 +12,23 @@ Key layout (the one `balancer.core.etcd_layout` reads): the backend key is
 How it works: once the service listens, `Registrar.start` runs one task. It grants a
 lease, puts the key with it, then renews the lease every TTL/3 (`/v3/lease/keepalive`).
 A renewal that says the lease is gone (no TTL in the answer: etcd was out of reach longer
-than the TTL) starts over with a new lease and a new put. Each call goes to the member
-that answered last, then to each other member once; when none answers, the task logs one
-warning for the streak of failures, waits a short bounded backoff and tries again, for as
-long as the service runs. `Registrar.stop` ends the task and revokes the lease, so the key
-goes at once and the backend leaves every balancer before the service closes its
-listener; a service killed outright leaves when its lease expires.
+than the TTL) starts over with a new lease and a new put. Each call (`balancer.net.etcd`)
+goes to the member that answered last, then to each other member once; when none answers,
+the task logs one warning for the streak of failures, waits a short bounded backoff and
+tries again, for as long as the service runs. `Registrar.stop` ends the task and revokes
+the lease, so the key goes at once and the backend leaves every balancer before the
+service closes its listener; a service killed outright leaves when its lease expires.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import aiohttp
 
 from balancer.config.addresses import format_address, host_problem
+from balancer.core import etcd_layout
+from balancer.net.etcd import EtcdClient, EtcdError
 
 SCHEME = "etcd://"
 DEFAULT_ETCD_PORT = 2379
@@ -107,79 +104,12 @@ def parse_register_url(text: str) -> tuple[tuple[str, ...], str, str]:
 
 def backend_key(prefix: str, service: str, host: str, port: int) -> str:
     """`{prefix}/{service}/backends/{host}:{port}`, an IPv6 host in brackets."""
-    return f"{prefix.rstrip('/')}/{service}/backends/{format_address(host.strip('[]'), port)}"
+    return etcd_layout.backend_key(prefix, service, format_address(host.strip("[]"), port))
 
 
 def backend_value(weight: int) -> str:
-    return json.dumps({"weight": weight})
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode("ascii")
-
-
-class GatewayError(Exception):
-    """No member of the etcd cluster answered a call (or every answer was an error)."""
-
-
-class Gateway:
-    """Calls to etcd's v3 JSON gateway: the member that answered last first, then each
-    other once."""
-
-    def __init__(self, endpoints: Sequence[str], timeout: float) -> None:
-        if not endpoints:
-            raise ValueError("no etcd endpoint")
-        self.endpoints = tuple(e.rstrip("/") for e in endpoints)
-        self.timeout = timeout
-        self.current = 0
-        self._session: aiohttp.ClientSession | None = None
-
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
-        errors: list[str] = []
-        for step in range(len(self.endpoints)):
-            index = (self.current + step) % len(self.endpoints)
-            url = self.endpoints[index] + path
-            try:
-                async with asyncio.timeout(self.timeout):
-                    async with self._session.post(url, json=body) as response:
-                        text = await response.text()
-                answer = json.loads(text) if text else {}
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                errors.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
-                continue
-            if response.status >= 500 or not isinstance(answer, dict):
-                errors.append(f"{url}: HTTP {response.status} {text[:200]}")
-                continue
-            if response.status != 200 or "error" in answer:
-                # etcd's own answer (a lease not found...): another member would say the same
-                self.current = index
-                raise GatewayError(f"{url}: {answer.get('error', text[:200])}")
-            self.current = index
-            return answer
-        self.current = (self.current + 1) % len(self.endpoints)
-        raise GatewayError("; ".join(errors))
-
-    async def grant(self, ttl: int) -> int:
-        return int((await self.call("/v3/lease/grant", {"TTL": str(ttl)}))["ID"])
-
-    async def put(self, key: str, value: str, lease: int) -> None:
-        await self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease)})
-
-    async def keepalive(self, lease: int) -> int:
-        """Renew `lease`; the seconds it has left (0: it is gone)."""
-        answer = await self.call("/v3/lease/keepalive", {"ID": str(lease)})
-        result = answer.get("result", {})
-        return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
-
-    async def revoke(self, lease: int) -> None:
-        await self.call("/v3/lease/revoke", {"ID": str(lease)})
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    """`{"weight": W}`."""
+    return etcd_layout.encode_backend(weight)
 
 
 def _stderr(message: str) -> None:
@@ -205,7 +135,7 @@ class Registrar:
         self.value = value
         self.ttl = ttl
         self.interval = ttl / 3
-        self._gateway = Gateway(endpoints, timeout=max(0.3, min(2.0, self.interval)))
+        self._etcd = EtcdClient(endpoints, timeout=max(0.3, min(2.0, self.interval)))
         self._log = log
         # state, while running
         self.lease = 0
@@ -225,7 +155,7 @@ class Registrar:
         while True:
             try:
                 await self._step()
-            except GatewayError as exc:
+            except EtcdError as exc:
                 if LEASE_NOT_FOUND in str(exc):
                     self.lease = 0  # expired between two calls: a new one next round
                     self.registered = False
@@ -242,14 +172,14 @@ class Registrar:
     async def _step(self) -> None:
         """One round: register if the key is not there, renew the lease if it is."""
         if self.registered:
-            if await self._gateway.keepalive(self.lease) > 0:
+            if await self._etcd.keepalive(self.lease) > 0:
                 return
             self._log(f"etcd registration of {self.key}: lease {self.lease} expired; again")
             self.lease = 0
             self.registered = False
         if self.lease == 0:
-            self.lease = await self._gateway.grant(self.ttl)
-        await self._gateway.put(self.key, self.value, self.lease)
+            self.lease = await self._etcd.grant(self.ttl)
+        await self._etcd.put(self.key, self.value, lease=self.lease)
         self.registered = True
         print(f"registered {self.key} in etcd (lease {self.lease}, ttl {self.ttl}s)", flush=True)
 
@@ -265,16 +195,16 @@ class Registrar:
         if self.lease:
             try:
                 async with asyncio.timeout(REVOKE_TIMEOUT):
-                    await self._gateway.revoke(self.lease)
-            except (GatewayError, TimeoutError) as exc:
+                    await self._etcd.revoke(self.lease)
+            except (EtcdError, TimeoutError) as exc:
                 self._log(f"etcd registration of {self.key}: revoke failed ({exc}); it expires")
             self.lease = 0
             self.registered = False
-        await self._gateway.close()
+        await self._etcd.close()
 
     def __repr__(self) -> str:
         state = "registered" if self.registered else "not registered"
         return (
             f"<Registrar {self.key} {state}, lease {self.lease}, ttl {self.ttl}s, "
-            f"{self.failures} failures, member {self._gateway.endpoints[self._gateway.current]}>"
+            f"{self.failures} failures, member {self._etcd.endpoints[self._etcd.current]}>"
         )
