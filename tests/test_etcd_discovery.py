@@ -377,3 +377,20 @@ def worker_status(bal: BalancerProc, index: int) -> dict[str, Any]:
     status, doc = admin(bal, "GET", f"/status?worker={index}")
     assert status == 200, doc
     return cast(dict[str, Any], doc)
+
+
+def test_health_checks_stay_local_to_each_instance(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    a, b = services.start_many(2)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.put(key(b.port), "{}")
+    bal = balancers.start(config(tmp_path, etcd_cluster))
+    wait_until(ups(bal, {a.port, b.port}), what="a and b up")
+    b.stop()  # etcd still lists it: this instance's checks take it out
+    wait_until(ups(bal, {a.port}), what="b down")
+    assert ports(bal) == {a.port, b.port}
+    assert key(b.port) in etcd_cluster.get_prefix(PREFIX + "/")
+    client = start_load(bal.port, "--duration", "2", "--rate", "100", "--client_count", "2")
+    doc = load_summary(client, timeout=30)
+    assert doc["ok"] == doc["requests"] > 0

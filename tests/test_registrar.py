@@ -89,8 +89,8 @@ def test_backend_keys() -> None:
     [
         (["--register-ttl", "0"], "--register-ttl must be 1..60"),
         (["--register-ttl", "61"], "--register-ttl must be 1..60"),
-        (["--weight", "0"], "--weight must be 1..256"),
-        (["--weight", "257"], "--weight must be 1..256"),
+        (["--weight", "0"], "--weight must be 1..1000"),
+        (["--weight", "1001"], "--weight must be 1..1000"),
         (["--register", "etcd://h:1/web"], "--register: 'etcd://h:1/web': no service"),
         (["--register", "etcd://h:1/b/web", "--host", "0.0.0.0"], "--host 0.0.0.0 is no address"),
         (["--register", "etcd://h:1/b/web", "--advertise", "::"], "--advertise :: is no address"),

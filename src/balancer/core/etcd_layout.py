@@ -102,7 +102,7 @@ def _backend(raw: bytes) -> int | str:
     """The weight a backend key's value gives, or why it is not one."""
     value = _object(raw)
     if value is None:
-        return 'not a JSON object (expected {"weight": 1..256})'
+        return 'not a JSON object (expected {"weight": 1..1000})'
     if "weight" not in value:
         return 1
     weight = _weight(value["weight"])

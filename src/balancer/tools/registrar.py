@@ -7,7 +7,7 @@ the service's name, the segments before it the prefix (`/balancer`, or several s
 
 Key layout (the one `balancer.core.etcd_layout` reads): the backend key is
 `{PREFIX}/{SERVICE}/backends/{HOST}:{PORT}` (IPv6 as `[::1]:PORT`), its value the JSON
-`{"weight": W}` (1..256), put with a lease of `--register-ttl` seconds.
+`{"weight": W}` (1..1000), put with a lease of `--register-ttl` seconds.
 
 How it works: once the service listens, `Registrar.start` runs one task. It grants a
 lease, puts the key with it, then renews the lease every TTL/3 (`/v3/lease/keepalive`).
@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from balancer.config.addresses import format_address, host_problem
+from balancer.config.model import MAX_WEIGHT as MODEL_MAX_WEIGHT
 from balancer.core import etcd_layout
 from balancer.net.etcd import EtcdClient, EtcdError
 
@@ -35,7 +36,7 @@ DEFAULT_ETCD_PORT = 2379
 DEFAULT_TTL = 5
 MIN_TTL, MAX_TTL = 1, 60
 """`--register-ttl` bounds, in seconds (etcd's TTLs are whole seconds)."""
-MIN_WEIGHT, MAX_WEIGHT = 1, 256
+MIN_WEIGHT, MAX_WEIGHT = 1, MODEL_MAX_WEIGHT
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 1.0
 """Seconds between two rounds of failed calls: doubling from the first up to the max."""
 REVOKE_TIMEOUT = 2.0
