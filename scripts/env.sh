@@ -34,8 +34,8 @@ ensure_extensions() {
 }
 
 # Real peers for tests and benchmarks, from Debian packages.
-PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium dnsmasq etcd-server)
-PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium dnsmasq etcd)
+PEER_PACKAGES=(redis-server redis-tools haproxy wrk nginx-light chromium dnsmasq etcd-server iproute2)
+PEER_BINARIES=(redis-server redis-benchmark haproxy wrk nginx chromium dnsmasq etcd ip)
 
 ensure_peers() {
     local missing=()

@@ -61,8 +61,20 @@ def prefix_end(prefix: str) -> str:
 class Member:
     """One etcd process: its name, ports, data dir, log file and (when running) process."""
 
-    def __init__(self, root: Path, index: int, client_port: int, peer_port: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        index: int,
+        client_port: int,
+        peer_port: int,
+        host: str = HOST,
+        netns: str | None = None,
+    ) -> None:
         self.index = index
+        self.host = host
+        """The address it listens on (for clients and peers)."""
+        self.netns = netns
+        """The network namespace it runs in (None: the test's own)."""
         self.name = f"m{index}"
         self.client_port = client_port
         self.peer_port = peer_port
@@ -73,11 +85,11 @@ class Member:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -85,8 +97,10 @@ class Member:
 
     def spawn(self, binary: str, initial_cluster: str, token: str, state: str) -> None:
         self._log = open(self.log_path, "ab")
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
             [
+                *inside,
                 binary,
                 "--name", self.name,
                 "--data-dir", str(self.data_dir),
@@ -148,10 +162,20 @@ class Member:
 class EtcdCluster:
     """`size` etcd members on loopback, started (all healthy) when constructed."""
 
-    def __init__(self, tmp_path: Path, size: int = 3) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        size: int = 3,
+        hosts: list[str] | None = None,
+        netns: list[str | None] | None = None,
+    ) -> None:
+        """`hosts[i]`: member i's address (default 127.0.0.1); `netns[i]`: the network
+        namespace it runs in (default none: the test's own)."""
         self.binary = need("etcd")
         self.root = tmp_path
         self.size = size
+        self.hosts = hosts or [HOST] * size
+        self.netns = netns or [None] * size
         self.token = ""
         self.members: list[Member] = []
         try:
@@ -168,7 +192,14 @@ class EtcdCluster:
             ports = free_ports(2 * self.size)
             self.token = f"balancer-test-{uuid.uuid4().hex[:12]}"
             self.members = [
-                Member(self.root / f"try{attempt}", i, ports[2 * i], ports[2 * i + 1])
+                Member(
+                    self.root / f"try{attempt}",
+                    i,
+                    ports[2 * i],
+                    ports[2 * i + 1],
+                    self.hosts[i],
+                    self.netns[i],
+                )
                 for i in range(self.size)
             ]
             (self.root / f"try{attempt}").mkdir(parents=True, exist_ok=True)
@@ -232,7 +263,7 @@ class EtcdCluster:
     @property
     def addresses(self) -> list[str]:
         """Every member's client address as `127.0.0.1:P` (for an `etcd://` URL)."""
-        return [f"{HOST}:{m.client_port}" for m in self.members]
+        return [f"{m.host}:{m.client_port}" for m in self.members]
 
     def url(self, path: str) -> str:
         """An `etcd://` URL naming every member, then `path` (`/balancer/web`)."""

@@ -55,6 +55,7 @@ PACKAGES = {
     "chromium": "chromium",
     "dnsmasq": "dnsmasq",
     "etcd": "etcd-server",
+    "ip": "iproute2",
 }
 """The Debian package of each peer binary (scripts/env.sh installs the same list)."""
 
