@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from balancer.admin.cluster import merge_metrics
+from balancer.admin.merged_metrics import merge_metrics
 from balancer.runtime.merging import merge_history, merge_status, relay_plan
 from balancer.runtime.supervisor import MAX_RESTART_DELAY, restart_delay
 from balancer.runtime.workers import WorkerSpec
@@ -288,3 +288,25 @@ def test_a_hand_over_is_refused_with_several_workers(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "not with --workers" in done.stderr
+
+
+def test_the_checks_move_to_another_worker_when_the_checking_one_dies(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> None:
+    bal = _start(tmp_path, services, balancers)
+    assert [w["checks"] for w in _workers(bal)] == [True, False]
+    os.kill(_workers(bal)[0]["pid"], signal.SIGKILL)
+    wait_until(lambda: _workers(bal)[1]["checks"], what="worker 1 elected to check")
+    wait_until(lambda: _workers(bal)[0]["ready"], what="worker 0 restarted")
+    assert [w["checks"] for w in _workers(bal)] == [False, True]  # it stays with worker 1
+    victim = services.pop(0)
+    address = f"127.0.0.1:{victim.port}"
+    victim.stop()
+
+    def down_everywhere() -> bool:
+        return all(_worker_rows(bal, i)[address]["state"] == "down" for i in (0, 1))
+
+    wait_until(down_everywhere, timeout=10, what="the backend down in both workers")
+    assert "worker 1:" in _worker_rows(bal, 0)[address]["reason"]
+    assert backend_rows(bal.status())[address]["state"] == "down"  # the checker's view
+    assert "worker 1 checks the backends from now on" in bal.output()

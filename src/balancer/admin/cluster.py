@@ -8,7 +8,7 @@ How it works:
 - `ClusterAdmin` serves the configured admin address with the same guard (Host, Origin,
   tokens) as a single process. Reads are asked of every ready worker and merged
   (`balancer.runtime.merging`): `/status`, `/api/services`, `/api/history` summed, with
-  backend states from worker 0; `/metrics` summed plus each worker's samples under a
+  backend states from the checking worker; `/metrics` summed plus each worker's samples under a
   `worker` label; `/status?worker=I` is worker I's own document; `/api/workers` lists the
   workers. Writes (backend state, weight, add, remove, reload, certificates reload) are
   sent to every ready worker: the answer is the workers' when they all agree, else a
@@ -17,10 +17,12 @@ How it works:
   worker applies it from its own watch.
 - The relay: every half health interval (the shortest of the services', at least
   MIN_RELAY), each ready worker's states are read and `relay_plan` sets what differs,
-  so a transition worker 0's checks see (or an ejection any worker's traffic sees)
-  reaches the others within half an interval and a round trip. A restarted worker is
-  first brought to the runtime API's changes of a worker that lived on (admin state,
-  weight, backends added or removed).
+  so a transition the checking worker's checks see (or an ejection any worker's traffic
+  sees) reaches the others within half an interval and a round trip. The checking worker
+  is worker 0 at first; while it is not ready (dead, restarting) the lowest ready worker
+  is elected and checks from then on (`_elect`). A restarted worker is first brought to
+  the runtime API's changes of a worker that lived on (admin state, weight, backends
+  added or removed), except in services whose backends are in etcd: it reads those there.
 """
 
 from __future__ import annotations
@@ -28,20 +30,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import socket
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.admin.app import RUNNER_OPTIONS, AdminServer, guarded_app
 from balancer.admin.checks import ApiError, api_handler, error_response
 from balancer.admin.handlers import SERVER_KEY, STATIC_DIR, handle_index, handle_openapi
+from balancer.admin.merged_metrics import merge_metrics
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard, admin_token
 from balancer.config.discovery import parse_discover
 from balancer.core.states import DRAIN, MAINT
@@ -54,20 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("balancer")
 
 WORKER_STATE = "/_worker/state"
+WORKER_CHECKS = "/_worker/checks"
 CALL_TIMEOUT = 5.0
 MIN_RELAY = 0.05
 API_WORDS = {DRAIN: "drain", MAINT: "maint"}
-STATE_METRICS = frozenset(
-    {
-        "balancer_backend_up",
-        "balancer_backend_weight",
-        "balancer_config_info",
-        "balancer_hash_table_info",
-        "balancer_fd_limit",
-        "balancer_discovery_up",
-        "balancer_discovery_view_age_seconds",
-    }
-)
 
 
 # -- the worker's side ---------------------------------------------------------------
@@ -89,67 +79,21 @@ async def handle_relayed_state(request: web.Request) -> web.Response:
     return web.json_response({"changed": apply_states(request.app[SERVER_KEY], doc)})
 
 
+async def handle_take_checks(request: web.Request) -> web.Response:
+    from balancer.runtime.workers import WorkerServer
+
+    server = request.app[SERVER_KEY]
+    if not isinstance(server, WorkerServer):
+        raise ApiError(404, "not a worker")
+    return web.json_response({"taken": server.take_checks()})
+
+
 def add_worker_routes(admin: AdminServer) -> None:
-    """A worker's admin API also reads and takes health states (before it starts)."""
+    """A worker's admin API also reads and takes health states (before it starts), and
+    takes over the health checks."""
     admin.app.router.add_get(WORKER_STATE, api_handler(handle_worker_state, access=READ))
     admin.app.router.add_put(WORKER_STATE, api_handler(handle_relayed_state, access=WRITE))
-
-
-# -- metrics -------------------------------------------------------------------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def merge_metrics(texts: Mapping[int, str]) -> str:
-    """The Prometheus text of each worker -> every sample summed by name and labels (a
-    histogram's buckets, counts and sums merge so), except those that describe state
-    rather than count (STATE_METRICS), the lowest index's; then each worker's own
-    samples with a `worker` label."""
-    families: dict[str, tuple[str, str]] = {}
-    summed: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    own: dict[str, list[str]] = {}
-    base = min(texts) if texts else 0
-    for index in sorted(texts):
-        for family in text_string_to_metric_families(texts[index]):
-            families.setdefault(family.name, (family.type, family.documentation))
-            sums = summed.setdefault(family.name, {})
-            lines = own.setdefault(family.name, [])
-            for sample in family.samples:
-                key = (sample.name, tuple(sample.labels.items()))
-                if family.name in STATE_METRICS or sample.name.endswith("_created"):
-                    if index == base:
-                        sums[key] = sample.value
-                    else:
-                        sums.setdefault(key, sample.value)
-                else:
-                    sums[key] = sums.get(key, 0.0) + sample.value
-                labelled = {**sample.labels, "worker": str(index)}
-                lines.append(f"{sample.name}{_labels(labelled)} {_value(sample.value)}")
-    out: list[str] = []
-    for name, (kind, documentation) in families.items():
-        help_text = documentation.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for (sample_name, labels), value in summed[name].items():
-            out.append(f"{sample_name}{_labels(dict(labels))} {_value(value)}")
-        out.extend(own[name])
-    return "\n".join(out) + "\n"
+    admin.app.router.add_put(WORKER_CHECKS, api_handler(handle_take_checks, access=WRITE))
 
 
 # -- the supervisor's side -----------------------------------------------------------
@@ -244,10 +188,12 @@ class ClusterAdmin:
                 raise ApiError(404, f"no ready worker {which[:20]!r}")
             code, body = await self.call(slot, "GET", "/status")
             return web.Response(status=code, body=body, content_type="application/json")
-        return web.json_response(merge_status(await self.documents("/status")))
+        docs = await self.documents("/status")
+        return web.json_response(merge_status(docs, self.supervisor.checker))
 
     async def services(self, request: web.Request) -> web.Response:
-        return web.json_response(merge_status(await self.documents("/api/services")))
+        docs = await self.documents("/api/services")
+        return web.json_response(merge_status(docs, self.supervisor.checker))
 
     async def history(self, request: web.Request) -> web.Response:
         path = request.path_qs
@@ -269,7 +215,7 @@ class ClusterAdmin:
                     "index": slot.index,
                     "pid": slot.pid,
                     "ready": slot.ready,
-                    "checks": slot.index == 0,
+                    "checks": slot.index == self.supervisor.checker,
                     "restarts": slot.restarts,
                     "started_at": slot.started_wall,
                     "last_exit": slot.last_exit,
@@ -282,11 +228,10 @@ class ClusterAdmin:
         return web.json_response({"sockets": self.supervisor.mode, "workers": out})
 
     # -- writes ------------------------------------------------------------------------
-    def etcd_service(self, request: web.Request) -> bool:
-        """A backend write to a service whose backends are in etcd: one worker makes it
-        there, and every worker applies it from its watch."""
+    def etcd_service(self, name: str | None) -> bool:
+        """Whether a service's backends are in etcd: a backend write to it is made there by
+        one worker, and every worker applies it from its watch."""
         config = self.supervisor.config
-        name = request.match_info.get("service")
         if name is None or config.discovery is None or config.discovery.kind != "etcd":
             return False
         target = next((parse_discover(s.discover) for s in config.services if s.name == name), None)
@@ -298,7 +243,7 @@ class ClusterAdmin:
         slots = self.ready()
         if not slots:
             raise ApiError(503, "no worker is ready (starting or restarting)")
-        if self.etcd_service(request):
+        if self.etcd_service(request.match_info.get("service")):
             slots = slots[:1]
         answers = await asyncio.gather(
             *(self.call(s, request.method, request.path_qs, body or None) for s in slots),
@@ -351,7 +296,8 @@ class ClusterAdmin:
                 if slot.restarts:
                     await self._sync(slot, states)
                 self._synced[index] = slot.starts
-        plan = relay_plan(states, source=0)
+        await self._elect(slots)
+        plan = relay_plan(states, source=self.supervisor.checker)
         await asyncio.gather(
             *(
                 self.call(by_index[i], "PUT", WORKER_STATE, json.dumps(doc).encode())
@@ -359,6 +305,25 @@ class ClusterAdmin:
             ),
             return_exceptions=True,
         )
+
+    async def _elect(self, ready: list[WorkerSlot]) -> None:
+        """The checking worker gone (dead, restarting), the lowest ready one checks."""
+        supervisor = self.supervisor
+        if not ready or any(s.index == supervisor.checker for s in ready):
+            return
+        for slot in ready:
+            try:
+                code, _ = await self.call(slot, "PUT", WORKER_CHECKS, b"{}")
+            except WorkerUnreachable:
+                continue
+            if code == 200:
+                log.warning(
+                    "worker %d is not ready: worker %d checks the backends from now on",
+                    supervisor.checker,
+                    slot.index,
+                )
+                supervisor.checker = slot.index
+                return
 
     async def _sync(self, slot: WorkerSlot, states: dict[int, Any]) -> None:
         """A restarted worker takes the runtime API's changes of a worker that lived on."""
@@ -369,7 +334,7 @@ class ClusterAdmin:
         calls: list[tuple[str, str, dict[str, Any] | None]] = []
         for name, backends in ref.items():
             own = mine.get(name)
-            if own is None:
+            if own is None or self.etcd_service(name):
                 continue
             base = f"/api/services/{name}/backends"
             for address, want in backends.items():

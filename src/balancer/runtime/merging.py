@@ -2,12 +2,12 @@
 
 How it works:
 - Documents (`/status`, `/api/services`, `/api/history`): the checking worker's (the
-  lowest index given, worker 0 when it answers) is the base: backend states, weights,
+  lowest index given when it does not answer) is the base: backend states, weights,
   reasons, config revision and certificates are its own. Every counter is summed over
   the workers (numbers in nested objects too, keys that only some workers have
   included); latency percentiles and error rates in the rates are the worst worker's,
   and a one-second sample's error rate is recomputed from the summed requests and errors.
-- Metrics are merged on the admin side (`balancer.admin.cluster.merge_metrics`).
+- Metrics are merged on the admin side (`balancer.admin.merged_metrics.merge_metrics`).
 - `relay_plan`: which states to set in which worker, from every worker's report
   (`balancer.runtime.workers.backend_states`). A backend that any worker has ejected
   (outlier detection: down with ejection time left) goes down in every other worker with
@@ -69,9 +69,10 @@ def _services(base: Doc, other: Mapping[str, Any]) -> None:
         add_into(svc, {k: v for k, v in theirs.items() if k not in ("backends", "hash_table")})
 
 
-def merge_status(docs: Mapping[int, Doc]) -> Doc:
-    """`/status` or `/api/services` of each worker (by index) -> one balancer's."""
-    order = sorted(docs)
+def merge_status(docs: Mapping[int, Doc], checker: int = 0) -> Doc:
+    """`/status` or `/api/services` of each worker (by index) -> one balancer's, the
+    checking worker's the base (the lowest index when it did not answer)."""
+    order = sorted(docs, key=lambda i: (i != checker, i))
     base = copy.deepcopy(docs[order[0]])
     for index in order[1:]:
         _services(base, docs[index])

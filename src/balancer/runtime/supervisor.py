@@ -149,6 +149,9 @@ class Supervisor:
         self.notifier = Notifier.from_environ()
         self.directory = ""
         self.slots: list[WorkerSlot] = []
+        self.checker = 0
+        """The index of the worker that runs the health checks (another one is elected
+        while it is not ready: `ClusterAdmin._elect`)."""
         self.admin_socket: socket.socket | None = None
         # the stop
         self.stopping = False
@@ -229,7 +232,8 @@ class Supervisor:
     # -- the workers ----------------------------------------------------------------------
     async def _spawn(self, slot: WorkerSlot) -> None:
         fds = {name: sock.fileno() for name, sock in slot.listeners.items()}
-        spec = WorkerSpec(slot.index, self.count, fds, slot.control.fileno(), slot.index == 0)
+        checks = slot.index == self.checker
+        spec = WorkerSpec(slot.index, self.count, fds, slot.control.fileno(), checks)
         env = dict(os.environ)
         env[WORKER_ENV] = spec.to_env()
         env["NOTIFY_SOCKET"] = slot.notify.getsockname()

@@ -12,15 +12,19 @@ How it works:
 - Readiness, reloads and stops reach the supervisor as `sd_notify` datagrams
   (`balancer.net.notify`): the worker's NOTIFY_SOCKET is one the supervisor reads.
 - Health checks run once per backend: every worker checks each backend once at start-up
-  (it serves with a known state), then only the worker with `checks` (worker 0) checks;
-  the others' checkers (`RelayedChecker`) schedule nothing and take the states the
-  supervisor relays (`apply_states`, from what `backend_states` reports of each worker).
+  (it serves with a known state), then only the worker with `checks` (worker 0 at first)
+  checks; the others' checkers (`RelayedChecker`) schedule nothing and take the states
+  the supervisor relays (`apply_states`, from what `backend_states` reports of each
+  worker). When the checking worker dies, the supervisor elects another ready one
+  (`WorkerServer.take_checks`), which checks from then on, also after the dead one is
+  back.
   An outlier ejection seen by any worker is relayed to every other one with the time it
   has left, so none readmits the backend early.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -85,13 +89,25 @@ class WorkerSpec:
 
 class RelayedChecker(HealthChecker):
     """A worker's health checker that checks once at start-up and then never: the states
-    come from the checking worker, through the supervisor (`apply_states`)."""
+    come from the checking worker, through the supervisor (`apply_states`), until it is
+    promoted (its worker elected to check)."""
+
+    relayed = True
 
     def start(self) -> None:
-        return
+        if not self.relayed:
+            super().start()
 
     def watch(self, backend: Any) -> None:
-        return
+        if not self.relayed:
+            super().watch(backend)
+
+    def promote(self) -> None:
+        """Check on schedule from now on, as a worker with `checks` does."""
+        if self.relayed:
+            self.relayed = False
+            self.pool.on_transition.append(self._on_transition)
+            super().start()
 
 
 class WorkerServer(Server):
@@ -110,6 +126,18 @@ class WorkerServer(Server):
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
             self.handed_services[name] = sock
+
+    def take_checks(self) -> bool:
+        """This worker checks every backend from now on (the one that did is gone);
+        whether it did not already."""
+        if self.spec.checks:
+            return False
+        self.spec = dataclasses.replace(self.spec, checks=True)
+        for runtime in self.services.values():
+            if isinstance(runtime.checker, RelayedChecker):
+                runtime.checker.promote()
+        log.warning("worker %d checks the backends from now on", self.spec.index)
+        return True
 
     def _build(self, svc: ServiceConfig, config: Config) -> ServiceRuntime:
         runtime = super()._build(svc, config)
