@@ -135,7 +135,7 @@ def test_the_document_names_the_codes_limits_and_states() -> None:
     weights = [
         s["properties"]["weight"] for s in schemas_of(OPENAPI) if "weight" in s["properties"]
     ]
-    assert len(weights) == 3  # a backend, a change of one, a new one
+    assert len(weights) == 4  # a backend, a change of one, a new one, a discovered one
     assert all(w["maximum"] == MAX_WEIGHT and w["minimum"] == 0 for w in weights)
     assert schemas["BackendChange"]["properties"]["state"]["enum"] == list(BACKEND_STATES)
     assert schemas["Backend"]["properties"]["state"]["enum"] == [UP, DOWN]

@@ -27,6 +27,7 @@ from tests.support import (
     start_load,
     wait_until,
 )
+from tests.test_admin_openapi import problems, response_schema
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 SRV = "_svc._tcp.test"
@@ -175,6 +176,7 @@ def test_backends_follow_the_dns_and_survive_its_absence(
     assert state["ok"]
     assert state["target"] == f"srv:{SRV}"
     assert {r["weight"] for r in state["records"]} == {10, 20}
+    assert problems(bal.status(), response_schema("/status", "get", 200)) == []
 
     client = start_load(bal.port, "--duration", "25", "--rate", "200", "--client_count", "4")
     try:

@@ -29,6 +29,7 @@ from tests.support import (
     start_load,
     wait_until,
 )
+from tests.test_admin_openapi import problems, response_schema
 
 __all__ = ["etcd_cluster"]  # the fixture, imported for this module's tests
 
@@ -296,6 +297,7 @@ def test_keys_that_do_not_fit_are_skipped_and_shown(
     assert backend_rows(bal.status())[f"127.0.0.1:{a.port}"]["weight"] == 3
     assert any("not a JSON object" in p for p in doc["problems"])
     assert bal.wait_for("etcd key skipped", timeout=10)
+    assert problems(bal.status(), response_schema("/status", "get", 200)) == []
 
 
 class NamedLines(socketserver.ThreadingTCPServer):

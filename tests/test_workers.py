@@ -29,6 +29,7 @@ from tests.support import (
     wait_until,
     write_toml,
 )
+from tests.test_admin_openapi import problems, response_schema
 
 # -- pure: merges, relay, backoff ----------------------------------------------------------
 
@@ -310,3 +311,4 @@ def test_the_checks_move_to_another_worker_when_the_checking_one_dies(
     assert "worker 1:" in _worker_rows(bal, 0)[address]["reason"]
     assert backend_rows(bal.status())[address]["state"] == "down"  # the checker's view
     assert "worker 1 checks the backends from now on" in bal.output()
+    assert problems(_get(bal, "/api/workers"), response_schema("/api/workers", "get", 200)) == []
