@@ -16,7 +16,7 @@ import pytest
 
 from balancer.config.discovery import DiscoverTarget, parse_discover, parse_nameserver
 from balancer.config.model import MAX_WEIGHT, BackendConfig
-from balancer.runtime.discovery import Record, answer_backends
+from balancer.runtime.discovery import Record, answer_backends, resolve_target
 from tests.support import (
     Balancers,
     Services,
@@ -31,6 +31,7 @@ from tests.test_admin_openapi import problems, response_schema
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 SRV = "_svc._tcp.test"
+NAME = "web.test"
 
 
 # -- the pure part ---------------------------------------------------------------------------
@@ -74,6 +75,29 @@ def test_nameservers() -> None:
     assert parse_nameserver("127.0.0.1:0") is None
 
 
+class FamilyResolver:
+    """A resolver whose A answer is `a` and whose AAAA query raises `aaaa`."""
+
+    def __init__(self, a: list[str], aaaa: Exception) -> None:
+        self.a, self.aaaa = a, aaaa
+
+    async def resolve(self, qname: str, rdtype: str) -> Any:
+        if rdtype == "AAAA":
+            raise self.aaaa
+        if not self.a:
+            raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
+        return [type("R", (), {"address": a})() for a in self.a]
+
+
+async def test_one_address_family_failing_is_no_failure_while_the_other_answers() -> None:
+    target = DiscoverTarget("a", "web.test", 80)
+    refused = dns.resolver.NoNameservers()  # type: ignore[no-untyped-call]
+    found = await resolve_target(FamilyResolver(["10.0.0.1"], refused), target)
+    assert found == [Record("10.0.0.1", 80)]
+    with pytest.raises(dns.exception.DNSException):
+        await resolve_target(FamilyResolver([], refused), target)
+
+
 # -- a real DNS server -----------------------------------------------------------------------
 
 
@@ -86,9 +110,11 @@ class Dnsmasq:
         self.hosts.write_text("")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, backends: dict[int, int]) -> None:
-        """Serve one SRV record per backend port, with its weight; wait until it answers."""
+    def start(self, backends: dict[int, int], addresses: tuple[str, ...] = ()) -> None:
+        """Serve one SRV record per backend port, with its weight, and an A record of
+        `NAME` per address; wait until it answers."""
         self.stop()
+        self.hosts.write_text("".join(f"{a} {NAME}\n" for a in addresses))
         srv = [f"--srv-host={SRV},127.0.0.1,{port},0,{w}" for port, w in backends.items()]
         self.proc = subprocess.Popen(
             [
@@ -117,6 +143,12 @@ class Dnsmasq:
                 got = {int(r.port) for r in resolver.resolve(SRV, "SRV")}
             except dns.exception.DNSException:
                 return False
+            if addresses:
+                try:
+                    found = {r.address for r in resolver.resolve(NAME, "A")}
+                except dns.exception.DNSException:
+                    return False
+                return found == set(addresses) and got == set(backends)
             return got == set(backends)
 
         wait_until(answers, timeout=10, what="dnsmasq to answer")
@@ -218,3 +250,28 @@ def test_backends_follow_the_dns_and_survive_its_absence(
     doc = load_summary(client, timeout=60, exit_code=None)
     assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
     assert doc["ok"] == doc["requests"] > 0
+
+
+def test_a_records_each_address_a_backend_on_the_port(
+    tmp_path: Path, dnsmasq: Dnsmasq, services: Services, balancers: Balancers
+) -> None:
+    port = free_port()
+    one = services.start("--host", "127.0.0.2", port=port)
+    services.start("--host", "127.0.0.3", port=port)
+    dnsmasq.start({one.port: 1}, addresses=("127.0.0.2", "127.0.0.3"))
+    path = config(tmp_path, dnsmasq.port)
+    path.write_text(
+        path.read_text().replace(f'discover = "srv:{SRV}"', f'discover = "a:{NAME}:{port}"')
+    )
+    bal = balancers.start(path)
+    both = {f"127.0.0.2:{port}", f"127.0.0.3:{port}"}
+
+    def up() -> set[str]:
+        return {a for a, row in backend_rows(bal.status()).items() if row["state"] == "up"}
+
+    wait_until(lambda: up() == both, what="both addresses up")
+    assert all(
+        r["weight"] == 1 for r in bal.status()["services"]["numbers"]["discovery"]["records"]
+    )
+    dnsmasq.start({one.port: 1}, addresses=("127.0.0.3",))
+    wait_until(lambda: set(backend_rows(bal.status())) == {f"127.0.0.3:{port}"}, what="one left")

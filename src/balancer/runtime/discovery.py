@@ -83,7 +83,8 @@ def make_resolver(config: DiscoveryConfig) -> dns.asyncresolver.Resolver:
 
 async def resolve_target(resolver: Resolver, target: DiscoverTarget) -> list[Record]:
     """The records `target` names; raises dns.exception.DNSException when nothing answers
-    (an address family without records is no failure while the other has some)."""
+    (an address family that fails, without records or refused, is no failure while the
+    other has some)."""
     if target.kind == "srv":
         answer = await resolver.resolve(target.name, "SRV")
         return [
@@ -95,7 +96,7 @@ async def resolve_target(resolver: Resolver, target: DiscoverTarget) -> list[Rec
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(target.name, rdtype)
-        except dns.resolver.NoAnswer as exc:
+        except dns.exception.DNSException as exc:
             errors.append(exc)
             continue
         records.extend(Record(r.address, target.port) for r in answer)
