@@ -139,7 +139,7 @@ def test_backends_join_and_leave_through_leases_under_load(
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
     assert discovery(bal)["ok"]
-    client = start_load(bal.port, "--duration", "20", "--rate", "200", "--client_count", "4")
+    client = start_load(bal.port, "--duration", "12", "--rate", "200", "--client_count", "4")
     try:
         c = services.start(*register(etcd_cluster))
         wait_until(
@@ -176,7 +176,7 @@ def test_one_member_killed_nothing_noticed(
     etcd_cluster.put(key(b.port), "{}")
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
-    client = start_load(bal.port, "--duration", "15", "--rate", "200", "--client_count", "4")
+    client = start_load(bal.port, "--duration", "8", "--rate", "200", "--client_count", "4")
     try:
         current = discovery(bal)["endpoint"]
         etcd_cluster.kill(etcd_cluster.endpoints.index(current))  # the one it watches
@@ -201,7 +201,7 @@ def test_etcd_gone_keeps_the_last_set_then_catches_up(
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
     assert metric(bal, "balancer_discovery_up") == 1.0
-    client = start_load(bal.port, "--duration", "20", "--rate", "200", "--client_count", "4")
+    client = start_load(bal.port, "--duration", "14", "--rate", "200", "--client_count", "4")
     try:
         etcd_cluster.stop_all()
         wait_until(lambda: not discovery(bal)["ok"], what="etcd to be seen gone")

@@ -67,7 +67,7 @@ def test_a_backend_cut_off_leaves_every_instance_and_comes_back(
         two = balancers.start(config(tmp_path, cluster, "two", **extra))
         for bal in (one, two):
             wait_until(lambda bal=bal: up(bal) == both, what="both backends up")  # type: ignore[misc]
-        client = start_load(one.port, "--duration", "20", "--rate", "100", "--client_count", "4")
+        client = start_load(one.port, "--duration", "15", "--rate", "100", "--client_count", "4")
         try:
             ns.cut()  # its lease cannot be kept alive: it expires, the key goes
             wait_until(
@@ -101,7 +101,7 @@ def test_an_etcd_member_cut_off_from_its_quorum_is_left_for_another(
         wanted = {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
         wait_until(lambda: up(bal) == wanted, what="a and b up")
         assert discovery(bal)["endpoint"] == cluster.endpoints[0]
-        client = start_load(bal.port, "--duration", "15", "--rate", "200", "--client_count", "4")
+        client = start_load(bal.port, "--duration", "10", "--rate", "200", "--client_count", "4")
         try:
             ns.cut()  # member 0 has no quorum: it answers nothing, and says nothing
             # (if it led, the other two elect a leader first: a put may time out till then)
