@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -198,6 +199,24 @@ def load_summary(
     assert summaries, f"load client (exit {code}) printed no JSON summary:\n{proc.output()}"
     doc: dict[str, Any] = json.loads(summaries[-1])
     return doc
+
+
+@contextlib.contextmanager
+def load_without_errors(port: int, duration: float, rate: int = 200) -> Iterator[ChildProcess]:
+    """The load client (4 clients, `rate` requests/s for `duration` s) against PORT while
+    the block runs; after it, every request must have succeeded. A failing block stops
+    the client and raises its own error."""
+    client = start_load(
+        port, "--duration", f"{duration:g}", "--rate", str(rate), "--client_count", "4"
+    )
+    try:
+        yield client
+    except BaseException:
+        client.stop()
+        raise
+    doc = load_summary(client, timeout=duration + 60, exit_code=None)
+    assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
+    assert doc["ok"] == doc["requests"] > 0
 
 
 def wait_for_load(

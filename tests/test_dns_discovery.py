@@ -23,8 +23,7 @@ from tests.support import (
     backend_requests,
     backend_rows,
     free_port,
-    load_summary,
-    start_load,
+    load_without_errors,
     wait_until,
 )
 from tests.test_admin_openapi import problems, response_schema
@@ -210,8 +209,7 @@ def test_backends_follow_the_dns_and_survive_its_absence(
     assert {r["weight"] for r in state["records"]} == {10, 20}
     assert problems(bal.status(), response_schema("/status", "get", 200)) == []
 
-    client = start_load(bal.port, "--duration", "25", "--rate", "200", "--client_count", "4")
-    try:
+    with load_without_errors(bal.port, 25):
         # c joins: it gets traffic once checked
         dnsmasq.start({a.port: 10, b.port: 20, c.port: 10})
 
@@ -244,12 +242,6 @@ def test_backends_follow_the_dns_and_survive_its_absence(
         dnsmasq.start({a.port: 10, b.port: 20, c.port: 10})
         wait_until(lambda: up_ports(bal.status()) == {a.port, b.port, c.port}, what="a back")
         assert bal.status()["services"]["numbers"]["discovery"]["ok"]
-    except BaseException:
-        client.stop()
-        raise
-    doc = load_summary(client, timeout=60, exit_code=None)
-    assert doc["errors"] == dict.fromkeys(doc["errors"], 0), doc["errors"]
-    assert doc["ok"] == doc["requests"] > 0
 
 
 def test_a_records_each_address_a_backend_on_the_port(
