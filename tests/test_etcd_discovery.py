@@ -193,6 +193,8 @@ def test_etcd_gone_keeps_the_last_set_then_catches_up(
         wait_until(lambda: not discovery(bal)["ok"], what="etcd to be seen gone")
         assert metric(bal, "balancer_discovery_up") == 0.0
         assert discovery(bal)["last_error"]
+        wait_until(lambda: discovery(bal)["failures"] >= 3, what="etcd tried again")
+        assert bal.output().count("etcd does not answer") == 1  # one warning per outage
         before = sum(backend_requests(bal.status()).values())
         wait_until(
             lambda: sum(backend_requests(bal.status()).values()) > before + 100,
@@ -212,6 +214,7 @@ def test_etcd_gone_keeps_the_last_set_then_catches_up(
         assert backend_rows(bal.status())[f"127.0.0.1:{a.port}"]["admin_state"] == "ready"
         etcd_cluster.start_all()
         wait_until(lambda: discovery(bal)["ok"], what="etcd back")
+        assert "etcd answers again" in bal.output()
         assert metric(bal, "balancer_discovery_up") == 1.0
         etcd_cluster.put(key(c.port), "{}")
         etcd_cluster.delete(key(a.port))
@@ -376,3 +379,27 @@ def test_health_checks_stay_local_to_each_instance(
     client = start_load(bal.port, "--duration", "2", "--rate", "100", "--client_count", "2")
     doc = load_summary(client, timeout=30)
     assert doc["ok"] == doc["requests"] > 0
+
+
+def test_a_reload_keeps_etcd_s_view_and_takes_new_members(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    seed, a, b, c = services.start_many(4)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.put(key(b.port), "{}")
+    path = config(tmp_path, etcd_cluster, backends=f'["127.0.0.1:{seed.port}"]')
+    text = path.read_text().replace("backends = []\n", "")  # the seed, until etcd answers
+    path.write_text(text)
+    bal = balancers.start(path)
+    wait_until(lambda: ports(bal) == {a.port, b.port}, what="etcd's set, not the file's")
+    leaving = f"backend 127.0.0.1:{seed.port} of service numbers leaves"
+    assert bal.output().count(leaving) == 1
+    members = etcd_cluster.endpoints
+    path.write_text(text.replace(", ".join(json.dumps(e) for e in members),
+                                 ", ".join(json.dumps(e) for e in reversed(members))))  # fmt: skip
+    bal.signal(signal.SIGHUP)
+    bal.wait_for("reload done")
+    wait_until(lambda: discovery(bal)["endpoint"] == members[-1], what="the new first member")
+    etcd_cluster.put(key(c.port), "{}")
+    wait_until(lambda: ports(bal) == {a.port, b.port, c.port}, what="c, watched anew")
+    assert bal.output().count(leaving) == 1  # the file's seed was not listed again

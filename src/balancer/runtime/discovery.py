@@ -224,6 +224,7 @@ class Discovery:
             )
         elif added or removed:
             log.info("discovery: service %s: %d added, %d leaving", name, added, removed)
+        self.server.services[name].discovery_answered = True
         state.failing = False
         state.records = wanted
         state.last_success = time.time()

@@ -262,6 +262,7 @@ class EtcdDiscovery:
                 self.server.set_backend(name, backend.address, state=wanted)
         if added or removed:
             log.info("discovery: service %s: %d added, %d leaving (etcd)", name, added, removed)
+        runtime.discovery_answered = True
         state.backends = found.backends
         state.applied_revision = self.revision
 

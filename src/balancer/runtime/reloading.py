@@ -263,7 +263,13 @@ class ServerReloads(ServerChanges):
         pool = runtime.pool
         name = svc.name
         wanted = svc.backends
-        if svc.discover:  # what discovery found stays until its next answer
+        if svc.discover and runtime.discovery_answered:  # the pool is discovery's own
+            wanted = tuple(
+                dataclasses.replace(b.config, weight=b.weight)
+                for b in pool.backends
+                if b.address not in runtime.removals
+            )
+        elif svc.discover:  # what discovery found stays until its next answer
             listed = {b.address for b in wanted}
             wanted += tuple(
                 dataclasses.replace(b.config, weight=b.weight)

@@ -61,6 +61,9 @@ class ServiceRuntime:
     discovered: set[str] = field(default_factory=set)
     """Addresses of backends service discovery added (a reload keeps them while the
     service still has `discover`)."""
+    discovery_answered: bool = False
+    """Service discovery has made the pool its answer once: from then on the pool is
+    discovery's, and a reload keeps it as it is rather than list the file's backends."""
 
     @property
     def listen(self) -> str:
