@@ -112,7 +112,8 @@ def admin(bal: BalancerProc, method: str, path: str, body: Any = None) -> tuple[
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:
+            return exc.code, json.loads(exc.read())
 
 
 def metric(bal: BalancerProc, name: str) -> float | None:

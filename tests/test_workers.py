@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from tests.support import (
     LineClient,
     Services,
     backend_rows,
+    free_ports,
     reply_for,
     wait_until,
     write_toml,
@@ -312,3 +315,83 @@ def test_the_checks_move_to_another_worker_when_the_checking_one_dies(
     assert backend_rows(bal.status())[address]["state"] == "down"  # the checker's view
     assert "worker 1 checks the backends from now on" in bal.output()
     assert problems(_get(bal, "/api/workers"), response_schema("/api/workers", "get", 200)) == []
+
+
+def _two_services(path: Path, backend: int, ports: dict[str, int]) -> None:
+    path.write_text(
+        "".join(
+            f'[services.{name}]\nlisten = "127.0.0.1:{port}"\nbackends = ["127.0.0.1:{backend}"]\n'
+            for name, port in ports.items()
+        )
+    )
+
+
+@pytest.mark.parametrize("sockets", ["shared", "reuseport"])
+def test_a_reload_adds_and_removes_listeners_in_every_worker(
+    tmp_path: Path, services: Services, balancers: Balancers, sockets: str
+) -> None:
+    backend = services.start().port
+    one, two, three = free_ports(3)
+    path = tmp_path / "b.toml"
+    _two_services(path, backend, {"one": one, "two": two})
+    bal = balancers.start(path, "--workers", "2", "--worker-sockets", sockets)
+    _two_services(path, backend, {"one": one, "three": three})
+    bal.signal(signal.SIGHUP)
+    wait_until(
+        lambda: all("three" in _get(bal, f"/status?worker={i}")["services"] for i in (0, 1)),
+        what="service three in both workers",
+    )
+    clients = [LineClient(three) for _ in range(40)]
+    for i, client in enumerate(clients):
+        assert client.request(str(i)) == reply_for(i)
+    served = [w["requests"].get("three", 0) for w in _workers(bal)]
+    assert sum(served) == 40
+    if sockets == "reuseport":
+        assert all(n > 0 for n in served), served  # each worker has its own socket of it
+    for client in clients:
+        client.close()
+
+    def two_refused() -> bool:  # not bound any more: refused, not left to hang
+        try:
+            socket.create_connection(("127.0.0.1", two), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(two_refused, what="service two's port closed")
+    os.kill(_workers(bal)[1]["pid"], signal.SIGKILL)  # a restart gets the new listeners
+    wait_until(lambda: _workers(bal)[1]["restarts"] == 1 and _workers(bal)[1]["ready"])
+    assert set(_get(bal, "/status?worker=1")["services"]) == {"one", "three"}
+    last = LineClient(one)
+    assert last.request("7") == reply_for(7)
+    last.close()
+
+
+def test_a_reload_whose_new_listener_cannot_be_bound_changes_no_worker(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> None:
+    backend = services.start().port
+    one, taken = free_ports(2)
+    path = tmp_path / "b.toml"
+    _two_services(path, backend, {"one": one})
+    bal = balancers.start(path, "--workers", "2")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        _two_services(path, backend, {"one": one, "two": taken})
+        bal.signal(signal.SIGHUP)
+        bal.wait_for("reload: not made, no worker changes")
+        for index in (0, 1):
+            assert set(_get(bal, f"/status?worker={index}")["services"]) == {"one"}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{bal.admin_port}/api/reload", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 409
+        assert "a new listener cannot be bound" in info.value.read().decode()
+        info.value.close()
+    last = LineClient(one)
+    assert last.request("3") == reply_for(3)
+    last.close()

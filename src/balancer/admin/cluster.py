@@ -245,6 +245,13 @@ class ClusterAdmin:
             raise ApiError(503, "no worker is ready (starting or restarting)")
         if self.etcd_service(request.match_info.get("service")):
             slots = slots[:1]
+        supervisor = self.supervisor
+        if (
+            request.path == "/api/reload"
+            and supervisor.reread()
+            and not supervisor.sync_listeners()
+        ):
+            raise ApiError(409, "reload rejected: a new listener cannot be bound (see the log)")
         answers = await asyncio.gather(
             *(self.call(s, request.method, request.path_qs, body or None) for s in slots),
             return_exceptions=True,
@@ -257,8 +264,6 @@ class ClusterAdmin:
                 continue
             codes[slot.index] = answer[0]
             first = first or answer
-        if request.path == "/api/reload" and all(200 <= c < 300 for c in codes.values()):
-            self.supervisor.reread()
         statuses = set(codes.values())
         if first is not None and len(statuses) == 1:
             return web.Response(

@@ -242,3 +242,28 @@ async def create_listener(
     else:
         _remember(server)
     return server
+
+
+def worker_listener(host: str, port: int, reuseport: bool, backlog: int) -> socket.socket:
+    """A listening TCP socket at (host, port) for worker processes to share (with
+    `reuseport`, one of an SO_REUSEPORT group); a name binds its first address."""
+    if not reuseport:
+        sock = listen_socket(host, port, backlog)
+        if sock is not None:
+            return sock
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -16,9 +16,13 @@ How it works:
 - A worker that dies later is restarted after RESTART_DELAY, doubled on each death in a
   row of a worker that lived less than STABLE_AFTER, up to MAX_RESTART_DELAY; the other
   workers go on, and their connections with them.
-- SIGHUP is forwarded to every worker (each reloads its config); SIGTERM or SIGINT too
-  (each drains within drain_timeout; a second signal cuts at once); the supervisor waits
-  for them all (killing one still there after drain_timeout and a grace) and exits 0.
+- SIGHUP: the supervisor reads the file, binds the listeners it adds or moves and sends
+  them down each worker's channel (SCM_RIGHTS; `sync_listeners`), closes its copy of
+  those it no longer has, then forwards SIGHUP (each worker reloads its config, taking
+  the listeners it was sent); one that cannot be bound stops the reload there. SIGTERM
+  or SIGINT are forwarded (each worker drains within drain_timeout; a second signal cuts
+  at once); the supervisor waits for them all (killing one still there after
+  drain_timeout and a grace) and exits 0.
   The supervisor itself never accepts a connection.
 """
 
@@ -39,12 +43,12 @@ from typing import Any, Protocol
 
 from balancer.config.addresses import format_address
 from balancer.config.errors import ConfigError
-from balancer.config.model import Config
-from balancer.net.loops import listen_socket
+from balancer.config.model import Config, ServiceConfig
+from balancer.net.loops import listen_socket, worker_listener
 from balancer.net.notify import Notifier
 from balancer.runtime.services import ListenError
 from balancer.runtime.stop import STOP_GRACE
-from balancer.runtime.workers import WORKER_ENV, WorkerSpec
+from balancer.runtime.workers import WORKER_ENV, WorkerSpec, send_listeners
 
 log = logging.getLogger("balancer")
 
@@ -80,6 +84,11 @@ class WorkerSlot:
     listeners: dict[str, socket.socket]
     control: socket.socket
     notify: socket.socket
+    channel: tuple[socket.socket, socket.socket] = field(
+        default_factory=lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    )
+    """The supervisor's end and the worker's: listening sockets a reload adds, sent to
+    the worker (`balancer.runtime.workers.send_listeners`) before it reloads."""
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
     started: float = 0.0
@@ -100,30 +109,6 @@ class WorkerSlot:
 
 def exit_text(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-
-
-def bind_listener(host: str, port: int, reuseport: bool) -> socket.socket:
-    """A listening TCP socket at (host, port); a name binds its first address."""
-    if not reuseport:
-        sock = listen_socket(host, port, BACKLOG)
-        if sock is not None:
-            return sock
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class Supervisor:
@@ -149,6 +134,8 @@ class Supervisor:
         self.notifier = Notifier.from_environ()
         self.directory = ""
         self.slots: list[WorkerSlot] = []
+        self.bound_for: dict[str, tuple[str, int]] = {}
+        """Each service's listen address (of its config) its listeners were bound for."""
         self.checker = 0
         """The index of the worker that runs the health checks (another one is elected
         while it is not ready: `ClusterAdmin._elect`)."""
@@ -163,36 +150,13 @@ class Supervisor:
     def bind(self) -> None:
         """Bind every listener, the admin endpoint and the workers' sockets; ListenError
         (everything bound closed) when a listen address cannot be had."""
-        reuse = self.mode == "reuseport"
         self.directory = tempfile.mkdtemp(prefix="balancer-workers-")
         os.chmod(self.directory, 0o700)
         try:
+            bound = self._bind_all(self.config.services)
+            self.bound_for = {s.name: (s.listen_host, s.listen_port) for s in self.config.services}
             for index in range(self.count):
-                listeners: dict[str, socket.socket] = {}
-                for svc in self.config.services:
-                    first = self.slots[0].listeners[svc.name] if self.slots else None
-                    if first is not None and not reuse:
-                        listeners[svc.name] = first
-                        continue
-                    port = first.getsockname()[1] if first is not None else svc.listen_port
-                    try:
-                        sock = bind_listener(svc.listen_host, port, reuse)
-                    except OSError as exc:
-                        raise ListenError(
-                            f"service {svc.name}: cannot listen on {svc.listen}: "
-                            f"{exc.strerror or exc}"
-                        ) from exc
-                    listeners[svc.name] = sock
-                    if index == 0:
-                        host, bound = sock.getsockname()[:2]
-                        log.info(
-                            "service %s listening on %s (%d workers, %s sockets)",
-                            svc.name,
-                            format_address(host, bound),
-                            self.count,
-                            self.mode,
-                        )
-                self.slots.append(self._slot(index, listeners))
+                self.slots.append(self._slot(index, bound[index]))
             cfg = self.config.admin
             if cfg.enabled:
                 try:
@@ -207,6 +171,76 @@ class Supervisor:
             self.close()
             raise
 
+    def _bind_all(self, services: Sequence[ServiceConfig]) -> list[dict[str, socket.socket]]:
+        """Each worker's listening sockets of `services` (the same one for all, or one
+        SO_REUSEPORT socket each); ListenError, with what it bound closed, when one
+        cannot be had."""
+        reuse = self.mode == "reuseport"
+        out: list[dict[str, socket.socket]] = [{} for _ in range(self.count)]
+        try:
+            for svc in services:
+                first: socket.socket | None = None
+                for index in range(self.count):
+                    if first is not None and not reuse:
+                        out[index][svc.name] = first
+                        continue
+                    port = first.getsockname()[1] if first is not None else svc.listen_port
+                    try:
+                        sock = worker_listener(svc.listen_host, port, reuse, BACKLOG)
+                    except OSError as exc:
+                        raise ListenError(
+                            f"service {svc.name}: cannot listen on {svc.listen}: "
+                            f"{exc.strerror or exc}"
+                        ) from exc
+                    out[index][svc.name] = sock
+                    if first is None:
+                        first = sock
+                        host, bound = sock.getsockname()[:2]
+                        log.info(
+                            "service %s listening on %s (%d workers, %s sockets)",
+                            svc.name,
+                            format_address(host, bound),
+                            self.count,
+                            self.mode,
+                        )
+        except BaseException:
+            for sock in {id(s): s for d in out for s in d.values()}.values():
+                sock.close()
+            raise
+        return out
+
+    def sync_listeners(self) -> bool:
+        """Make the listeners the config just read names: new (or moved) ones bound and
+        sent to every worker before it reloads, those of services gone closed here (the
+        workers' own copies drain and close; a restarted worker no longer gets them).
+        False, with nothing changed, when a new one cannot be bound (the reload is then
+        not made: its workers would bind apart)."""
+        if not self.slots:
+            return True
+        wanted = {svc.name: svc for svc in self.config.services}
+        new = [
+            svc
+            for name, svc in wanted.items()
+            if self.bound_for.get(name) != (svc.listen_host, svc.listen_port)
+        ]
+        try:
+            bound = self._bind_all(new)
+        except ListenError as exc:
+            log.error("reload: not made, no worker changes: %s", exc)
+            return False
+        gone: dict[int, socket.socket] = {}
+        for slot, added in zip(self.slots, bound, strict=True):
+            for name in [n for n in slot.listeners if n not in wanted or n in added]:
+                sock = slot.listeners.pop(name)
+                gone[id(sock)] = sock
+            slot.listeners.update(added)
+            if added:
+                send_listeners(slot.channel[0], added)
+        for sock in gone.values():
+            sock.close()
+        self.bound_for = {n: (svc.listen_host, svc.listen_port) for n, svc in wanted.items()}
+        return True
+
     def _slot(self, index: int, listeners: dict[str, socket.socket]) -> WorkerSlot:
         path = os.path.join(self.directory, f"worker-{index}.sock")
         control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -220,7 +254,7 @@ class Supervisor:
     def close(self) -> None:
         closed: set[int] = set()
         for slot in self.slots:
-            for sock in (*slot.listeners.values(), slot.control, slot.notify):
+            for sock in (*slot.listeners.values(), slot.control, slot.notify, *slot.channel):
                 if id(sock) not in closed:
                     closed.add(id(sock))
                     sock.close()
@@ -233,14 +267,15 @@ class Supervisor:
     async def _spawn(self, slot: WorkerSlot) -> None:
         fds = {name: sock.fileno() for name, sock in slot.listeners.items()}
         checks = slot.index == self.checker
-        spec = WorkerSpec(slot.index, self.count, fds, slot.control.fileno(), checks)
+        channel = slot.channel[1].fileno()
+        spec = WorkerSpec(slot.index, self.count, fds, slot.control.fileno(), checks, channel)
         env = dict(os.environ)
         env[WORKER_ENV] = spec.to_env()
         env["NOTIFY_SOCKET"] = slot.notify.getsockname()
         slot.ready = False
         slot.became_ready.clear()
         slot.process = await asyncio.create_subprocess_exec(
-            *self.argv, pass_fds=[*fds.values(), slot.control.fileno()], env=env
+            *self.argv, pass_fds=[*fds.values(), slot.control.fileno(), channel], env=env
         )
         slot.started = time.monotonic()
         slot.started_wall = time.time()
@@ -330,17 +365,21 @@ class Supervisor:
     def reload_on_signal(self) -> None:
         """SIGHUP: every worker reloads its config; the supervisor re-reads its own."""
         log.info("SIGHUP: every worker reloads %s", self.config.source)
-        self.reread()
+        if self.reread() and not self.sync_listeners():
+            return
         self._signal_all(signal.SIGHUP)
 
-    def reread(self) -> None:
-        """The config read again, for the supervisor's own settings (the relay's pace;
-        the admin endpoint keeps its listener and tokens until a restart)."""
+    def reread(self) -> bool:
+        """The config read again, for the supervisor's own settings (the relay's pace, the
+        listeners; the admin endpoint keeps its listener and tokens until a restart);
+        whether it could be read."""
         if self.reader is not None:
             try:
                 self.config = self.reader()
             except ConfigError as exc:
                 log.error("reload: the supervisor keeps its settings: %s", exc)
+                return False
+        return True
 
     # -- the process ------------------------------------------------------------------------
     async def run(self) -> int:

@@ -24,6 +24,7 @@ How it works:
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import logging
@@ -45,6 +46,7 @@ log = logging.getLogger("balancer")
 
 WORKER_ENV = "BALANCER_WORKER"
 MAX_WORKERS = 64
+FDS_PER_MESSAGE = 32
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class WorkerSpec:
     """The descriptor of the listening Unix socket the worker serves its admin API on."""
     checks: bool
     """Whether this worker runs the periodic health checks (worker 0)."""
+    channel: int = -1
+    """The descriptor of its end of the supervisor's channel (`send_listeners`)."""
 
     def to_env(self) -> str:
         return json.dumps(
@@ -68,6 +72,7 @@ class WorkerSpec:
                 "sockets": self.sockets,
                 "control": self.control,
                 "checks": self.checks,
+                "channel": self.channel,
             }
         )
 
@@ -84,6 +89,7 @@ class WorkerSpec:
             sockets={str(k): int(v) for k, v in doc["sockets"].items()},
             control=int(doc["control"]),
             checks=bool(doc["checks"]),
+            channel=int(doc.get("channel", -1)),
         )
 
 
@@ -126,6 +132,27 @@ class WorkerServer(Server):
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
             self.handed_services[name] = sock
+        self.channel = socket.socket(fileno=spec.channel) if spec.channel >= 0 else None
+        self.take_listeners()  # sent before this start: it has them already, by name
+
+    def take_listeners(self) -> None:
+        """The listening sockets the supervisor sent for a reload, by service name (the
+        reload's new listeners take them instead of binding)."""
+        if self.channel is None:
+            return
+        for name, sock in receive_listeners(self.channel).items():
+            old = self.handed_services.pop(name, None)
+            if old is not None and old.fileno() != sock.fileno():
+                old.close()
+            self.handed_services[name] = sock
+
+    async def reload(self) -> None:
+        self.take_listeners()
+        try:
+            await super().reload()
+        finally:  # what the reload did not take is the supervisor's to keep
+            while self.handed_services:
+                self.handed_services.popitem()[1].close()
 
     def take_checks(self) -> bool:
         """This worker checks every backend from now on (the one that did is gone);
@@ -216,3 +243,49 @@ def apply_states(server: Server, doc: Mapping[str, Any]) -> int:
             else:
                 backend.last_reason = reason
     return changed
+
+
+# -- listening sockets a reload adds --------------------------------------------------
+
+
+def send_listeners(channel: socket.socket, sockets: Mapping[str, socket.socket]) -> None:
+    """Send `sockets` (by service name) down the supervisor's end of a worker's channel,
+    at most FDS_PER_MESSAGE in a message."""
+    items = list(sockets.items())
+    for start in range(0, len(items), FDS_PER_MESSAGE):
+        part = items[start : start + FDS_PER_MESSAGE]
+        names = json.dumps([name for name, _ in part]).encode()
+        socket.send_fds(channel, [names], [sock.fileno() for _, sock in part])
+
+
+def receive_listeners(channel: socket.socket) -> dict[str, socket.socket]:
+    """What the supervisor sent down the channel so far, by service name (the latest of
+    a name wins); never waits."""
+    out: dict[str, socket.socket] = {}
+    while True:
+        room = socket.CMSG_LEN(FDS_PER_MESSAGE * array.array("i").itemsize)
+        try:  # (socket.recv_fds drops its flags before Python 3.12)
+            data, ancillary, _, _ = channel.recvmsg(65536, room, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return out
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            names = json.loads(data)
+        except ValueError:
+            names = []
+        if not data or not isinstance(names, list) or len(names) != len(socks):
+            for sock in socks:
+                sock.close()
+            if not data:
+                return out
+            continue
+        for name, sock in zip(names, socks, strict=True):
+            sock.setblocking(False)
+            previous = out.pop(str(name), None)
+            if previous is not None:
+                previous.close()
+            out[str(name)] = sock
