@@ -22,11 +22,13 @@ from tests.etcd_cluster import EtcdCluster, etcd_cluster
 from tests.support import (
     BalancerProc,
     Balancers,
+    LineClient,
     Services,
     backend_requests,
     backend_rows,
     load_summary,
     load_without_errors,
+    reply_for,
     start_load,
     wait_until,
 )
@@ -404,3 +406,25 @@ def test_a_reload_keeps_etcd_s_view_and_takes_new_members(
     etcd_cluster.put(key(c.port), "{}")
     wait_until(lambda: ports(bal) == {a.port, b.port, c.port}, what="c, watched anew")
     assert bal.output().count(leaving) == 1  # the file's seed was not listed again
+
+
+def test_etcd_down_at_start_the_file_s_backends_serve_until_it_answers(
+    tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
+) -> None:
+    seed, a = services.start_many(2)
+    etcd_cluster.put(key(a.port), "{}")
+    etcd_cluster.stop_all()
+    path = config(tmp_path, etcd_cluster, backends=f'["127.0.0.1:{seed.port}"]')
+    path.write_text(path.read_text().replace("backends = []\n", ""))
+    bal = balancers.start(path)  # ready without etcd
+    wait_until(lambda: up_ports(bal) == {seed.port}, what="the seed up")
+    assert not discovery(bal)["ok"]
+    assert discovery(bal)["last_success"] is None
+    assert metric(bal, "balancer_discovery_up") == 0.0
+    assert metric(bal, "balancer_discovery_view_age_seconds") is None  # no view yet
+    last = LineClient(bal.port)
+    assert last.request("5") == reply_for(5)
+    last.close()
+    etcd_cluster.start_all()
+    wait_until(lambda: ports(bal) == {a.port}, what="etcd's view once it answers")
+    assert discovery(bal)["ok"]

@@ -140,6 +140,7 @@ class EtcdDiscovery:
     # -- the watch --------------------------------------------------------------------------
     async def run(self) -> None:
         attempt = 0
+        self.track()
         try:
             while not self.server.stopping:
                 self._restart.clear()
@@ -207,6 +208,7 @@ class EtcdDiscovery:
             self.revision = revision
 
     def _lost(self, error: str) -> None:
+        self.track()
         self.failures += 1
         self.last_error = error
         self.last_error_time = time.time()
@@ -219,11 +221,13 @@ class EtcdDiscovery:
         self.up = False
 
     # -- applying ---------------------------------------------------------------------------
-    def apply_all(self, keys: set[str] | None = None) -> None:
-        """Make every etcd service its view (only those with a key in `keys`, if given)."""
+    def track(self) -> dict[str, EtcdState]:
+        """The state of every running etcd service (made for new ones, dropped for those
+        gone), for `/status` also before etcd ever answered; the new ones' names."""
         for name in list(self.states):
             if self.directory_of(name) is None:
                 del self.states[name]
+        new: dict[str, EtcdState] = {}
         for name in list(self.server.services):
             directory = self.directory_of(name)
             if directory is None:
@@ -231,10 +235,17 @@ class EtcdDiscovery:
             state = self.states.get(name)
             if state is None or state.directory != directory:
                 target = self.server.services[name].config.discover
-                state = self.states[name] = EtcdState(target, directory, self)
-            elif keys is not None and not any(k.startswith(directory) for k in keys):
-                state.applied_revision = self.revision
-                continue
+                state = self.states[name] = new[name] = EtcdState(target, directory, self)
+        return new
+
+    def apply_all(self, keys: set[str] | None = None) -> None:
+        """Make every etcd service its view (only those with a key in `keys`, if given)."""
+        new = self.track()
+        for name, state in self.states.items():
+            if keys is not None and name not in new:
+                if not any(k.startswith(state.directory) for k in keys):
+                    state.applied_revision = self.revision
+                    continue
             self._apply(name, state)
         asyncio.get_running_loop().create_task(self._notify())
 
