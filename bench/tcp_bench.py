@@ -68,7 +68,7 @@ def raise_nofile() -> None:
 
 def _raise_child_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * IDLE_CONNECTIONS))
+    want = min(hard, max(soft, 6 * IDLE_CONNECTIONS))  # 4 descriptors each with io_uring
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 

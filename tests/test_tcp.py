@@ -925,8 +925,8 @@ async def test_out_of_descriptors_on_connect_is_not_blamed_on_the_backends(
 async def test_descriptor_budget_refuses_clients_beyond_it(
     redis_pair: tuple[Peer, Peer], start: Starter, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    # 2 relayed connections: 2 descriptors each (4 with io_uring: the ring's duplicates)
-    per = 4 if engine == "io_uring" else 2
+    # 2 relayed connections: 2 descriptors each (3 with io_uring: the ring's duplicate)
+    per = 3 if engine == "io_uring" else 2
     budget = resources.FdBudget(limit=36 + 2 * per, reserve=36)
     monkeypatch.setattr(resources, "FDS", budget)
     svc, port = await start([redis_pair[0].address])

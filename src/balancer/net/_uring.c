@@ -3,9 +3,10 @@
  * How it works: `Ring` owns an io_uring (raw system calls, no liburing) and an
  * eventfd registered with it, which the kernel signals when completions are
  * posted; the asyncio loop watches that eventfd and calls `reap()`. A pair is
- * two connected sockets (client, backend) given with `add()`: the ring dups
- * both descriptors, so the Python transports keep theirs (paused) and with
- * them TCP_INFO, the idle sweep and the final close.
+ * two connected sockets (client, backend) given with `add()`: the ring dups the
+ * client's descriptor (its Python transport keeps its own, paused) and borrows
+ * the backend's, which Python holds open until the pair is handed back and
+ * closes only after any cancellation of the pair's operations was submitted.
  *
  * Each direction of a pair has one buffer of `buffer_size` bytes and is, at
  * any time, reading (a recv in flight), writing (a send in flight, re-issued
@@ -15,7 +16,7 @@
  * pair: its other operations are cancelled and the side whose socket failed
  * is reported. `close()` lets what was received be sent, then ends both
  * directions; `abort()` cancels at once. A pair ends when none of its
- * operations is in flight: the ring closes its dups and `reap()` returns
+ * operations is in flight: the ring closes its dup and `reap()` returns
  * (token, reason, errno, client_bytes, backend_bytes) for it.
  *
  * Submissions made while completions are processed, and those queued by
@@ -41,6 +42,8 @@ enum { DIR_READING, DIR_WRITING, DIR_DONE };
 enum { REASON_DONE, REASON_CLOSED, REASON_ABORTED, REASON_CLIENT, REASON_BACKEND };
 enum { OP_RECV0, OP_SEND0, OP_RECV1, OP_SEND1, OP_CANCEL };
 
+#define RING_SUBMIT_EACH (1u << 31) /* not io_uring's: submit each operation alone (measuring) */
+
 #define PAIR_CLOSING 1 /* close(): no new recv, what was received is sent */
 #define PAIR_STOPPED 2 /* failed or aborted: operations cancelled */
 
@@ -65,6 +68,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD int ring_fd, event_fd;
     unsigned setup_flags;
+    int submit_each;
     uint32_t buffer_size;
     /* submission queue */
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *sq_flags;
@@ -164,6 +168,8 @@ static int queue_op(Ring *r, uint32_t slot, int op) {
     }
     sqe->user_data = user_data(slot, op);
     p->pending++;
+    if (r->submit_each)
+        ring_submit(r);
     return 0;
 }
 
@@ -192,8 +198,7 @@ static void stop_pair(Ring *r, uint32_t slot, int reason, int err) {
 
 static void finish_pair(Ring *r, uint32_t slot) {
     Pair *p = &r->pairs[slot];
-    close(p->fd[0]);
-    close(p->fd[1]);
+    close(p->fd[0]); /* the dup; fd[1] is borrowed */
     int reason = p->reason;
     if (!(p->flags & PAIR_STOPPED))
         reason = (p->flags & PAIR_CLOSING) ? REASON_CLOSED : REASON_DONE;
@@ -300,7 +305,6 @@ static void ring_free(Ring *r) {
             Pair *p = &r->pairs[i];
             if (p->token) {
                 close(p->fd[0]);
-                close(p->fd[1]);
                 free(p->dir[0].buf);
                 free(p->dir[1].buf);
                 free(p->dir[0].initial);
@@ -398,6 +402,8 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwds) {
     }
     ring_free(self);
     self->buffer_size = buffer_size;
+    self->submit_each = (flags & RING_SUBMIT_EACH) != 0;
+    flags &= ~RING_SUBMIT_EACH;
     int rc = ring_init(self, entries, flags, max_pairs);
     if (rc < 0) {
         ring_free(self);
@@ -451,19 +457,17 @@ static PyObject *Ring_add(Ring *self, PyObject *args) {
     Pair *p = &self->pairs[slot];
     memset(p, 0, sizeof(*p));
     p->fd[0] = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
-    p->fd[1] = p->fd[0] < 0 ? -1 : fcntl(backend_fd, F_DUPFD_CLOEXEC, 0);
+    p->fd[1] = backend_fd;
     p->dir[0].buf = malloc(self->buffer_size);
     p->dir[1].buf = malloc(self->buffer_size);
     if (initial.len > 0 && (p->dir[0].initial = malloc((size_t)initial.len)) != NULL)
         memcpy(p->dir[0].initial, initial.buf, (size_t)initial.len);
-    int failed = p->fd[0] < 0 || p->fd[1] < 0 || !p->dir[0].buf || !p->dir[1].buf ||
+    int failed = p->fd[0] < 0 || !p->dir[0].buf || !p->dir[1].buf ||
                  (initial.len > 0 && !p->dir[0].initial);
     int err = errno;
     if (failed) {
         if (p->fd[0] >= 0)
             close(p->fd[0]);
-        if (p->fd[1] >= 0)
-            close(p->fd[1]);
         free(p->dir[0].buf);
         free(p->dir[1].buf);
         free(p->dir[0].initial);
@@ -616,7 +620,8 @@ static PyObject *Ring_get_queued(Ring *self, void *closure) {
 static PyMethodDef Ring_methods[] = {
     {"add", (PyCFunction)Ring_add, METH_VARARGS,
      "add(client_fd, backend_fd, initial, client_eof, token) -> pair: relay the two sockets "
-     "(dup'd), `initial` sent to the backend first"},
+     "(the client's dup'd, the backend's borrowed until the hand-back), `initial` sent to "
+     "the backend first"},
     {"close_pair", (PyCFunction)Ring_close_pair, METH_O,
      "close_pair(pair): send what was received, then end both directions"},
     {"abort_pair", (PyCFunction)Ring_abort_pair, METH_O, "abort_pair(pair): stop at once"},
@@ -627,7 +632,7 @@ static PyMethodDef Ring_methods[] = {
     {"flush", (PyCFunction)Ring_flush, METH_NOARGS,
      "flush() -> finished pairs: submit what is queued"},
     {"fileno", (PyCFunction)Ring_fileno, METH_NOARGS, "the eventfd signalled on completions"},
-    {"close", (PyCFunction)Ring_close, METH_NOARGS, "close the ring and every pair's dups"},
+    {"close", (PyCFunction)Ring_close, METH_NOARGS, "close the ring and every pair's dup"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -670,6 +675,7 @@ PyMODINIT_FUNC PyInit__uring(void) {
     PyModule_AddIntConstant(m, "SETUP_SINGLE_ISSUER", IORING_SETUP_SINGLE_ISSUER);
     PyModule_AddIntConstant(m, "SETUP_DEFER_TASKRUN", IORING_SETUP_DEFER_TASKRUN);
     PyModule_AddIntConstant(m, "SETUP_COOP_TASKRUN", IORING_SETUP_COOP_TASKRUN);
+    PyModule_AddIntConstant(m, "SUBMIT_EACH", (long)RING_SUBMIT_EACH);
     PyModule_AddIntConstant(m, "DONE", REASON_DONE);
     PyModule_AddIntConstant(m, "CLOSED", REASON_CLOSED);
     PyModule_AddIntConstant(m, "ABORTED", REASON_ABORTED);

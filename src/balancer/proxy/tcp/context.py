@@ -36,7 +36,7 @@ class Relays(Protocol):
     loops: int
     engine: UringRelay | None
     descriptors: int
-    """Descriptors a relayed connection holds: 2, or 4 with io_uring (the ring's dups)."""
+    """Descriptors a relayed connection holds: 2, or 3 with io_uring (the ring's dup)."""
     """The io_uring relay that takes connected pairs; None: the loop's transports relay."""
 
     def owner(self, backend: Backend) -> loopguard.Owner: ...

@@ -2,16 +2,19 @@
 
 How it works: picking the backend, connecting to it and everything before stays in
 asyncio (`relay`). Then, with `engine = "uvloop"`, the loop's transports relay (each side's
-`data_received` is the other's `write`). With `io_uring`, `ClientSide.attach` hands the
-pair to `UringRelay`, one per process (one io_uring, `balancer.net._uring`, C): both
-transports are paused and kept, the ring relays on duplicates of their two descriptors,
-with one bounded buffer per direction (a slow reader stalls the send, so the other side is
-not read), EOF passed on as shutdown(SHUT_WR), and completions signalled on an eventfd the
-loop watches (`add_reader`), so admin, health checks and the other modes share the loop.
+`data_received` is the other's `write`). With `io_uring`, the backend socket is never
+given to the loop (`held.HeldSocket` stands for its transport) and `ClientSide.attach`
+hands the pair to `UringRelay`, one per process (one io_uring, `balancer.net._uring`, C):
+the client's transport is paused and kept, the ring relays on a duplicate of its
+descriptor and on the held backend socket, with one bounded buffer per direction (a slow
+reader stalls the send, so the other side is not read), EOF passed on as
+shutdown(SHUT_WR), and completions signalled on an eventfd the loop watches
+(`add_reader`), so admin, health checks and the other modes share the loop. What one
+loop turn queues goes to the kernel in one io_uring_enter.
 
 The hand-back: when both directions have ended, or one side failed, or Python asked
 (`Pair.close`: send what was received, then end; `Pair.abort`: at once) the ring closes its
-duplicates and `settle` gives the pair back to its `ClientSide`, which does what the
+duplicate and `settle` gives the pair back to its `ClientSide`, which does what the
 uvloop relay does on the same event: close both transports, reset the client when the
 backend failed (a failure for the policy) or the backend when the client did. Since the
 transports keep their sockets all along, the byte counters (`TCP_INFO`, the same kernel
@@ -46,8 +49,13 @@ RING_ENTRIES = 1024
 BUFFER_SIZE = 64 * 1024
 """Bytes buffered per direction of a relayed pair: its memory bound in the ring."""
 SETUP_FLAGS_VAR = "BALANCER_IO_URING_SETUP"
-"""Extra io_uring_setup flags, comma separated: single_issuer, defer_taskrun, coop_taskrun,
-sqpoll (a kernel thread polling the ring: it takes a core)."""
+"""The io_uring_setup flags, comma separated, instead of the default `DEFAULT_SETUP`:
+single_issuer, coop_taskrun, defer_taskrun (with single_issuer), sqpoll (a kernel thread
+polling the ring: it takes a core), submit_each (no batching: one io_uring_enter per
+operation), or none. For measuring; see docs/benchmarks.md."""
+DEFAULT_SETUP = "single_issuer,coop_taskrun"
+"""Only the loop's thread submits, and completions run when it next enters the kernel
+rather than by interrupting it: measured the cheapest (docs/benchmarks.md)."""
 
 _DONE, _CLOSED, _ABORTED, _CLIENT_FAILED, _BACKEND_FAILED = range(5)
 
@@ -91,7 +99,7 @@ def _backend(client: Relayed) -> asyncio.Transport:
 
 
 def setup_flags() -> int:
-    """The io_uring_setup flags `BALANCER_IO_URING_SETUP` asks for."""
+    """The io_uring_setup flags: `BALANCER_IO_URING_SETUP`'s, else `DEFAULT_SETUP`'s."""
     from balancer.net import _uring
 
     names = {
@@ -99,9 +107,10 @@ def setup_flags() -> int:
         "defer_taskrun": _uring.SETUP_SINGLE_ISSUER | _uring.SETUP_DEFER_TASKRUN,
         "coop_taskrun": _uring.SETUP_COOP_TASKRUN,
         "sqpoll": _uring.SETUP_SQPOLL,
+        "submit_each": _uring.SUBMIT_EACH,
     }
     flags = 0
-    for word in os.environ.get(SETUP_FLAGS_VAR, "").split(","):
+    for word in os.environ.get(SETUP_FLAGS_VAR, DEFAULT_SETUP).split(","):
         if word.strip():
             flags |= names.get(word.strip(), 0)
     return flags
@@ -113,7 +122,13 @@ def open_ring(entries: int = RING_ENTRIES) -> Any:
         raise ImportError(f"compiled extensions are off ({native.ENV_VAR} is set)")
     from balancer.net import _uring
 
-    return _uring.Ring(entries, setup_flags(), BUFFER_SIZE)
+    flags = setup_flags()
+    try:
+        return _uring.Ring(entries, flags, BUFFER_SIZE)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or not flags:
+            raise
+        return _uring.Ring(entries, 0, BUFFER_SIZE)  # a kernel older than the flags
 
 
 def unavailable() -> str | None:
@@ -167,7 +182,8 @@ class Pair:
         self.engine.flush_soon()
 
     def abort(self) -> None:
-        """Stop at once; the ring closes its descriptors once the kernel lets them go."""
+        """Stop at once. The cancellation is submitted on this loop turn, before the held
+        backend socket closes (on the next): the ring names sockets by descriptor."""
         self.engine.ring.abort_pair(self.slot)
         self.engine.flush_soon()
 

@@ -181,7 +181,7 @@ class ClientSide(asyncio.Protocol):
         self.peer = address_of(transport.get_extra_info("peername"))
         if self.cut_if_loop():
             return
-        # this socket, the backend's about to be opened (and the io_uring engine's dups)
+        # this socket, the backend's about to be opened (and the io_uring engine's dup)
         admitted, self.fds = admit(len(svc.conns), svc.max_connections, svc.descriptors)
         if not admitted:
             self._refuse()

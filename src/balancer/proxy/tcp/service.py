@@ -65,7 +65,7 @@ class TcpService(Edge):
         self.engine_name = "uvloop"
         self.descriptors = 2
         """Descriptors a relayed connection holds: its socket, its backend's (and, with
-        io_uring, the ring's duplicates of both); held from the accept to the close."""
+        io_uring, the ring's duplicate of the client's); held from the accept to the close."""
         self.init_edge()
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -180,7 +180,7 @@ class TcpService(Edge):
         name, words = choose(self.config.name, self.config.engine)
         self.engine = shared(self.loop) if name == "io_uring" else None
         if self.engine is not None:  # never lowered: connections give back what they took
-            self.descriptors = 4
+            self.descriptors = 3
         self.engine_name = name
         log.info("service %s: tcp relay engine %s", self.config.name, words)
 
