@@ -10,6 +10,7 @@ import os
 import select
 import socket
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -235,4 +236,31 @@ def test_a_ring_pair_of_socketpairs_passes_eof_and_reports_it() -> None:
         client_peer.settimeout(STEP)
         assert client_peer.recv(100) == b"world"
         assert client_peer.recv(100) == b""
+    ring.close()
+
+
+@needs_ring
+def test_more_completions_at_once_than_the_completion_queue_holds_are_all_reaped() -> None:
+    """40 pairs ending at once post 80 completions to a ring whose completion queue holds
+    64: those past it wait in the kernel, and every pair is still reported."""
+    ring = engine.open_ring(8)
+    pairs = []
+    with ExitStack() as stack:
+        for n in range(40):
+            client_peer, client = socket.socketpair()
+            backend, backend_peer = socket.socketpair()
+            for sock in (client_peer, client, backend, backend_peer):
+                stack.enter_context(sock)
+            for sock in (client, backend):
+                sock.setblocking(False)
+            ring.add(client.fileno(), backend.fileno(), b"", False, n)
+            pairs.append((client_peer, backend_peer))
+        ring.flush()
+        for client_peer, backend_peer in pairs:
+            client_peer.shutdown(socket.SHUT_WR)
+            backend_peer.shutdown(socket.SHUT_WR)
+        finished: list[Any] = []
+        pump(ring, lambda: len(finished) == 40, finished)
+        assert sorted(token for token, *_ in finished) == list(range(40))
+        assert all(reason == 0 for _, reason, *_ in finished)
     ring.close()

@@ -98,17 +98,18 @@ static int sys_register(int fd, unsigned opcode, void *arg, unsigned nargs) {
     return (int)syscall(__NR_io_uring_register, fd, opcode, arg, nargs);
 }
 
-static int ring_submit(Ring *r) {
+static int ring_submit(Ring *r, int get_events) {
     unsigned flags = 0;
-    if (r->setup_flags & IORING_SETUP_DEFER_TASKRUN)
+    if (get_events || (r->setup_flags & IORING_SETUP_DEFER_TASKRUN))
         flags |= IORING_ENTER_GETEVENTS;
     if (r->setup_flags & IORING_SETUP_SQPOLL) {
         __atomic_store_n(r->sq_tail, *r->sq_tail, __ATOMIC_RELEASE);
         unsigned sqf = __atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE);
         r->queued = 0;
-        if (!(sqf & IORING_SQ_NEED_WAKEUP))
+        if (sqf & IORING_SQ_NEED_WAKEUP)
+            flags |= IORING_ENTER_SQ_WAKEUP;
+        if (!flags)
             return 0;
-        flags |= IORING_ENTER_SQ_WAKEUP;
         return sys_enter(r->ring_fd, 0, 0, flags) < 0 ? -errno : 0;
     }
     if (!r->queued && !flags)
@@ -128,7 +129,7 @@ static struct io_uring_sqe *ring_sqe(Ring *r) {
     unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
     unsigned tail = *r->sq_tail;
     if (tail - head >= r->sq_entries) {
-        ring_submit(r);
+        ring_submit(r, 0);
         head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
         if (tail - head >= r->sq_entries)
             return NULL;
@@ -169,7 +170,7 @@ static int queue_op(Ring *r, uint32_t slot, int op) {
     sqe->user_data = user_data(slot, op);
     p->pending++;
     if (r->submit_each)
-        ring_submit(r);
+        ring_submit(r, 0);
     return 0;
 }
 
@@ -337,7 +338,7 @@ static int ring_init(Ring *r, unsigned entries, unsigned flags, uint32_t max_pai
     struct io_uring_params params;
     memset(&params, 0, sizeof(params));
     params.flags = flags | IORING_SETUP_CQSIZE;
-    params.cq_entries = entries * 4;
+    params.cq_entries = entries * 8;
     if (flags & IORING_SETUP_SQPOLL)
         params.sq_thread_idle = 1000;
     r->ring_fd = sys_setup(entries, &params);
@@ -565,12 +566,16 @@ static PyObject *take_finished(Ring *self) {
 static PyObject *Ring_flush(Ring *self, PyObject *unused) {
     if (check_open(self) < 0)
         return NULL;
-    int rc = ring_submit(self);
+    int rc = ring_submit(self, 0);
     if (rc < 0) {
         errno = -rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return take_finished(self);
+}
+
+static int cq_overflowed(Ring *r) {
+    return (__atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_CQ_OVERFLOW) != 0;
 }
 
 static PyObject *Ring_reap(Ring *self, PyObject *unused) {
@@ -579,21 +584,21 @@ static PyObject *Ring_reap(Ring *self, PyObject *unused) {
     uint64_t count;
     if (read(self->event_fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
         return PyErr_SetFromErrno(PyExc_OSError);
-    if (self->setup_flags & IORING_SETUP_DEFER_TASKRUN)
-        ring_submit(self); /* runs the deferred completions */
-    while (ring_process(self) > 0) {
-        int rc = ring_submit(self);
+    int defer = (self->setup_flags & IORING_SETUP_DEFER_TASKRUN) != 0;
+    if (defer)
+        ring_submit(self, 1); /* runs the deferred completions */
+    /* Completions beyond the CQ's size wait in the kernel (no eventfd signal for them)
+     * until an io_uring_enter with GETEVENTS flushes them: go on until none is left. */
+    for (int round = 0; round < 4096; round++) {
+        int seen = ring_process(self);
+        int over = cq_overflowed(self);
+        int rc = ring_submit(self, over);
         if (rc < 0) {
             errno = -rc;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        if (!(self->setup_flags & IORING_SETUP_DEFER_TASKRUN))
+        if (!over && !(defer && seen))
             break;
-    }
-    int rc = ring_submit(self);
-    if (rc < 0) {
-        errno = -rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
     }
     return take_finished(self);
 }
