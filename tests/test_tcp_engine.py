@@ -11,6 +11,7 @@ import select
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -263,4 +264,61 @@ def test_more_completions_at_once_than_the_completion_queue_holds_are_all_reaped
         pump(ring, lambda: len(finished) == 40, finished)
         assert sorted(token for token, *_ in finished) == list(range(40))
         assert all(reason == 0 for _, reason, *_ in finished)
+    ring.close()
+
+
+@dataclass
+class Flow:
+    """One pair's two outer ends in a test: what was sent in, what came out."""
+
+    client_peer: socket.socket
+    backend_peer: socket.socket
+    sent: int = 0
+    got: bytearray = field(default_factory=bytearray)
+
+
+@needs_ring
+def test_more_stalled_directions_than_pool_buffers_wait_and_lose_nothing() -> None:
+    """300 pairs whose backends do not read hold more buffers than the pool has (256):
+    the recvs past it wait for a buffer; once the backends read, every byte arrives."""
+    ring = engine.open_ring(64)
+    payload = os.urandom(512 * 1024)
+    flows: list[Flow] = []
+    with ExitStack() as stack:
+        for n in range(300):
+            client_peer, client = socket.socketpair()
+            backend, backend_peer = socket.socketpair()
+            for sock in (client_peer, client, backend, backend_peer):
+                stack.enter_context(sock)
+                sock.setblocking(False)
+            ring.add(client.fileno(), backend.fileno(), b"", False, n)
+            flows.append(Flow(client_peer, backend_peer))
+        ring.flush()
+        finished: list[Any] = []
+
+        def step(reading: bool) -> bool:
+            for flow in flows:
+                if flow.sent < len(payload):
+                    try:
+                        flow.sent += flow.client_peer.send(payload[flow.sent : flow.sent + 65536])
+                    except BlockingIOError:
+                        pass
+                    if flow.sent == len(payload):
+                        flow.client_peer.shutdown(socket.SHUT_WR)
+                if reading:
+                    try:
+                        while chunk := flow.backend_peer.recv(1 << 20):
+                            flow.got += chunk
+                    except BlockingIOError:
+                        pass
+            return all(len(flow.got) == len(payload) for flow in flows)
+
+        for _ in range(50):  # the backends not reading: the pool runs out
+            step(reading=False)
+            select.select([ring.fileno()], [], [], 0.01)
+            finished += ring.reap()
+        assert ring.pooled
+        assert ring.waits > 0, "the pool never ran out: the test proves nothing"
+        pump(ring, lambda: step(reading=True), finished)
+        assert all(bytes(flow.got) == payload for flow in flows)
     ring.close()

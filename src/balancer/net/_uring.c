@@ -38,17 +38,20 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-enum { DIR_READING, DIR_WRITING, DIR_DONE };
+enum { DIR_READING, DIR_WRITING, DIR_DONE, DIR_WAITING /* for a buffer of the pool */ };
 enum { REASON_DONE, REASON_CLOSED, REASON_ABORTED, REASON_CLIENT, REASON_BACKEND };
 enum { OP_RECV0, OP_SEND0, OP_RECV1, OP_SEND1, OP_CANCEL };
 
 #define RING_SUBMIT_EACH (1u << 31) /* not io_uring's: submit each operation alone (measuring) */
+#define RING_NO_POOL (1u << 30)     /* not io_uring's: a buffer per direction, no shared pool */
+#define POOL_BUFFERS 256            /* buffers in the pool (a power of 2) */
 
 #define PAIR_CLOSING 1 /* close(): no new recv, what was received is sent */
 #define PAIR_STOPPED 2 /* failed or aborted: operations cancelled */
 
 typedef struct {
-    char *buf;     /* the direction's buffer (or the initial bytes, then the buffer) */
+    char *buf;     /* the direction's buffer (with the pool: the one holding what was received) */
+    int bid;       /* with the pool: that buffer's id, -1 when none is held */
     char *initial; /* bytes held before the hand-over, sent first; freed once sent */
     uint32_t len, off;
     uint8_t state;
@@ -68,7 +71,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD int ring_fd, event_fd;
     unsigned setup_flags;
-    int submit_each;
+    int submit_each, no_pool;
     uint32_t buffer_size;
     /* submission queue */
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *sq_flags;
@@ -79,6 +82,15 @@ typedef struct {
     struct io_uring_cqe *cqes;
     void *sq_map, *cq_map;
     size_t sq_map_len, cq_map_len, sqes_len;
+    /* the pool: buffers the kernel picks for each recv as data arrives (a provided-buffer
+     * ring), so an idle connection holds none; NULL: each direction has its own */
+    struct io_uring_buf_ring *pbuf;
+    char *pool;
+    size_t pbuf_len, pool_len;
+    uint16_t pbuf_tail;
+    uint32_t *waiting; /* (slot << 1 | direction) of recvs that found the pool empty */
+    uint32_t wait_head, wait_count;
+    uint64_t waits; /* recvs that found the pool empty, since the start */
     /* pairs */
     Pair *pairs;
     uint32_t npairs, *free_slots, nfree;
@@ -156,8 +168,13 @@ static int queue_op(Ring *r, uint32_t slot, int op) {
     if (op == OP_RECV0 || op == OP_RECV1) {
         sqe->opcode = IORING_OP_RECV;
         sqe->fd = p->fd[d];
-        sqe->addr = (uint64_t)(uintptr_t)dir->buf;
         sqe->len = r->buffer_size;
+        if (r->pool) {
+            sqe->flags |= IOSQE_BUFFER_SELECT;
+            sqe->buf_group = 0;
+        } else {
+            sqe->addr = (uint64_t)(uintptr_t)dir->buf;
+        }
         dir->state = DIR_READING;
     } else {
         sqe->opcode = IORING_OP_SEND;
@@ -171,6 +188,47 @@ static int queue_op(Ring *r, uint32_t slot, int op) {
     p->pending++;
     if (r->submit_each)
         ring_submit(r, 0);
+    return 0;
+}
+
+static void pool_add(Ring *r, unsigned bid) {
+    /* bufs[0].resv is the ring's tail: only addr, len and bid are written */
+    struct io_uring_buf *b = &r->pbuf->bufs[r->pbuf_tail & (POOL_BUFFERS - 1)];
+    b->addr = (uint64_t)(uintptr_t)(r->pool + (size_t)bid * r->buffer_size);
+    b->len = r->buffer_size;
+    b->bid = (uint16_t)bid;
+    r->pbuf_tail++;
+    __atomic_store_n(&r->pbuf->tail, r->pbuf_tail, __ATOMIC_RELEASE);
+}
+
+static void next_read(Ring *r, uint32_t slot, int d);
+
+/* Give a direction's buffer back to the pool, and a recv that waited for one its turn. */
+static void pool_return(Ring *r, Direction *dir) {
+    if (!r->pool || dir->bid < 0)
+        return;
+    pool_add(r, (unsigned)dir->bid);
+    dir->bid = -1;
+    dir->buf = NULL;
+    while (r->wait_count) {
+        uint32_t entry = r->waiting[r->wait_head];
+        r->wait_head = (r->wait_head + 1) % (2 * r->npairs);
+        r->wait_count--;
+        Pair *p = &r->pairs[entry >> 1];
+        if (p->token && !(p->flags & PAIR_STOPPED) && p->dir[entry & 1].state == DIR_WAITING) {
+            next_read(r, entry >> 1, entry & 1);
+            break;
+        }
+    }
+}
+
+static int pool_wait(Ring *r, uint32_t slot, int d) {
+    if (r->wait_count >= 2 * r->npairs)
+        return -1;
+    r->waiting[(r->wait_head + r->wait_count) % (2 * r->npairs)] = slot << 1 | (uint32_t)d;
+    r->wait_count++;
+    r->waits++;
+    r->pairs[slot].dir[d].state = DIR_WAITING;
     return 0;
 }
 
@@ -211,7 +269,10 @@ static void finish_pair(Ring *r, uint32_t slot) {
     Py_XDECREF(result);
     Py_CLEAR(p->token);
     for (int d = 0; d < 2; d++) {
-        free(p->dir[d].buf);
+        if (r->pool)
+            pool_return(r, &p->dir[d]);
+        else
+            free(p->dir[d].buf);
         free(p->dir[d].initial);
     }
     memset(p, 0, sizeof(*p));
@@ -230,7 +291,7 @@ static void next_read(Ring *r, uint32_t slot, int d) {
     }
 }
 
-static void complete(Ring *r, uint64_t data, int res) {
+static void complete(Ring *r, uint64_t data, int res, unsigned cflags) {
     uint32_t slot = (uint32_t)(data >> 3);
     int op = (int)(data & 7);
     if (slot >= r->npairs)
@@ -239,11 +300,21 @@ static void complete(Ring *r, uint64_t data, int res) {
     if (p->token == NULL)
         return;
     p->pending--;
+    if (op != OP_CANCEL && (cflags & IORING_CQE_F_BUFFER)) {
+        Direction *dir = &p->dir[op >> 1];
+        dir->bid = (int)(cflags >> IORING_CQE_BUFFER_SHIFT);
+        dir->buf = r->pool + (size_t)dir->bid * r->buffer_size;
+        if (res <= 0 || (p->flags & PAIR_STOPPED))
+            pool_return(r, dir);
+    }
     if (op != OP_CANCEL && !(p->flags & PAIR_STOPPED)) {
         int d = op >> 1;
         Direction *dir = &p->dir[d];
         if (op == OP_RECV0 || op == OP_RECV1) {
-            if (res > 0) {
+            if (res == -ENOBUFS && r->pool && !(p->flags & PAIR_CLOSING)) {
+                if (pool_wait(r, slot, d) < 0)
+                    stop_pair(r, slot, d ? REASON_BACKEND : REASON_CLIENT, ENOBUFS);
+            } else if (res > 0) {
                 dir->len = (uint32_t)res;
                 dir->off = 0;
                 dir->bytes += (uint64_t)res;
@@ -267,6 +338,8 @@ static void complete(Ring *r, uint64_t data, int res) {
                 if (dir->initial) {
                     free(dir->initial);
                     dir->initial = NULL;
+                } else {
+                    pool_return(r, dir);
                 }
                 next_read(r, slot, d);
             }
@@ -291,9 +364,10 @@ static int ring_process(Ring *r) {
             struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
             uint64_t data = cqe->user_data;
             int res = cqe->res;
+            unsigned cflags = cqe->flags;
             head++;
             __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-            complete(r, data, res);
+            complete(r, data, res, cflags);
             seen++;
         }
     }
@@ -306,8 +380,10 @@ static void ring_free(Ring *r) {
             Pair *p = &r->pairs[i];
             if (p->token) {
                 close(p->fd[0]);
-                free(p->dir[0].buf);
-                free(p->dir[1].buf);
+                if (!r->pool) {
+                    free(p->dir[0].buf);
+                    free(p->dir[1].buf);
+                }
                 free(p->dir[0].initial);
                 free(p->dir[1].initial);
                 Py_CLEAR(p->token);
@@ -327,11 +403,51 @@ static void ring_free(Ring *r) {
         munmap(r->sq_map, r->sq_map_len);
     r->sqes = NULL;
     r->sq_map = r->cq_map = NULL;
+    if (r->pool)
+        munmap(r->pool, r->pool_len);
+    if (r->pbuf)
+        munmap(r->pbuf, r->pbuf_len);
+    r->pool = NULL;
+    r->pbuf = NULL;
+    free(r->waiting);
+    r->waiting = NULL;
+    r->wait_head = r->wait_count = 0;
     free(r->pairs);
     free(r->free_slots);
     r->pairs = NULL;
     r->free_slots = NULL;
     r->npairs = r->nfree = r->active = 0;
+}
+
+/* The pool of buffers, registered as a provided-buffer ring; without it (a kernel before
+ * 5.19) each direction gets its own buffer. */
+static void pool_init(Ring *r) {
+    r->pbuf_len = POOL_BUFFERS * sizeof(struct io_uring_buf);
+    r->pool_len = (size_t)POOL_BUFFERS * r->buffer_size;
+    r->pbuf = mmap(NULL, r->pbuf_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    r->pool = mmap(NULL, r->pool_len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    r->waiting = malloc(2 * (size_t)r->npairs * sizeof(uint32_t));
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)r->pbuf;
+    reg.ring_entries = POOL_BUFFERS;
+    reg.bgid = 0;
+    if (r->pbuf == MAP_FAILED || r->pool == MAP_FAILED || !r->waiting ||
+        sys_register(r->ring_fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
+        if (r->pbuf != MAP_FAILED)
+            munmap(r->pbuf, r->pbuf_len);
+        if (r->pool != MAP_FAILED)
+            munmap(r->pool, r->pool_len);
+        free(r->waiting);
+        r->pbuf = NULL;
+        r->pool = NULL;
+        r->waiting = NULL;
+        return;
+    }
+    r->pbuf_tail = 0;
+    for (unsigned bid = 0; bid < POOL_BUFFERS; bid++)
+        pool_add(r, bid);
 }
 
 static int ring_init(Ring *r, unsigned entries, unsigned flags, uint32_t max_pairs) {
@@ -388,6 +504,8 @@ static int ring_init(Ring *r, unsigned entries, unsigned flags, uint32_t max_pai
     for (uint32_t i = 0; i < max_pairs; i++)
         r->free_slots[i] = max_pairs - 1 - i;
     r->nfree = max_pairs;
+    if (!r->no_pool)
+        pool_init(r);
     return 0;
 }
 
@@ -404,7 +522,8 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwds) {
     ring_free(self);
     self->buffer_size = buffer_size;
     self->submit_each = (flags & RING_SUBMIT_EACH) != 0;
-    flags &= ~RING_SUBMIT_EACH;
+    self->no_pool = (flags & RING_NO_POOL) != 0;
+    flags &= ~(RING_SUBMIT_EACH | RING_NO_POOL);
     int rc = ring_init(self, entries, flags, max_pairs);
     if (rc < 0) {
         ring_free(self);
@@ -459,11 +578,14 @@ static PyObject *Ring_add(Ring *self, PyObject *args) {
     memset(p, 0, sizeof(*p));
     p->fd[0] = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
     p->fd[1] = backend_fd;
-    p->dir[0].buf = malloc(self->buffer_size);
-    p->dir[1].buf = malloc(self->buffer_size);
+    p->dir[0].bid = p->dir[1].bid = -1;
+    if (!self->pool) {
+        p->dir[0].buf = malloc(self->buffer_size);
+        p->dir[1].buf = malloc(self->buffer_size);
+    }
     if (initial.len > 0 && (p->dir[0].initial = malloc((size_t)initial.len)) != NULL)
         memcpy(p->dir[0].initial, initial.buf, (size_t)initial.len);
-    int failed = p->fd[0] < 0 || !p->dir[0].buf || !p->dir[1].buf ||
+    int failed = p->fd[0] < 0 || (!self->pool && (!p->dir[0].buf || !p->dir[1].buf)) ||
                  (initial.len > 0 && !p->dir[0].initial);
     int err = errno;
     if (failed) {
@@ -517,6 +639,11 @@ static PyObject *Ring_close_pair(Ring *self, PyObject *arg) {
         p->flags |= PAIR_CLOSING;
         /* cancel the recvs in flight; the sends finish, then each direction ends */
         for (int d = 0; d < 2; d++) {
+            if (p->dir[d].state == DIR_WAITING) { /* nothing received: it ends now */
+                p->dir[d].state = DIR_DONE;
+                shutdown(p->fd[1 - d], SHUT_WR);
+                continue;
+            }
             if (p->dir[d].state != DIR_READING)
                 continue;
             struct io_uring_sqe *sqe = ring_sqe(self);
@@ -618,6 +745,14 @@ static PyObject *Ring_get_active(Ring *self, void *closure) {
     return PyLong_FromUnsignedLong(self->active);
 }
 
+static PyObject *Ring_get_waits(Ring *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->waits);
+}
+
+static PyObject *Ring_get_pooled(Ring *self, void *closure) {
+    return PyBool_FromLong(self->pool != NULL);
+}
+
 static PyObject *Ring_get_queued(Ring *self, void *closure) {
     return PyLong_FromUnsignedLong(self->queued);
 }
@@ -644,6 +779,8 @@ static PyMethodDef Ring_methods[] = {
 static PyGetSetDef Ring_getset[] = {
     {"active", (getter)Ring_get_active, NULL, "pairs being relayed", NULL},
     {"queued", (getter)Ring_get_queued, NULL, "submissions not yet given to the kernel", NULL},
+    {"pooled", (getter)Ring_get_pooled, NULL, "recvs take buffers from the shared pool", NULL},
+    {"waits", (getter)Ring_get_waits, NULL, "recvs that found the pool empty and waited", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -681,6 +818,7 @@ PyMODINIT_FUNC PyInit__uring(void) {
     PyModule_AddIntConstant(m, "SETUP_DEFER_TASKRUN", IORING_SETUP_DEFER_TASKRUN);
     PyModule_AddIntConstant(m, "SETUP_COOP_TASKRUN", IORING_SETUP_COOP_TASKRUN);
     PyModule_AddIntConstant(m, "SUBMIT_EACH", (long)RING_SUBMIT_EACH);
+    PyModule_AddIntConstant(m, "NO_POOL", (long)RING_NO_POOL);
     PyModule_AddIntConstant(m, "DONE", REASON_DONE);
     PyModule_AddIntConstant(m, "CLOSED", REASON_CLOSED);
     PyModule_AddIntConstant(m, "ABORTED", REASON_ABORTED);

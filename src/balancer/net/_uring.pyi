@@ -7,6 +7,7 @@ SETUP_SINGLE_ISSUER: int
 SETUP_DEFER_TASKRUN: int
 SETUP_COOP_TASKRUN: int
 SUBMIT_EACH: int
+NO_POOL: int
 DONE: int
 CLOSED: int
 ABORTED: int
@@ -16,6 +17,8 @@ BACKEND_FAILED: int
 class Ring:
     active: int
     queued: int
+    pooled: bool
+    waits: int
     def __init__(
         self, entries: int = ..., flags: int = ..., buffer_size: int = ..., max_pairs: int = ...
     ) -> None: ...

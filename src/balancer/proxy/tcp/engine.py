@@ -52,7 +52,8 @@ SETUP_FLAGS_VAR = "BALANCER_IO_URING_SETUP"
 """The io_uring_setup flags, comma separated, instead of the default `DEFAULT_SETUP`:
 single_issuer, coop_taskrun, defer_taskrun (with single_issuer), sqpoll (a kernel thread
 polling the ring: it takes a core), submit_each (no batching: one io_uring_enter per
-operation), or none. For measuring; see docs/benchmarks.md."""
+operation), no_pool (a buffer per direction instead of the shared pool), or none. For
+measuring; see docs/benchmarks.md."""
 DEFAULT_SETUP = "single_issuer,coop_taskrun"
 """Only the loop's thread submits, and completions run when it next enters the kernel
 rather than by interrupting it: measured the cheapest (docs/benchmarks.md)."""
@@ -108,6 +109,7 @@ def setup_flags() -> int:
         "coop_taskrun": _uring.SETUP_COOP_TASKRUN,
         "sqpoll": _uring.SETUP_SQPOLL,
         "submit_each": _uring.SUBMIT_EACH,
+        "no_pool": _uring.NO_POOL,
     }
     flags = 0
     for word in os.environ.get(SETUP_FLAGS_VAR, DEFAULT_SETUP).split(","):

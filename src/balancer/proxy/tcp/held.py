@@ -15,27 +15,38 @@ import asyncio
 import socket
 from typing import Any
 
+_NO_EXTRA: dict[str, Any] = {}
+"""What `asyncio.BaseTransport` keeps; here every answer comes from the socket."""
+
 
 class HeldSocket(asyncio.Transport):
     """A connected socket held for the ring, dressed as a transport."""
 
+    __slots__ = ("_closing", "_loop", "_protocol", "_sock")
+
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol
     ) -> None:
-        super().__init__()
+        self._extra: dict[str, Any] = _NO_EXTRA
         self._loop = loop
         self._sock: socket.socket | None = sock
         self._protocol = protocol
-        self._extra = {
-            "socket": sock,
-            "peername": sock.getpeername(),
-            "sockname": sock.getsockname(),
-        }
+        self._closing = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "socket":
-            return self._sock if self._sock is not None else default
-        return self._extra.get(name, default)
+        sock = self._sock
+        if sock is None:
+            return default
+        try:
+            if name == "socket":
+                return sock
+            if name == "peername":
+                return sock.getpeername()
+            if name == "sockname":
+                return sock.getsockname()
+        except OSError:
+            pass
+        return default
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
@@ -44,7 +55,7 @@ class HeldSocket(asyncio.Transport):
         return self._protocol
 
     def is_closing(self) -> bool:
-        return self._sock is None or "closing" in self._extra
+        return self._closing
 
     def is_reading(self) -> bool:
         return False
@@ -77,9 +88,9 @@ class HeldSocket(asyncio.Transport):
     def close(self) -> None:
         """Report the connection lost on the next loop turn, then close the socket (as a
         loop's transport does: the protocol still sees the socket open)."""
-        if self.is_closing():
+        if self._closing:
             return
-        self._extra["closing"] = True
+        self._closing = True
         self._loop.call_soon(self._lost)
 
     def abort(self) -> None:
