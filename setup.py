@@ -1,10 +1,12 @@
 """Build of the compiled extensions; the package's metadata is in pyproject.toml.
 
-Two kinds: the message-mode hot path, compiled by Cython from the package's own `.py`
+Three kinds: the message-mode hot path, compiled by Cython from the package's own `.py`
 sources (the list is `balancer.native.COMPILED`; the `.py` files stay and are what runs with
-`BALANCER_NO_EXTENSIONS=1`), and the load client's engine, written in C. Both are optional:
-a machine that cannot build them still gets a working, pure Python balancer, and
-`balancer --version` says which implementation runs.
+`BALANCER_NO_EXTENSIONS=1`), and two written in C: the load client's engine and tcp mode's
+io_uring relay engine (raw system calls: nothing needed beyond the kernel headers). All are
+optional: a machine that cannot build them still gets a working, pure Python balancer
+(tcp mode's `engine = "auto"` then relays with uvloop), and `balancer --version` says which
+implementation runs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ setup(
         Extension(
             "balancer.tools._loadgen",
             ["src/balancer/tools/_loadgen.c"],
+            extra_compile_args=[*C_FLAGS, "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
+        Extension(
+            "balancer.net._uring",
+            ["src/balancer/net/_uring.c"],
             extra_compile_args=[*C_FLAGS, "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),

@@ -1,18 +1,23 @@
 """TCP mode against HAProxy (mode tcp, nbthread 1) and a direct connection.
 
-    .venv/bin/python bench/tcp_bench.py [--rounds 3] [--quick] [--only TEXT ...]
+    .venv/bin/python bench/tcp_bench.py [--rounds 3] [--quick] [--only TEXT ...] [--strace]
 
 Starts two redis-servers and nginx on loopback ports, then the balancer
 (`python -m balancer serve` with a generated TOML, admin and health checks
-off, uvloop) and HAProxy over the same backends, and runs in alternating
-rounds: redis-benchmark -c 50 with small values (-P 1, -P 16) and 100 KB
-values, and wrk against nginx's small page. For each it records requests/s,
+off, uvloop) twice, once per relay engine (`ours`: engine = "uvloop", `uring`:
+engine = "io_uring", left out where io_uring cannot be set up), and HAProxy over
+the same backends, and runs in alternating rounds: redis-benchmark -c 50 with
+small values (-P 1, -P 16) and 100 KB values, and wrk against nginx's small
+page. For each it records requests/s, the load generator's CPU,
 p50/p99 latency, the proxy's CPU seconds per 100k requests and the whole
 machine's (all processes and the kernel's softirq work: load generator,
 backends and proxy; direct gives the cost without a proxy) (psutil), then
 the RSS each proxy adds per idle proxied connection with 5,000 connections
 open. Medians over rounds go to bench/results/tcp.json and bench/results/tcp.md;
-with --only, the chosen workloads run and their medians are printed only.
+with --only, the chosen workloads run and their medians are printed only. With
+--strace, each proxy instead runs redis-benchmark -P 1 and -P 16 under
+`strace -c -f` and the system calls per request are printed (strace slows the
+proxy down many times: its figures are counts, not speeds).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import json
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +54,8 @@ from tests.peers import (  # noqa: E402
     wait_connectable,
 )
 
+from balancer.proxy.tcp import engine  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 IDLE_CONNECTIONS = 5000
 
@@ -60,16 +68,17 @@ def raise_nofile() -> None:
 
 def _raise_child_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * IDLE_CONNECTIONS))
+    want = min(hard, max(soft, 6 * IDLE_CONNECTIONS))  # 4 descriptors each with io_uring
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def tcp_config(backends: list[str]) -> str:
+def tcp_config(backends: list[str], engine: str = "uvloop") -> str:
     listed = ", ".join(f'"{b}"' for b in backends)
     return (
         "[services.bench]\n"
         f'listen = "{HOST}:0"\n'
         'mode = "tcp"\n'
+        f'engine = "{engine}"\n'
         'algorithm = "round_robin"\n'
         f"backends = [{listed}]\n"
         "[services.bench.health]\n"
@@ -78,11 +87,11 @@ def tcp_config(backends: list[str]) -> str:
 
 
 @contextmanager
-def our_relay(backends: list[str]) -> Iterator[Peer]:
+def our_relay(backends: list[str], engine: str = "uvloop") -> Iterator[Peer]:
     """`balancer serve` with one tcp service over `backends`, admin off, no health checks."""
     with tempfile.TemporaryDirectory(prefix="balancer-tcp-bench-") as tmp:
         cfg = Path(tmp) / "tcp.toml"
-        cfg.write_text(tcp_config(backends))
+        cfg.write_text(tcp_config(backends, engine))
         args = [sys.executable, "-m", "balancer", "serve", str(cfg), "--admin", "off"]
         proc = subprocess.Popen(
             args,
@@ -226,6 +235,9 @@ def main() -> int:
         help="run only workloads whose name contains TEXT ('idle' for the RSS run); "
         "results are printed, not written",
     )
+    parser.add_argument(
+        "--strace", action="store_true", help="count system calls per request instead"
+    )
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     scale = 0.2 if args.quick else 1.0
@@ -240,8 +252,9 @@ def main() -> int:
     if args.only:
         workloads = {k: v for k, v in workloads.items() if any(o in k for o in args.only)}
     measure_idle = not args.only or "idle" in args.only
+    proxies = ["ours", "uring", "haproxy"] if engine.unavailable() is None else ["ours", "haproxy"]
     samples: dict[str, dict[str, list[dict[str, float]]]] = {
-        w: {"ours": [], "haproxy": [], "direct": []} for w in workloads
+        w: {t: [] for t in [*proxies, "direct"]} for w in workloads
     }
     idle: dict[str, float] = {}
 
@@ -250,48 +263,56 @@ def main() -> int:
         r2 = stack.enter_context(redis_server())
         web = stack.enter_context(nginx())
         redis_backends = [r1.address, r2.address]
-        ours_redis = stack.enter_context(our_relay(redis_backends))
-        hap_redis = stack.enter_context(haproxy(redis_backends))
-        ours_web = stack.enter_context(our_relay([web.address]))
-        hap_web = stack.enter_context(haproxy([web.address]))
-        targets = {
-            "redis": {
-                "ours": (ours_redis.port, ours_redis.proc.pid),
-                "haproxy": (hap_redis.port, hap_redis.proc.pid),
-                "direct": (r1.port, None),
-            },
-            "wrk": {
-                "ours": (ours_web.port, ours_web.proc.pid),
-                "haproxy": (hap_web.port, hap_web.proc.pid),
-                "direct": (web.port, None),
-            },
+        targets: dict[str, dict[str, tuple[int, int | None]]] = {
+            "redis": {"direct": (r1.port, None)},
+            "wrk": {"direct": (web.port, None)},
         }
+        for kind, backends in (("redis", redis_backends), ("wrk", [web.address])):
+            for target in proxies:
+                if target == "haproxy":
+                    peer = stack.enter_context(haproxy(backends))
+                else:
+                    which = "io_uring" if target == "uring" else "uvloop"
+                    peer = stack.enter_context(our_relay(backends, which))
+                targets[kind][target] = (peer.port, peer.proc.pid)
+        if args.strace:
+            for target in proxies:
+                port, pid = targets["redis"][target]
+                assert pid is not None
+                for pipeline in (1, 16):
+                    calls = syscalls_per_request(pid, port, pipeline, int(20_000 * scale))
+                    print(f"syscalls {target:8} -P {pipeline:<2} {calls:.3f} per request")
+            return 0
         for rnd in range(rounds):
             for name, w in workloads.items():
-                order = ["ours", "haproxy", "direct"]
+                order = [*proxies, "direct"]
                 if rnd % 2:
                     order.reverse()
                 for target in order:
                     port, pid = targets[w["kind"]][target]
                     cpu0 = cpu_seconds(pid)
                     busy0 = machine_busy_seconds()
+                    load0 = children_cpu_seconds()
                     if w["kind"] == "redis":
                         res = run_redis_benchmark(port, w["pipeline"], w["size"], w["n"])
                     else:
                         res = run_wrk(port, w["seconds"])
                     cpu = cpu_seconds(pid) - cpu0
                     busy = machine_busy_seconds() - busy0
+                    load = children_cpu_seconds() - load0
                     res["cpu_s_per_100k"] = cpu / res["requests"] * 100_000 if pid else 0.0
                     res["machine_cpu_s_per_100k"] = busy / res["requests"] * 100_000
+                    res["loadgen_cpu_s_per_100k"] = load / res["requests"] * 100_000
                     samples[name][target].append(res)
                     print(
                         f"round {rnd + 1} {name:16} {target:8} {res['rps']:>11.0f} req/s "
                         f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms "
                         f"cpu {res['cpu_s_per_100k']:.3f} s/100k "
-                        f"machine {res['machine_cpu_s_per_100k']:.3f} s/100k",
+                        f"machine {res['machine_cpu_s_per_100k']:.3f} s/100k "
+                        f"loadgen {res['loadgen_cpu_s_per_100k']:.3f} s/100k",
                         flush=True,
                     )
-        for target in ("ours", "haproxy") if measure_idle else ():
+        for target in proxies if measure_idle else ():
             port, pid = targets["redis"][target]
             assert pid is not None
             idle[target] = idle_rss_per_connection(pid, port)
@@ -312,6 +333,35 @@ def main() -> int:
     return 0
 
 
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children: the load generator's runs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def syscalls_per_request(pid: int, port: int, pipeline: int, n: int) -> float:
+    """System calls the proxy `pid` (all its threads) makes per request of a redis-benchmark
+    run of `n` SET and `n` GET, counted by `strace -c -f`."""
+    with tempfile.TemporaryDirectory(prefix="balancer-strace-") as tmp:
+        out = Path(tmp) / "strace.txt"
+        tracer = subprocess.Popen(
+            [need("strace"), "-c", "-f", "-o", str(out), "-p", str(pid)],
+            stderr=subprocess.PIPE,
+        )
+        assert tracer.stderr is not None
+        tracer.stderr.readline()  # "strace: Process N attached"
+        result = run_redis_benchmark(port, pipeline, 3, n)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+        tracer.stderr.close()
+        total = out.read_text().strip().splitlines()[-1].split()
+    return int(total[3]) / result["requests"]
+
+
+ENGINES = {"ours": "uvloop", "uring": "io_uring"}
+"""Our targets and the relay engine each runs."""
+
+
 def summarise(
     samples: dict[str, dict[str, list[dict[str, float]]]], idle: dict[str, float], rounds: int
 ) -> dict[str, Any]:
@@ -320,17 +370,25 @@ def summarise(
         med = {
             t: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
             for t, runs in per_target.items()
+            if runs
         }
-        ours, hap = med["ours"], med["haproxy"]
-        med["ratio_ours_haproxy"] = {
-            "rps": ours["rps"] / hap["rps"],
-            "cpu_per_request": ours["cpu_s_per_100k"] / hap["cpu_s_per_100k"],
-            "machine_cpu_per_request": ours["machine_cpu_s_per_100k"]
-            / hap["machine_cpu_s_per_100k"],
-            "p99": ours["p99_ms"] / hap["p99_ms"],
-        }
+        hap = med["haproxy"]
+        for target in ENGINES:
+            if target not in med:
+                continue
+            ours = med[target]
+            med[f"ratio_{target}_haproxy"] = {
+                "rps": ours["rps"] / hap["rps"],
+                "cpu_per_request": ours["cpu_s_per_100k"] / hap["cpu_s_per_100k"],
+                "machine_cpu_per_request": ours["machine_cpu_s_per_100k"]
+                / hap["machine_cpu_s_per_100k"],
+                "p99": ours["p99_ms"] / hap["p99_ms"],
+            }
         out["workloads"][name] = med
-    out["idle_rss_bytes_per_connection"] = {**idle, "ratio": idle["ours"] / idle["haproxy"]}
+    out["idle_rss_bytes_per_connection"] = {
+        **idle,
+        **{f"ratio_{t}": idle[t] / idle["haproxy"] for t in ENGINES if t in idle},
+    }
     return out
 
 
@@ -341,42 +399,54 @@ def markdown(report: dict[str, Any]) -> str:
         f"Medians of {report['rounds']} alternating rounds on {report['cpus']} CPUs. "
         "redis-benchmark -c 50 (SET+GET), wrk -t1 -c50 against nginx; direct = no proxy "
         "(redis: one of the two backends). Proxy CPU is the proxy process only; ours is "
-        "`python -m balancer serve` on uvloop. Machine CPU is every CPU's busy time "
-        "(load generator, backends, proxy, the kernel's network work) per 100k requests.",
+        '`python -m balancer serve` on uvloop with engine = "uvloop", uring the same with '
+        'engine = "io_uring". Machine CPU is every CPU\'s busy time '
+        "(load generator, backends, proxy, the kernel's network work) per 100k requests; "
+        "load generator CPU is redis-benchmark's or wrk's own.",
         "",
         "| workload | target | req/s | p50 ms | p99 ms | proxy CPU s / 100k req | "
-        "machine CPU s / 100k req |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "machine CPU s / 100k req | load generator CPU s / 100k req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, med in report["workloads"].items():
-        for target in ("ours", "haproxy", "direct"):
+        for target in ("ours", "uring", "haproxy", "direct"):
+            if target not in med:
+                continue
             m = med[target]
             cpu = f"{m['cpu_s_per_100k']:.3f}" if target != "direct" else "-"
-            machine = m.get("machine_cpu_s_per_100k")
-            machine_cell = f"{machine:.3f}" if machine is not None else "-"
+            cells = [
+                f"{m[k]:.3f}" if k in m else "-"
+                for k in ("machine_cpu_s_per_100k", "loadgen_cpu_s_per_100k")
+            ]
             lines.append(
                 f"| {name} | {target} | {m['rps']:.0f} | {m['p50_ms']:.3f} | "
-                f"{m['p99_ms']:.3f} | {cpu} | {machine_cell} |"
+                f"{m['p99_ms']:.3f} | {cpu} | {' | '.join(cells)} |"
             )
     lines += [
         "",
-        "| workload | ours/HAProxy req/s | ours/HAProxy proxy CPU per req | "
+        "| workload | engine | ours/HAProxy req/s | ours/HAProxy proxy CPU per req | "
         "ours/HAProxy machine CPU per req | p99 ratio |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, med in report["workloads"].items():
-        r = med["ratio_ours_haproxy"]
-        machine_ratio = r.get("machine_cpu_per_request")
-        machine_cell = f"{machine_ratio:.2f}" if machine_ratio is not None else "-"
-        lines.append(
-            f"| {name} | {r['rps']:.2f} | {r['cpu_per_request']:.2f} | {machine_cell} | "
-            f"{r['p99']:.2f} |"
-        )
+        for target, engine_name in ENGINES.items():
+            r = med.get(f"ratio_{target}_haproxy")
+            if r is None:
+                continue
+            lines.append(
+                f"| {name} | {engine_name} | {r['rps']:.2f} | {r['cpu_per_request']:.2f} | "
+                f"{r['machine_cpu_per_request']:.2f} | {r['p99']:.2f} |"
+            )
     idle = report["idle_rss_bytes_per_connection"]
+    ours = ", ".join(
+        f"ours ({ENGINES[t]}) {idle[t]:.0f} B (ratio {idle[f'ratio_{t}']:.2f})"
+        for t in ENGINES
+        if t in idle
+    )
     lines += [
         "",
-        f"RSS per idle proxied connection ({IDLE_CONNECTIONS} open): ours {idle['ours']:.0f} B, "
-        f"HAProxy {idle['haproxy']:.0f} B (ratio {idle['ratio']:.2f}).",
+        f"RSS per idle proxied connection ({IDLE_CONNECTIONS} open): {ours}; "
+        f"HAProxy {idle['haproxy']:.0f} B.",
         "",
     ]
     return "\n".join(lines)

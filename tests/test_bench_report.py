@@ -80,11 +80,12 @@ def test_tcp_bench_summary_reports_proxy_and_machine_cpu_ratios() -> None:
     }
     report = tcp_bench.summarise(samples, {"ours": 2600.0, "haproxy": 3300.0}, rounds=3)
     ratio = report["workloads"]["redis P1 small"]["ratio_ours_haproxy"]
+    assert "ratio_uring_haproxy" not in report["workloads"]["redis P1 small"]
     # medians over rounds first, then ours / HAProxy
     assert ratio["rps"] == 100.0 / 80.0
     assert ratio["cpu_per_request"] == 1.1 / 1.0
     assert ratio["machine_cpu_per_request"] == 2.3 / 2.0
     table = tcp_bench.markdown(report)
-    assert "| redis P1 small | 1.25 | 1.10 | 1.15 | 1.00 |" in table
-    assert "| redis P1 small | direct | 150 | 0.500 | 1.000 | - | 1.200 |" in table
-    assert "ours 2600 B, HAProxy 3300 B (ratio 0.79)" in table
+    assert "| redis P1 small | uvloop | 1.25 | 1.10 | 1.15 | 1.00 |" in table
+    assert "| redis P1 small | direct | 150 | 0.500 | 1.000 | - | 1.200 | - |" in table
+    assert "ours (uvloop) 2600 B (ratio 0.79); HAProxy 3300 B" in table

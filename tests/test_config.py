@@ -112,6 +112,7 @@ idle_timeout = 600
 max_connections = 100
 max_backend_connections = 10
 connect_buffer = 65536
+engine = "uvloop"
 accept_proxy = true
 accept_proxy_from = ["10.0.0.0/8", "::1"]
 proxy_timeout = 2.5
@@ -308,6 +309,7 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
                 max_connections=100,
                 max_backend_connections=10,
                 connect_buffer=65536,
+                engine="uvloop",
                 health=HealthConfig(interval=0.5, jitter=0.0, send=None, expect=None),
                 accept_proxy=True,
                 accept_proxy_from=("10.0.0.0/8", "::1"),

@@ -506,7 +506,7 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
         "mode, algorithm, backend_framing, client_framing, max_line, retries, connect_timeout, "
         "response_timeout, backend_connections, hash_key, hash_balance_factor, slow_start, "
         "policy_options, client_timeout, idle_timeout, max_connections, "
-        "max_backend_connections, connect_buffer, max_backend_requests, queue_size, "
+        "max_backend_connections, connect_buffer, engine, max_backend_requests, queue_size, "
         "queue_timeout, retry_budget_percent, retry_budget_min, max_buffered, accept_proxy, "
         "accept_proxy_from, proxy_timeout, send_proxy, client_hello_timeout, discover, "
         "backend_tls, backends, health, http, outlier, routes, sni_routes, tls"

@@ -28,6 +28,12 @@ from tests.support import (
 pytestmark = [pytest.mark.peers, pytest.mark.e2e]
 
 
+@pytest.fixture(params=["uvloop", "io_uring"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each test runs with both relay engines."""
+    return str(request.param)
+
+
 @pytest.fixture
 def redis_pair() -> Iterator[tuple[Peer, Peer]]:
     with redis_server() as a, redis_server() as b:
@@ -35,7 +41,7 @@ def redis_pair() -> Iterator[tuple[Peer, Peer]]:
 
 
 def test_tcp_and_message_services_run_side_by_side(
-    tmp_path: Path, redis_pair: tuple[Peer, Peer]
+    engine: str, tmp_path: Path, redis_pair: tuple[Peer, Peer]
 ) -> None:
     numbers = start_service()
     cfg = tmp_path / "both.toml"
@@ -44,6 +50,7 @@ def test_tcp_and_message_services_run_side_by_side(
 [services.redis]
 listen = "127.0.0.1:0"
 mode = "tcp"
+engine = "{engine}"
 algorithm = "round_robin"
 backends = ["{redis_pair[0].address}", "{redis_pair[1].address}"]
 [services.redis.health]
@@ -134,7 +141,7 @@ def served_by(port: int, connections: int) -> list[int]:
 
 
 def test_tcp_backend_down_at_start_is_skipped_then_found_by_connect_checks(
-    tmp_path: Path, redis_pair: tuple[Peer, Peer]
+    engine: str, tmp_path: Path, redis_pair: tuple[Peer, Peer]
 ) -> None:
     alive = redis_pair[0]
     later = free_port()  # nothing listens there yet
@@ -144,6 +151,7 @@ def test_tcp_backend_down_at_start_is_skipped_then_found_by_connect_checks(
 [services.redis]
 listen = "127.0.0.1:0"
 mode = "tcp"
+engine = "{engine}"
 backends = ["{alive.address}", "127.0.0.1:{later}"]
 [services.redis.health]
 interval = 0.2
@@ -170,7 +178,7 @@ rise = 2
 
 
 def test_refused_connections_in_status_and_metrics(
-    tmp_path: Path, redis_pair: tuple[Peer, Peer]
+    engine: str, tmp_path: Path, redis_pair: tuple[Peer, Peer]
 ) -> None:
     cfg = tmp_path / "tcp.toml"
     cfg.write_text(
@@ -178,6 +186,7 @@ def test_refused_connections_in_status_and_metrics(
 [services.redis]
 listen = "127.0.0.1:0"
 mode = "tcp"
+engine = "{engine}"
 max_connections = 1
 backends = ["{redis_pair[0].address}"]
 """
@@ -220,7 +229,7 @@ def start_with_nofile_limit(config: Path) -> BalancerProc:
 
 
 def test_more_clients_than_descriptors_are_refused_and_the_backend_stays_up(
-    tmp_path: Path, redis_pair: tuple[Peer, Peer]
+    engine: str, tmp_path: Path, redis_pair: tuple[Peer, Peer]
 ) -> None:
     """`ulimit -n 128` and 200 clients at once: the balancer refuses those beyond its
     descriptor budget, serves the others, keeps its backend up and its admin answering."""
@@ -231,6 +240,7 @@ def test_more_clients_than_descriptors_are_refused_and_the_backend_stays_up(
 [services.redis]
 listen = "127.0.0.1:0"
 mode = "tcp"
+engine = "{engine}"
 backends = ["{redis.address}"]
 [services.redis.health]
 interval = 0.5

@@ -40,7 +40,7 @@ class ConfigError(BalancerError):
 
     def describe(self) -> str:
         """This error alone, on one line."""
-        parts = [self.source]
+        parts = [self.source] if self.source else []
         if self.line is not None and not self.where.startswith("line "):
             parts.append(f"line {self.line}")
         if self.where:

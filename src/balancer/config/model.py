@@ -50,6 +50,8 @@ DEFAULT_LISTEN = "localhost:8080"
 SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 MODES = ("message", "tcp", "http")
+TCP_ENGINES = ("auto", "io_uring", "uvloop")
+"""What relays a tcp-mode connection once its backend is connected (`proxy.tcp.engine`)."""
 FRAMINGS = ("line", "raw", "auto")
 """Backend framing: `auto` lets the first health check find out which one a backend speaks."""
 CLIENT_FRAMINGS = ("line", "raw", "auto")
@@ -328,6 +330,8 @@ class ServiceConfig:
     """Tcp mode: relayed connections per backend at once; 0 = unlimited."""
     connect_buffer: int = 256 * 1024
     """Tcp mode: client bytes held while the backend connection is being made."""
+    engine: str = "auto"
+    """Tcp mode: "io_uring", "uvloop" (the loop's transports) or "auto" (io_uring if it works)."""
     max_backend_requests: int = 0
     """Message mode: requests in flight per backend; beyond it requests queue. 0 = unlimited."""
     queue_size: int = 1024

@@ -147,6 +147,10 @@ MEANINGS: dict[str, dict[str, str]] = {
         "max_connections": "client connections at once; beyond it new ones are refused",
         "max_backend_connections": "tcp mode: relayed connections per backend at once",
         "connect_buffer": "tcp mode: client bytes held while the backend connection is made",
+        "engine": 'tcp mode: what relays the bytes once the backend is connected: "io_uring" '
+        '(one ring for the process), "uvloop" (the event loop\'s transports) or "auto" '
+        "(io_uring where the kernel allows it, else uvloop; see the TCP section of "
+        "docs/behaviour.md)",
         "max_backend_requests": "message mode: requests in flight per backend; beyond it "
         "requests queue",
         "queue_size": "message mode: requests waiting for a backend; beyond it an error reply",

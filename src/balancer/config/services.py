@@ -25,6 +25,7 @@ from balancer.config.model import (
     MODES,
     PROXY_VERSIONS,
     SERVICE_NAME_RE,
+    TCP_ENGINES,
     BackendConfig,
     OutlierConfig,
     ServiceConfig,
@@ -338,6 +339,7 @@ def read_service(
             "max_backend_connections", defaults.max_backend_connections
         ),
         connect_buffer=t.bounded_int("connect_buffer", defaults.connect_buffer),
+        engine=t.choice("engine", defaults.engine, TCP_ENGINES),
         max_backend_requests=t.bounded_int("max_backend_requests", defaults.max_backend_requests),
         queue_size=t.bounded_int("queue_size", defaults.queue_size),
         queue_timeout=t.bounded("queue_timeout", defaults.queue_timeout),

@@ -103,9 +103,8 @@ class FdBudget:
         self.clients += 1
         return True
 
-    def release(self) -> None:
-        if self.clients > 0:
-            self.clients -= 1
+    def release(self, count: int = 1) -> None:
+        self.clients = max(0, self.clients - count)
 
     def __repr__(self) -> str:
         return (

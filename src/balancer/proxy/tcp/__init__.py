@@ -57,7 +57,14 @@ that opened it goes on to the next backend if it is not relaying yet, and is
 closed if it is. The check is made again before each connect and when the
 backend side attaches, for sockets registered late by others.
 
+Engines: the relaying described above is the `uvloop` engine's; with `io_uring`
+(the default where the kernel allows it) the connected pair is handed to one
+io_uring for the process and handed back when it ends (`engine`), the rest
+unchanged.
+
 Where each part lives: `relay` (the two sides of a relayed connection and the
-connect loop), `service` (listener, limits, idle sweep, drain); what every mode
-shares to reach backends is in `balancer.proxy.upstream`.
+connect loop), `service` (listener, limits, idle sweep, drain), `engine` (which
+engine, and the ring's hand-over and hand-back), `held` (the backend socket of a
+pair the ring relays); what every mode shares to reach backends is in
+`balancer.proxy.upstream`.
 """

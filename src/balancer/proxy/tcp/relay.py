@@ -14,11 +14,11 @@ from balancer.net.sockopts import half_close, reset, set_nodelay
 from balancer.net.tcpinfo import newly_received
 from balancer.proxy.front import Arrival
 from balancer.proxy.tcp.context import Relays
+from balancer.proxy.tcp.engine import Pair
 from balancer.proxy.upstream import (
     OwnListener,
     TlsFailed,
     admit,
-    adopt,
     connect_failure,
     dial,
     has_room,
@@ -129,6 +129,7 @@ class ClientSide(asyncio.Protocol):
         "held",
         "loop_suspect",
         "lost",
+        "pair",
         "peer",
         "server_eof",
         "started",
@@ -167,6 +168,7 @@ class ClientSide(asyncio.Protocol):
         """The descriptor budget this connection holds two descriptors of."""
         self.cut = False
         """Cut by a stop's drain (counted there once)."""
+        self.pair: Pair | None = None  # relayed by the io_uring engine (`proxy.tcp.engine`)
 
     # -- client transport callbacks
 
@@ -179,8 +181,8 @@ class ClientSide(asyncio.Protocol):
         self.peer = address_of(transport.get_extra_info("peername"))
         if self.cut_if_loop():
             return
-        # two descriptors: this socket, and the backend's about to be opened
-        admitted, self.fds = admit(len(svc.conns), svc.max_connections, 2)
+        # this socket, the backend's about to be opened (and the io_uring engine's dup)
+        admitted, self.fds = admit(len(svc.conns), svc.max_connections, svc.descriptors)
         if not admitted:
             self._refuse()
             return
@@ -269,8 +271,7 @@ class ClientSide(asyncio.Protocol):
         fds = self.fds
         if fds is not None:
             self.fds = None
-            fds.release()
-            fds.release()
+            fds.release(self.svc.descriptors)
         svc = self.svc
         svc.conns.discard(self)
 
@@ -285,6 +286,11 @@ class ClientSide(asyncio.Protocol):
         held = self.held
         self.held = None
         dst = upstream.transport
+        engine = self.svc.engine
+        if engine is not None:
+            self.pair = engine.take(self, held)
+            if self.pair is not None or self.closed:
+                return
         if held:
             dst.write(held)
         self.data_received = dst.write
@@ -321,6 +327,9 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.account()
+        if self.pair is not None:
+            self.pair.close()  # the ring sends what it holds, then hands the pair back
+            return
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.close()
@@ -330,6 +339,9 @@ class ClientSide(asyncio.Protocol):
         """Drop both sides at once."""
         self.closed = True
         self.account()
+        pair, self.pair = self.pair, None
+        if pair is not None:
+            pair.abort()
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.abort()
@@ -405,7 +417,7 @@ class ClientSide(asyncio.Protocol):
                 continue
             side = BackendSide(self, backend, registration)
             try:
-                transport = await adopt(loop, side, sock, backend, origination)
+                transport = await svc.adopt(side, sock, backend, origination)
             except TlsFailed as exc:
                 registration.release()
                 self._connect_failed(backend, str(exc))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 from balancer.config.model import Config, ServiceConfig
 from balancer.core.lifecycle import DrainCut
@@ -12,7 +14,12 @@ from balancer.net.tcpinfo import quiet_ms
 from balancer.proxy.base import LATE_ACCEPTS, Listener, Owners, wait_closed
 from balancer.proxy.edge import Edge
 from balancer.proxy.front import Arrival, ArrivalFactory, Router
+from balancer.proxy.tcp.engine import EngineUnavailable, UringRelay, choose, shared
+from balancer.proxy.tcp.held import HeldSocket
 from balancer.proxy.tcp.relay import ClientSide
+from balancer.proxy.upstream import Origination, adopt, send_first
+
+log = logging.getLogger("balancer")
 
 _IDLE_SWEEPS = 4
 """The idle timeout is checked this many times per period (detection within +25%)."""
@@ -53,6 +60,12 @@ class TcpService(Edge):
         self._sweeper = Periodic(lambda: self.idle_timeout / _IDLE_SWEEPS, self.sweep_idle)
         self.owner = Owners(pool)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.engine: UringRelay | None = None
+        """The io_uring relay that takes connected pairs; None: the loop's transports relay."""
+        self.engine_name = "uvloop"
+        self.descriptors = 2
+        """Descriptors a relayed connection holds: its socket, its backend's (and, with
+        io_uring, the ring's duplicate of the client's); held from the accept to the close."""
         self.init_edge()
 
     def _apply(self, config: ServiceConfig) -> None:
@@ -67,7 +80,13 @@ class TcpService(Edge):
     def reconfigure(self, config: ServiceConfig) -> None:
         """New settings for this service (same listener and mode), from a reload."""
         had_idle = self.idle_timeout > 0
+        engine = self.config.engine
         self._apply(config)
+        if config.engine != engine and self.loop is not None:
+            try:
+                self._choose_engine()
+            except EngineUnavailable as exc:
+                log.error("%s; new connections stay on %s", exc, self.engine_name)
         self.refront()
         if self.idle_timeout > 0 and not had_idle and self.accepting:
             self._sweeper.start()
@@ -136,8 +155,38 @@ class TcpService(Edge):
 
         return route
 
+    async def adopt(
+        self,
+        side: asyncio.Protocol,
+        sock: socket.socket,
+        backend: Backend,
+        origination: Origination | None,
+    ) -> asyncio.Transport:
+        """The backend side's transport: the loop's, or, for a pair the io_uring engine will
+        relay (plain sockets both), a `HeldSocket` the loop never reads."""
+        engine = self.engine
+        client = getattr(side, "client", None)
+        plain = client is not None and client.transport.get_extra_info("ssl_object") is None
+        if engine is None or not plain or (origination is not None and origination.tls):
+            return await adopt(self.loop, side, sock, backend, origination)
+        if origination is not None and origination.header:
+            await send_first(self.loop, sock, origination.header)
+        transport = HeldSocket(self.loop, sock, side)
+        side.connection_made(transport)
+        return transport
+
+    def _choose_engine(self) -> None:
+        """Pick the relay engine of new connections, and say which in the log."""
+        name, words = choose(self.config.name, self.config.engine)
+        self.engine = shared(self.loop) if name == "io_uring" else None
+        if self.engine is not None:  # never lowered: connections give back what they took
+            self.descriptors = 3
+        self.engine_name = name
+        log.info("service %s: tcp relay engine %s", self.config.name, words)
+
     async def start(self) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
+        self._choose_engine()
         bound = await self.open_listener(self._listener, self.loop, self.client)
         self.accepting = True
         _RUNNING.setdefault(self.config.name, []).append(self)
