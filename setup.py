@@ -66,6 +66,7 @@ setup(
         Extension(
             "balancer.net._uring",
             ["src/balancer/net/_uring.c"],
+            depends=["src/balancer/net/_uring_ring.h"],
             extra_compile_args=[*C_FLAGS, "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),
