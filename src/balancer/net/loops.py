@@ -21,6 +21,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 Address = tuple[str, int]
 
@@ -182,14 +183,7 @@ def bind_listener(host: str, port: int, backlog: int) -> list[socket.socket]:
         ):
             if any(s.family == family and s.getsockname()[:2] == address[:2] for s in bound):
                 continue
-            sock = socket.socket(family, kind, proto)
-            bound.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
+            bound.append(_listening(family, address, backlog, proto=proto, kind=kind))
     except BaseException:
         for sock in bound:
             sock.close()
@@ -253,7 +247,21 @@ def worker_listener(host: str, port: int, reuseport: bool, backlog: int) -> sock
             return sock
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    return _listening(family, address, backlog, reuseport=reuseport)
+
+
+def _listening(
+    family: int,
+    address: Any,
+    backlog: int,
+    *,
+    reuseport: bool = False,
+    proto: int = 0,
+    kind: int = socket.SOCK_STREAM,
+) -> socket.socket:
+    """A non-blocking socket listening at `address` (SO_REUSEADDR; IPv6 only for an IPv6
+    address; SO_REUSEPORT with `reuseport`); closed again when a step fails."""
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
@@ -263,7 +271,7 @@ def worker_listener(host: str, port: int, reuseport: bool, backlog: int) -> sock
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except BaseException:
         sock.close()
         raise
     return sock
