@@ -23,6 +23,7 @@ from tests.support import (
     BalancerProc,
     Balancers,
     LineClient,
+    ServiceProc,
     Services,
     backend_requests,
     backend_rows,
@@ -41,6 +42,9 @@ PREFIX = "/balancer"
 
 
 def config(tmp_path: Path, cluster: EtcdCluster, name: str = "lb", **extra: str) -> Path:
+    """A balancer's file: service numbers from etcd (`backends = []` unless `extra` lists
+    some: the file's, used until etcd first answers), with the `extra` keys."""
+    extra.setdefault("backends", "[]")
     endpoints = ", ".join(json.dumps(e) for e in cluster.endpoints)
     lines = [
         "drain_timeout = 5",
@@ -53,7 +57,6 @@ def config(tmp_path: Path, cluster: EtcdCluster, name: str = "lb", **extra: str)
         "[services.numbers]",
         'listen = "127.0.0.1:0"',
         'discover = "etcd"',
-        "backends = []",
         *(f"{key} = {value}" for key, value in extra.items()),
         "[services.numbers.health]",
         "interval = 0.2",
@@ -75,23 +78,25 @@ def register(cluster: EtcdCluster, ttl: int = 2) -> list[str]:
             "--register-ttl", str(ttl)]  # fmt: skip
 
 
-def up_ports(bal: BalancerProc) -> set[int]:
+def listed(cluster: EtcdCluster, *backends: ServiceProc) -> None:
+    """Put each backend's key in etcd, as it registering itself would."""
+    for backend in backends:
+        cluster.put(key(backend.port), "{}")
+
+
+def up_ports(bal: BalancerProc, worker: int | None = None) -> set[int]:
+    """The ports of the backends up (in one worker's view)."""
+    doc = bal.status() if worker is None else worker_status(bal, worker)
     return {
         int(address.rsplit(":", 1)[1])
-        for address, row in backend_rows(bal.status()).items()
+        for address, row in backend_rows(doc).items()
         if row["state"] == "up"
     }
 
 
 def ups(bal: BalancerProc, wanted: set[int], worker: int | None = None) -> Callable[[], bool]:
     """Whether exactly the backends on `wanted` ports are up (in one worker's view)."""
-
-    def check() -> bool:
-        doc = bal.status() if worker is None else worker_status(bal, worker)
-        rows = backend_rows(doc)
-        return {int(a.rsplit(":", 1)[1]) for a, r in rows.items() if r["state"] == "up"} == wanted
-
-    return check
+    return lambda: up_ports(bal, worker) == wanted
 
 
 def ports(bal: BalancerProc) -> set[int]:
@@ -169,8 +174,7 @@ def test_one_member_killed_nothing_noticed(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     a, b, c = services.start_many(3)
-    etcd_cluster.put(key(a.port), "{}")
-    etcd_cluster.put(key(b.port), "{}")
+    listed(etcd_cluster, a, b)
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
     with load_without_errors(bal.port, 8):
@@ -186,8 +190,7 @@ def test_etcd_gone_keeps_the_last_set_then_catches_up(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     a, b, c = services.start_many(3)
-    etcd_cluster.put(key(a.port), "{}")
-    etcd_cluster.put(key(b.port), "{}")
+    listed(etcd_cluster, a, b)
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(lambda: up_ports(bal) == {a.port, b.port}, what="a and b up")
     assert metric(bal, "balancer_discovery_up") == 1.0
@@ -228,8 +231,7 @@ def test_runtime_api_writes_on_one_instance_reach_another_and_its_workers(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     a, b, c = services.start_many(3)
-    etcd_cluster.put(key(a.port), "{}")
-    etcd_cluster.put(key(b.port), "{}")
+    listed(etcd_cluster, a, b)
     one = balancers.start(config(tmp_path, etcd_cluster, "one"))
     two = balancers.start(config(tmp_path, etcd_cluster, "two"), "--workers", "2")
     for bal in (one, two):
@@ -371,8 +373,7 @@ def test_health_checks_stay_local_to_each_instance(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     a, b = services.start_many(2)
-    etcd_cluster.put(key(a.port), "{}")
-    etcd_cluster.put(key(b.port), "{}")
+    listed(etcd_cluster, a, b)
     bal = balancers.start(config(tmp_path, etcd_cluster))
     wait_until(ups(bal, {a.port, b.port}), what="a and b up")
     b.stop()  # etcd still lists it: this instance's checks take it out
@@ -388,11 +389,9 @@ def test_a_reload_keeps_etcd_s_view_and_takes_new_members(
     tmp_path: Path, etcd_cluster: EtcdCluster, services: Services, balancers: Balancers
 ) -> None:
     seed, a, b, c = services.start_many(4)
-    etcd_cluster.put(key(a.port), "{}")
-    etcd_cluster.put(key(b.port), "{}")
+    listed(etcd_cluster, a, b)
     path = config(tmp_path, etcd_cluster, backends=f'["127.0.0.1:{seed.port}"]')
-    text = path.read_text().replace("backends = []\n", "")  # the seed, until etcd answers
-    path.write_text(text)
+    text = path.read_text()
     bal = balancers.start(path)
     wait_until(lambda: ports(bal) == {a.port, b.port}, what="etcd's set, not the file's")
     leaving = f"backend 127.0.0.1:{seed.port} of service numbers leaves"
@@ -415,7 +414,6 @@ def test_etcd_down_at_start_the_file_s_backends_serve_until_it_answers(
     etcd_cluster.put(key(a.port), "{}")
     etcd_cluster.stop_all()
     path = config(tmp_path, etcd_cluster, backends=f'["127.0.0.1:{seed.port}"]')
-    path.write_text(path.read_text().replace("backends = []\n", ""))
     bal = balancers.start(path)  # ready without etcd
     wait_until(lambda: up_ports(bal) == {seed.port}, what="the seed up")
     assert not discovery(bal)["ok"]
