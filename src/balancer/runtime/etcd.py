@@ -109,19 +109,25 @@ class EtcdDiscovery:
         """Seconds since etcd last confirmed the view (None: it never answered)."""
         return None if self.last_contact is None else max(0.0, time.time() - self.last_contact)
 
-    def directory_of(self, service: str) -> str | None:
-        """The etcd directory of a running service that takes its backends from etcd."""
+    def name_of(self, service: str) -> str | None:
+        """The etcd directory name (under the prefix) of a running service that takes its
+        backends from etcd: its `discover = "etcd:NAME"`, or its own name."""
         runtime = self.server.services.get(service)
         if runtime is None or not runtime.config.discover:
             return None
         target = parse_discover(runtime.config.discover)
         if target is None or target.kind != "etcd":
             return None
-        return etcd_layout.service_dir(self.config.prefix, target.name or service)
+        return target.name or service
+
+    def directory_of(self, service: str) -> str | None:
+        """The etcd directory of a running service that takes its backends from etcd."""
+        name = self.name_of(service)
+        return None if name is None else etcd_layout.service_dir(self.config.prefix, name)
 
     def reconfigure(self, config: DiscoveryConfig) -> None:
         """A reload's `[discovery]` (new members or prefix: read everything again), and its
-        services: each is made its view again (a reload lists the file's backends)."""
+        services: each is made its view (a service new to etcd gets its backends)."""
         if (config.endpoints, config.prefix, config.timeout) != (
             self.config.endpoints,
             self.config.prefix,
@@ -282,8 +288,7 @@ class EtcdDiscovery:
         self, service: str, address: str, state: str | None, weight: int | None
     ) -> None:
         """Set a backend's admin state and/or weight in etcd; returns once applied here."""
-        directory = self._directory(service)
-        key = directory + etcd_layout.ADMIN + "/" + address
+        key = etcd_layout.admin_key(self.config.prefix, self._name(service), address)
         entry = etcd_layout.admin_entry(self.kvs.get(key, b""))
         if isinstance(entry, etcd_layout.AdminEntry):
             state = state if state is not None else entry.state
@@ -291,19 +296,19 @@ class EtcdDiscovery:
         await self._write(lambda: self.client.put(key, etcd_layout.encode_admin(state, weight)))
 
     async def add(self, service: str, config: BackendConfig) -> None:
-        key = self._directory(service) + etcd_layout.BACKENDS + "/" + config.address
+        key = etcd_layout.backend_key(self.config.prefix, self._name(service), config.address)
         await self._write(lambda: self.client.put(key, etcd_layout.encode_backend(config.weight)))
 
     async def remove(self, service: str, address: str) -> None:
-        directory = self._directory(service)
-        for kind in (etcd_layout.BACKENDS, etcd_layout.ADMIN):
-            key = f"{directory}{kind}/{address}"
+        name = self._name(service)
+        for make in (etcd_layout.backend_key, etcd_layout.admin_key):
+            key = make(self.config.prefix, name, address)
             await self._write(lambda key=key: self.client.delete(key))
 
-    def _directory(self, service: str) -> str:
-        directory = self.directory_of(service)
-        assert directory is not None  # the caller asked `directory_of` first
-        return directory
+    def _name(self, service: str) -> str:
+        name = self.name_of(service)
+        assert name is not None  # the caller asked `directory_of` first
+        return name
 
     async def _write(self, call: Any) -> None:
         try:
