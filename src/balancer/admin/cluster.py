@@ -43,7 +43,7 @@ from balancer.admin.checks import ApiError, api_handler, error_response
 from balancer.admin.handlers import SERVER_KEY, STATIC_DIR, handle_index, handle_openapi
 from balancer.admin.merged_metrics import merge_metrics
 from balancer.admin.security import OPEN, READ, WRITE, AdminGuard, admin_token
-from balancer.config.discovery import parse_discover
+from balancer.config.discovery import etcd_name
 from balancer.core.states import DRAIN, MAINT
 from balancer.runtime.merging import merge_history, merge_status, relay_plan
 from balancer.runtime.workers import apply_states, backend_states
@@ -234,8 +234,7 @@ class ClusterAdmin:
         config = self.supervisor.config
         if name is None or config.discovery is None or config.discovery.kind != "etcd":
             return False
-        target = next((parse_discover(s.discover) for s in config.services if s.name == name), None)
-        return target is not None and target.kind == "etcd"
+        return any(s.name == name and etcd_name(name, s.discover) for s in config.services)
 
     async def fan_out(self, request: web.Request) -> web.Response:
         """A runtime API write, made in every ready worker (in one, for etcd's services)."""

@@ -79,6 +79,15 @@ def parse_discover(text: str) -> DiscoverTarget | None:
     return None
 
 
+def etcd_name(service: str, discover: str) -> str | None:
+    """The etcd directory name of a service with this `discover` (`"etcd"`: its own name,
+    `"etcd:NAME"`: NAME); None when its backends are not from etcd."""
+    target = parse_discover(discover) if discover else None
+    if target is None or target.kind != "etcd":
+        return None
+    return target.name or service
+
+
 def valid_endpoint(text: str) -> bool:
     """An etcd member's URL: `http://host:port` (or https), port 1..65535."""
     match = _ENDPOINT_RE.fullmatch(text)

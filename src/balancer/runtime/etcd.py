@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from balancer.config.discovery import DiscoveryConfig, parse_discover
+from balancer.config.discovery import DiscoveryConfig, etcd_name
 from balancer.config.model import BackendConfig
 from balancer.core import etcd_layout
 from balancer.core.states import ACCEPTED
@@ -113,12 +113,7 @@ class EtcdDiscovery:
         """The etcd directory name (under the prefix) of a running service that takes its
         backends from etcd: its `discover = "etcd:NAME"`, or its own name."""
         runtime = self.server.services.get(service)
-        if runtime is None or not runtime.config.discover:
-            return None
-        target = parse_discover(runtime.config.discover)
-        if target is None or target.kind != "etcd":
-            return None
-        return target.name or service
+        return None if runtime is None else etcd_name(service, runtime.config.discover)
 
     def directory_of(self, service: str) -> str | None:
         """The etcd directory of a running service that takes its backends from etcd."""
