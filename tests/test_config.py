@@ -43,6 +43,7 @@ from tests.support import config_error, write_config
 FULL_TOML = """\
 drain_timeout = 10          # optional, seconds
 drain_close_window = 2
+workers = 2
 access_log = true
 [admin]
 listen = "127.0.0.1:9100"
@@ -453,6 +454,7 @@ def test_full_toml_loads_every_key(tmp_path: Path) -> None:
         ),
         drain_timeout=10.0,
         drain_close_window=2.0,
+        workers=2,
         access_log=True,
         discovery=DiscoveryConfig(
             interval=10.0, timeout=1.5, nameservers=("127.0.0.1:5353", "::1")

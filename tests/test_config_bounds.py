@@ -27,7 +27,7 @@ SERVICE = (
     '[services.s]\nlisten = "127.0.0.1:0"\nalgorithm = "least_connections"\n'
     'backends = ["h:2", "h:1"]\n'
 )
-TOP = ("drain_timeout", "drain_close_window")
+TOP = ("drain_timeout", "drain_close_window", "workers")
 TLS_FILES = {"cert": "cert.pem", "key": "key.pem"}
 """What a `tls` table needs besides the number: files beside the config (see `pem_files`)."""
 

@@ -493,7 +493,7 @@ def test_an_unknown_key_without_a_close_match_lists_the_tables_keys_in_order(
     top = error_of(tmp_path, "a.toml", "zzzzzzzz = 1\n" + SERVICE)
     assert top == (
         "a.toml: line 1: zzzzzzzz: unknown key 'zzzzzzzz'; expected one of: drain_timeout, "
-        "drain_close_window, access_log, admin, discovery, services"
+        "drain_close_window, workers, access_log, admin, discovery, services"
     )
     admin = error_of(tmp_path, "a.toml", "[admin]\nzzzzzzzz = 1\n" + SERVICE)
     assert admin == (

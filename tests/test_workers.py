@@ -395,3 +395,22 @@ def test_a_reload_whose_new_listener_cannot_be_bound_changes_no_worker(
     last = LineClient(one)
     assert last.request("3") == reply_for(3)
     last.close()
+
+
+def test_the_file_s_workers_key_starts_workers_and_the_flag_overrides_it(
+    tmp_path: Path, services: Services, balancers: Balancers
+) -> None:
+    backend = services.start().port
+    path = write_toml(tmp_path / "b.toml", [backend])
+    path.write_text("workers = 2\n" + path.read_text())
+    bal = balancers.start(path)
+    assert [w["index"] for w in _workers(bal)] == [0, 1]
+    single = balancers.start(path, "--workers", "1")
+    assert "2 worker processes" not in single.output()
+    with pytest.raises(urllib.error.HTTPError) as info:  # one process: no /api/workers
+        _get(single, "/api/workers")
+    assert info.value.code == 404
+    info.value.close()
+    client = LineClient(single.port)
+    assert client.request("4") == reply_for(4)
+    client.close()

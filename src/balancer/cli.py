@@ -70,10 +70,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="worker processes serving the same listeners, 1..64 (default 1: one process); "
-        "a command-line setting only, no config key",
+        help="worker processes serving the same listeners, 1..64 (default: the file's "
+        "`workers`, else 1: one process)",
     )
     parser.add_argument(
         "--worker-sockets",
@@ -167,21 +167,28 @@ def build_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
-def check_workers(args: argparse.Namespace) -> None:
-    """`--workers N`: 1..64, and not with a hand-over (each worker would need its own)."""
+def check_workers(args: argparse.Namespace, config: Config) -> int:
+    """The worker processes to run: `--workers N` (1..64), else the file's `workers`; not
+    over 1 with a hand-over (each worker would need its own)."""
     from balancer.runtime.workers import MAX_WORKERS
 
-    if not 1 <= args.workers <= MAX_WORKERS:
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
         raise ConfigError(
             "command line", "--workers", f"expected 1..{MAX_WORKERS} processes, got {args.workers}"
         )
+    workers: int = args.workers if args.workers is not None else config.workers
     restart = args.handover_socket or args.takeover or args.takeover_if_running
-    if args.workers > 1 and restart:
+    if workers > 1 and restart:
+        where = (
+            ("command line", "--workers")
+            if args.workers is not None
+            else (config.source, "workers")
+        )
         raise ConfigError(
-            "command line",
-            "--workers",
+            *where,
             "--handover-socket and --takeover serve one process: not with --workers over 1",
         )
+    return workers
 
 
 def run_server(
@@ -217,8 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, args.log_format)
     try:
-        check_workers(args)
         config = build_config(args)
+        args.workers = check_workers(args, config)
         check_admin_security(config.admin)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)

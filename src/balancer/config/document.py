@@ -152,6 +152,7 @@ def build(
     assert top is not None  # `data` is a dict
     drain_timeout = top.bounded("drain_timeout", 10.0)
     drain_close_window = top.bounded("drain_close_window", 1.0)
+    workers = top.bounded_int("workers", 1)
     access_log = top.boolean("access_log", False)
     admin = _admin(data["admin"], problems) if "admin" in data else AdminConfig()
     if admin is not None and admin_listen is not None:
@@ -192,6 +193,7 @@ def build(
         admin=admin or AdminConfig(),
         drain_timeout=drain_timeout,
         drain_close_window=drain_close_window,
+        workers=workers,
         access_log=access_log,
         discovery=discovery,
         source=source,

@@ -73,6 +73,7 @@ BOUNDS: dict[str, Bound] = {
     # top level
     "drain_timeout": Bound(0, 3600, unit="seconds"),
     "drain_close_window": Bound(0, 600, unit="seconds"),
+    "workers": Bound(1, 64),
     # per service
     "max_line": Bound(1, 16 * _MIB, unit="bytes"),
     "retries": Bound(0, 10),
@@ -128,6 +129,7 @@ BOUNDS: dict[str, Bound] = {
 """Every number a user can set, with its bounds (the runtime API checks the same)."""
 INTEGER_KEYS = frozenset(
     {
+        "workers",
         "max_line",
         "retries",
         "backend_connections",
@@ -405,6 +407,9 @@ class Config:
     drain_timeout: float = 10.0
     drain_close_window: float = 1.0
     """Idle client connections are closed spread over this many seconds on a stop."""
+    workers: int = 1
+    """Worker processes serving the same listeners (`--workers` overrides it); a change
+    takes effect on restart."""
     access_log: bool = False
     discovery: DiscoveryConfig | None = None
     """How the services' `discover` names are resolved; None: no `[discovery]` table."""

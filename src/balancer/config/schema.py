@@ -95,6 +95,8 @@ MEANINGS: dict[str, dict[str, str]] = {
     "": {
         "drain_timeout": "seconds a stop waits for in-flight requests",
         "drain_close_window": "idle client connections are closed spread over this many seconds",
+        "workers": "worker processes serving the same listeners (`--workers N` overrides it; "
+        "a change takes effect on restart)",
         "access_log": "one line per request on stdout (also `--access-log`)",
         "admin": "the admin endpoint: status, metrics, runtime changes",
         "discovery": "how the services' `discover` names are resolved (`[discovery]`)",

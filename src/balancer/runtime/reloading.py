@@ -89,6 +89,8 @@ class ServerReloads(ServerChanges):
         old = self.config
         if new.admin != old.admin:
             log.warning("reload: admin settings changed; they take effect on restart")
+        if new.workers != old.workers:
+            log.warning("reload: workers changed; it takes effect on restart")
         new = dataclasses.replace(new, admin=old.admin, access_log=old.access_log)
         plan = plan_reload({n: r.config for n, r in self.services.items()}, new)
         self._preparing = prepare = asyncio.get_running_loop().create_task(
